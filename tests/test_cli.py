@@ -1,0 +1,121 @@
+"""End to end through the ``zoo`` CLI on a tiny in-process teacher: fit, validate, mix, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from recipes.cli import main
+
+
+def write_config(tmp_path, teacher, model=None, **trainer):
+    config = {
+        "seed_everything": 0,
+        "model": model or {
+            "class_path": "zoo.FisherSVDRepair",
+            "init_args": {"targets": "model.layers.{0..1}.mlp.down_proj", "rank": 8, "lr": 0.01},
+        },
+        "data": {
+            "class_path": "recipes.DistillationDataModule",
+            "init_args": {"seq_len": 32, "batch_size": 2, "n_calibration": 4, "n_train": 8, "n_heldout": 4,
+                          "max_repeat": 4.0, "code": {"max_files": 40},
+                          "hologram": {"n_samples": 6, "max_new_tokens": 24, "gen_batch_size": 6}},
+        },
+        "trainer": {
+            "max_steps": 8, "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+            "default_root_dir": str(tmp_path / "run"), "check_val_every_n_epoch": 1,
+            "callbacks": [{"class_path": "callbacks.HeldoutKLGate", "init_args": {"tolerance": 1.0}},
+                          {"class_path": "callbacks.RepairStateCheckpoint"}],
+            **trainer,
+        },
+    }
+    config["model"]["init_args"]["teacher"] = teacher
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def run(args, capsys):
+    """(exit code, stderr) of ``zoo ARGS``."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_fit_then_validate_reproduces_the_final_heldout_kl(tmp_path, tiny_teacher_dir, capsys):
+    config = write_config(tmp_path, tiny_teacher_dir)
+    code, err = run(["fit", "--config", config], capsys)
+    assert code == 0, err
+    state = tmp_path / "run" / "repair_state.safetensors"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    before, after = metrics["summary"]["heldout_kl_before"], metrics["summary"]["heldout_kl_after"]
+    assert after < before
+    assert state.stat().st_size < 2 * 2**20
+    with safe_open(str(state), "pt") as f:
+        assert sorted(f.keys()) == [f"model.layers.{i}.mlp.down_proj.replacement.sigma" for i in range(2)]
+        assert json.loads(f.metadata()["global_step"]) == 8
+
+    code, err = run(["validate", "--config", config, "--ckpt_path", str(state)], capsys)
+    assert code == 0, err
+    validated = json.loads((tmp_path / "run" / "metrics_validate.json").read_text())
+    assert abs(validated["final"]["heldout_kl"] - after) < 1e-5
+
+
+def test_mixed_composite_fits_and_validates(tmp_path, tiny_teacher_dir, capsys):
+    model = {"class_path": "zoo.Composite", "init_args": {"lr": 0.05, "parts": [
+        {"class_path": "zoo.FisherSVD", "init_args": {"targets": "model.layers.*.mlp.down_proj", "rank": 8}},
+        {"class_path": "zoo.FisherSVD", "init_args": {"targets": "model.layers.*.self_attn.o_proj", "rank": 4,
+                                                      "weighting": "diagonal"}},
+    ]}}
+    config = write_config(tmp_path, tiny_teacher_dir, model=model)
+    assert run(["fit", "--config", config], capsys)[0] == 0
+    state = tmp_path / "run" / "repair_state.safetensors"
+    with safe_open(str(state), "pt") as f:
+        assert len(f.keys()) == 4 and json.loads(f.metadata()["technique"]) == "Composite"
+    code, err = run(["validate", "--config", config, "--ckpt_path", str(state)], capsys)
+    assert code == 0, err
+
+
+def assert_clean_error(code, err, *needles):
+    assert code == 2, err
+    assert "Traceback" not in err
+    message = err[err.index("zoo: error: "):]  # progress bars may come before it
+    for needle in needles:
+        assert needle in message, err
+
+
+def test_bad_inputs_end_with_a_short_error(tmp_path, tiny_teacher_dir, capsys):
+    config = write_config(tmp_path, tiny_teacher_dir)
+    assert_clean_error(*run(["fit", "--config", config, "--model.init_args.targets", "model.layers.0.mlp.dwn_proj"],
+                            capsys), "matches no linear module", "model.layers.0.mlp.down_proj")
+    assert_clean_error(*run(["fit", "--config", config, "--model.init_args.rank", "100"], capsys),
+                       "rank 100", "= 64")
+    assert_clean_error(*run(["fit", "--config", config, "--model.init_args.teacher", str(tmp_path / "nope")], capsys),
+                       "nope")
+    assert_clean_error(*run(["fit", "--config", config, "--model.init_args.rnk", "3"], capsys), "rnk")
+    assert_clean_error(*run(["fit", "--config", config, "--model.init_args.weighting", "cov"], capsys),
+                       "covariance, diagonal, fisher, none")
+    assert_clean_error(*run(["frobnicate"], capsys), "unknown command 'frobnicate'")
+
+
+def test_repair_state_of_another_rank_is_refused(tmp_path, tiny_teacher_dir, capsys):
+    config = write_config(tmp_path, tiny_teacher_dir, max_steps=2)
+    assert run(["fit", "--config", config], capsys)[0] == 0
+    state = str(tmp_path / "run" / "repair_state.safetensors")
+    assert_clean_error(*run(["validate", "--config", config, "--model.init_args.rank", "4", "--ckpt_path", state],
+                            capsys), "does not match this run", '"rank": 8', '"rank": 4')
+    assert_clean_error(*run(["validate", "--config", config, "--ckpt_path", str(tmp_path / "x.safetensors")], capsys),
+                       "does not exist")
+
+
+def test_heldout_kl_gate_fails_the_run(tmp_path, tiny_teacher_dir, capsys):
+    config = write_config(tmp_path, tiny_teacher_dir, max_steps=2)
+    # an absurd learning rate makes the student worse; tolerance 0 must then fail the run
+    code, err = run(["fit", "--config", config, "--model.init_args.lr", "50",
+                     "--trainer.callbacks+=callbacks.HeldoutKLGate", "--trainer.callbacks.tolerance", "0"], capsys)
+    assert_clean_error(code, err, "HeldoutKLGate", "got worse")

@@ -1,0 +1,10 @@
+"""What every technique shares: loading, targets, surgery, calibration, loss, state I/O."""
+from .calibration import ActivationStats, collect
+from .errors import ZooError
+from .losses import token_kl
+from .models import DEFAULT_TEACHER, load_causal_lm, load_tokenizer
+from .module import Composite, DistillationModule
+from .state import load_state, save_state
+from .surgery import Replaced, export_student, replace, teacher_view
+from .targets import find_targets
+from .technique import Technique

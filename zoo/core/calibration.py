@@ -1,0 +1,217 @@
+"""Calibration: activation statistics of the targets, collected once and cached (DESIGN.md, decision 3;
+source 000, section 2.2).
+
+For each target, ``collect`` accumulates over the real (attention-masked) tokens of a calibration
+loader: the token count, the input mean, and the uncentered input second moment E[x x^T] — the full
+matrix when ``in_features <= full_cov_max``, else only its diagonal E[x_i^2]. With ``fisher=True`` it
+also accumulates the empirical Fisher of each weight row (sum over batches of the squared gradient of
+the next-token loss, summed over the row), as FWSVD uses. Sums are kept in fp64.
+
+Statistics are cached as safetensors keyed by a hash of (model id, targets, data fingerprint, token
+budget, options), so a second run — or ``zoo validate`` rebuilding a student — reuses them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import ZooError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ActivationStats:
+    """Statistics of one target's inputs (and optionally its Fisher row weights)."""
+
+    count: int
+    mean: torch.Tensor  # [in] fp64
+    diag: torch.Tensor  # [in] fp64, E[x_i^2]
+    second_moment: torch.Tensor | None = None  # [in, in] fp64, E[x x^T]; None above full_cov_max
+    fisher_rows: torch.Tensor | None = None  # [out] fp64, summed squared gradients per weight row
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def covariance(self) -> torch.Tensor | None:
+        """Centered covariance E[x x^T] - mu mu^T, when the full second moment is available."""
+        if self.second_moment is None:
+            return None
+        return self.second_moment - torch.outer(self.mean, self.mean)
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.count": torch.tensor([self.count], dtype=torch.int64), f"{prefix}.mean": self.mean,
+               f"{prefix}.diag": self.diag}
+        if self.second_moment is not None:
+            out[f"{prefix}.second_moment"] = self.second_moment
+        if self.fisher_rows is not None:
+            out[f"{prefix}.fisher_rows"] = self.fisher_rows
+        for k, v in self.extra.items():
+            out[f"{prefix}.extra.{k}"] = v
+        return {k: v.contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "ActivationStats":
+        extra_prefix = f"{prefix}.extra."
+        return cls(
+            count=int(tensors[f"{prefix}.count"][0]),
+            mean=tensors[f"{prefix}.mean"],
+            diag=tensors[f"{prefix}.diag"],
+            second_moment=tensors.get(f"{prefix}.second_moment"),
+            fisher_rows=tensors.get(f"{prefix}.fisher_rows"),
+            extra={k[len(extra_prefix):]: v for k, v in tensors.items() if k.startswith(extra_prefix)},
+        )
+
+
+class _Accumulator:
+    def __init__(self, in_features: int, full: bool):
+        self.count = 0
+        self.sum = torch.zeros(in_features, dtype=torch.float64)
+        self.sq = torch.zeros(in_features, dtype=torch.float64)
+        self.gram = torch.zeros(in_features, in_features, dtype=torch.float64) if full else None
+        self.fisher = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        self.count += x.shape[0]
+        self.sum += x.sum(0).double().cpu()
+        self.sq += x.pow(2).sum(0).double().cpu()
+        if self.gram is not None:
+            self.gram += (x.T @ x).double().cpu()
+
+    def result(self) -> ActivationStats:
+        n = max(self.count, 1)
+        return ActivationStats(
+            count=self.count,
+            mean=self.sum / n,
+            diag=self.sq / n,
+            second_moment=None if self.gram is None else self.gram / n,
+            fisher_rows=self.fisher,
+        )
+
+
+def cache_key(**parts) -> str:
+    """Stable hash of the JSON-serializable ``parts`` that determine a calibration result."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def save_stats(path: str | Path, stats: dict[str, ActivationStats], metadata: dict | None = None) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, s in stats.items():
+        tensors.update(s.to_tensors(name))
+    meta = {"zoo_format": "activation_stats/1", "targets": json.dumps(list(stats)),
+            **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+    atomic_save(tensors, path, meta)
+
+
+def load_stats(path: str | Path) -> dict[str, ActivationStats]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        names = json.loads(f.metadata()["targets"])
+    tensors = load_file(str(path))
+    return {name: ActivationStats.from_tensors(tensors, name) for name in names}
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """safetensors save through a temp file and rename, so an interruption never leaves a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _forward(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+
+
+def collect(
+    model: nn.Module,
+    loader,
+    targets: list[str],
+    full_cov_max: int = 8192,
+    max_tokens: int | None = None,
+    fisher: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[str, ActivationStats]:
+    """Statistics of the inputs of each module in ``targets`` over the real tokens of ``loader``.
+
+    Batches are dicts with ``input_ids`` and ``attention_mask``. Stops after ``max_tokens`` real
+    tokens (whole batches). ``fisher=True`` runs a backward pass of the next-token loss per batch.
+    """
+    if not targets:
+        return {}
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    modules = {name: model.get_submodule(name) for name in targets}
+    accs = {name: _Accumulator(m.in_features, m.in_features <= full_cov_max) for name, m in modules.items()}
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def make_hook(name):
+        def hook(_module, args, _kwargs=None):
+            x = args[0]
+            mask = current_mask[0]
+            x = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
+            accs[name].add(x)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    weights = {name: modules[name].weight for name in targets} if fisher else {}
+    if fisher:
+        for name, acc in accs.items():
+            acc.fisher = torch.zeros(modules[name].out_features, dtype=torch.float64)
+    seen = 0
+    bar = tqdm(total=max_tokens, desc="calibration", unit="tok", disable=not progress)
+    try:
+        for batch in loader:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            mask = batch.get("attention_mask")
+            current_mask[0] = mask.bool() if mask is not None else None
+            if fisher:
+                _fisher_step(model, batch, weights, accs)
+            else:
+                _forward(model, batch)
+            n = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            seen += n
+            bar.update(n)
+            if max_tokens is not None and seen >= max_tokens:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+    if seen == 0:
+        raise ZooError("the calibration loader produced no tokens")
+    return {name: acc.result() for name, acc in accs.items()}
+
+
+def _fisher_step(model, batch, weights, accs):
+    flags = {name: w.requires_grad for name, w in weights.items()}
+    for w in weights.values():
+        w.requires_grad_(True)
+        w.grad = None
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            labels = batch["input_ids"][:, 1:]
+            mask = batch.get("attention_mask")
+            valid = mask[:, 1:].bool() if mask is not None else torch.ones_like(labels, dtype=torch.bool)
+            loss = F.cross_entropy(logits[:, :-1][valid].float(), labels[valid])
+            loss.backward()
+        for name, w in weights.items():
+            accs[name].fisher += w.grad.detach().double().pow(2).sum(1).cpu()
+    finally:
+        for name, w in weights.items():
+            w.grad = None
+            w.requires_grad_(flags[name])

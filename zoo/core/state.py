@@ -1,0 +1,60 @@
+"""Repair-state I/O: trainable tensors only, in safetensors, with a JSON header (DESIGN.md, decision 4;
+source 000, section 2.4: repair states shrink checkpoints from >10 GB to ~1 MB).
+
+The header names the technique (the LightningModule class), each part's spec class and init args,
+and the teacher. Loading checks all of these against the running module, so a state written for
+another technique, rank or target set is refused with a message saying what differs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from .calibration import atomic_save
+from .errors import ZooError
+
+FORMAT = "repair_state/1"
+
+
+def save_state(path: str | Path, tensors: dict[str, torch.Tensor], header: dict) -> Path:
+    """Write ``tensors`` (detached to CPU, contiguous) with ``header`` atomically. Returns the path."""
+    payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {"zoo_format": FORMAT, **{k: json.dumps(v, sort_keys=True) for k, v in header.items()}}
+    atomic_save(payload, path, meta)
+    return Path(path)
+
+
+def read_header(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"repair state {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ZooError(f"{str(path)!r} is not a safetensors file: {exc}") from None
+    if meta.get("zoo_format") != FORMAT:
+        raise ZooError(f"{str(path)!r} is not a zoo repair state (format {meta.get('zoo_format')!r}, expected {FORMAT!r})")
+    return {k: json.loads(v) for k, v in meta.items() if k != "zoo_format"}
+
+
+def load_state(path: str | Path, expect: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, header). With ``expect``, every key of it must equal the stored header's value."""
+    header = read_header(path)
+    for key, want in (expect or {}).items():
+        have = header.get(key)
+        if have != want:
+            raise ZooError(
+                f"repair state {str(path)!r} does not match this run: its {key} is {_short(have)}, "
+                f"this run's is {_short(want)}"
+            )
+    return load_file(str(path)), header
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) < 400 else text[:400] + "..."

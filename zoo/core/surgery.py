@@ -1,0 +1,94 @@
+"""Model surgery: one model in memory, two views (DESIGN.md, decision 1).
+
+The student is the teacher with each target wrapped in ``Replaced(original, replacement)``.
+``teacher_view(model)`` routes every wrapper through its frozen original, so the teacher's forward
+is exact and no second copy of the model exists. ``export_student`` drops the originals.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from torch import nn
+
+from .errors import ZooError
+from .targets import find_targets
+
+
+class Replaced(nn.Module):
+    """A target module with its replacement. Forwards through the replacement unless in teacher view."""
+
+    def __init__(self, original: nn.Module, replacement: nn.Module):
+        super().__init__()
+        self.original = original
+        self.replacement = replacement
+        self.original.requires_grad_(False)
+        self.use_original = False
+        # keep the Linear interface so later pattern matching and shape queries still work
+        self.in_features = getattr(original, "in_features", None)
+        self.out_features = getattr(original, "out_features", None)
+
+    @property
+    def weight(self):  # transformers touches `.weight.dtype/.device` of some projections
+        return self.original.weight
+
+    def forward(self, *args, **kwargs):
+        return (self.original if self.use_original else self.replacement)(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return "teacher view" if self.use_original else "student view"
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def replaced_modules(model: nn.Module) -> dict[str, Replaced]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, Replaced)}
+
+
+def replace(
+    model: nn.Module,
+    patterns,
+    build: Callable[[str, nn.Module], nn.Module],
+) -> list[str]:
+    """Wrap every target matched by ``patterns`` in ``Replaced(original, build(name, original))``.
+
+    Returns the replaced names. A target that is already replaced is an error (parts of a
+    Composite must have disjoint targets).
+    """
+    names = find_targets(model, patterns)
+    for name in names:
+        original = get_module(model, name)
+        if isinstance(original, Replaced):
+            raise ZooError(f"module {name!r} is already replaced; targets of different parts must not overlap")
+        replacement = build(name, original)
+        set_module(model, name, Replaced(original, replacement))
+    return names
+
+
+@contextlib.contextmanager
+def teacher_view(model: nn.Module) -> Iterator[nn.Module]:
+    """Within this block every ``Replaced`` in ``model`` runs its original: the exact teacher."""
+    wrappers = list(replaced_modules(model).values())
+    previous = [w.use_original for w in wrappers]
+    for w in wrappers:
+        w.use_original = True
+    try:
+        yield model
+    finally:
+        for w, p in zip(wrappers, previous):
+            w.use_original = p
+
+
+def export_student(model: nn.Module) -> nn.Module:
+    """Drop the originals: every ``Replaced`` becomes its replacement, in place. Returns ``model``."""
+    for name, wrapper in replaced_modules(model).items():
+        set_module(model, name, wrapper.replacement)
+    return model

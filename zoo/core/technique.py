@@ -1,0 +1,51 @@
+"""The technique spec: what every technique plugs into (DESIGN.md, "The techniques").
+
+A ``Technique`` is a small plain object: its target patterns, its hyper-parameters (its ``__init__``
+arguments, stored under the same names), which calibration statistics it needs, and how to build a
+replacement for one target from the original module and that target's statistics. The
+LightningModule side (``DistillationModule``) is the same for every technique; mixing techniques is
+a list of specs (``zoo.Composite``).
+"""
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from .calibration import ActivationStats
+from .targets import find_targets
+
+#: statistics a technique may ask calibration for
+NEEDS = ("input", "fisher")
+
+
+class Technique:
+    """Base class of technique specs. Subclasses store every ``__init__`` argument as an attribute."""
+
+    #: subset of NEEDS; may depend on the instance (override ``needs``)
+    def needs(self) -> set[str]:
+        return set()
+
+    def __init__(self, targets: str | list[str]):
+        self.targets = [targets] if isinstance(targets, str) else list(targets)
+
+    def resolve(self, model: nn.Module) -> list[str]:
+        """Module names this spec replaces in ``model``."""
+        return find_targets(model, self.targets)
+
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
+        """The replacement for target ``name``; its trainable tensors have ``requires_grad=True``."""
+        raise NotImplementedError
+
+    def init_args(self) -> dict:
+        """The spec's configuration, as given to ``__init__`` (JSON-serializable)."""
+        params = inspect.signature(type(self).__init__).parameters
+        return {k: getattr(self, k) for k in params if k != "self" and hasattr(self, k)}
+
+    def describe(self) -> dict:
+        cls = type(self)
+        return {"technique": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.init_args()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.init_args().items())
+        return f"{type(self).__name__}({args})"
