@@ -119,3 +119,21 @@ def test_heldout_kl_gate_fails_the_run(tmp_path, tiny_teacher_dir, capsys):
     code, err = run(["fit", "--config", config, "--model.init_args.lr", "50",
                      "--trainer.callbacks+=callbacks.HeldoutKLGate", "--trainer.callbacks.tolerance", "0"], capsys)
     assert_clean_error(code, err, "HeldoutKLGate", "got worse")
+
+
+@pytest.mark.slow  # starts the wandb service process
+def test_default_logger_is_wandb_offline_and_writes_a_local_run(tmp_path, tiny_teacher_dir, capsys, monkeypatch):
+    from recipes.cli import default_logger
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert default_logger()["init_args"]["offline"] is True
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert default_logger()["init_args"]["offline"] is False
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    config = write_config(tmp_path, tiny_teacher_dir, max_steps=2)
+    run_dir = tmp_path / "wandb_runs"
+    logger = ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
+              "--trainer.logger.save_dir", str(run_dir), "--trainer.logger.offline", "true"]
+    code, err = run(["fit", "--config", config, *logger], capsys)
+    assert code == 0, err
+    assert list(run_dir.glob("wandb/offline-run-*/*.wandb")), list(run_dir.rglob("*"))

@@ -22,16 +22,20 @@ NEEDS = ("input", "fisher")
 class Technique:
     """Base class of technique specs. Subclasses store every ``__init__`` argument as an attribute."""
 
-    #: subset of NEEDS; may depend on the instance (override ``needs``)
-    def needs(self) -> set[str]:
-        return set()
-
     def __init__(self, targets: str | list[str]):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
+
+    def needs(self) -> set[str]:
+        """The calibration statistics ``build`` uses: a subset of ``NEEDS`` (may depend on options)."""
+        return set()
 
     def resolve(self, model: nn.Module) -> list[str]:
         """Module names this spec replaces in ``model``."""
         return find_targets(model, self.targets)
+
+    def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> None:
+        """Called once with all of this spec's targets before any is built: a hook for decisions made
+        across targets (e.g. a per-layer rank allocation under one budget). Default: nothing."""
 
     def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
         """The replacement for target ``name``; its trainable tensors have ``requires_grad=True``."""
