@@ -10,6 +10,7 @@ User errors (``ZooError``) end with one line on stderr and exit code 2, never a 
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -26,6 +27,13 @@ from .data import TokenDataModule
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
+#: multi-stage subcommands: name -> "module:function"; the function takes the remaining argv.
+#: Imported lazily so ``zoo fit`` does not pay for them.
+COMMANDS: dict[str, str] = {
+    "duel": "recipes.duel:duel_main",
+    "eval": "recipes.evaluate:eval_main", "compare": "recipes.evaluate:compare_main",
+}
+
 
 def default_logger() -> dict:
     return {
@@ -39,6 +47,8 @@ class ZooCLI(LightningCLI):
         parser.link_arguments("model.init_args.teacher", "data.init_args.teacher")
 
     def before_instantiate_classes(self):
+        if self.subcommand is None:  # run=False (load_recipe): no ckpt_path to route
+            return
         config = self.config[self.subcommand]
         ckpt = config.get("ckpt_path")
         if ckpt and str(ckpt).endswith(".safetensors"):
@@ -69,6 +79,26 @@ def lightning_main(args: list[str] | None) -> None:
     )
 
 
+def load_recipe(config: str, overrides: list[str] | tuple[str, ...] = (), repair_state: str | None = None,
+                build: bool = True, device: str | None = None):
+    """(model, datamodule, trainer) of a recipe YAML, as ``zoo fit --config`` would build them.
+
+    With ``build`` the student is built (calibration from the recipe's data, cached) and
+    ``repair_state`` loaded into it: this is how multi-stage commands (``zoo eval``, ...) rebuild a
+    student from (config, repair state).
+    """
+    args = ["--config", str(config), *overrides]
+    if repair_state:
+        args += ["--model.init_args.repair_state", str(repair_state)]
+    cli = ZooCLI(DistillationModule, TokenDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                 args=args, run=False, auto_configure_optimizers=False, save_config_callback=None,
+                 trainer_defaults={"logger": False, "enable_checkpointing": False},
+                 parser_kwargs={"prog": "zoo", "exit_on_error": False})
+    if build:
+        cli.model.build_student_from(cli.datamodule, device)
+    return cli.model, cli.datamodule, cli.trainer
+
+
 def _quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -76,22 +106,30 @@ def _quiet() -> None:
     logging.getLogger("zoo").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+    # the teacher stays in eval mode on purpose (no dropout in the repair forward)
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
 
 
 def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet()
+    commands = (*LIGHTNING_COMMANDS, *COMMANDS)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: zoo {fit,validate,test} --config CONFIG.yaml [--section.key value ...]\n"
+        print(f"usage: zoo {{{','.join(commands)}}} --config CONFIG.yaml [--section.key value ...]\n"
               "       zoo COMMAND --help   for a command's options", file=sys.stderr)
         sys.exit(0 if argv else 2)
     command = argv[0]
     try:
         if command in LIGHTNING_COMMANDS:
             lightning_main(None if from_command_line else argv)
+        elif command in COMMANDS:
+            module_name, _, function = COMMANDS[command].partition(":")
+            getattr(importlib.import_module(module_name), function)(argv[1:])
         else:
-            raise ZooError(f"unknown command {command!r}; valid commands: {', '.join(LIGHTNING_COMMANDS)}")
+            raise ZooError(f"unknown command {command!r}; valid commands: {', '.join(commands)}")
     except Exception as exc:  # noqa: BLE001 - user errors print one message; anything else re-raises
         user_error = _user_error(exc)
         if user_error is None:

@@ -12,6 +12,11 @@ W (out x in) ~ U diag(sigma) V^T at rank r. The decomposition is an SVD of a wei
   are approximated better.
 - ``none``: plain SVD.
 
+Rank: an int, or a float parameter ratio; with ``allocation="global"`` the ratio's parameter budget is
+spread over the targets by their weighted spectra (``allocate_ranks``), so layers whose error falls
+slowly get more rank (greedy on truncation loss per parameter, in the spirit of SVD-LLM V2's
+loss-based allocation, not its exact rule; for the whole-model baselines, source 000 4.1).
+
 Forward: ``((x @ V) * sigma.float()).to(x.dtype) @ U.T + bias`` — matmuls in the input dtype, the
 diagonal scale in fp32. Sigma (and bias) train by default; ``train_factors`` also trains U and V.
 """
@@ -30,6 +35,7 @@ from .core.technique import Technique
 log = logging.getLogger(__name__)
 
 WEIGHTINGS = ("covariance", "diagonal", "fisher", "none")
+ALLOCATIONS = ("uniform", "global")
 
 
 class FisherSVDLinear(nn.Module):
@@ -112,15 +118,22 @@ def cholesky_jittered(matrix: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
     raise ZooError("covariance is not positive definite even with jitter; collect more calibration tokens")
 
 
-def weighted_svd(
-    weight: torch.Tensor,
-    rank: int,
-    weighting: str = "covariance",
-    stats: ActivationStats | None = None,
-    alpha: float = 0.5,
-    name: str = "",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """(U [out, r], sigma [r], V [in, r], weighting actually used), computed in fp64."""
+def diagonal_scale(stats: ActivationStats, alpha: float = 0.5) -> torch.Tensor:
+    """ASVD's input scale diag(sqrt(E[x_i^2]))^alpha (fp64), floored so a dead input cannot divide by zero."""
+    d = stats.diag.double().sqrt()
+    return d.clamp_min(d.mean() * 1e-6 + 1e-30).pow(alpha)
+
+
+def fisher_scale(stats: ActivationStats) -> torch.Tensor:
+    """FWSVD's row scale sqrt(row Fisher) (fp64), floored like ``diagonal_scale``."""
+    f = stats.fisher_rows.double().sqrt()
+    return f.clamp_min(f.mean() * 1e-6 + 1e-30)
+
+
+def _weighted_problem(weight: torch.Tensor, weighting: str, stats: ActivationStats | None, alpha: float,
+                      name: str):
+    """(A, weighting used, unweight): the SVD of A = L W R gives the weighted factorization;
+    ``unweight(P_r, Qh_r)`` maps its truncated factors back to (U, V)."""
     check_choice("weighting", weighting, WEIGHTINGS)
     W = weight.detach().double()
     device = W.device
@@ -134,26 +147,73 @@ def weighted_svd(
 
     if weighting == "covariance":
         S = cholesky_jittered(stats.second_moment.to(device, torch.float64))
-        P, s, Qh = torch.linalg.svd(W @ S, full_matrices=False)
-        U = P[:, :rank]
         # V = S^-T Q_r, so that x @ V = (S^-1 ... )-whitened coordinates
-        V = torch.linalg.solve_triangular(S.T, Qh[:rank].T, upper=True)
-    elif weighting == "diagonal":
-        d = stats.diag.to(device, torch.float64).sqrt()
-        d = d.clamp_min(d.mean() * 1e-6 + 1e-30).pow(alpha)
-        P, s, Qh = torch.linalg.svd(W * d, full_matrices=False)
-        U, V = P[:, :rank], Qh[:rank].T / d[:, None]
-    elif weighting == "fisher":
+        return W @ S, weighting, lambda P, Qh: (P, torch.linalg.solve_triangular(S.T, Qh.T, upper=True))
+    if weighting == "diagonal":
+        d = diagonal_scale(stats, alpha).to(device)
+        return W * d, weighting, lambda P, Qh: (P, Qh.T / d[:, None])
+    if weighting == "fisher":
         if stats.fisher_rows is None:
             raise ZooError(f"fisher weighting of {name} needs Fisher statistics (calibration with fisher)")
-        f = stats.fisher_rows.to(device, torch.float64).sqrt()
-        f = f.clamp_min(f.mean() * 1e-6 + 1e-30)
-        P, s, Qh = torch.linalg.svd(f[:, None] * W, full_matrices=False)
-        U, V = P[:, :rank] / f[:, None], Qh[:rank].T
-    else:
-        P, s, Qh = torch.linalg.svd(W, full_matrices=False)
-        U, V = P[:, :rank], Qh[:rank].T
-    return U, s[:rank], V, weighting
+        f = fisher_scale(stats).to(device)
+        return f[:, None] * W, weighting, lambda P, Qh: (P / f[:, None], Qh.T)
+    return W, weighting, lambda P, Qh: (P, Qh.T)
+
+
+def weighted_svd(
+    weight: torch.Tensor,
+    rank: int,
+    weighting: str = "covariance",
+    stats: ActivationStats | None = None,
+    alpha: float = 0.5,
+    name: str = "",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """(U [out, r], sigma [r], V [in, r], weighting actually used), computed in fp64."""
+    A, used, unweight = _weighted_problem(weight, weighting, stats, alpha, name)
+    P, s, Qh = torch.linalg.svd(A, full_matrices=False)
+    U, V = unweight(P[:, :rank], Qh[:rank])
+    return U, s[:rank], V, used
+
+
+def weighted_spectrum(weight: torch.Tensor, weighting: str = "covariance", stats: ActivationStats | None = None,
+                      alpha: float = 0.5, name: str = "") -> torch.Tensor:
+    """All singular values of the weighted matrix (fp64): sum_{i>r} s_i^2 is the weighted error of rank r
+    (for ``covariance``, the output error E||W x - W_r x||^2 on the calibration data)."""
+    return torch.linalg.svdvals(_weighted_problem(weight, weighting, stats, alpha, name)[0])
+
+
+def allocate_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], ratio: float) -> dict[str, int]:
+    """Per-target ranks under the parameter budget of a uniform ``ratio``, spent where it removes the most
+    relative weighted error per parameter.
+
+    Component i of target t removes s_i^2 / sum(s^2) of t's relative weighted error and costs out + in
+    parameters; components are taken greedily by that gain per parameter across all targets (each
+    target's gains fall with i, so every target keeps a prefix, and the sum of relative errors is
+    minimized up to one component). Every target keeps at least rank 1 and at most the rank at which
+    the factorization stops saving parameters. The budget is sum_t resolve_rank(ratio) * (out + in), so a
+    ``global`` model has the size of the ``uniform`` one.
+    """
+    budget = sum(resolve_rank(ratio, o, i, n) * (o + i) for n, (o, i) in shapes.items())
+    ranks = {n: 1 for n in shapes}
+    spent = sum(o + i for o, i in shapes.values())
+    gains, owners, costs = [], [], []
+    for k, (name, s) in enumerate(spectra.items()):
+        out_f, in_f = shapes[name]
+        cap = max(1, min(len(s), out_f * in_f // (out_f + in_f)))
+        energy = s.double().pow(2)
+        gains.append(energy[1:cap] / energy.sum().clamp_min(1e-300) / (out_f + in_f))
+        owners.append(torch.full((cap - 1,), k))
+        costs.append(out_f + in_f)
+    if not gains:
+        return ranks
+    gain, owner = torch.cat(gains), torch.cat(owners)
+    names = list(spectra)
+    for j in torch.argsort(gain, descending=True, stable=True).tolist():
+        cost = costs[int(owner[j])]
+        if spent + cost <= budget:
+            ranks[names[int(owner[j])]] += 1
+            spent += cost
+    return ranks
 
 
 class FisherSVD(Technique):
@@ -165,22 +225,48 @@ class FisherSVD(Technique):
         weighting: ``covariance``, ``diagonal``, ``fisher`` or ``none``.
         alpha: exponent of the diagonal (ASVD) weighting.
         train_factors: also train U and V (default: sigma and bias only).
+        allocation: ``uniform`` (every target at ``rank``) or ``global``: with a float ``rank``, the same
+            total parameters spread over the targets by ``allocate_ranks`` (greedy on the relative
+            weighted truncation error per parameter). Planned by
+            ``FisherSVDRepair`` from the calibration statistics, before any target is built.
     """
 
     def __init__(self, targets: str | list[str], rank: int | float = 64, weighting: str = "covariance",
-                 alpha: float = 0.5, train_factors: bool = False):
+                 alpha: float = 0.5, train_factors: bool = False, allocation: str = "uniform"):
         super().__init__(targets)
         self.rank = rank
         self.weighting = check_choice("weighting", weighting, WEIGHTINGS)
         self.alpha = alpha
         self.train_factors = train_factors
+        self.allocation = check_choice("allocation", allocation, ALLOCATIONS)
+        if allocation == "global" and not isinstance(rank, float):
+            raise ZooError(f"allocation='global' spreads a parameter budget: give rank as a float ratio "
+                           f"in (0, 1], not {rank!r}")
+        self.planned_ranks: dict[str, int] = {}
+
+    def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> dict[str, int]:
+        """With ``allocation='global'``, fix every target's rank from its weighted spectrum (else a no-op)."""
+        if self.allocation == "uniform" or not modules:
+            return {}
+        spectra = {n: weighted_spectrum(m.weight, self.weighting, stats.get(n), self.alpha, n)
+                   for n, m in modules.items()}
+        shapes = {n: (m.out_features, m.in_features) for n, m in modules.items()}
+        self.planned_ranks = allocate_ranks(spectra, shapes, self.rank)
+        log.info("global rank allocation over %d targets: ranks %d..%d", len(modules),
+                 min(self.planned_ranks.values()), max(self.planned_ranks.values()))
+        return self.planned_ranks
 
     def needs(self) -> set[str]:
         return {"covariance": {"input"}, "diagonal": {"input"}, "fisher": {"fisher"}, "none": set()}[self.weighting]
 
     def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> FisherSVDLinear:
         weight = module.weight
-        rank = resolve_rank(self.rank, module.out_features, module.in_features, name)
+        if self.allocation == "global":
+            if name not in self.planned_ranks:  # plan() runs over all targets before the first build
+                raise ZooError(f"allocation='global' has no planned rank for {name}: plan() was not called")
+            rank = self.planned_ranks[name]
+        else:
+            rank = resolve_rank(self.rank, module.out_features, module.in_features, name)
         U, sigma, V, used = weighted_svd(weight, rank, self.weighting, stats, self.alpha, name)
         bias = getattr(module, "bias", None)
         layer = FisherSVDLinear(U.to(weight.dtype), sigma, V.to(weight.dtype),
@@ -197,9 +283,10 @@ class FisherSVDRepair(DistillationModule):
         weighting: ``covariance``, ``diagonal``, ``fisher`` or ``none``.
         alpha: exponent of the diagonal weighting.
         train_factors: also train U and V.
+        allocation: ``uniform`` or ``global`` per-target ranks (see ``FisherSVD``).
         **kwargs: the shared training options of ``DistillationModule`` (teacher, lr, ...).
     """
 
     def __init__(self, targets: str | list[str], rank: int | float = 64, weighting: str = "covariance",
-                 alpha: float = 0.5, train_factors: bool = False, **kwargs):
-        super().__init__(parts=[FisherSVD(targets, rank, weighting, alpha, train_factors)], **kwargs)
+                 alpha: float = 0.5, train_factors: bool = False, allocation: str = "uniform", **kwargs):
+        super().__init__(parts=[FisherSVD(targets, rank, weighting, alpha, train_factors, allocation)], **kwargs)

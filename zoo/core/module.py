@@ -8,11 +8,13 @@ The teacher's logits come from the same model object under ``teacher_view``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 import lightning as L
 import torch
+import torchmetrics
 from torch import nn
 
 from . import calibration as calib
@@ -24,6 +26,42 @@ from .surgery import replace, replaced_modules, teacher_view
 from .technique import Technique
 
 log = logging.getLogger(__name__)
+
+
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed -log p(token t+1) over the counted predictions, their number), fp32 per sequence chunk.
+
+    The predictions counted are those ``token_kl`` counts (``prediction_mask``); exp(sum / count) is the
+    token-weighted perplexity.
+    """
+    mask = prediction_mask(attention_mask, loss_mask, input_ids.shape).to(logits.device)
+    targets = input_ids[:, 1:].to(logits.device)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, targets.shape[1], chunk):
+        sl = slice(start, start + chunk)
+        log_p = torch.log_softmax(logits[:, sl].float(), dim=-1)  # logits[:, t] predicts token t + 1
+        nll = -log_p.gather(-1, targets[:, sl, None]).squeeze(-1)
+        total += (nll * mask[:, sl]).sum()
+    return total, mask.sum()
+
+
+class TokenPerplexity(torchmetrics.Metric):
+    """exp(summed NLL / counted tokens) over an epoch: token-weighted, summed across processes."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("nll", torch.zeros((), dtype=torch.float32), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float32), dist_reduce_fx="sum")
+
+    def update(self, nll: torch.Tensor, count: torch.Tensor) -> None:
+        self.nll += nll.detach().float()
+        self.count += count.float()
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(self.nll / self.count.clamp_min(1.0))
 
 
 class DistillationModule(L.LightningModule):
@@ -110,8 +148,10 @@ class DistillationModule(L.LightningModule):
         stats = self._calibrate(resolved, calibration_loader, data_fingerprint, device)
         claim(self.model)
         for part, names in zip(self.parts, resolved):
+            part.plan({n: self.model.get_submodule(n) for n in names}, stats)
+        for i, (part, names) in enumerate(zip(self.parts, resolved)):
             replace(self.model, names, lambda name, module, part=part: part.build(name, module, stats.get(name)))
-            self.targets[type(part).__name__ + f"[{self.parts.index(part)}]"] = names
+            self.targets[f"{i}:{type(part).__name__}"] = names
         if not self.trainable_parameters():
             raise ZooError("the student has no trainable tensors; check the technique's options")
         if self.repair_state:
@@ -150,12 +190,18 @@ class DistillationModule(L.LightningModule):
             calib.save_stats(path, stats, {"teacher": self.teacher, "data": fingerprint})
         return stats
 
+    def build_student_from(self, datamodule=None, device=None) -> None:
+        """``build_student`` with the calibration split and fingerprint of ``datamodule``."""
+        loader = fingerprint = None
+        if datamodule is not None and hasattr(datamodule, "calibration_dataloader"):
+            datamodule.setup("fit")
+            loader, fingerprint = datamodule.calibration_dataloader(), datamodule.fingerprint("calibration")
+        self.build_student(loader, fingerprint or "", device)
+
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        loader = dm.calibration_dataloader() if dm is not None and hasattr(dm, "calibration_dataloader") else None
-        fingerprint = dm.fingerprint("calibration") if dm is not None and hasattr(dm, "fingerprint") else ""
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
-        self.build_student(loader, fingerprint, device)
+        if self._trainer is None:
+            return self.build_student_from(None)
+        self.build_student_from(getattr(self.trainer, "datamodule", None), self.trainer.strategy.root_device)
 
     # ---- repair state ---------------------------------------------------------------------------
 
@@ -187,19 +233,22 @@ class DistillationModule(L.LightningModule):
 
     def distillation_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(KL(teacher || student) averaged over counted predictions, number counted)."""
+        kl, count, _, _ = self.distillation_outputs(batch)
+        return kl, count
+
+    def distillation_outputs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``distillation_loss`` plus the logits it compared: (kl, count, teacher logits, student logits)."""
         ids, attn, loss_mask = batch["input_ids"], batch.get("attention_mask"), batch.get("loss_mask")
         with torch.no_grad(), teacher_view(self.model):
             teacher_logits = self(ids, attn)
         student_logits = self(ids, attn)
         kl = token_kl(teacher_logits, student_logits, loss_mask, attn, self.temperature, self.kl_chunk)
         count = prediction_mask(attn, loss_mask, ids.shape).sum()
-        return kl, count
+        return kl, count, teacher_logits, student_logits
 
     @torch.no_grad()
     def evaluate_kl(self, loader, device=None, forward_context=None) -> float:
         """Token-weighted mean KL(teacher || student) over ``loader`` (the same number validation logs)."""
-        import contextlib
-
         device = device or next(self.model.parameters()).device
         total, count = 0.0, 0
         for batch in loader:
@@ -216,10 +265,24 @@ class DistillationModule(L.LightningModule):
         return kl
 
     def validation_step(self, batch, batch_idx):
-        kl, count = self.distillation_loss(batch)
+        kl, count, teacher_logits, student_logits = self.distillation_outputs(batch)
         # token-weighted mean over the heldout split: each batch weighs by its counted predictions
         self.log("heldout_kl", kl, prog_bar=True, batch_size=max(int(count), 1), sync_dist=True)
+        self.log_heldout_perplexity(batch, teacher_logits, student_logits)
         return kl
+
+    def log_heldout_perplexity(self, batch, teacher_logits, student_logits) -> None:
+        """``heldout_ppl`` (the student's) and ``heldout_ppl_teacher`` (for reference): next-token
+        perplexity over the counted predictions of the heldout split, token-weighted over the epoch."""
+        if not hasattr(self, "heldout_perplexity"):  # made on first use: a module attribute Lightning can find
+            self.heldout_perplexity = nn.ModuleDict({"student": TokenPerplexity(), "teacher": TokenPerplexity()})
+            self.heldout_perplexity.to(self.device)
+        ids, attn, loss_mask = batch["input_ids"], batch.get("attention_mask"), batch.get("loss_mask")
+        for role, logits, name in (("student", student_logits, "heldout_ppl"),
+                                   ("teacher", teacher_logits, "heldout_ppl_teacher")):
+            metric = self.heldout_perplexity[role]
+            metric.update(*next_token_nll(logits, ids, loss_mask, attn, self.kl_chunk))
+            self.log(name, metric, metric_attribute=f"heldout_perplexity.{role}")
 
     def test_step(self, batch, batch_idx):
         kl, count = self.distillation_loss(batch)

@@ -1,0 +1,168 @@
+"""``zoo duel``: the basis duel on one layer of a teacher (source 000, section 4.2 and section 6 items 1-2;
+DESIGN.md, "Basis duel"). The bases, tuning and metrics are ``zoo.basis_duel``; this file is the
+command: teacher, data (a recipe DataModule: its calibration split trains, its heldout split
+measures), the activation cache, and the outputs (table on stdout, ``duel.json``, ``duel.png``, and the
+same to the run's logger: W&B offline by default).
+
+    zoo duel --config configs/basis_duel.yaml [--rank 32] [--bases '[covariance, hadamard]'] ...
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch.loggers import Logger
+
+from zoo import basis_duel as bd
+from zoo.core import calibration as calib
+from zoo.core.errors import ZooError, check_choice
+from zoo.core.models import DEFAULT_TEACHER, cache_root, load_causal_lm
+from zoo.core.targets import find_targets
+
+from .data import TokenDataModule
+
+log = logging.getLogger("zoo.duel")
+
+
+def basis_duel(
+    data: TokenDataModule,
+    teacher: str = DEFAULT_TEACHER,
+    dtype: str = "float32",
+    target: str = "model.layers.15.mlp.down_proj",
+    rank: int = 64,
+    bases: list[str] = list(bd.DEFAULT_BASES),
+    steps: list[int] = list(bd.DEFAULT_STEPS),
+    lr: float = 0.01,
+    batch_tokens: int | None = 512,
+    alpha: float = 0.5,
+    seed: int = 0,
+    calibration_tokens: int | None = None,
+    full_cov_max: int = 8192,
+    output_dir: str = "runs/basis_duel",
+    device: str | None = None,
+    logger: Logger | None = None,
+) -> bd.DuelResult:
+    """Compare bases of one layer at one rank, before and after sigma-only tuning.
+
+    Args:
+        data: a recipe DataModule; its calibration split gives the statistics and the tuning
+            activations, its heldout split the activations every metric is measured on.
+        teacher: the model (embedded alias, .gguf, directory or hub id); linked to ``data``.
+        dtype: the teacher's weight dtype.
+        target: one linear module (a name or a pattern matching exactly one).
+        rank: the rank r of every basis.
+        bases: which bases, in table order; valid: covariance, svd, diagonal, fisher, hadamard,
+            permuted_hadamard, random_orthogonal (``fisher`` runs a backward pass per calibration batch).
+        steps: sigma-only tuning step counts to report (0 = the initial sigma).
+        lr: Adam learning rate of sigma, relative to the RMS of the initial sigma.
+        batch_tokens: calibration tokens per tuning step (None: all of them).
+        alpha: exponent of the diagonal (ASVD) weighting.
+        seed: seeds the random frames, signs, permutations and the tuning minibatches.
+        calibration_tokens: cap on calibration tokens (None: the whole calibration split).
+        full_cov_max: widest input whose full covariance is collected (else its diagonal).
+        output_dir: where ``duel.json`` and ``duel.png`` go.
+        device: where the teacher runs to collect activations (e.g. ``cuda``; default: the CPU); the
+            duel's own math runs on the CPU in fp64.
+        logger: a Lightning logger for the table, chart and metrics (null: none).
+    """
+    if rank < 1:
+        raise ZooError(f"rank={rank} must be at least 1")
+    for name in bases:
+        check_choice("basis", name, bd.BASES)
+    model, _ = load_causal_lm(teacher, dtype)
+    names = find_targets(model, target)
+    if len(names) != 1:
+        raise ZooError(f"the duel compares bases of one layer; target {target!r} matches {len(names)}: "
+                       f"{', '.join(names[:6])}")
+    name = names[0]
+    module = model.get_submodule(name)
+    fisher = "fisher" in bases
+    data.setup("fit")
+    key = calib.cache_key(kind="basis_duel", teacher=teacher, dtype=dtype, target=name, fisher=fisher,
+                          calibration=data.fingerprint("calibration"), heldout=data.fingerprint("heldout"),
+                          tokens=calibration_tokens, full_cov_max=full_cov_max)
+    path = cache_root() / "duel" / f"{key}.safetensors"
+    if path.is_file():
+        log.info("duel activations from cache %s", path)
+        stats, x_train, x_heldout = bd.load_activations(path)
+    else:
+        if device is not None:
+            model.to(device)
+        stats, x_train, x_heldout = bd.collect_activations(
+            model, name, data.calibration_dataloader(), data.val_dataloader(), fisher=fisher,
+            max_tokens=calibration_tokens, full_cov_max=full_cov_max, progress=sys.stderr.isatty())
+        bd.save_activations(path, stats, x_train, x_heldout, {"teacher": teacher, "target": name})
+    result = bd.run_duel(module.weight, getattr(module, "bias", None), stats, x_train, x_heldout, rank, bases,
+                         steps, lr, batch_tokens, seed, alpha, target=name)
+    result.config.update(teacher=teacher, dtype=dtype, data=type(data).__name__)
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = bd.format_table(result)
+    print(table)
+    (out / "duel.json").write_text(json.dumps(result.to_dict(), indent=2))
+    (out / "duel.md").write_text(table + "\n")
+    chart = bd.plot(result, out / "duel.png")
+    print(f"\nwrote {out / 'duel.json'}, {out / 'duel.md'} and {chart}")
+    if logger is not None:
+        log_result(logger, result, chart)
+    return result
+
+
+def log_result(logger: Logger, result: bd.DuelResult, chart: Path) -> None:
+    """Metrics to any Lightning logger; the table and the chart too where the logger takes them (W&B)."""
+    logger.log_hyperparams({"target": result.target, "rank": result.rank, "steps": result.steps, **result.config})
+    metrics = {}
+    for basis, row in result.rows.items():
+        for step, values in row["steps"].items():
+            for metric, value in values.items():
+                metrics[f"duel/{basis}/{metric}@{step}"] = value
+        metrics[f"duel/{basis}/heldout_rel_mse@sigma_opt"] = row["sigma_optimum"]["heldout_rel_mse"]
+    logger.log_metrics(metrics, step=0)
+    if hasattr(logger, "log_table"):
+        columns, rows = bd.table_rows(result)
+        logger.log_table(key="basis_duel", columns=columns, data=rows)
+        logger.log_text(key="basis_duel_findings", columns=["finding"],
+                        data=[[line] for line in bd.findings_text(result)])
+    if hasattr(logger, "log_image"):
+        logger.log_image(key="basis_duel_chart", images=[str(chart)])
+    logger.finalize("success")
+
+
+def default_logger(output_dir: str) -> Logger:
+    """W&B, offline unless ``WANDB_MODE=online``, as the fit runs log."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(project="zoo", name="basis_duel", save_dir=output_dir,
+                       offline=os.environ.get("WANDB_MODE") != "online")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="zoo duel", exit_on_error=False,
+                            description="zoo duel: compare bases of one layer at one rank (source 000, 4.2)")
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
+    parser.add_function_arguments(basis_duel, skip={"data", "logger"})
+    parser.add_subclass_arguments(TokenDataModule, "data", required=True)
+    parser.add_argument("--logger", type=Logger | bool | None, default=True,
+                        help="a Lightning logger (class_path/init_args); true: W&B offline in output_dir; "
+                             "false/null: none")
+    parser.link_arguments("teacher", "data.init_args.teacher")
+    return parser
+
+
+def duel_main(argv: list[str]) -> bd.DuelResult:
+    """Entry point of ``zoo duel`` (see ``recipes.cli.COMMANDS``)."""
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    init = parser.instantiate_classes(cfg)
+    kwargs = {k: v for k, v in vars(init).items() if k not in ("config", "__path__")}
+    if kwargs["logger"] is True:
+        kwargs["logger"] = default_logger(kwargs["output_dir"])
+    elif kwargs["logger"] is False:
+        kwargs["logger"] = None
+    return basis_duel(**kwargs)

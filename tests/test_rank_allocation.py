@@ -1,0 +1,84 @@
+"""Per-target rank allocation of FisherSVD (``allocation='global'``): the budget of the uniform ratio,
+spent where the relative weighted error falls most per parameter; planned by FisherSVDRepair."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo import Composite, FisherSVD, FisherSVDRepair
+from zoo.core.errors import ZooError
+from zoo.fisher_svd import allocate_ranks, resolve_rank, weighted_spectrum
+
+
+def relative_error(s: torch.Tensor, r: int) -> float:
+    e = s.double().pow(2)
+    return float(e[r:].sum() / e.sum())
+
+
+def test_allocation_keeps_the_uniform_budget_and_favours_flat_spectra():
+    steep = torch.tensor([2.0**-i for i in range(40)])  # one direction carries the layer
+    flat = torch.linspace(1.0, 0.9, 40)  # every direction matters
+    spectra = {"steep": steep, "flat": flat, "flat2": flat.clone()}
+    shapes = {n: (40, 60) for n in spectra}
+    ratio = 0.5
+    ranks = allocate_ranks(spectra, shapes, ratio)
+    uniform = resolve_rank(ratio, 40, 60)
+    budget = 3 * uniform * 100
+    assert sum(r * 100 for r in ranks.values()) <= budget
+    assert budget - sum(r * 100 for r in ranks.values()) < 100  # spent up to less than one component
+    assert ranks["steep"] < uniform < min(ranks["flat"], ranks["flat2"]) and abs(ranks["flat"] - ranks["flat2"]) <= 1
+    assert all(1 <= r <= 40 * 60 // 100 for r in ranks.values())
+    total = sum(relative_error(spectra[n], ranks[n]) for n in spectra)
+    assert total < sum(relative_error(s, uniform) for s in spectra.values())
+    assert allocate_ranks(spectra, shapes, ratio) == ranks  # deterministic
+
+
+def test_allocation_weighs_parameters_of_different_shapes():
+    s = torch.linspace(1.0, 0.5, 64)
+    ranks = allocate_ranks({"small": s, "wide": s.clone()}, {"small": (64, 64), "wide": (64, 448)}, 0.5)
+    # the same relative gain costs 128 parameters in one and 512 in the other: the small one gets more rank
+    assert ranks["small"] > ranks["wide"]
+
+
+def calibration_batches(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(3, 380, (2, 32), generator=g), "attention_mask": torch.ones(2, 32, dtype=torch.long),
+             "loss_mask": torch.ones(2, 32, dtype=torch.long)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("weighting", ["covariance", "none"])
+def test_repair_module_builds_the_planned_ranks(tiny_teacher_dir, weighting):
+    targets = "model.layers.{0..1}.{mlp.down_proj,self_attn.o_proj}"
+    module = FisherSVDRepair(targets=targets, rank=0.3, weighting=weighting, allocation="global",
+                             teacher=tiny_teacher_dir)
+    module.build_student(calibration_batches(), data_fingerprint="alloc-test")
+    part = module.parts[0]
+    built = {n: m.replacement.rank for n, m in module.model.named_modules() if hasattr(m, "replacement")}
+    assert built == part.planned_ranks and len(built) == 4
+    budget = sum(resolve_rank(0.3, m.replacement.out_features, m.replacement.in_features) *
+                 (m.replacement.out_features + m.replacement.in_features)
+                 for m in module.model.modules() if hasattr(m, "replacement"))
+    used = sum(m.replacement.rank * (m.replacement.out_features + m.replacement.in_features)
+               for m in module.model.modules() if hasattr(m, "replacement"))
+    assert used <= budget
+    again = FisherSVDRepair(targets=targets, rank=0.3, weighting=weighting, allocation="global",
+                            teacher=tiny_teacher_dir)
+    again.build_student(calibration_batches(), data_fingerprint="alloc-test")
+    assert again.parts[0].planned_ranks == part.planned_ranks  # a rebuilt student has the same shapes
+
+
+def test_spectrum_is_the_weighted_svds_singular_values(tiny_model):
+    W = tiny_model.get_submodule("model.layers.0.mlp.down_proj").weight
+    assert torch.allclose(weighted_spectrum(W, "none"), torch.linalg.svdvals(W.double()), rtol=1e-10)
+
+
+def test_global_allocation_needs_a_ratio_and_a_planner(tiny_teacher_dir):
+    with pytest.raises(ZooError, match="float ratio"):
+        FisherSVD("model.layers.0.mlp.down_proj", rank=8, allocation="global")
+    with pytest.raises(ZooError, match="valid choices: uniform, global"):
+        FisherSVD("model.layers.0.mlp.down_proj", rank=0.5, allocation="greedy")
+    # inside a Composite the allocation is planned like in FisherSVDRepair (the shared plan() hook)
+    composite = Composite(parts=[FisherSVD("model.layers.{0..1}.mlp.down_proj", rank=0.5, allocation="global",
+                                           weighting="none")], teacher=tiny_teacher_dir)
+    composite.build_student(None)
+    assert set(composite.parts[0].planned_ranks) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
