@@ -7,7 +7,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from recipes.cli import main
+from zoo_cli import zoo_cli
 
 
 def write_config(tmp_path, teacher, model=None, **trainer):
@@ -39,12 +39,8 @@ def write_config(tmp_path, teacher, model=None, **trainer):
 
 def run(args, capsys):
     """(exit code, stderr) of ``zoo ARGS``."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
+    code, _, err = zoo_cli(args, capsys)
+    return code, err
 
 
 def test_fit_then_validate_reproduces_the_final_heldout_kl(tmp_path, tiny_teacher_dir, capsys):

@@ -17,7 +17,7 @@ from torch import nn
 
 from callbacks import EvalPlusGate, GateFailed
 from recipes import CodeConfig, CodeDataModule
-from recipes.cli import main
+from zoo_cli import zoo_cli
 from zoo.core import Composite, Technique
 from zoo.core.errors import ZooError
 from zoo.core.models import cache_root, load_causal_lm
@@ -232,14 +232,7 @@ def test_evaluate_writes_a_complete_result_and_is_deterministic(tiny_teacher_dir
 
 # ---- the commands ----------------------------------------------------------------------------------
 
-def run(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+run = zoo_cli
 
 
 def test_zoo_eval_and_compare(tiny_teacher_dir, tmp_path, capsys):

@@ -112,6 +112,7 @@ class DistillationModule(L.LightningModule):
         self.model, self.tokenizer = load_causal_lm(teacher, dtype)
         self.targets: dict[str, list[str]] = {}  # part -> replaced names, after build
         self.summary: dict[str, float] = {}  # run-level results (gates fill it; written to metrics.json)
+        self.heldout_perplexity = nn.ModuleDict({"student": TokenPerplexity(), "teacher": TokenPerplexity()})
         self.save_hyperparameters(ignore=["parts"])
 
     # ---- building the student -------------------------------------------------------------------
@@ -274,9 +275,6 @@ class DistillationModule(L.LightningModule):
     def log_heldout_perplexity(self, batch, teacher_logits, student_logits) -> None:
         """``heldout_ppl`` (the student's) and ``heldout_ppl_teacher`` (for reference): next-token
         perplexity over the counted predictions of the heldout split, token-weighted over the epoch."""
-        if not hasattr(self, "heldout_perplexity"):  # made on first use: a module attribute Lightning can find
-            self.heldout_perplexity = nn.ModuleDict({"student": TokenPerplexity(), "teacher": TokenPerplexity()})
-            self.heldout_perplexity.to(self.device)
         ids, attn, loss_mask = batch["input_ids"], batch.get("attention_mask"), batch.get("loss_mask")
         for role, logits, name in (("student", student_logits, "heldout_ppl"),
                                    ("teacher", teacher_logits, "heldout_ppl_teacher")):
