@@ -1,6 +1,6 @@
 """Lightning callbacks that gate and checkpoint repair runs (DESIGN.md, "Callbacks")."""
 from .checkpoint import MetricsJSON, RepairStateCheckpoint
 from .evalplus_gate import EvalPlusGate
-from .gates import GateFailed, HeldoutKLGate
+from .gates import GateFailed, HeldoutKLGate, ShimDominanceGate
 
-__all__ = ["EvalPlusGate", "GateFailed", "HeldoutKLGate", "MetricsJSON", "RepairStateCheckpoint"]
+__all__ = ["EvalPlusGate", "GateFailed", "HeldoutKLGate", "MetricsJSON", "RepairStateCheckpoint", "ShimDominanceGate"]

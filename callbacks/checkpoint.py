@@ -51,6 +51,8 @@ class RepairStateCheckpoint(L.Callback):
             return
         self.last_path = self._save(trainer, pl_module, self.filename)
         value = trainer.callback_metrics.get(self.monitor)
+        if "stopped_by" in getattr(pl_module, "summary", {}):
+            return  # a gate restored an earlier state: this validation's metrics do not describe it
         if self.save_best and value is not None and float(value) < self.best:
             self.best = float(value)
             self._save(trainer, pl_module, "best_" + self.filename)

@@ -1,11 +1,12 @@
 """Gates: fail a run whose result breaks a rule (source 000, section 3.2).
 
 ``HeldoutKLGate``: heldout KL must not get worse through repair by more than ``tolerance`` and must
-not end above ``max_kl``.
+not end above ``max_kl``. ``ShimDominanceGate``: no shim may outgrow its core.
 """
 from __future__ import annotations
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from zoo.core.errors import ZooError
@@ -73,3 +74,74 @@ class HeldoutKLGate(L.Callback):
             )
         if self.max_kl is not None and final > self.max_kl:
             raise GateFailed(f"HeldoutKLGate: final heldout KL {final:.6f} is above max_kl={self.max_kl}")
+
+
+class ShimDominanceGate(L.Callback):
+    """Keep every shim below its core: shim dominance ||shim(x)|| / ||core(x)|| per layer, measured over
+    each validation epoch, must stay at or below ``max_ratio`` (source 000, sections 3.2, 4.9 and 8:
+    connectors are scaffolding; a shim that takes over is a hidden LoRA).
+
+    Args:
+        max_ratio: the largest dominance allowed for any layer.
+        action: ``fail`` ends the run with an error naming the layers; ``stop`` stops training early and
+            restores the last state at which every layer passed (that state is what the final repair
+            state holds).
+    """
+
+    ACTIONS = ("fail", "stop")
+    METRIC = "shim_dominance"
+
+    def __init__(self, max_ratio: float = 1.0, action: str = "fail"):
+        from zoo.core.errors import check_choice
+
+        if not max_ratio > 0:
+            raise ZooError(f"max_ratio must be > 0, got {max_ratio}")
+        self.max_ratio = max_ratio
+        self.action = check_choice("action", action, self.ACTIONS)
+        self.passing_state: dict | None = None
+        self.passing_step: int | None = None
+        self.history: list[tuple[int, float]] = []
+
+    def _metrics(self, pl_module) -> dict:
+        return pl_module.replacement_metrics().get(self.METRIC, {})
+
+    def on_fit_start(self, trainer, pl_module):
+        if not self._metrics(pl_module):
+            raise ZooError("ShimDominanceGate: the student has no shims (no replacement tracks "
+                           f"{self.METRIC!r}); give the technique shims (e.g. CoupledCoreRepair shim_rank > 0) "
+                           "or remove the gate")
+
+    def on_train_start(self, trainer, pl_module):
+        # shims start at zero, so the initial student passes by construction
+        self._keep(trainer, pl_module)
+
+    def _keep(self, trainer, pl_module):
+        self.passing_state = {k: v.detach().clone() for k, v in pl_module.trainable_parameters().items()}
+        self.passing_step = trainer.global_step
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        # runs before any on_validation_end (checkpoints), so a stopped run never saves a failing state
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        values = {t: float(m.compute()) for t, m in self._metrics(pl_module).items() if m.update_called}
+        if not values:
+            return
+        worst = max(values.values())
+        self.history.append((trainer.global_step, worst))
+        pl_module.summary["shim_dominance_max"] = max(worst, pl_module.summary.get("shim_dominance_max", 0.0))
+        over = {t: v for t, v in values.items() if v > self.max_ratio}
+        if not over:
+            self._keep(trainer, pl_module)
+            return
+        listing = ", ".join(f"{t}: {v:.3f}" for t, v in sorted(over.items(), key=lambda kv: -kv[1]))
+        message = (f"ShimDominanceGate: shim dominance above max_ratio={self.max_ratio} at step "
+                   f"{trainer.global_step} in {len(over)} layer(s): {listing}")
+        if self.action == "fail":
+            raise GateFailed(message)
+        with torch.no_grad():
+            for name, p in pl_module.trainable_parameters().items():
+                p.copy_(self.passing_state[name])
+        pl_module.summary["stopped_by"] = "ShimDominanceGate"
+        pl_module.summary["restored_step"] = self.passing_step
+        trainer.should_stop = True
+        rank_zero_info(f"{message}; stopping and restoring the state of step {self.passing_step}")

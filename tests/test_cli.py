@@ -4,37 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 from safetensors import safe_open
 
-from zoo_cli import zoo_cli
-
-
-def write_config(tmp_path, teacher, model=None, **trainer):
-    config = {
-        "seed_everything": 0,
-        "model": model or {
-            "class_path": "zoo.FisherSVDRepair",
-            "init_args": {"targets": "model.layers.{0..1}.mlp.down_proj", "rank": 8, "lr": 0.01},
-        },
-        "data": {
-            "class_path": "recipes.DistillationDataModule",
-            "init_args": {"seq_len": 32, "batch_size": 2, "n_calibration": 4, "n_train": 8, "n_heldout": 4,
-                          "max_repeat": 4.0, "code": {"max_files": 40},
-                          "hologram": {"n_samples": 6, "max_new_tokens": 24, "gen_batch_size": 6}},
-        },
-        "trainer": {
-            "max_steps": 8, "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
-            "default_root_dir": str(tmp_path / "run"), "check_val_every_n_epoch": 1,
-            "callbacks": [{"class_path": "callbacks.HeldoutKLGate", "init_args": {"tolerance": 1.0}},
-                          {"class_path": "callbacks.RepairStateCheckpoint"}],
-            **trainer,
-        },
-    }
-    config["model"]["init_args"]["teacher"] = teacher
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+from zoo_cli import write_config, zoo_cli
 
 
 def run(args, capsys):

@@ -1,10 +1,14 @@
 """zoo: trainable structured replacements for the linear maps of causal LMs, repaired by distillation."""
 from .core import (ActivationStats, Composite, DistillationModule, Replaced, Technique, ZooError,
                    export_student, find_targets, load_causal_lm, replace, teacher_view, token_kl)
+from .coupled import CoupledCore, CoupledCoreRepair, Shim, ShimmedLinear
 from .fisher_svd import FisherSVD, FisherSVDLinear, FisherSVDRepair
+from .phd import BlockwisePHD, BlockwisePHDLinear, BlockwisePHDRepair
 
 __all__ = [
     "ActivationStats", "Composite", "DistillationModule", "Replaced", "Technique", "ZooError",
     "export_student", "find_targets", "load_causal_lm", "replace", "teacher_view", "token_kl",
     "FisherSVD", "FisherSVDLinear", "FisherSVDRepair",
+    "BlockwisePHD", "BlockwisePHDLinear", "BlockwisePHDRepair",
+    "CoupledCore", "CoupledCoreRepair", "Shim", "ShimmedLinear",
 ]

@@ -29,6 +29,7 @@ from torch import nn
 
 from .core.calibration import ActivationStats
 from .core.errors import ZooError, check_choice
+from .core.linalg import FP32Params, cholesky_jittered, rms  # noqa: F401 - re-exported
 from .core.module import DistillationModule
 from .core.technique import Technique
 
@@ -38,8 +39,10 @@ WEIGHTINGS = ("covariance", "diagonal", "fisher", "none")
 ALLOCATIONS = ("uniform", "global")
 
 
-class FisherSVDLinear(nn.Module):
-    """y = U diag(sigma) V^T x + b, sigma kept in fp32."""
+class FisherSVDLinear(FP32Params):
+    """y = U diag(sigma) V^T x + b, sigma kept in fp32 (also when the model is cast to bf16)."""
+
+    fp32_params = ("sigma",)
 
     def __init__(self, U: torch.Tensor, sigma: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None,
                  train_factors: bool = False):
@@ -65,24 +68,11 @@ class FisherSVDLinear(nn.Module):
         y = h @ self.U.T.to(h.dtype)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
-    def _apply(self, fn, recurse=True):
-        # casting the model to bf16 (e.g. precision "bf16-true") must not cast sigma
-        super()._apply(fn, recurse)
-        if self.sigma.dtype != torch.float32:
-            self.sigma.data = self.sigma.data.float()
-        return self
-
     def dense_weight(self) -> torch.Tensor:
         return (self.U.double() * self.sigma.double()) @ self.V.double().T
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
-
-
-def rms(t: torch.Tensor) -> float:
-    """Root mean square of ``t`` (1.0 for an all-zero tensor)."""
-    value = float(t.detach().float().pow(2).mean().sqrt())
-    return value if value > 0 else 1.0
 
 
 def resolve_rank(rank: int | float, out_features: int, in_features: int, name: str = "") -> int:
@@ -101,21 +91,6 @@ def resolve_rank(rank: int | float, out_features: int, in_features: int, name: s
             f"min(out_features={out_features}, in_features={in_features}) = {limit}"
         )
     return rank
-
-
-def cholesky_jittered(matrix: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
-    """Lower Cholesky factor of a PSD matrix, adding jitter * mean(diag) * I until it succeeds."""
-    scale = matrix.diagonal().mean().clamp_min(1e-30)
-    jitter = 0.0
-    for attempt in range(max_tries):
-        factor, info = torch.linalg.cholesky_ex(matrix + jitter * scale * torch.eye(len(matrix), dtype=matrix.dtype,
-                                                                                     device=matrix.device))
-        if int(info) == 0:
-            if jitter:
-                log.warning("covariance was ill-conditioned; Cholesky needed jitter %.1e", jitter)
-            return factor
-        jitter = 1e-10 if jitter == 0 else jitter * 10
-    raise ZooError("covariance is not positive definite even with jitter; collect more calibration tokens")
 
 
 def diagonal_scale(stats: ActivationStats, alpha: float = 0.5) -> torch.Tensor:

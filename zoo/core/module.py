@@ -158,6 +158,8 @@ class DistillationModule(L.LightningModule):
         if self.repair_state:
             self.load_repair_state(self.repair_state)
         n_train = sum(p.numel() for p in self.trainable_parameters().values())
+        self.summary["trainable_parameters"] = n_train
+        self.summary["targets"] = sum(map(len, resolved))
         log.info("student built: %d targets, %d trainable parameters", sum(map(len, resolved)), n_train)
 
     def _calibrate(self, resolved, loader, fingerprint, device) -> dict[str, calib.ActivationStats]:
@@ -281,6 +283,39 @@ class DistillationModule(L.LightningModule):
             metric = self.heldout_perplexity[role]
             metric.update(*next_token_nll(logits, ids, loss_mask, attn, self.kl_chunk))
             self.log(name, metric, metric_attribute=f"heldout_perplexity.{role}")
+
+    # ---- metrics that replacements declare (e.g. shim dominance) --------------------------------
+
+    def replacement_metrics(self) -> dict[str, dict[str, torchmetrics.Metric]]:
+        """{metric name: {target: metric}} over replacements with a ``metrics()`` method; they update
+        them in their forward while ``tracking`` is on (during validation epochs)."""
+        found: dict[str, dict[str, torchmetrics.Metric]] = {}
+        for target, wrapper in replaced_modules(self.model).items():
+            metrics = getattr(wrapper.replacement, "metrics", None)
+            for name, metric in (metrics() if metrics else {}).items():
+                found.setdefault(name, {})[target] = metric
+        return found
+
+    def _track_replacement_metrics(self, on: bool) -> None:
+        for wrapper in replaced_modules(self.model).values():
+            if hasattr(wrapper.replacement, "metrics"):
+                wrapper.replacement.tracking = on
+
+    def on_validation_epoch_start(self) -> None:
+        for per_target in self.replacement_metrics().values():
+            for metric in per_target.values():
+                metric.reset()
+        self._track_replacement_metrics(True)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log each replacement metric as ``NAME/TARGET`` and its maximum over targets as ``NAME_max``."""
+        self._track_replacement_metrics(False)
+        for name, per_target in self.replacement_metrics().items():
+            values = {t: m.compute() for t, m in per_target.items() if m.update_called}
+            for target, value in values.items():
+                self.log(f"{name}/{target}", value.float())
+            if values:
+                self.log(f"{name}_max", torch.stack(list(values.values())).max().float(), prog_bar=True)
 
     def test_step(self, batch, batch_idx):
         kl, count = self.distillation_loss(batch)

@@ -1,0 +1,86 @@
+"""Forward time of ``BlockwisePHDLinear`` vs the dense ``nn.Linear`` it replaces, side by side in one run.
+
+    python benchmarks/phd_forward.py                     # GPU: bf16, 16k tokens; CPU: fp32, 2k tokens
+    python benchmarks/phd_forward.py --tokens 16384 --dtype bfloat16
+
+Shapes: the embedded teacher's down_proj (1536 -> 576) and Llama-3.1-8B's (14336 -> 4096), rank 64,
+block 512. Variants of the PHD layer: ``rows`` (frame rows as dense [r, n] buffers: 2 n r multiply-adds
+per token), ``transform`` (block-Hadamard as a batched matmul + gather/scatter: ~n b per token) and
+``butterfly`` (the O(n log b) FWHT). Prints each variant's time over the dense layer's (ratio < 1: the
+structured layer is faster). On CUDA, times come from CUDA events after warm-up; on CPU only ratios
+mean anything.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from zoo.core.hadamard import PHDFrame
+from zoo.phd import BlockwisePHDLinear, Subframe
+
+SHAPES = {"smollm2-135m down_proj": (1536, 576), "llama-3.1-8b down_proj": (14336, 4096)}
+
+
+def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / steps / 1000
+        import time
+
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return (time.perf_counter() - t0) / steps
+
+
+def phd_layer(n_in: int, n_out: int, rank: int, block: int, compute: str, method: str = "auto") -> BlockwisePHDLinear:
+    g = torch.Generator().manual_seed(0)
+    sides = []
+    for n, seed in ((n_in, 1), (n_out, 2)):
+        frame = PHDFrame(n, block, seed, method=method)
+        index = torch.sort(torch.randperm(frame.n_pad, generator=g)[:rank]).values
+        sides.append(Subframe(frame.rows(index), frame, index, compute))
+    return BlockwisePHDLinear(sides[0], torch.randn(rank, rank, generator=g) / rank**0.5, sides[1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    ap.add_argument("--tokens", type=int, default=16384 if cuda else 2048)
+    ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--block", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20 if cuda else 5)
+    ap.add_argument("--warmup", type=int, default=5 if cuda else 1)
+    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {name}, {args.tokens} tokens, {args.dtype}, rank {args.rank}, block {args.block}")
+    print(f"{'shape':<26} {'variant':<10} {'time (ms)':>10} {'vs dense':>9}")
+    for label, (n_in, n_out) in SHAPES.items():
+        x = torch.randn(args.tokens, n_in, device=device, dtype=dtype)
+        dense = nn.Linear(n_in, n_out, bias=False).to(device, dtype)
+        base = timed(lambda: dense(x), args.steps, args.warmup, device)
+        print(f"{label:<26} {'dense':<10} {base * 1e3:>10.3f} {1.0:>9.3f}")
+        for variant, compute, method in (("rows", "rows", "auto"), ("transform", "transform", "matmul"),
+                                         ("butterfly", "transform", "butterfly")):
+            layer = phd_layer(n_in, n_out, args.rank, args.block, compute, method).to(device, dtype)
+            t = timed(lambda: layer(x), args.steps, args.warmup, device)
+            print(f"{label:<26} {variant:<10} {t * 1e3:>10.3f} {t / base:>9.3f}")
+        del x, dense
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""``zoo ladder``: the scaling ladder of structured replacements (source 000, sections 4.5-4.9 and 7.3 C):
+one layer, two, four and eight independent PHD layers, then eight coupled layers without shims, with
+shims r=16 and r=32. Each rung is a ``zoo fit`` of a recipe config plus overrides, run in its own
+process (a crash or a failed gate ends that rung, not the ladder) into ``OUTPUT_DIR/RUNG``; a rung whose
+``metrics.json`` is complete is not run again, so an interrupted ladder resumes where it stopped.
+
+Output: one table (stdout, ``ladder.md``, ``ladder.json``), a chart (``ladder.png``: heldout KL before and
+after repair per rung), and the same to a W&B run (offline by default). With ``eval_subset`` each
+repaired student (and the teacher, once) is also scored by ``zoo eval`` (greedy pass@1).
+
+    zoo ladder --config configs/ladder.yaml
+    zoo ladder --config configs/ladder.yaml --overrides '[--trainer.max_steps, "200"]' --eval_subset HE10
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from zoo.core.errors import ZooError
+
+log = logging.getLogger("zoo.ladder")
+
+
+@dataclass
+class Rung:
+    """One rung: a recipe config and the overrides that make it this rung.
+
+    Args:
+        name: the rung's name (its run directory under the ladder's output_dir).
+        config: the recipe YAML (as for ``zoo fit --config``).
+        method: what the table shows as the method.
+        overrides: extra ``zoo fit`` options, e.g. ``['--model.init_args.targets', 'model.layers.{14..17}.mlp.down_proj']``.
+    """
+
+    name: str
+    config: str
+    method: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+def rung_command(rung: Rung, overrides: list[str], run_dir: Path, logger: bool) -> list[str]:
+    args = [sys.executable, "-m", "recipes.cli", "fit", "--config", rung.config, *overrides, *rung.overrides,
+            "--trainer.default_root_dir", str(run_dir)]
+    if logger:
+        wandb = {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                 "init_args": {"project": "zoo", "name": f"ladder/{rung.name}", "save_dir": str(run_dir),
+                               "offline": os.environ.get("WANDB_MODE") != "online"}}
+        args += ["--trainer.logger", json.dumps(wandb)]
+    else:
+        args += ["--trainer.logger", "false"]
+    return args
+
+
+def complete(run_dir: Path) -> dict | None:
+    """The metrics of a finished rung (None if it has not run or did not finish)."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics if "heldout_kl_after" in metrics.get("summary", {}) else None
+
+
+def row_of(rung: Rung, metrics: dict | None, status: str) -> dict:
+    summary = (metrics or {}).get("summary", {})
+    final = (metrics or {}).get("final", {})
+    return {"rung": rung.name, "method": rung.method or Path(rung.config).stem, "status": status,
+            "layers": summary.get("targets"), "kl_before": summary.get("heldout_kl_before"),
+            "kl_after": summary.get("heldout_kl_after"),
+            "shim_dominance_max": summary.get("shim_dominance_max", final.get("shim_dominance_max")),
+            "trainable_parameters": summary.get("trainable_parameters"), "pass@1": None}
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: list[dict], eval_label: str | None) -> str:
+    head = ["rung", "layers", "method", "heldout KL before", "after", "max shim dominance", "trainable params"]
+    if eval_label:
+        head.append(f"pass@1 ({eval_label})")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["rung"] + ("" if r["status"] == "ok" else f" ({r['status']})"), _fmt(r["layers"], "d"), r["method"],
+                 _fmt(r["kl_before"], ".4f"), _fmt(r["kl_after"], ".4f"), _fmt(r["shim_dominance_max"], ".3f"),
+                 _fmt(r["trainable_parameters"], ",d")]
+        if eval_label:
+            cells.append(_fmt(r["pass@1"], ".1%"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["kl_after"] is not None]
+    fig, ax = plt.subplots(figsize=(1.3 * max(len(done), 3) + 2, 4))
+    xs = range(len(done))
+    ax.bar([x - 0.2 for x in xs], [r["kl_before"] for r in done], 0.4, label="before repair", color="#bbb")
+    ax.bar([x + 0.2 for x in xs], [r["kl_after"] for r in done], 0.4, label="after repair", color="#3a7")
+    ax.set_xticks(list(xs), [r["rung"] for r in done], rotation=30, ha="right")
+    ax.set_ylabel("heldout KL(teacher || student)")
+    ax.set_yscale("log")
+    ax.set_title("scaling ladder: structured replacements of MLP down-projections")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _run(args: list[str], log_path: Path) -> tuple[int, str]:
+    """Run a command, streaming its output to the terminal and to ``log_path``; (exit code, last line of stderr)."""
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        last = ""
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log_file.write(line)
+            if line.strip():
+                last = line.strip()
+        return proc.wait(), last
+
+
+def _eval(config: str, overrides: list[str], repair_state: Path | None, subset: str, dataset: str,
+          output: Path, log_path: Path) -> float | None:
+    if output.is_file():
+        return json.loads(output.read_text())["pass_at_1"]
+    args = [sys.executable, "-m", "recipes.cli", "eval", "--dataset", dataset, "--subset", subset,
+            "--output", str(output)]
+    if repair_state is not None:
+        args += ["--recipe", config, "--repair_state", str(repair_state), "--overrides", json.dumps(overrides)]
+    code, last = _run(args, log_path)
+    if code != 0:
+        log.warning("evaluation failed (%s); see %s", last, log_path)
+        return None
+    return json.loads(output.read_text())["pass_at_1"]
+
+
+def run_ladder(
+    rungs: list[Rung],
+    overrides: list[str] = [],
+    output_dir: str = "runs/ladder",
+    eval_subset: str | None = None,
+    eval_dataset: str = "humaneval",
+    only: list[str] | None = None,
+    rerun: bool = False,
+    logger: bool = True,
+) -> list[dict]:
+    """Run every rung (skipping finished ones), then write the table, JSON and chart.
+
+    Args:
+        rungs: the ladder, in table order.
+        overrides: ``zoo fit`` options given to every rung (before the rung's own), e.g. a step budget.
+        output_dir: each rung runs in ``output_dir/<name>``; the table and chart go here.
+        eval_subset: also score each student with ``zoo eval`` on this subset (e.g. ``HE10``,
+            ``teacher-solved:5``); None: no evaluation.
+        eval_dataset: ``humaneval`` or ``mbpp``.
+        only: run only these rungs (by name); the table still shows every finished rung.
+        rerun: run finished rungs again.
+        logger: log every rung, and the table, to W&B (offline unless ``WANDB_MODE=online``).
+    """
+    if not rungs:
+        raise ZooError("the ladder has no rungs")
+    names = [r.name for r in rungs]
+    if len(set(names)) != len(names):
+        raise ZooError(f"rung names must be unique, got {names}")
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise ZooError(f"unknown rung(s) {unknown}; valid: {', '.join(names)}")
+    for rung in rungs:
+        if not Path(rung.config).is_file():
+            raise ZooError(f"rung {rung.name!r}: config {rung.config!r} does not exist")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    eval_label = f"{eval_dataset} {eval_subset}" if eval_subset else None
+    teacher_pass = None
+    for i, rung in enumerate(rungs, 1):
+        run_dir = out / rung.name
+        metrics = complete(run_dir)
+        selected = only is None or rung.name in only
+        status = "ok"
+        if selected and (metrics is None or rerun):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            args = rung_command(rung, list(overrides), run_dir, logger)
+            print(f"\n=== ladder rung {i}/{len(rungs)}: {rung.name}\n$ {shlex.join(args[1:])}", flush=True)
+            code, last = _run(args, run_dir / "fit.log")
+            metrics = complete(run_dir)
+            if code != 0:
+                status = f"failed: {last[:120]}"
+        elif metrics is None:
+            status = "not run"
+        else:
+            print(f"=== ladder rung {i}/{len(rungs)}: {rung.name}: finished earlier ({run_dir / 'metrics.json'})")
+        row = row_of(rung, metrics, status)
+        if eval_subset and metrics is not None and status == "ok":
+            state = run_dir / "repair_state.safetensors"
+            row["pass@1"] = _eval(rung.config, [*overrides, *rung.overrides], state, eval_subset, eval_dataset,
+                                  run_dir / "eval.json", run_dir / "eval.log")
+        rows.append(row)
+    if eval_subset:
+        teacher_pass = _eval("", [], None, eval_subset, eval_dataset, out / "teacher_eval.json", out / "teacher_eval.log")
+
+    table = format_table(rows, eval_label)
+    if teacher_pass is not None:
+        table += f"\n\nteacher pass@1 ({eval_label}): {teacher_pass:.1%}"
+    print("\n" + table)
+    (out / "ladder.md").write_text(table + "\n")
+    payload = {"rungs": [asdict(r) for r in rungs], "overrides": list(overrides), "rows": rows,
+               "eval": eval_label, "teacher_pass@1": teacher_pass}
+    (out / "ladder.json").write_text(json.dumps(payload, indent=2))
+    chart = plot(rows, out / "ladder.png")
+    print(f"\nwrote {out / 'ladder.md'}, {out / 'ladder.json'} and {chart}")
+    if logger:
+        log_ladder(rows, chart, out)
+    return rows
+
+
+def log_ladder(rows: list[dict], chart: Path, out: Path) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(project="zoo", name="ladder", save_dir=str(out),
+                         offline=os.environ.get("WANDB_MODE") != "online")
+    columns = list(rows[0])
+    logger.log_table(key="ladder", columns=columns, data=[[r[c] for c in columns] for r in rows])
+    logger.log_image(key="ladder_chart", images=[str(chart)])
+    logger.finalize("success")
+    logger.experiment.finish()
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="zoo ladder", exit_on_error=False,
+                            description="zoo ladder: the scaling ladder of structured replacements (source 000, 4.5-4.9)")
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
+    parser.add_function_arguments(run_ladder)
+    return parser
+
+
+def ladder_main(argv: list[str]) -> list[dict]:
+    """Entry point of ``zoo ladder`` (see ``recipes.cli.COMMANDS``)."""
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    init = parser.instantiate_classes(cfg)
+    kwargs = {k: v for k, v in vars(init).items() if k not in ("config", "__path__")}
+    return run_ladder(**kwargs)

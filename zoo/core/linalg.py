@@ -1,0 +1,62 @@
+"""Numerics shared by the techniques (DESIGN.md, decision 5): fp32 parameters that survive a cast of
+the model, relative learning-rate scales, jittered Cholesky and PSD solves, orthogonal Procrustes."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .errors import ZooError
+
+log = logging.getLogger(__name__)
+
+
+def rms(t: torch.Tensor) -> float:
+    """Root mean square of ``t`` (1.0 for an all-zero tensor)."""
+    value = float(t.detach().float().pow(2).mean().sqrt())
+    return value if value > 0 else 1.0
+
+
+class FP32Params(nn.Module):
+    """A replacement whose parameters named in ``fp32_params`` stay fp32 when the model is cast
+    (e.g. ``precision: bf16-true``): small trainable tensors (sigma, cores, shims) get the optimizer's
+    full precision, and the forward casts them to the matmul dtype at use."""
+
+    fp32_params: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in self.fp32_params:
+            p = getattr(self, name, None)
+            if p is not None and p.dtype != torch.float32:
+                p.data = p.data.float()
+        return self
+
+
+def cholesky_jittered(matrix: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
+    """Lower Cholesky factor of a PSD matrix, adding jitter * mean(diag) * I until it succeeds."""
+    scale = matrix.diagonal().mean().clamp_min(1e-30)
+    jitter = 0.0
+    eye = torch.eye(len(matrix), dtype=matrix.dtype, device=matrix.device)
+    for _ in range(max_tries):
+        factor, info = torch.linalg.cholesky_ex(matrix + jitter * scale * eye)
+        if int(info) == 0:
+            if jitter:
+                log.warning("covariance was ill-conditioned; Cholesky needed jitter %.1e", jitter)
+            return factor
+        jitter = 1e-10 if jitter == 0 else jitter * 10
+    raise ZooError("covariance is not positive definite even with jitter; collect more calibration tokens")
+
+
+def solve_psd_right(rhs: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``rhs @ gram^-1`` for a PSD ``gram`` (jittered Cholesky)."""
+    L = cholesky_jittered(gram)
+    return torch.cholesky_solve(rhs.T, L).T
+
+
+def procrustes(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The orthogonal R minimizing ||source @ R - target||_F (Schoenemann): R = U V^T for
+    U S V^T = svd(source^T target)."""
+    U, _, Vh = torch.linalg.svd(source.T @ target)
+    return U @ Vh

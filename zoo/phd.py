@@ -1,0 +1,256 @@
+"""Blockwise PHD replacement with a trainable dense core (source 000, sections 2.3 and 4.5-4.6;
+DESIGN.md, "BlockwisePHDRepair").
+
+A target W (out x in) becomes ``W ~ B^T C A``: A = T_in[I, :] and B = T_out[J, :] are r_in and r_out rows
+of structured orthogonal frames ``T = blockdiag_b(H) · P · D`` (``zoo.core.hadamard.PHDFrame``, fixed
+by a seed: nothing about them is stored), and C (r_out x r_in) is a small dense core, the only tensor
+that trains (with the bias). The rows are chosen by data:
+
+- I: the input coordinates t_i = (T_in x)_i carrying the most output energy, ||W T_in^T e_i||^2 E[t_i^2];
+- J: the output coordinates (T_out W x)_j with the largest energy E[(T_out W x)_j^2];
+
+under the calibration second moment M = E[x x^T] (its diagonal alone when only that was collected).
+C starts at the activation-weighted least-squares optimum ``C = B W M A^T (A M A^T)^-1`` (``core_init:
+lstsq``), which minimizes E||B W x - C A x||^2 (and with it the output error of the replacement, since
+B has orthonormal rows), or at the plain slice ``B W A^T = (T_out W T_in^T)[J, I]`` (``slice``).
+
+Forward: ``y = up_J(down_I(x) @ C^T) + b``. ``compute: rows`` applies A and B as dense [r, n] buffers
+(rebuilt from the seed, never saved; n*r multiply-adds per token), ``transform`` runs the structured
+transform and a gather/scatter (n log b or n*b per token); ``auto`` takes rows when r <= b, which costs
+fewer operations. ``benchmarks/phd_forward.py`` measures both against the dense layer.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+
+import torch
+from torch import nn
+
+from .core.calibration import ActivationStats
+from .core.errors import ZooError, check_choice
+from .core.hadamard import FITS, PHDFrame
+from .core.linalg import FP32Params, rms, solve_psd_right
+from .core.module import DistillationModule
+from .core.technique import Technique
+
+log = logging.getLogger(__name__)
+
+CORE_INITS = ("lstsq", "slice")
+COMPUTES = ("auto", "rows", "transform")
+
+
+def frame_seed(seed: int, *parts: str) -> int:
+    """A deterministic per-target (and per-side) seed: the same config always builds the same frames."""
+    return zlib.crc32(":".join((str(seed), *parts)).encode()) & 0x7FFFFFFF
+
+
+class Subframe(nn.Module):
+    """r coordinates of an orthogonal frame of width n: ``down`` maps [..., n] -> [..., r] (x -> R x)
+    and ``up`` maps [..., r] -> [..., n] (v -> R^T v), for rows R [r, n] with orthonormal rows.
+
+    With a ``PHDFrame`` and its chosen ``index``, ``compute="transform"`` runs the structured transform
+    instead of the dense rows; both give the same numbers. Buffers are not persistent: they are
+    rebuilt from the seed and the calibration statistics, and a repair state holds none of them.
+    """
+
+    def __init__(self, rows: torch.Tensor, frame: PHDFrame | None = None, index: torch.Tensor | None = None,
+                 compute: str = "rows"):
+        super().__init__()
+        check_choice("compute", compute, COMPUTES[1:])
+        if compute == "transform" and (frame is None or index is None):
+            raise ZooError("compute='transform' needs a PHD frame and its index set")
+        self.rank, self.width = rows.shape
+        self.compute = compute
+        self.register_buffer("rows", rows.float(), persistent=False)
+        self.frame = frame if compute == "transform" else None
+        self.register_buffer("index", None if index is None else index.long(), persistent=False)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frame is not None:
+            return self.frame(x).index_select(-1, self.index)
+        return x @ self.rows.T.to(x.dtype)
+
+    def up(self, v: torch.Tensor) -> torch.Tensor:
+        if self.frame is not None:
+            full = v.new_zeros(*v.shape[:-1], self.frame.n_pad).index_copy(-1, self.index, v)
+            return self.frame.transpose(full)
+        return v @ self.rows.to(v.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, width={self.width}, compute={self.compute}"
+
+
+class BlockwisePHDLinear(FP32Params):
+    """y = B^T C A x + b: frozen frame rows A [r_in, in] and B [r_out, out] (``Subframe``s), a trainable
+    dense core C [r_out, r_in] kept in fp32, and the original bias."""
+
+    fp32_params = ("core",)
+
+    def __init__(self, down: Subframe, core: torch.Tensor, up: Subframe, bias: torch.Tensor | None = None,
+                 train_bias: bool = True):
+        super().__init__()
+        if core.shape != (up.rank, down.rank):
+            raise ZooError(f"core shape {tuple(core.shape)} does not fit frames of rank {up.rank} x {down.rank}")
+        self.in_features, self.out_features = down.width, up.width
+        self.down, self.up = down, up
+        self.core = nn.Parameter(core.detach().float().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=train_bias)
+        # relative steps (see FisherSVDLinear): one lr suits cores of any scale
+        self.lr_scales = {n: rms(p) for n, p in self.named_parameters()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.down.down(x)
+        y = self.up.up(u @ self.core.T.to(u.dtype))
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.up.rows.double().T @ self.core.double() @ self.down.rows.double()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, core={tuple(self.core.shape)}"
+
+
+# ---- choosing rows and the core from calibration statistics --------------------------------------
+
+def second_moment(stats: ActivationStats | None, name: str = "") -> torch.Tensor:
+    """E[x x^T] [in, in] when collected, else its diagonal E[x_i^2] [in] (fp64)."""
+    if stats is None:
+        raise ZooError(f"{name or 'this target'} needs calibration statistics (its input second moment)")
+    if stats.second_moment is not None:
+        return stats.second_moment.double()
+    return stats.diag.double()
+
+
+def frame_energy(frame: PHDFrame, moment: torch.Tensor) -> torch.Tensor:
+    """diag(T S T^T) [n_pad]: E[(T x)_i^2] for second moment S (full [n, n], or its diagonal [n], in
+    which case the cross terms are taken as zero)."""
+    S = moment.to(frame.signs.device, torch.float64)
+    if S.dim() == 2:
+        return frame(frame(S).T).diagonal()
+    # T_ik^2 = 1/b for the b source coordinates of row i's block, 0 elsewhere
+    padded = nn.functional.pad(S, (0, frame.n_pad - frame.n))[frame.perm]
+    return padded.reshape(-1, frame.block).mean(-1).repeat_interleave(frame.block)
+
+
+def top_index(energy: torch.Tensor, r: int) -> torch.Tensor:
+    """Indices of the r largest entries, in ascending order (ties: the lower index)."""
+    order = torch.argsort(energy, descending=True, stable=True)[:r]
+    return torch.sort(order).values
+
+
+def input_energy(weight: torch.Tensor, frame: PHDFrame, moment: torch.Tensor) -> torch.Tensor:
+    """Output energy carried by each input frame coordinate: ||W T^T e_i||^2 * E[(T x)_i^2]."""
+    W = weight.detach().to(frame.signs.device, torch.float64)
+    return frame(W).pow(2).sum(0) * frame_energy(frame, moment)
+
+
+def output_moment(weight: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
+    """E[(W x)(W x)^T] = W M W^T (with a diagonal M: W diag(M) W^T) [out, out], fp64."""
+    W = weight.detach().double()
+    M = moment.to(W.device)
+    return (W * M) @ W.T if M.dim() == 1 else W @ M @ W.T
+
+
+def core_least_squares(weight: torch.Tensor, moment: torch.Tensor, down_rows: torch.Tensor,
+                       up_rows: torch.Tensor) -> torch.Tensor:
+    """argmin_C E||B W x - C A x||^2 = B W M A^T (A M A^T)^-1 (fp64): the best core for fixed rows
+    A = ``down_rows`` [r_in, in], B = ``up_rows`` [r_out, out] under second moment M (full or diagonal)."""
+    W = weight.detach().double()
+    A, B = down_rows.double().to(W.device), up_rows.double().to(W.device)
+    M = moment.to(W.device)
+    MAt = M[:, None] * A.T if M.dim() == 1 else M @ A.T  # [in, r_in]
+    return solve_psd_right(B @ W @ MAt, A @ MAt)
+
+
+def init_core(weight, moment, down_rows, up_rows, core_init: str) -> torch.Tensor:
+    check_choice("core_init", core_init, CORE_INITS)
+    if core_init == "slice":
+        return up_rows.double() @ weight.detach().double() @ down_rows.double().T
+    return core_least_squares(weight, moment, down_rows, up_rows)
+
+
+def resolve_compute(compute: str, rank: int, block: int) -> str:
+    check_choice("compute", compute, COMPUTES)
+    if compute != "auto":
+        return compute
+    return "rows" if rank <= block else "transform"
+
+
+def phd_subframe(width: int, rank: int, energy_of, *, block: int, fit: str, seed: int, compute: str,
+                 name: str, side: str) -> Subframe:
+    """A ``Subframe`` of the PHD frame of ``width`` (seeded by target and side) keeping the ``rank``
+    coordinates of highest ``energy_of(frame)``."""
+    frame = PHDFrame(width, block, frame_seed(seed, name, side), fit)
+    if not 1 <= rank <= frame.n_pad:
+        raise ZooError(f"{side} rank {rank} for {name} is out of range: it must be between 1 and {frame.n_pad} "
+                       f"(the {side} width{' after padding' if frame.n_pad != width else ''})")
+    index = top_index(energy_of(frame), rank)
+    rows = frame.rows(index)
+    return Subframe(rows, frame, index, resolve_compute(compute, rank, frame.block))
+
+
+def check_ranks(rank: int, rank_out: int | None) -> None:
+    for label, value in (("rank", rank), ("rank_out", rank_out)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ZooError(f"{label} must be a positive int, got {value!r}")
+
+
+class BlockwisePHD(Technique):
+    """Spec: replace each target by a ``BlockwisePHDLinear`` (structured frames, data-chosen rows,
+    trainable dense core).
+
+    Args:
+        targets: module name patterns (see ``zoo.core.targets``).
+        rank: r_in, input coordinates kept (the source's best single-layer setting: 64).
+        rank_out: r_out, output coordinates kept (default: ``rank``).
+        block: Hadamard block size b (a power of two; the source used 512).
+        fit: widths that are not a multiple of b: ``divide`` (largest power of two <= b dividing the
+            width) or ``pad`` (zero-pad to a multiple of b).
+        seed: seed of the signs and permutations (each target and side gets its own, derived from it).
+        core_init: ``lstsq`` (activation-weighted least squares) or ``slice`` ((T_out W T_in^T)[J, I]).
+        compute: ``auto``, ``rows`` (dense frame rows) or ``transform`` (structured transform + gather).
+        train_bias: train the bias (where the layer has one) along with the core.
+    """
+
+    def __init__(self, targets: str | list[str], rank: int = 64, rank_out: int | None = None, block: int = 512,
+                 fit: str = "divide", seed: int = 0, core_init: str = "lstsq", compute: str = "auto",
+                 train_bias: bool = True):
+        super().__init__(targets)
+        check_ranks(rank, rank_out)
+        self.rank, self.rank_out, self.block = rank, rank_out, block
+        self.fit = check_choice("fit", fit, FITS)
+        self.seed = seed
+        self.core_init = check_choice("core_init", core_init, CORE_INITS)
+        self.compute = check_choice("compute", compute, COMPUTES)
+        self.train_bias = train_bias
+
+    def needs(self) -> set[str]:
+        return {"input"}
+
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> BlockwisePHDLinear:
+        W = module.weight
+        M = second_moment(stats, name)
+        opts = dict(block=self.block, fit=self.fit, seed=self.seed, compute=self.compute, name=name)
+        down = phd_subframe(module.in_features, self.rank, lambda f: input_energy(W, f, M), side="input", **opts)
+        up = phd_subframe(module.out_features, self.rank_out or self.rank,
+                          lambda f: frame_energy(f, output_moment(W, M)), side="output", **opts)
+        core = init_core(W, M, down.rows, up.rows, self.core_init)
+        layer = BlockwisePHDLinear(down, core, up, getattr(module, "bias", None), self.train_bias)
+        return layer.to(W.device, W.dtype)
+
+
+class BlockwisePHDRepair(DistillationModule):
+    """Core repair of blockwise PHD replacements (source 000, 4.5-4.6): only the cores (and biases) train.
+
+    Args:
+        targets: module name patterns, e.g. ``model.layers.15.mlp.down_proj``.
+        rank, rank_out, block, fit, seed, core_init, compute, train_bias: see ``BlockwisePHD``.
+        **kwargs: the shared training options of ``DistillationModule`` (teacher, lr, ...).
+    """
+
+    def __init__(self, targets: str | list[str], rank: int = 64, rank_out: int | None = None, block: int = 512,
+                 fit: str = "divide", seed: int = 0, core_init: str = "lstsq", compute: str = "auto",
+                 train_bias: bool = True, **kwargs):
+        super().__init__(parts=[BlockwisePHD(targets, rank, rank_out, block, fit, seed, core_init, compute,
+                                             train_bias)], **kwargs)
