@@ -20,28 +20,9 @@ from torch import nn
 from zoo.core.hadamard import PHDFrame
 from zoo.phd import BlockwisePHDLinear, Subframe
 
+from common import timed
+
 SHAPES = {"smollm2-135m down_proj": (1536, 576), "llama-3.1-8b down_proj": (14336, 4096)}
-
-
-def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / steps / 1000
-        import time
-
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        return (time.perf_counter() - t0) / steps
 
 
 def phd_layer(n_in: int, n_out: int, rank: int, block: int, compute: str, method: str = "auto") -> BlockwisePHDLinear:
@@ -72,15 +53,15 @@ def main():
     for label, (n_in, n_out) in SHAPES.items():
         x = torch.randn(args.tokens, n_in, device=device, dtype=dtype)
         dense = nn.Linear(n_in, n_out, bias=False).to(device, dtype)
-        base = timed(lambda: dense(x), args.steps, args.warmup, device)
-        print(f"{label:<26} {'dense':<10} {base * 1e3:>10.3f} {1.0:>9.3f}")
-        for variant, compute, method in (("rows", "rows", "auto"), ("transform", "transform", "matmul"),
-                                         ("butterfly", "transform", "butterfly")):
-            layer = phd_layer(n_in, n_out, args.rank, args.block, compute, method).to(device, dtype)
-            t = timed(lambda: layer(x), args.steps, args.warmup, device)
-            print(f"{label:<26} {variant:<10} {t * 1e3:>10.3f} {t / base:>9.3f}")
+        with torch.no_grad():  # forward only, as at inference
+            base = timed(lambda: dense(x), args.steps, args.warmup, device)
+            print(f"{label:<26} {'dense':<10} {base * 1e3:>10.3f} {1.0:>9.3f}")
+            for variant, compute, method in (("rows", "rows", "auto"), ("transform", "transform", "matmul"),
+                                             ("butterfly", "transform", "butterfly")):
+                layer = phd_layer(n_in, n_out, args.rank, args.block, compute, method).to(device, dtype)
+                t = timed(lambda: layer(x), args.steps, args.warmup, device)
+                print(f"{label:<26} {variant:<10} {t * 1e3:>10.3f} {t / base:>9.3f}")
         del x, dense
-
 
 if __name__ == "__main__":
     main()

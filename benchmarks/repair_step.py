@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 
 import torch
 import torch.nn.functional as F
@@ -20,33 +19,7 @@ import torch.nn.functional as F
 from zoo import FisherSVDRepair
 from zoo.core.surgery import teacher_view
 
-
-def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / steps / 1000
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - t0) / steps
-
-
-def peak_gib(fn, device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
+from common import peak_gib, timed
 
 
 def main():
