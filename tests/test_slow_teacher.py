@@ -93,3 +93,32 @@ def test_short_repair_fit_improves_heldout_kl_and_validate_reproduces_it(tmp_pat
     main(["validate", "--config", str(path), "--ckpt_path", str(state)])
     validated = json.loads((tmp_path / "run" / "metrics_validate.json").read_text())["final"]["heldout_kl"]
     assert abs(validated - summary["heldout_kl_after"]) < 1e-3
+
+
+@pytest.mark.parametrize("fit", ["divide", "pad"])
+def test_phd_on_layer_15_reproduces_w_with_all_rows_and_lstsq_beats_the_slice(teacher, tmp_path, fit):
+    from zoo.phd import BlockwisePHD
+
+    model, _ = teacher
+    data = CodeDataModule(teacher=TEACHER, code=CodeConfig(max_files=60), seq_len=128, n_calibration=12,
+                          n_train=1, n_heldout=4, cache_dir=str(tmp_path))
+    data.setup("fit")
+    stats = calib.collect(model, data.calibration_dataloader(), [TARGET], progress=False)[TARGET]
+    module = model.get_submodule(TARGET)
+    W = module.weight.double()  # 576 x 1536: blocks of 64 on the output side with fit=divide, padding with pad
+    M = stats.second_moment.double()
+
+    def output_error(layer):  # E||(W - W_hat) x||^2 / E||W x||^2 under the calibration moment
+        D = W - layer.double().dense_weight()
+        return float(torch.trace(D @ M @ D.T) / torch.trace(W @ M @ W.T))
+
+    all_rows = dict(rank=1536, rank_out=576 if fit == "divide" else 1024, fit=fit)
+    full = BlockwisePHD(TARGET, core_init="slice", **all_rows).build(TARGET, module, stats)
+    assert (full.double().dense_weight() - W).norm() / W.norm() < 1e-5
+    # 1536 calibration tokens for 1536 inputs: M is near singular, so the least-squares core is exact on
+    # the calibration distribution, not on every direction
+    assert output_error(BlockwisePHD(TARGET, **all_rows).build(TARGET, module, stats)) < 1e-6
+    err = {init: output_error(BlockwisePHD(TARGET, rank=64, fit=fit, core_init=init).build(TARGET, module, stats))
+           for init in ("lstsq", "slice")}
+    print(f"\nPHD rank 64 on {TARGET} ({fit}): relative output error on the calibration moment {err}")
+    assert err["lstsq"] < err["slice"] < 1.0
