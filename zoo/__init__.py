@@ -2,9 +2,12 @@
 from .core import (ActivationStats, Composite, DistillationModule, Replaced, Technique, ZooError,
                    export_student, find_targets, load_causal_lm, replace, teacher_view, token_kl)
 from .fisher_svd import FisherSVD, FisherSVDLinear, FisherSVDRepair
+from .lora import LoRA, LoRAFineTune
+from .universal_basis import UniversalBasis, UniversalBasisCoefficients, UniversalBasisLoRA
 
 __all__ = [
     "ActivationStats", "Composite", "DistillationModule", "Replaced", "Technique", "ZooError",
     "export_student", "find_targets", "load_causal_lm", "replace", "teacher_view", "token_kl",
     "FisherSVD", "FisherSVDLinear", "FisherSVDRepair",
+    "LoRA", "LoRAFineTune", "UniversalBasis", "UniversalBasisCoefficients", "UniversalBasisLoRA",
 ]
