@@ -244,3 +244,70 @@ def test_next_token_objective_trains_lora(tiny_teacher_dir):
     assert all(p.grad is not None for n, p in params.items() if "lora_A" in n or "lora_B" in n)
     with pytest.raises(ZooError, match="valid choices: distillation, next_token"):
         LoRAFineTune(targets="model.layers.0.self_attn.q_proj", teacher=tiny_teacher_dir, objective="nll")
+
+
+# --------------------------------------------------------------------------------------------------
+# the commands, end to end on the tiny teacher
+
+
+def _bank_config(tmp_path, teacher) -> str:
+    import yaml
+
+    config = {
+        "teacher": teacher, "targets": "model.layers.*.self_attn.{q,v}_proj", "rank": 2, "alpha": 4.0,
+        "lr": 0.01, "steps": 2, "n_adapters": 3, "output_dir": str(tmp_path / "bank"), "logger": False,
+        "accelerator": "cpu",
+        "data": {"class_path": "recipes.CodeDataModule",
+                 "init_args": {"seq_len": 32, "batch_size": 2, "n_calibration": 1, "n_train": 4, "n_heldout": 2,
+                               "code": {"max_files": 12}}},
+    }
+    path = tmp_path / "bank.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_bank_basis_project_commands(tmp_path, tiny_teacher_dir, capsys):
+    import json
+
+    from safetensors import safe_open
+    from zoo_cli import zoo_cli
+
+    config = _bank_config(tmp_path, tiny_teacher_dir)
+    code, out, err = zoo_cli(["bank", "--config", config], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "bank" / "bank.json").read_text())
+    assert [e["name"] for e in manifest["adapters"]] == ["adapter_00", "adapter_01", "adapter_02"]
+    assert [e["shard"] for e in manifest["adapters"]] == [0, 1, 2]
+    for e in manifest["adapters"]:
+        adapter = read_adapter(tmp_path / "bank" / e["name"])
+        assert len(adapter.modules) == 4 and adapter.rank(adapter.modules[0]) == 2
+        assert float(adapter.B[adapter.modules[0]].abs().max()) > 0  # trained: B left PEFT's zero init
+    # resumable: a second run keeps every saved adapter
+    code, out, err = zoo_cli(["bank", "--config", config], capsys)
+    assert code == 0, err
+    assert out.count("already trained") == 3
+
+    code, out, err = zoo_cli(["basis", "--bank", str(tmp_path / "bank"), "--exclude", "[adapter_02]",
+                              "--output_dir", str(tmp_path / "basis"), "--logger", "false"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "basis" / "basis.json").read_text())
+    assert [r["k"] for r in result["rows"]] == [0, 1]  # leave-one-out of 2 adapters x rank 2: rank <= 1
+    assert (tmp_path / "basis" / "basis.png").stat().st_size > 1000
+    with safe_open(str(tmp_path / "basis" / "basis.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.A.components").shape == (3, 64)  # 2 x 2 rows - 1
+
+    code, out, err = zoo_cli(["project", "--adapter", str(tmp_path / "bank" / "adapter_02"),
+                              "--basis", str(tmp_path / "basis" / "basis.safetensors"), "--k", "1",
+                              "--control", "[universal, random, secondary, mean]",
+                              "--output_dir", str(tmp_path / "proj"), "--logger", "false"], capsys)
+    assert code == 0, err
+    payload = json.loads((tmp_path / "proj" / "projection.json").read_text())
+    assert [s["control"] for s in payload["summary"]] == ["universal", "random", "secondary", "mean"]
+    assert all(0 < s["overall"] < 2 for s in payload["summary"])
+    for name in ("universal-k1", "random-k1", "secondary-k1", "mean-k0"):
+        assert read_adapter(tmp_path / "proj" / name).modules
+
+    code, out, err = zoo_cli(["project", "--adapter", str(tmp_path / "bank" / "adapter_02"),
+                              "--basis", str(tmp_path / "basis" / "basis.safetensors"), "--control", "orthogonal",
+                              "--logger", "false"], capsys)
+    assert code == 2 and "valid choices: universal, random, secondary, mean" in err

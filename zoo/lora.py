@@ -185,28 +185,33 @@ class LoRA(Technique):
     Args:
         targets: module name patterns (see ``zoo.core.targets``); with ``adapter`` and no targets: the
             adapter's modules.
-        rank: LoRA rank r.
-        alpha: LoRA alpha; the delta is (alpha / r) B A.
+        rank: LoRA rank r (default: the adapter's, else 8).
+        alpha: LoRA alpha; the delta is (alpha / r) B A (default: the adapter's, else 16).
         dropout: LoRA dropout on the adapter's input (training only).
-        rslora: rank-stabilized scaling alpha / sqrt(r).
-        adapter: a PEFT adapter directory whose A, B start the layers (its rank and alpha must match).
+        rslora: rank-stabilized scaling alpha / sqrt(r) (default: the adapter's, else off).
+        adapter: a PEFT adapter directory whose A, B start the layers.
     """
 
-    def __init__(self, targets: str | list[str] | None = None, rank: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.0, rslora: bool = False, adapter: str | None = None):
+    def __init__(self, targets: str | list[str] | None = None, rank: int | None = None, alpha: float | None = None,
+                 dropout: float = 0.0, rslora: bool | None = None, adapter: str | None = None):
         if targets is None and adapter is None:
             raise ZooError("LoRA needs targets (module name patterns) or an adapter to read them from")
+        self._adapter: LoraAdapter | None = None
+        defaults = {"r": 8, "lora_alpha": 16.0, "use_rslora": False}
+        if adapter is not None:
+            self._adapter = read_adapter(adapter)
+            defaults = {k: self._adapter.config.get(k, v) for k, v in defaults.items()}
+            if targets is None:
+                targets = self._adapter.modules
+        rank = defaults["r"] if rank is None else rank
         if rank < 1:
             raise ZooError(f"LoRA rank={rank} must be at least 1")
         if not 0 <= dropout < 1:
             raise ZooError(f"LoRA dropout={dropout} must be in [0, 1)")
-        self._adapter: LoraAdapter | None = None
-        if adapter is not None:
-            self._adapter = read_adapter(adapter)
-            if targets is None:
-                targets = self._adapter.modules
         super().__init__(targets)
-        self.rank, self.alpha, self.dropout, self.rslora, self.adapter = rank, alpha, dropout, rslora, adapter
+        self.rank, self.dropout, self.adapter = rank, dropout, adapter
+        self.alpha = float(defaults["lora_alpha"] if alpha is None else alpha)
+        self.rslora = bool(defaults["use_rslora"] if rslora is None else rslora)
 
     def build(self, name: str, module: nn.Module, stats=None) -> nn.Module:
         layer = peft_lora_layer(module, self.rank, self.alpha, self.dropout, self.rslora)
@@ -239,18 +244,18 @@ class LoRAFineTune(DistillationModule):
 
     Args:
         targets: module name patterns, e.g. ``model.layers.*.{self_attn.{q,k,v,o}_proj,mlp.{gate,up,down}_proj}``.
-        rank: LoRA rank r.
-        alpha: LoRA alpha (delta = alpha / r * B A).
+        rank: LoRA rank r (default: ``adapter``'s, else 8).
+        alpha: LoRA alpha, delta = alpha / r * B A (default: ``adapter``'s, else 16).
         dropout: LoRA dropout.
-        rslora: rank-stabilized scaling.
+        rslora: rank-stabilized scaling (default: ``adapter``'s, else off).
         adapter: start from this PEFT adapter (e.g. to evaluate one: ``zoo eval --recipe``).
         objective: ``next_token`` (plain fine-tuning; response-only through the batch's loss_mask) or
             ``distillation``.
         **kwargs: the shared options of ``DistillationModule`` (teacher, lr, ...).
     """
 
-    def __init__(self, targets: str | list[str] | None = None, rank: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.0, rslora: bool = False, adapter: str | None = None,
+    def __init__(self, targets: str | list[str] | None = None, rank: int | None = None, alpha: float | None = None,
+                 dropout: float = 0.0, rslora: bool | None = None, adapter: str | None = None,
                  objective: str = "next_token", **kwargs):
         super().__init__(parts=[LoRA(targets, rank, alpha, dropout, rslora, adapter)], objective=objective, **kwargs)
 
