@@ -216,7 +216,7 @@ def train_bank(
                "seconds"]
     rows = [[e["name"], e["shard"], e["steps"], e["metrics"].get("train_nll", math.nan),
              e["metrics"].get("heldout_ppl_teacher", math.nan), e["metrics"].get("heldout_ppl", math.nan),
-             e["metrics"].get("heldout_kl", math.nan), e["seconds"]] for e in entries]
+             e["metrics"].get("heldout_kl", math.nan), f"{e['seconds']:.0f}"] for e in entries]
     table = _md_table(columns, rows)
     print(table)
     manifest = {"teacher": teacher, "rank": rank, "alpha": alpha, "targets": targets, "num_shards": num_shards,
