@@ -32,6 +32,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 COMMANDS: dict[str, str] = {
     "duel": "recipes.duel:duel_main", "ladder": "recipes.ladder:ladder_main",
     "eval": "recipes.evaluate:eval_main", "compare": "recipes.evaluate:compare_main",
+    "bank": "recipes.wizorb:bank_main", "basis": "recipes.wizorb:basis_main", "project": "recipes.wizorb:project_main",
 }
 
 

@@ -76,6 +76,9 @@ class CodeConfig:
         response_field: see ``prompt_field``.
         text_field: a plain-text column instead (every token counts).
         max_examples: at most this many dataset rows, chosen deterministically with the seed.
+        num_shards: cut the files (or dataset rows) into this many disjoint shards, before ``max_files`` /
+            ``max_examples`` apply within the shard (e.g. one LoRA adapter per shard: ``zoo bank``).
+        shard: which shard to read, in ``[0, num_shards)``.
     """
 
     source: str = "stdlib"
@@ -90,6 +93,8 @@ class CodeConfig:
     response_field: str | None = None
     text_field: str | None = None
     max_examples: int = 2000
+    num_shards: int = 1
+    shard: int = 0
 
 
 #: built-in hologram prompts: short and varied (code, prose, math, dialogue, ...)
@@ -161,6 +166,9 @@ def validate_code_config(cfg: CodeConfig) -> None:
         raise ZooError(f"code.max_chars_per_file={cfg.max_chars_per_file} must be at least 1")
     if cfg.max_examples < 1:
         raise ZooError(f"code.max_examples={cfg.max_examples} must be at least 1")
+    if cfg.num_shards < 1 or not 0 <= cfg.shard < cfg.num_shards:
+        raise ZooError(f"code.shard={cfg.shard} of code.num_shards={cfg.num_shards}: need num_shards >= 1 and "
+                       f"0 <= shard < num_shards")
     if (cfg.prompt_field is None) != (cfg.response_field is None):
         raise ZooError(
             f"code.prompt_field={cfg.prompt_field!r} and code.response_field={cfg.response_field!r}: "
@@ -237,6 +245,9 @@ def code_files(cfg: CodeConfig, seed: int) -> tuple[Path, list[Path]]:
     found.sort()
     if not found:
         raise ZooError(f"no files match code.pattern {cfg.pattern!r} under code.source {cfg.source!r} ({root})")
+    found = found[cfg.shard::cfg.num_shards]  # disjoint shards of the sorted file list
+    if not found:
+        raise ZooError(f"code.shard={cfg.shard} of code.num_shards={cfg.num_shards} is empty; use fewer shards")
     if len(found) > cfg.max_files:
         found = sorted(random.Random(f"code-files:{seed}").sample(found, cfg.max_files))
     return root, found
@@ -326,6 +337,8 @@ def _load_rows(cfg: CodeConfig, seed: int):
                 f"{setting}={column!r} is not a column of dataset {cfg.dataset!r}; columns: "
                 f"{', '.join(ds.column_names)}"
             )
+    if cfg.num_shards > 1:
+        ds = ds.shard(cfg.num_shards, cfg.shard, contiguous=False)
     if len(ds) > cfg.max_examples:
         ds = ds.shuffle(seed=seed).select(range(cfg.max_examples))
     return ds

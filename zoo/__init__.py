@@ -4,6 +4,8 @@ from .core import (ActivationStats, Composite, DistillationModule, Replaced, Tec
 from .coupled import CoupledCore, CoupledCoreRepair, Shim, ShimmedLinear
 from .fisher_svd import FisherSVD, FisherSVDLinear, FisherSVDRepair
 from .phd import BlockwisePHD, BlockwisePHDLinear, BlockwisePHDRepair
+from .lora import LoRA, LoRAFineTune
+from .universal_basis import UniversalBasis, UniversalBasisCoefficients, UniversalBasisLoRA
 
 __all__ = [
     "ActivationStats", "Composite", "DistillationModule", "Replaced", "Technique", "ZooError",
@@ -11,4 +13,5 @@ __all__ = [
     "FisherSVD", "FisherSVDLinear", "FisherSVDRepair",
     "BlockwisePHD", "BlockwisePHDLinear", "BlockwisePHDRepair",
     "CoupledCore", "CoupledCoreRepair", "Shim", "ShimmedLinear",
+    "LoRA", "LoRAFineTune", "UniversalBasis", "UniversalBasisCoefficients", "UniversalBasisLoRA",
 ]

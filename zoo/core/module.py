@@ -18,7 +18,7 @@ import torchmetrics
 from torch import nn
 
 from . import calibration as calib
-from .errors import ZooError
+from .errors import ZooError, check_choice
 from .losses import prediction_mask, token_kl
 from .models import DEFAULT_TEACHER, cache_root, claim, load_causal_lm
 from .state import load_state, save_state
@@ -26,6 +26,9 @@ from .surgery import replace, replaced_modules, teacher_view
 from .technique import Technique
 
 log = logging.getLogger(__name__)
+
+#: training losses a DistillationModule offers
+OBJECTIVES = ("distillation", "next_token")
 
 
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None,
@@ -81,6 +84,9 @@ class DistillationModule(L.LightningModule):
         calibration_tokens: cap on real tokens used for calibration (None: the whole split).
         full_cov_max: widest input for which the full input covariance is collected.
         repair_state: a repair state (safetensors) to load after building the student.
+        objective: the training loss: ``distillation`` (KL(teacher || student), the repair loss) or
+            ``next_token`` (the student's plain next-token NLL on the counted tokens: fine-tuning, e.g.
+            LoRA; response-only through the batch's ``loss_mask``). Validation logs both either way.
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class DistillationModule(L.LightningModule):
         calibration_tokens: int | None = None,
         full_cov_max: int = 8192,
         repair_state: str | None = None,
+        objective: str = "distillation",
     ):
         super().__init__()
         if not parts:
@@ -109,6 +116,7 @@ class DistillationModule(L.LightningModule):
         self.temperature, self.kl_chunk = temperature, kl_chunk
         self.calibration_tokens, self.full_cov_max = calibration_tokens, full_cov_max
         self.repair_state = repair_state
+        self.objective = check_choice("objective", objective, OBJECTIVES)
         self.model, self.tokenizer = load_causal_lm(teacher, dtype)
         self.targets: dict[str, list[str]] = {}  # part -> replaced names, after build
         self.summary: dict[str, float] = {}  # run-level results (gates fill it; written to metrics.json)
@@ -263,6 +271,12 @@ class DistillationModule(L.LightningModule):
         return total / max(count, 1)
 
     def training_step(self, batch, batch_idx):
+        if self.objective == "next_token":
+            ids, attn = batch["input_ids"], batch.get("attention_mask")
+            nll, count = next_token_nll(self(ids, attn), ids, batch.get("loss_mask"), attn, self.kl_chunk)
+            loss = nll / count.clamp_min(1)
+            self.log("train_nll", loss, prog_bar=True, batch_size=max(int(count), 1))
+            return loss
         kl, count = self.distillation_loss(batch)
         self.log("train_kl", kl, prog_bar=True, batch_size=int(count))
         return kl

@@ -1,0 +1,503 @@
+"""``zoo bank``, ``zoo basis``, ``zoo project``: the WIZORB pipeline (source 001, sections 3.3, 4, 6;
+DESIGN.md, "Universal basis"). The math is ``zoo.universal_basis`` and ``zoo.lora``; this file is the
+commands, their files (PEFT adapters, safetensors bases, JSON/Markdown tables, PNG charts) and logging
+(W&B offline by default, as every run).
+
+    zoo bank    --config configs/wizorb_bank.yaml      # N LoRA adapters on N disjoint code shards (resumable)
+    zoo basis   --config configs/wizorb_basis.yaml     # per-module bases; train/holdout error vs k
+    zoo project --config configs/wizorb_project.yaml   # an adapter projected into the basis (+ controls)
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch.loggers import Logger
+
+from zoo.core.errors import ZooError, check_choice
+from zoo.core.models import DEFAULT_TEACHER
+from zoo.lora import is_adapter_dir, read_adapter
+from zoo.universal_basis import (CONTROLS, MODES, DeltaBank, extract_basis, leave_out_errors, load_basis,
+                                 project_adapter, save_projection)
+
+from .data import TokenDataModule
+
+log = logging.getLogger("zoo.wizorb")
+
+#: the source's targets (001, section 3.2): the attention and MLP projections of every layer
+DEFAULT_TARGETS = "model.layers.*.{self_attn.{q,k,v,o}_proj,mlp.{gate,up,down}_proj}"
+
+
+def _wandb(output_dir: str | Path, name: str) -> Logger:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(project="zoo", name=name, save_dir=str(output_dir),
+                       offline=os.environ.get("WANDB_MODE") != "online")
+
+
+def _md_table(columns: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return "-" if math.isnan(v) else f"{v:.4f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _log_table(logger: Logger | None, key: str, columns: list[str], rows: list[list], metrics: dict,
+               images: list[Path] = ()) -> None:
+    if logger is None:
+        return
+    logger.log_metrics(metrics, step=0)
+    if hasattr(logger, "log_table"):
+        logger.log_table(key=key, columns=columns, data=[[str(v) for v in r] for r in rows])
+    if hasattr(logger, "log_image"):
+        for image in images:
+            logger.log_image(key=f"{key}_{Path(image).stem}", images=[str(image)])
+    logger.finalize("success")
+
+
+# --------------------------------------------------------------------------------------------------
+# zoo bank
+
+
+def bank_members(path: str | Path) -> list[str]:
+    """The adapters of a bank directory: those ``bank.json`` lists, else its adapter subdirectories."""
+    path = Path(path)
+    manifest = path / "bank.json"
+    if manifest.is_file():
+        entries = json.loads(manifest.read_text())["adapters"]
+        paths = [str((path / e["path"]).resolve()) if not Path(e["path"]).is_absolute() else e["path"]
+                 for e in entries]
+    elif path.is_dir():
+        paths = [str(p) for p in sorted(path.iterdir()) if p.is_dir() and is_adapter_dir(p)]
+    else:
+        raise ZooError(f"bank {str(path)!r} is not a directory (make one with `zoo bank`)")
+    if not paths:
+        raise ZooError(f"bank {str(path)!r} holds no PEFT adapters (adapter_config.json + adapter_model.safetensors)")
+    missing = [p for p in paths if not is_adapter_dir(p)]
+    if missing:
+        raise ZooError(f"bank {str(path)!r} lists adapters that are missing or incomplete: {missing[:3]}")
+    return paths
+
+
+def shard_data(data: TokenDataModule, shard: int, num_shards: int) -> TokenDataModule:
+    """The same DataModule reading shard ``shard`` of ``num_shards`` of its code documents."""
+    if not hasattr(data, "code"):
+        raise ZooError(f"zoo bank shards code documents; {type(data).__name__} has none "
+                       "(use recipes.CodeDataModule or recipes.DistillationDataModule)")
+    sharded = copy.copy(data)
+    sharded.code = dataclasses.replace(data.code, shard=shard, num_shards=num_shards)
+    sharded._splits = None
+    return sharded
+
+
+def train_bank(
+    data: TokenDataModule | None = None,
+    adapters: str | None = None,
+    teacher: str = DEFAULT_TEACHER,
+    dtype: str = "float32",
+    targets: str | list[str] = DEFAULT_TARGETS,
+    rank: int = 4,
+    alpha: float = 8.0,
+    dropout: float = 0.0,
+    lr: float = 1e-3,
+    steps: int = 20,
+    n_adapters: int = 6,
+    num_shards: int | None = None,
+    same_init: bool = False,
+    seed: int = 0,
+    accelerator: str = "auto",
+    precision: str | None = None,
+    output_dir: str = "runs/wizorb/bank",
+    logger: bool = True,
+) -> dict:
+    """Train a delta bank: adapter i is a LoRA fine-tune (next-token loss) on code shard i.
+
+    Args:
+        data: the DataModule of every adapter (a code source); adapter i reads shard i of ``num_shards``
+            of its code documents, so no two adapters see the same file.
+        adapters: instead of training, a directory of existing PEFT adapters (one per subdirectory); they
+            are checked for consistency and listed in ``bank.json``.
+        teacher: the base model (embedded alias, .gguf, directory or hub id); linked to ``data``.
+        dtype: the base model's weight dtype.
+        targets: module name patterns that get LoRA (default: q/k/v/o and gate/up/down of every layer).
+        rank: LoRA rank r.
+        alpha: LoRA alpha (delta = alpha / r * B A).
+        dropout: LoRA dropout.
+        lr: AdamW learning rate.
+        steps: optimizer steps per adapter.
+        n_adapters: adapters in the bank.
+        num_shards: shards the code is cut into (default ``n_adapters``; more leaves shards unused, e.g.
+            for a control adapter trained apart on shard ``n_adapters``).
+        same_init: every adapter starts from the same LoRA initialization (seed ``seed``); default: adapter i
+            uses seed ``seed + i``.
+        seed: the base seed.
+        accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
+        precision: Lightning precision (e.g. ``bf16-mixed``; default: the trainer's default).
+        output_dir: where ``adapter_XX/`` (PEFT format), ``bank.json`` and ``bank.md`` go. An adapter
+            already saved there is kept (resumable).
+        logger: log each adapter's training to W&B (offline unless ``WANDB_MODE=online``).
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if adapters is not None:
+        paths = bank_members(adapters)
+        bank = DeltaBank(paths)  # consistency: same modules and shapes
+        entries = [{"name": Path(p).name, "path": str(Path(p).resolve()), "trained": False} for p in paths]
+        manifest = {"source": str(adapters), "rank": bank.rank, "modules": len(bank.modules), "adapters": entries}
+        _write_json(out / "bank.json", manifest)
+        print(f"bank of {len(paths)} existing adapters ({len(bank.modules)} modules, rank {bank.rank}); "
+              f"wrote {out / 'bank.json'}")
+        return manifest
+    if data is None:
+        raise ZooError("zoo bank needs --data (to train adapters) or --adapters (a directory of PEFT adapters)")
+    num_shards = n_adapters if num_shards is None else num_shards
+    if n_adapters < 2 or num_shards < n_adapters:
+        raise ZooError(f"n_adapters={n_adapters} must be >= 2 and num_shards={num_shards} >= n_adapters")
+    if steps < 1:
+        raise ZooError(f"steps={steps} must be at least 1")
+    import lightning as L
+
+    from callbacks import MetricsJSON
+    from zoo.lora import LoRAFineTune
+
+    entries = []
+    for i in range(n_adapters):
+        name = f"adapter_{i:02d}"
+        path = out / name
+        info_path = path / "zoo_adapter.json"
+        if is_adapter_dir(path) and info_path.is_file():
+            info = json.loads(info_path.read_text())
+            print(f"{name}: already trained ({path}), kept")
+            entries.append(info)
+            continue
+        t0 = time.perf_counter()
+        L.seed_everything(seed if same_init else seed + i, verbose=False)
+        module = LoRAFineTune(targets=targets, rank=rank, alpha=alpha, dropout=dropout, teacher=teacher,
+                              dtype=dtype, lr=lr)
+        shard = shard_data(data, i, num_shards)
+        run_dir = out / "runs" / name
+        trainer = L.Trainer(
+            max_steps=steps, accelerator=accelerator, logger=_wandb(run_dir, f"bank-{name}") if logger else False,
+            enable_checkpointing=False, default_root_dir=str(run_dir), num_sanity_val_steps=0,
+            check_val_every_n_epoch=None, val_check_interval=steps, log_every_n_steps=max(1, min(5, steps)),
+            callbacks=[MetricsJSON(dirpath=str(run_dir))], **({"precision": precision} if precision else {}))
+        trainer.fit(module, datamodule=shard)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        info = {"name": name, "path": name, "trained": True, "shard": i, "num_shards": num_shards, "steps": steps,
+                "rank": rank, "alpha": alpha, "lr": lr, "teacher": teacher, "targets": targets,
+                "seed": seed if same_init else seed + i, "seconds": round(time.perf_counter() - t0, 1),
+                "metrics": metrics}
+        module.save_adapter(path, metadata=info)
+        entries.append(info)
+        print(f"{name}: shard {i}/{num_shards}, {steps} steps, heldout ppl {metrics.get('heldout_ppl', float('nan')):.3f} "
+              f"(base {metrics.get('heldout_ppl_teacher', float('nan')):.3f}), {info['seconds']:.0f} s")
+        del module, trainer
+
+    columns = ["adapter", "shard", "steps", "train nll (last)", "heldout ppl base", "heldout ppl LoRA", "heldout KL",
+               "seconds"]
+    rows = [[e["name"], e["shard"], e["steps"], e["metrics"].get("train_nll", math.nan),
+             e["metrics"].get("heldout_ppl_teacher", math.nan), e["metrics"].get("heldout_ppl", math.nan),
+             e["metrics"].get("heldout_kl", math.nan), f"{e['seconds']:.0f}"] for e in entries]
+    table = _md_table(columns, rows)
+    print(table)
+    manifest = {"teacher": teacher, "rank": rank, "alpha": alpha, "targets": targets, "num_shards": num_shards,
+                "adapters": entries}
+    _write_json(out / "bank.json", manifest)
+    (out / "bank.md").write_text(table + "\n")
+    print(f"\nwrote {len(entries)} adapters, {out / 'bank.json'} and {out / 'bank.md'}")
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# zoo basis
+
+
+def default_ks(max_k: int) -> list[int]:
+    ks, k = [0], 1
+    while k < max_k:
+        ks.append(k)
+        k *= 2
+    return ks + [max_k]
+
+
+def build_basis(
+    bank: str,
+    mode: str = "separate",
+    ks: list[int] | None = None,
+    holdout: int = 1,
+    controls: list[str] = ["universal", "random"],
+    exclude: list[str] = [],
+    seed: int = 0,
+    output_dir: str = "runs/wizorb/basis",
+    logger: bool = True,
+) -> dict:
+    """Extract the per-module universal bases of a bank and measure train/holdout reconstruction vs k.
+
+    Args:
+        bank: a bank directory (``zoo bank``'s output, or any directory of PEFT adapter subdirectories).
+        mode: ``separate`` (bases for the a and b halves apart) or ``joint`` (one basis over v = [a; b]).
+        ks: numbers of components to measure (default: 0, 1, 2, 4, ... and the full rank of the
+            leave-out bases). k = 0 is the mean-only control.
+        holdout: adapters left out per fold (folds cover the bank; 1 = leave-one-out).
+        controls: bases measured on the held-out adapters: ``universal``, ``random``, ``secondary``, ``mean``.
+        exclude: adapter names (directory names) kept out of everything here, e.g. an adapter to project later.
+        seed: seeds the random control.
+        output_dir: where ``basis.safetensors`` (the full bank's bases, all components, with their
+            explained-variance spectra), ``basis.json``, ``basis.md`` and ``basis.png`` go.
+        logger: log the table and chart to W&B (offline unless ``WANDB_MODE=online``).
+    """
+    check_choice("mode", mode, MODES)
+    for c in controls:
+        check_choice("control", c, CONTROLS)
+    paths = bank_members(bank)
+    names = [Path(p).name for p in paths]
+    unknown = [e for e in exclude if e not in names]
+    if unknown:
+        raise ZooError(f"exclude names {unknown} are not in the bank; its adapters: {', '.join(names)}")
+    paths = [p for p, n in zip(paths, names) if n not in exclude]
+    if len(paths) < 2:
+        raise ZooError(f"the basis needs at least 2 adapters, the bank has {len(paths)} after exclude")
+    t0 = time.perf_counter()
+    delta_bank = DeltaBank(paths)
+    progress = os.isatty(2)
+    full = extract_basis(delta_bank, mode, progress=progress)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    basis_path = full.save(out / "basis.safetensors")
+    max_k = (len(paths) - holdout) * delta_bank.rank - 1
+    ks = default_ks(max_k) if ks is None else sorted(set(ks))
+    result = leave_out_errors(delta_bank, ks, mode, holdout, controls, seed, progress=progress)
+
+    variance = {}
+    for k in ks:
+        fractions = [float(s.explained_variance()[:k].sum()) for mb in full.modules.values() for s in mb.halves.values()]
+        variance[k] = sum(fractions) / len(fractions)
+    columns = ["k", "explained variance (all adapters)", "train rel err", "holdout rel err"]
+    columns += [f"holdout rel err ({c})" for c in controls if c != "universal"]
+    rows, table_data = [], []
+    for k in ks:
+        uni = result.get("universal", {}).get(k)
+        row = [k, variance[k], statistics.fmean(uni["train"]) if uni else math.nan,
+               statistics.fmean(uni["holdout"]) if uni else math.nan]
+        row += [statistics.fmean(result[c][k]["holdout"]) for c in controls if c != "universal"]
+        rows.append(row)
+        table_data.append({"k": k, "explained_variance": variance[k],
+                           **{c: {"train_mean": statistics.fmean(result[c][k]["train"]),
+                                  "holdout_mean": statistics.fmean(result[c][k]["holdout"]),
+                                  "holdout_std": statistics.pstdev(result[c][k]["holdout"]),
+                                  "train": result[c][k]["train"], "holdout": result[c][k]["holdout"],
+                                  "k_effective": result[c][k]["k_effective"]} for c in controls}})
+    table = _md_table(columns, rows)
+    header = (f"bank: {len(paths)} adapters x rank {delta_bank.rank}, {len(delta_bank.modules)} modules, mode {mode}; "
+              f"holdout {holdout} adapter(s) per fold ({math.ceil(len(paths) / holdout)} folds); relative L2 error "
+              f"of dW over all modules, mean over adapters; k capped at each basis's rank ({max_k} for the leave-out "
+              f"bases, {full_rank(full)} for the full bank)")
+    print(header)
+    print(table)
+    payload = {"bank": paths, "mode": mode, "holdout": holdout, "controls": controls, "seed": seed,
+               "rank": delta_bank.rank, "modules": len(delta_bank.modules), "basis": str(basis_path),
+               "full_rank": full_rank(full), "seconds": round(time.perf_counter() - t0, 1), "rows": table_data}
+    _write_json(out / "basis.json", payload)
+    (out / "basis.md").write_text(header + "\n\n" + table + "\n")
+    chart = plot_basis(payload, full, out / "basis.png")
+    print(f"\nwrote {basis_path}, {out / 'basis.json'}, {out / 'basis.md'} and {chart} "
+          f"({payload['seconds']:.0f} s)")
+    _log_table(_wandb(out, "wizorb-basis") if logger else None, "wizorb_basis", columns, rows,
+               {f"basis/holdout_rel_err@{r[0]}": r[3] for r in rows}, [chart])
+    return payload
+
+
+def full_rank(basis) -> int:
+    return min(mb.rank for mb in basis.modules.values())
+
+
+def plot_basis(payload: dict, full, path: Path) -> Path:
+    """Left: train/holdout relative error vs k (and the controls); right: the explained-variance spectra."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ks = [r["k"] for r in payload["rows"]]
+    xs = [k + 0.5 for k in ks]  # k = 0 (mean only) on a log axis
+    for c in payload["controls"]:
+        holdout = [r[c]["holdout_mean"] for r in payload["rows"]]
+        ax.plot(xs, holdout, marker="o", label=f"holdout ({c})")
+        if c == "universal":
+            ax.plot(xs, [r[c]["train_mean"] for r in payload["rows"]], marker="s", label="train (universal)")
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [str(k) for k in ks], fontsize=7)
+    ax.set_xlabel("k (components; 0 = mean only)")
+    ax.set_ylabel("relative L2 error of dW")
+    ax.set_title("leave-adapters-out reconstruction", fontsize=10)
+    ax.legend(fontsize=8)
+    for half in next(iter(full.modules.values())).halves:
+        spectra = [mb.halves[half].explained_variance() for mb in full.modules.values()]
+        n = min(len(s) for s in spectra)
+        mean = torch.stack([s[:n] for s in spectra]).mean(0)
+        ax2.plot(range(1, n + 1), mean.cumsum(0).numpy(), marker=".", label=f"{half} half" if half != "AB" else "joint")
+    ax2.set_xlabel("components")
+    ax2.set_ylabel("cumulative explained variance (mean over modules)")
+    ax2.set_title(f"spectrum of the full bank ({payload['mode']})", fontsize=10)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# zoo project
+
+
+def _kind(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+def project(
+    adapter: str,
+    basis: str,
+    k: int = 8,
+    control: str | list[str] = "universal",
+    seed: int = 0,
+    output_dir: str = "runs/wizorb/projected",
+    logger: bool = True,
+) -> dict:
+    """Project a PEFT adapter into a universal basis and write the projection as a PEFT adapter.
+
+    Args:
+        adapter: the PEFT adapter directory to project (e.g. a LoRA trained apart from the bank).
+        basis: a basis file from ``zoo basis``.
+        k: components per half.
+        control: ``universal`` (top k), ``random`` (random orthonormal, same k), ``secondary`` (components
+            k..2k), ``mean`` (the bank's mean alone, k = 0), or a list of them.
+        seed: seeds the random control.
+        output_dir: each control's adapter goes to ``<output_dir>/<control>-k<k>/`` (PEFT format, with
+            ``projection.json``: the relative L2 error per module); ``projection.{json,md,png}`` compare them.
+        logger: log the table and chart to W&B (offline unless ``WANDB_MODE=online``).
+    """
+    controls = [control] if isinstance(control, str) else list(control)
+    for c in controls:
+        check_choice("control", c, CONTROLS)
+    source = read_adapter(adapter)
+    ubasis = load_basis(basis)
+    ranks = {source.rank(m) for m in source.modules}
+    alpha = float(source.config.get("lora_alpha", 1.0)) if len(ranks) == 1 and not source.config.get("use_rslora") \
+        and not source.config.get("alpha_pattern") else None
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary, per_module = [], {}
+    for c in controls:
+        proj = project_adapter(ubasis, source, k, c, seed)
+        k_used = 0 if c == "mean" else k
+        errors = {m: proj.relative_error(m) for m in proj.error_sq}
+        target = out / f"{c}-k{k_used}"
+        info = {"source_adapter": str(adapter), "basis": str(basis), "control": c, "k": k_used, "seed": seed,
+                "relative_error": proj.relative_error(), "mean_module_error": proj.mean_module_error(),
+                "module_errors": errors}
+        save_projection(target, proj, alpha, source.base_model, metadata=info)
+        _write_json(target / "projection.json", info)
+        per_module[c] = errors
+        kinds = {}
+        for m, e in errors.items():
+            kinds.setdefault(_kind(m), []).append(e)
+        summary.append({"control": c, "k": k_used, "overall": proj.relative_error(),
+                        "mean_module": proj.mean_module_error(), "max_module": max(errors.values()),
+                        "by_kind": {kk: statistics.fmean(v) for kk, v in kinds.items()}, "adapter": str(target)})
+    kinds = list(summary[0]["by_kind"])
+    columns = ["control", "k", "overall rel err", "mean module rel err", "max module rel err"] + kinds + ["adapter"]
+    rows = [[s["control"], s["k"], s["overall"], s["mean_module"], s["max_module"],
+             *[s["by_kind"][kk] for kk in kinds], s["adapter"]] for s in summary]
+    table = _md_table(columns, rows)
+    print(f"{adapter} projected into {basis} ({ubasis.mode}, rank-{ubasis.rank} bank); relative L2 error of dW:")
+    print(table)
+    payload = {"adapter": str(adapter), "basis": str(basis), "k": k, "seed": seed, "summary": summary,
+               "module_errors": per_module}
+    _write_json(out / "projection.json", payload)
+    (out / "projection.md").write_text(table + "\n")
+    chart = plot_projection(per_module, k, out / "projection.png")
+    print(f"\nwrote {', '.join(s['adapter'] for s in summary)}, {out / 'projection.json'} and {chart}")
+    _log_table(_wandb(out, "wizorb-project") if logger else None, "wizorb_projection", columns, rows,
+               {f"project/{s['control']}/rel_err": s["overall"] for s in summary}, [chart])
+    return payload
+
+
+def plot_projection(per_module: dict[str, dict[str, float]], k: int, path: Path) -> Path:
+    """Relative error per module (in model order) for each control."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    for c, errors in per_module.items():
+        ax.plot(range(len(errors)), list(errors.values()), marker=".", lw=0.8, label=c)
+    ax.set_xlabel("module (model order)")
+    ax.set_ylabel("relative L2 error of dW")
+    ax.set_title(f"projection error per module, k = {k}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# entry points
+
+
+def _parser(function, prog: str, description: str, data: bool = False) -> ArgumentParser:
+    parser = ArgumentParser(prog=prog, exit_on_error=False, description=description)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
+    parser.add_function_arguments(function, skip={"data"} if data else set())
+    if data:
+        parser.add_subclass_arguments(TokenDataModule, "data", required=False)
+        parser.link_arguments("teacher", "data.init_args.teacher")
+    return parser
+
+
+def _kwargs(parser: ArgumentParser, argv: list[str]) -> dict:
+    cfg = parser.parse_args(argv)
+    init = parser.instantiate_classes(cfg)
+    return {k: v for k, v in vars(init).items() if k not in ("config", "__path__")}
+
+
+def bank_main(argv: list[str]) -> dict:
+    """Entry point of ``zoo bank``."""
+    parser = _parser(train_bank, "zoo bank", "zoo bank: a delta bank of LoRA adapters on disjoint code shards "
+                     "(source 001, 3.3)", data=True)
+    return train_bank(**_kwargs(parser, argv))
+
+
+def basis_main(argv: list[str]) -> dict:
+    """Entry point of ``zoo basis``."""
+    parser = _parser(build_basis, "zoo basis", "zoo basis: per-module universal bases of a delta bank, "
+                     "train/holdout reconstruction error vs k (source 001, 4 and phases 4-8)")
+    return build_basis(**_kwargs(parser, argv))
+
+
+def project_main(argv: list[str]) -> dict:
+    """Entry point of ``zoo project``."""
+    parser = _parser(project, "zoo project", "zoo project: an adapter projected into a universal basis, with "
+                     "random/secondary/mean controls (source 001, phases 9-14)")
+    return project(**_kwargs(parser, argv))
