@@ -81,7 +81,7 @@ def plan_recipe(
     result = {
         "recipe": str(recipe), "model": module.teacher.removeprefix(META_PREFIX), "technique": module.technique_name(),
         "parts": [p.describe() for p in module.parts],
-        "architecture": {"model_type": getattr(config, "model_type", None), **zp._dims(config),
+        "architecture": {"model_type": getattr(config, "model_type", None), **zp.decoder_dims(config),
                          "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False))},
         "parameters": {
             "model": student.model_parameters, "replaced_original": student.original,

@@ -179,7 +179,7 @@ class MemoryPlan:
         return {**asdict(self), "peak": self.peak, "peak_gib": round(self.peak / GIB, 2)}
 
 
-def _dims(config) -> dict[str, int]:
+def decoder_dims(config) -> dict[str, int]:
     """Llama-style decoder dimensions from a transformers config, naming what is missing."""
     get = lambda *keys: next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)  # noqa: E731
     dims = {"hidden": get("hidden_size", "n_embd"), "intermediate": get("intermediate_size"),
@@ -210,7 +210,7 @@ def estimate_peak_memory(model: nn.Module, student: StudentPlan, parts: list[Tec
     # FSDP gathers in its param_dtype, which Lightning sets to the compute dtype
     c, w = _bytes(compute), _bytes(model_dtype)
     fsdp = strategy == "fsdp"
-    d = _dims(model.config)
+    d = decoder_dims(model.config)
     n = batch_size * seq_len
     sizes = footprints(model, parts, resolved)
 
@@ -258,7 +258,7 @@ def estimate_peak_memory(model: nn.Module, student: StudentPlan, parts: list[Tec
     if any(i is None for i in layers):
         first_layer = per_token
     else:  # the first replaced layer records only what runs after its earliest target
-        first_layer = max(_after_target(name, pieces) for name in sizes if layer_of(name) == first)
+        first_layer = _after_targets([name for name in sizes if layer_of(name) == first], pieces)
     activations = n * ((recorded - 1) * per_token + first_layer + 4 * d["hidden"])
     if precision.endswith("-mixed") and model_dtype != compute and not fsdp:
         # autocast's copies of the weights the student's recorded forward uses (not the replaced originals)
@@ -277,17 +277,26 @@ def estimate_peak_memory(model: nn.Module, student: StudentPlan, parts: list[Tec
     return MemoryPlan(int(weights), int(state), int(activations), int(logits), int(working), settings)
 
 
-#: where a target sits in a Llama decoder layer -> which saved pieces (norms, attention, MLP) run after it
-_POSITIONS = (("self_attn.q_proj", 1), ("self_attn.k_proj", 1), ("self_attn.v_proj", 1),
-              ("self_attn.o_proj", 2), ("mlp.gate_proj", 3), ("mlp.up_proj", 3), ("mlp.down_proj", 4))
-
-
-def _after_target(name: str, pieces: list[int]) -> int:
-    """Bytes per token the first replaced layer saves for the backward after target ``name``: the pieces
-    of a decoder layer downstream of it (a module the table does not know counts the whole layer)."""
+def _after_targets(names: list[str], pieces: list[int]) -> float:
+    """Bytes per token the first replaced layer saves for the backward, given its targets ``names``: what
+    runs downstream of the earliest one. In the MLP a * u (a = silu(gate)) saves only the factors whose
+    partner needs a gradient: a replaced ``up_proj`` alone records a, a ``gate_proj`` alone g and u.
+    A module this does not know counts the whole layer."""
     norms, attention, mlp = pieces
-    position = next((pos for suffix, pos in _POSITIONS if name.endswith(suffix)), 0)
-    return [norms + attention + mlp, attention + norms / 2 + mlp, norms / 2 + mlp, mlp, 0][position]
+    suffixes = {name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1] for name in names}
+    if suffixes & {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}:
+        return attention + norms / 2 + mlp
+    if "self_attn.o_proj" in suffixes:
+        return norms / 2 + mlp
+    if {"mlp.gate_proj", "mlp.up_proj"} <= suffixes:
+        return mlp
+    if "mlp.gate_proj" in suffixes:
+        return mlp * 2 / 3
+    if "mlp.up_proj" in suffixes:
+        return mlp / 3
+    if suffixes <= {"mlp.down_proj"}:
+        return 0
+    return norms + attention + mlp
 
 
 def precision_dtypes(precision: str, load_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
