@@ -31,7 +31,7 @@ def plan_recipe(
     precision: str = "bf16-mixed",
     strategy: str | list[str] = "ddp",
     devices: int | list[int] = 1,
-    overrides: list[str] = [],
+    overrides: list[str] | None = None,
     output: str | None = None,
 ) -> dict:
     """Parameter counts, repair-state size and a per-GPU peak-memory estimate of a recipe on a model.
@@ -50,9 +50,11 @@ def plan_recipe(
         overrides: extra recipe options, e.g. ``['--model.init_args.rank', '32']``.
         output: the JSON path (default: ``runs/plan/<recipe>-<model>.json``).
     """
-    from .cli import load_recipe  # the CLI imports this module lazily; import it back the same way
+    from .cli import (
+        load_recipe,  # the CLI imports this module lazily; import it back the same way
+    )
 
-    extra = list(overrides)
+    extra = list(overrides or [])
     if model:
         extra += ["--model.init_args.teacher", model]
     if dtype:
@@ -95,8 +97,8 @@ def plan_recipe(
                   "rebuilt_buffers": sum(t.buffer_bytes for t in student.targets)},
         "targets": [{**vars(t), "replacement": t.replacement} for t in student.targets],
         "memory": [m.to_dict() for m in memory],
-        "notes": [*student.notes, "memory figures are estimates (zoo.core.plan gives the formula), not "
-                  "measurements; CUDA context and allocator fragmentation come on top"],
+        "notes": [*student.notes, ("memory figures are estimates (zoo.core.plan gives the formula), not "
+                  "measurements; CUDA context and allocator fragmentation come on top")],
     }
     print(format_table(result))
     path = Path(output) if output else default_output(recipe, result["model"])
@@ -125,8 +127,8 @@ def _b(x: float) -> str:
 def format_table(result: dict) -> str:
     a, p, b = result["architecture"], result["parameters"], result["bytes"]
     lines = [f"zoo plan: {result['recipe']} ({result['technique']}) on {result['model']}",
-             f"  {a['model_type']}: {a['layers']} layers, hidden {a['hidden']}, intermediate {a['intermediate']}, "
-             f"heads {a['heads']}/{a['kv_heads']} kv, vocab {a['vocab']}; tensors sized in {b['model_dtype']}",
+             (f"  {a['model_type']}: {a['layers']} layers, hidden {a['hidden']}, intermediate {a['intermediate']}, "
+             f"heads {a['heads']}/{a['kv_heads']} kv, vocab {a['vocab']}; tensors sized in {b['model_dtype']}"),
              "", "parameters"]
     rows = [("model (teacher)", _n(p["model"]), _b(b["model_weights"])),
             (f"replaced originals ({len(result['targets'])} target{'s' * (len(result['targets']) != 1)})", _n(p["replaced_original"]), ""),
@@ -149,14 +151,14 @@ def format_table(result: dict) -> str:
         table.append((label, key[0], *map(_n, key[1:])))
     widths = [max(len(str(r[i])) for r in table) for i in range(len(head))]
     for r in table:
-        lines.append("  " + "  ".join(f"{str(v):<{widths[i]}}" if i < 2 else f"{str(v):>{widths[i]}}"
+        lines.append("  " + "  ".join(f"{v!s:<{widths[i]}}" if i < 2 else f"{v!s:>{widths[i]}}"
                                       for i, v in enumerate(r)))
     mem = result["memory"]
     s = mem[0]["settings"]
-    lines += ["", f"peak memory per GPU, one repair step (ESTIMATE): batch {s['batch_size']} x {s['seq_len']} "
+    lines += ["", (f"peak memory per GPU, one repair step (ESTIMATE): batch {s['batch_size']} x {s['seq_len']} "
               f"per GPU, {s['precision']} (weights {s['model_dtype']}, compute {s['compute_dtype']}), "
               f"KL chunk {s['kl_chunk']}, {s['recorded_layers']} recorded layers (from layer "
-              f"{s['first_recorded_layer']})"]
+              f"{s['first_recorded_layer']})")]
     cols = [f"{m['settings']['strategy']} x{m['settings']['devices']}" for m in mem]
     terms = [("weights", "weights"), ("grads + AdamW", "training_state"), ("activations", "activations"),
              ("logits + KL", "logits"), ("peak", "peak")]

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from zoo_cli import write_config, zoo_cli
 
 from recipes.cli import load_recipe
 from zoo.core import plan as zp
 from zoo.core.models import load_causal_lm
 from zoo.core.surgery import export_student, replaced_modules
 from zoo.core.technique import Technique
-from zoo_cli import write_config, zoo_cli
 
 LLAMA_31_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,

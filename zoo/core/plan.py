@@ -181,7 +181,9 @@ class MemoryPlan:
 
 def decoder_dims(config) -> dict[str, int]:
     """Llama-style decoder dimensions from a transformers config, naming what is missing."""
-    get = lambda *keys: next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)  # noqa: E731
+    def get(*keys):
+        return next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)
+
     dims = {"hidden": get("hidden_size", "n_embd"), "intermediate": get("intermediate_size"),
             "layers": get("num_hidden_layers", "n_layer"), "heads": get("num_attention_heads"),
             "vocab": get("vocab_size")}
