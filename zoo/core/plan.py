@@ -66,7 +66,7 @@ PRECISIONS = {
     "32-true": (None, None), "32": (None, None),
 }
 STRATEGIES = ("ddp", "fsdp")
-#: tensors of these modules live in the FSDP root unit (not in a decoder layer)
+#: a decoder layer in a module name; names without one belong to the FSDP root unit (embeddings, head)
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 GIB = 1024**3
 
