@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from callbacks import MetricsJSON
 from zoo.core.errors import ZooError
+from zoo.core.models import META_PREFIX, RANDOM_PREFIX
 from zoo.core.module import DistillationModule
 
 from .data import TokenDataModule
@@ -33,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "duel": "recipes.duel:duel_main", "ladder": "recipes.ladder:ladder_main",
     "eval": "recipes.evaluate:eval_main", "compare": "recipes.evaluate:compare_main",
     "bank": "recipes.wizorb:bank_main", "basis": "recipes.wizorb:basis_main", "project": "recipes.wizorb:project_main",
+    "plan": "recipes.plan:plan_main",
 }
 
 
@@ -44,10 +46,17 @@ def default_logger() -> dict:
 
 
 class ZooCLI(LightningCLI):
+    def __init__(self, *args, meta: bool = False, **kwargs):
+        self.meta = meta
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("model.init_args.teacher", "data.init_args.teacher")
 
     def before_instantiate_classes(self):
+        if self.meta:  # shapes only (zoo plan): the model's architecture on the meta device, no weights
+            init = (self.config if self.subcommand is None else self.config[self.subcommand])["model"]["init_args"]
+            init["teacher"] = META_PREFIX + init["teacher"].removeprefix(RANDOM_PREFIX).removeprefix(META_PREFIX)
         if self.subcommand is None:  # run=False (load_recipe): no ckpt_path to route
             return
         config = self.config[self.subcommand]
@@ -81,18 +90,19 @@ def lightning_main(args: list[str] | None) -> None:
 
 
 def load_recipe(config: str, overrides: list[str] | tuple[str, ...] = (), repair_state: str | None = None,
-                build: bool = True, device: str | None = None):
+                build: bool = True, device: str | None = None, meta: bool = False):
     """(model, datamodule, trainer) of a recipe YAML, as ``zoo fit --config`` would build them.
 
     With ``build`` the student is built (calibration from the recipe's data, cached) and
     ``repair_state`` loaded into it: this is how multi-stage commands (``zoo eval``, ...) rebuild a
-    student from (config, repair state).
+    student from (config, repair state). With ``meta`` the teacher is its architecture alone on the
+    meta device (``meta:<teacher>``; no weights, no tokenizer): what ``zoo plan`` sizes.
     """
     args = ["--config", str(config), *overrides]
     if repair_state:
         args += ["--model.init_args.repair_state", str(repair_state)]
     cli = ZooCLI(DistillationModule, TokenDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 args=args, run=False, auto_configure_optimizers=False, save_config_callback=None,
+                 args=args, run=False, meta=meta, auto_configure_optimizers=False, save_config_callback=None,
                  trainer_defaults={"logger": False, "enable_checkpointing": False},
                  parser_kwargs={"prog": "zoo", "exit_on_error": False})
     if build:

@@ -41,9 +41,10 @@ from .core.hadamard import FITS, PHDFrame
 from .core.linalg import FP32Params, procrustes, rms
 from .core.metrics import NormRatio
 from .core.module import DistillationModule
-from .core.technique import Technique
-from .phd import (COMPUTES, CORE_INITS, BlockwisePHDLinear, Subframe, check_ranks, frame_energy, frame_seed,
-                  init_core, input_energy, output_moment, phd_subframe, resolve_compute, second_moment, top_index)
+from .core.technique import Technique, TensorSize
+from .phd import (COMPUTES, CORE_INITS, BlockwisePHDLinear, Subframe, check_ranks, core_footprint, frame_energy,
+                  frame_seed, init_core, input_energy, output_moment, phd_subframe, resolve_compute,
+                  second_moment, subframe_footprint, top_index)
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,34 @@ class CoupledCore(Technique):
         log.info("coupled PCA residual frame over layers %d..%d: rank %d captures %.1f%% of the pooled "
                  "interface energy%s", layers[0], layers[-1], r, 100 * captured,
                  " (Procrustes-aligned per layer)" if self.align else "")
+
+    def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
+        """A ``BlockwisePHDLinear`` whose residual side is the shared frame (dense rows for ``pca``; rows,
+        index and frame for ``phd``), plus the shim's A [r_s, in] and B [out, r_s] in fp32."""
+        layer_index(name)
+        opts = dict(block=self.block, fit=self.fit, compute=self.compute, name=name)
+        width = module.out_features if self.residual_side == "output" else module.in_features
+        r = self.rank_out or self.rank
+        if not 1 <= r <= width:
+            raise ZooError(f"residual rank {r} is out of range: it must be between 1 and the residual width {width}")
+        residual = subframe_footprint(width, r, side="residual", indexed=self.residual_frame == "phd", **opts)
+        if self.residual_side == "output":
+            down = subframe_footprint(module.in_features, self.rank, side="input", **opts)
+            up = residual
+        else:
+            down = residual
+            up = subframe_footprint(module.out_features, self.rank, side="output", **opts)
+        sizes = core_footprint(down, up, module, self.train_bias)
+        if not self.shim_rank:
+            return sizes
+        if not 1 <= self.shim_rank <= min(module.in_features, module.out_features):
+            raise ZooError(f"shim rank {self.shim_rank} is out of range: it must be between 1 and "
+                           f"min(in={module.in_features}, out={module.out_features})")
+        return {**{f"core.{k}": v for k, v in sizes.items()},
+                "shim.A": TensorSize((self.shim_rank, module.in_features),
+                                     "trainable" if self.shim_train in ("both", "A") else "frozen", "float32"),
+                "shim.B": TensorSize((module.out_features, self.shim_rank),
+                                     "trainable" if self.shim_train in ("both", "B") else "frozen", "float32")}
 
     def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
         if name not in self.residual:

@@ -31,7 +31,7 @@ from .core.calibration import ActivationStats
 from .core.errors import ZooError, check_choice
 from .core.linalg import FP32Params, cholesky_jittered, rms  # noqa: F401 - re-exported
 from .core.module import DistillationModule
-from .core.technique import Technique
+from .core.technique import Technique, TensorSize
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,25 @@ class FisherSVD(Technique):
 
     def needs(self) -> set[str]:
         return {"covariance": {"input"}, "diagonal": {"input"}, "fisher": {"fisher"}, "none": set()}[self.weighting]
+
+    def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
+        """U [out, r] and V [in, r] (frozen unless ``train_factors``), sigma [r] in fp32, the bias. Under
+        ``allocation='global'`` r is the uniform rank of the ratio: the data moves rank between targets
+        within the same total (see ``footprint_note``)."""
+        out_f, in_f = module.out_features, module.in_features
+        r = resolve_rank(self.rank, out_f, in_f, name)
+        factors = "trainable" if self.train_factors else "frozen"
+        sizes = {"U": TensorSize((out_f, r), factors), "sigma": TensorSize((r,), "trainable", "float32"),
+                 "V": TensorSize((in_f, r), factors)}
+        if getattr(module, "bias", None) is not None:
+            sizes["bias"] = TensorSize((out_f,))
+        return sizes
+
+    def footprint_note(self) -> str | None:
+        if self.allocation == "global":
+            return ("allocation='global': per-target ranks are decided from calibration data; the sizes "
+                    "are those of the uniform rank, and the total is an upper bound (same budget)")
+        return None
 
     def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> FisherSVDLinear:
         weight = module.weight

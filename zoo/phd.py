@@ -29,10 +29,10 @@ from torch import nn
 
 from .core.calibration import ActivationStats
 from .core.errors import ZooError, check_choice
-from .core.hadamard import FITS, PHDFrame
+from .core.hadamard import FITS, PHDFrame, fit_block
 from .core.linalg import FP32Params, rms, solve_psd_right
 from .core.module import DistillationModule
-from .core.technique import Technique
+from .core.technique import Technique, TensorSize
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,37 @@ def phd_subframe(width: int, rank: int, energy_of, *, block: int, fit: str, seed
     return Subframe(rows, frame, index, resolve_compute(compute, rank, frame.block))
 
 
+def subframe_footprint(width: int, rank: int, *, block: int, fit: str, compute: str, name: str, side: str,
+                       indexed: bool = True) -> dict[str, TensorSize]:
+    """The buffers of the ``Subframe`` that ``phd_subframe`` (``indexed``) or a dense ``Subframe(rows)``
+    builds: rows [r, n] in the model dtype, the index [r], and with ``compute='transform'`` the frame's
+    signs and permutations [n_pad]. Checks the rank as ``phd_subframe`` does."""
+    b, n_pad = fit_block(width, block, fit)
+    if indexed and not 1 <= rank <= n_pad:
+        raise ZooError(f"{side} rank {rank} for {name} is out of range: it must be between 1 and {n_pad} "
+                       f"(the {side} width{' after padding' if n_pad != width else ''})")
+    sizes = {"rows": TensorSize((rank, width), "buffer")}
+    if not indexed:
+        return sizes
+    sizes["index"] = TensorSize((rank,), "buffer", "int64")
+    if resolve_compute(compute, rank, b) == "transform":
+        sizes |= {"frame.signs": TensorSize((n_pad,), "buffer"),
+                  "frame.perm": TensorSize((n_pad,), "buffer", "int64"),
+                  "frame.inverse_perm": TensorSize((n_pad,), "buffer", "int64")}
+    return sizes
+
+
+def core_footprint(down: dict[str, TensorSize], up: dict[str, TensorSize], module: nn.Module,
+                   train_bias: bool) -> dict[str, TensorSize]:
+    """The tensors of a ``BlockwisePHDLinear`` over subframes of these footprints."""
+    sizes = {"core": TensorSize((up["rows"].shape[0], down["rows"].shape[0]), "trainable", "float32")}
+    if getattr(module, "bias", None) is not None:
+        sizes["bias"] = TensorSize((module.out_features,), "trainable" if train_bias else "frozen")
+    sizes |= {f"down.{k}": v for k, v in down.items()}
+    sizes |= {f"up.{k}": v for k, v in up.items()}
+    return sizes
+
+
 def check_ranks(rank: int, rank_out: int | None) -> None:
     for label, value in (("rank", rank), ("rank_out", rank_out)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -227,6 +258,13 @@ class BlockwisePHD(Technique):
 
     def needs(self) -> set[str]:
         return {"input"}
+
+    def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
+        """The core [r_out, r_in] (fp32) and bias train; the frame rows (and indices) are rebuilt buffers."""
+        opts = dict(block=self.block, fit=self.fit, compute=self.compute, name=name)
+        down = subframe_footprint(module.in_features, self.rank, side="input", **opts)
+        up = subframe_footprint(module.out_features, self.rank_out or self.rank, side="output", **opts)
+        return core_footprint(down, up, module, self.train_bias)
 
     def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> BlockwisePHDLinear:
         W = module.weight

@@ -62,6 +62,7 @@ def embedded_gguf(alias: str) -> Path:
 
 
 RANDOM_PREFIX = "random:"
+META_PREFIX = "meta:"
 
 
 def embedded_config(alias: str) -> dict:
@@ -77,7 +78,9 @@ def resolve_source(source: str) -> tuple[str, str | None]:
     Valid sources: an embedded alias (see ``EMBEDDED``), a ``.gguf`` file, a local directory with a
     ``config.json``, or a hub id ``org/name``. ``random:<source>`` is the same architecture and
     tokenizer with freshly initialized weights (seed 0): same shapes and cost, for speed and memory
-    measurements where the real weights are not at hand.
+    measurements where the real weights are not at hand. ``meta:<source>`` is the architecture alone,
+    on the meta device (shapes, no storage, no tokenizer): what ``zoo plan`` sizes; there ``<source>``
+    may also be a bare ``config.json``.
     """
     if source in EMBEDDED:
         path = embedded_gguf(source)
@@ -87,6 +90,9 @@ def resolve_source(source: str) -> tuple[str, str | None]:
         if not path.is_file():
             raise ZooError(f"GGUF file {source!r} does not exist")
         return str(path.parent), path.name
+    if path.is_file() and source.endswith(".json"):
+        raise ZooError(f"{source!r} is a config alone (no weights, no tokenizer); zoo plan sizes it as "
+                       f"'meta:{source}'")
     if path.exists():
         if not (path / "config.json").is_file():
             raise ZooError(f"model directory {source!r} has no config.json")
@@ -130,6 +136,22 @@ def _materialize(source: str) -> tuple[str, dict]:
     return str(converted), {}
 
 
+def model_config(source: str):
+    """The transformers config of ``source`` without its weights: an embedded alias (its packaged
+    ``config.json``, no GGUF parsing), a ``config.json`` file, a directory, a ``.gguf`` file or a hub id."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if source in EMBEDDED:
+        return LlamaConfig(**{k: v for k, v in embedded_config(source).items() if k != "architectures"})
+    path = Path(source).expanduser()
+    try:
+        if path.is_file() and source.endswith(".json"):
+            return AutoConfig.from_pretrained(str(path))
+        return AutoConfig.from_pretrained(_materialize(source)[0])
+    except (OSError, ValueError) as exc:  # unreachable hub id, unknown model_type, broken json
+        raise ZooError(f"could not read the config of model {source!r}: {exc}") from None
+
+
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(source: str = DEFAULT_TEACHER):
     """The tokenizer of ``source`` (same sources as ``load_causal_lm``), memoized per process."""
@@ -155,14 +177,18 @@ def claim(model) -> None:
 def _load_model(source: str, dtype: torch.dtype):
     if (source, dtype) in _MODELS:
         return _MODELS[(source, dtype)]
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
+    if source.startswith(META_PREFIX):
+        # shapes only: nothing is allocated, so an 8B (or 405B) model is built in about a second; not
+        # memoized, so a planned model never evicts a real teacher
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config(source.removeprefix(META_PREFIX)), dtype=dtype)
+        model.requires_grad_(False)
+        model.config.use_cache = False
+        return model.eval()
     if source.startswith(RANDOM_PREFIX):
-        inner = source.removeprefix(RANDOM_PREFIX)
-        if inner in EMBEDDED:
-            config = LlamaConfig(**{k: v for k, v in embedded_config(inner).items() if k != "architectures"})
-        else:
-            config = AutoConfig.from_pretrained(_materialize(inner)[0])
+        config = model_config(source.removeprefix(RANDOM_PREFIX))
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -181,9 +207,12 @@ def _load_model(source: str, dtype: torch.dtype):
 
 
 def load_causal_lm(source: str = DEFAULT_TEACHER, dtype: str | torch.dtype = "float32"):
-    """(model, tokenizer) for ``source``: an embedded alias, ``.gguf`` file, directory or hub id.
+    """(model, tokenizer) for ``source``: an embedded alias, ``.gguf`` file, directory or hub id
+    (``random:<source>``, ``meta:<source>``: see ``resolve_source``).
 
     The model comes frozen and in eval mode; it lives on the CPU until Lightning moves it. The same
-    object is returned for the same (source, dtype) within a process.
+    object is returned for the same (source, dtype) within a process. A ``meta:`` model has no
+    tokenizer (None): nothing reads tokens from it.
     """
-    return _load_model(source, parse_dtype(dtype)), load_tokenizer(source)
+    model = _load_model(source, parse_dtype(dtype))
+    return model, None if source.startswith(META_PREFIX) else load_tokenizer(source)

@@ -5,18 +5,47 @@ arguments, stored under the same names), which calibration statistics it needs, 
 replacement for one target from the original module and that target's statistics. The
 LightningModule side (``DistillationModule``) is the same for every technique; mixing techniques is
 a list of specs (``zoo.Composite``).
+
+``footprint`` sizes a replacement from shapes alone (no weights, no statistics): ``zoo plan`` uses it
+to count parameters and memory of a recipe on a model it never loads.
 """
 from __future__ import annotations
 
 import inspect
+import math
+from dataclasses import dataclass
 
 from torch import nn
 
 from .calibration import ActivationStats
+from .errors import ZooError
 from .targets import find_targets
 
 #: statistics a technique may ask calibration for
 NEEDS = ("input", "fisher")
+
+#: what a tensor of a replacement is: trained, stored but frozen, or a buffer rebuilt from the config
+ROLES = ("trainable", "frozen", "buffer")
+#: its dtype: ``model`` follows the model's floating dtype (load dtype, or bf16 under bf16-true);
+#: ``float32`` stays fp32 whatever the model is cast to (``FP32Params``); ``int64`` index tensors
+KINDS = ("model", "float32", "int64")
+
+
+@dataclass(frozen=True)
+class TensorSize:
+    """Shape, role and dtype kind of one tensor of a replacement (see ``Technique.footprint``)."""
+
+    shape: tuple[int, ...]
+    role: str = "trainable"
+    kind: str = "model"
+
+    def __post_init__(self):
+        if self.role not in ROLES or self.kind not in KINDS:
+            raise ValueError(f"TensorSize role {self.role!r} / kind {self.kind!r}; valid: {ROLES} / {KINDS}")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
 class Technique:
@@ -40,6 +69,22 @@ class Technique:
     def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
         """The replacement for target ``name``; its trainable tensors have ``requires_grad=True``."""
         raise NotImplementedError
+
+    def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
+        """The tensors ``build(name, module, stats)`` would create, from shapes alone: {name in the
+        replacement (as ``named_parameters``/``named_buffers`` give it): TensorSize}.
+
+        ``module`` may live on the meta device; no statistics are available, so a size that data
+        decides (e.g. a globally allocated rank) is estimated and the spec says so in ``footprint_note``.
+        Every technique implements it so that ``zoo plan`` can size any recipe.
+        """
+        raise ZooError(f"technique {type(self).__qualname__} does not implement footprint(name, module), so "
+                       "zoo plan cannot size it; add a footprint() returning its tensors' shapes "
+                       "(see zoo.core.technique.Technique.footprint)")
+
+    def footprint_note(self) -> str | None:
+        """A caveat on ``footprint``'s sizes for this spec (None when they are exact)."""
+        return None
 
     def init_args(self) -> dict:
         """The spec's configuration, as given to ``__init__`` (JSON-serializable)."""
