@@ -35,9 +35,10 @@ from typing import NamedTuple
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from zoo.core.distributed import all_true, rank_world
 from zoo.core.errors import ZooError, check_choice
 from zoo.core.models import DEFAULT_TEACHER, DTYPES, cache_root, load_causal_lm, load_tokenizer
 from zoo.core.surgery import teacher_view
@@ -514,12 +515,16 @@ def hologram_key(cfg: HologramConfig, teacher: str, seed: int) -> dict:
 
 
 def hologram_samples(cfg: HologramConfig, teacher: str, seed: int, cache_dir: str | Path,
-                     device: str | torch.device = "cpu"):
+                     device: str | torch.device = "cpu", share: tuple[int, int] | None = None):
     """The generated samples as a ``datasets.Dataset`` (one row per sample), cached and resumable.
 
     Samples live under ``cache_dir/hologram/<key>/`` as one ``save_to_disk`` shard per generation
     batch, beside ``config.json`` (generation config and teacher id). Existing shards are loaded; only
     the missing ones are generated, so an interrupted run resumes where it stopped.
+
+    ``share=(rank, world)`` generates only this process's part of the missing shards (shard i belongs
+    to rank i mod world) and returns None; a later call without ``share`` merges them. A shard's
+    samples are the same whichever process generates it (its rows and their RNG seeds are fixed).
     """
     import datasets
 
@@ -539,6 +544,8 @@ def hologram_samples(cfg: HologramConfig, teacher: str, seed: int, cache_dir: st
             if shard["index"] == indices:
                 loaded[i] = shard
     missing = [i for i in range(len(shards)) if i not in loaded]
+    if share is not None:
+        missing = [i for i in missing if i % share[1] == share[0]]
     if missing:
         tokenizer = load_tokenizer(teacher)
         model, _ = load_causal_lm(teacher, cfg.dtype)
@@ -547,7 +554,7 @@ def hologram_samples(cfg: HologramConfig, teacher: str, seed: int, cache_dir: st
         model.to(device).eval()
         n_missing = sum(len(shards[i]) for i in missing)
         log.info("hologram: generating %d of %d samples on %s into %s", n_missing, cfg.n_samples, device, root)
-        bar = tqdm(total=n_missing, desc="hologram", unit="sample")
+        bar = tqdm(total=n_missing, desc="hologram", unit="sample", disable=share is not None and share[0] != 0)
         try:
             with teacher_view(model), torch.no_grad():
                 for i in missing:
@@ -564,6 +571,8 @@ def hologram_samples(cfg: HologramConfig, teacher: str, seed: int, cache_dir: st
             bar.close()
             model.to(home)
             model.train(was_training)
+    if share is not None:
+        return None
     return datasets.concatenate_datasets([loaded[i] for i in range(len(shards))])
 
 
@@ -714,6 +723,20 @@ class PackedDataset(Dataset):
 # DataModules
 
 
+def _together(step, what: str) -> None:
+    """Run ``step`` in every process, then wait for all: a failure anywhere fails every process
+    (instead of leaving the others waiting at a barrier)."""
+    error = None
+    try:
+        step()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the others learn of it
+        error = exc
+    if not all_true(error is None):
+        if error is not None:
+            raise error
+        raise ZooError(f"another process failed while {what} (its error is in its output)")
+
+
 class TokenDataModule(L.LightningDataModule):
     """Packed token blocks for distillation, split into calibration / train / heldout (DESIGN.md, Data).
 
@@ -808,10 +831,17 @@ class TokenDataModule(L.LightningDataModule):
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def prepare_data(self) -> None:
-        self._ensure_data()
+        # Lightning runs prepare_data in one process per node; under ddp/fsdp the data is built in
+        # setup instead, where every process takes part (hologram generation is split across them)
+        if rank_world()[1] == 1:
+            self._ensure_data()
 
     def setup(self, stage: str | None = None) -> None:
         self._ensure_data()
+
+    def _generate_share(self, rank: int, world: int) -> None:
+        """Under ddp/fsdp: generate this process's share of any teacher-generated documents (into
+        their cache) before rank 0 packs the splits. Sources that only read files need nothing."""
 
     def _ensure_data(self) -> None:
         if self._splits is not None:
@@ -820,39 +850,49 @@ class TokenDataModule(L.LightningDataModule):
 
         key = self.data_key()
         path = self.data_root / "packed" / f"{type(self).__name__}-{key}"
-        if not (path / "meta.json").is_file():
-            tokenizer = load_tokenizer(self.teacher)
-            sources = self._sources(tokenizer)
-            t0 = time.perf_counter()
-            packed = split_and_pack(sources, self.blocks, self.seq_len, tokenizer.eos_token_id, self.seed,
-                                    self.max_repeat)
-            log.info("packed %s in %.1fs", {s: v["input_ids"].shape for s, v in packed.items()},
-                     time.perf_counter() - t0)
-            features = datasets.Features({
-                "input_ids": datasets.Sequence(datasets.Value("int32")),
-                "loss_mask": datasets.Sequence(datasets.Value("int8")),
-                "source": datasets.Sequence(datasets.Value("int8")),
-            })
-            bundle = datasets.DatasetDict({
-                split: datasets.Dataset.from_dict({k: list(v) for k, v in cols.items()}, features=features)
-                for split, cols in packed.items()
-            })
-            meta = {"class": type(self).__name__, "teacher": self.teacher, "sources": [s.name for s in sources],
-                    "config": self._config(), "source_fingerprints": self._source_fingerprints()}
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            bundle.save_to_disk(str(tmp))
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-            try:
-                os.replace(tmp, path)
-            except OSError:  # another process wrote it first; its content is identical
-                shutil.rmtree(tmp, ignore_errors=True)
+        rank, world = rank_world()
+        # every process agrees whether to build; then each generates its share and rank 0 packs
+        if not all_true((path / "meta.json").is_file()):
+            if world > 1:
+                _together(lambda: self._generate_share(rank, world), "generating its share of the data")
+            _together(lambda: self._build(path) if rank == 0 else None, "building the data")
         bundle = datasets.load_from_disk(str(path)).with_format("numpy")
         self._source_names = json.loads((path / "meta.json").read_text())["sources"]
         self._splits = {
             split: {col: torch.from_numpy(np.asarray(bundle[split][:][col])) for col in bundle[split].column_names}
             for split in SPLITS
         }
+
+    def _build(self, path: Path) -> None:
+        """Draw the documents, split and pack them, and save the splits to ``path`` atomically."""
+        import datasets
+
+        tokenizer = load_tokenizer(self.teacher)
+        sources = self._sources(tokenizer)
+        t0 = time.perf_counter()
+        packed = split_and_pack(sources, self.blocks, self.seq_len, tokenizer.eos_token_id, self.seed,
+                                self.max_repeat)
+        log.info("packed %s in %.1fs", {s: v["input_ids"].shape for s, v in packed.items()},
+                 time.perf_counter() - t0)
+        features = datasets.Features({
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "loss_mask": datasets.Sequence(datasets.Value("int8")),
+            "source": datasets.Sequence(datasets.Value("int8")),
+        })
+        bundle = datasets.DatasetDict({
+            split: datasets.Dataset.from_dict({k: list(v) for k, v in cols.items()}, features=features)
+            for split, cols in packed.items()
+        })
+        meta = {"class": type(self).__name__, "teacher": self.teacher, "sources": [s.name for s in sources],
+                "config": self._config(), "source_fingerprints": self._source_fingerprints()}
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        bundle.save_to_disk(str(tmp))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process wrote it first; its content is identical
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def split_tensors(self, split: str) -> dict[str, torch.Tensor]:
         """The packed tensors of ``split``: ``input_ids``, ``loss_mask`` and ``source`` ([n, seq_len])."""
@@ -882,9 +922,16 @@ class TokenDataModule(L.LightningDataModule):
         return PackedDataset(t["input_ids"], t["loss_mask"])
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self._dataset(split), batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.num_workers)
+        if not shuffle:
+            return DataLoader(self._dataset(split), batch_size=self.batch_size, num_workers=self.num_workers)
+        # One order for any number of processes: epoch e is randperm(n) seeded with seed + e (Lightning
+        # calls set_epoch), and process r of w takes its positions r, r + w, ... So the w batches of
+        # a data-parallel step together hold the single-process batch of w * batch_size blocks.
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        dataset = self._dataset(split)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -947,6 +994,10 @@ class HologramDataModule(TokenDataModule):
         docs = hologram_documents(self.hologram, self.teacher, self.seed, self.data_root, self.generation_device())
         return [Source("hologram", 1.0, docs, _HOLOGRAM_HINT)]
 
+    def _generate_share(self, rank: int, world: int) -> None:
+        hologram_samples(self.hologram, self.teacher, self.seed, self.data_root, self.generation_device(),
+                         share=(rank, world))
+
 
 class DistillationDataModule(TokenDataModule):
     """The repair mix: code + hologram by tokens, 50/50 by default (source 000, section 2.5).
@@ -990,3 +1041,8 @@ class DistillationDataModule(TokenDataModule):
                                       self.generation_device())
             sources.append(Source("hologram", 1.0 - self.code_fraction, docs, _HOLOGRAM_HINT))
         return sources
+
+    def _generate_share(self, rank: int, world: int) -> None:
+        if self.code_fraction < 1:
+            hologram_samples(self.hologram, self.teacher, self.seed, self.data_root, self.generation_device(),
+                             share=(rank, world))
