@@ -147,6 +147,42 @@ class HologramConfig:
     dtype: str = "float32"
 
 
+@dataclass
+class TeacherLogitsConfig:
+    """Precompute the teacher's predictions on the train split once, so repair runs without a teacher
+    forward (issue 9, "Teacher-logit cache"). An approximation: see ``zoo.core.losses.cached_token_kl``.
+
+    Per prediction it keeps the log-probabilities of the teacher's ``top_k`` most likely tokens and the
+    log of the remaining mass (one "rest" bucket), of softmax(logits / ``temperature``); the repair
+    then minimizes KL over those k + 1 outcomes, a lower bound of the exact KL.
+
+    Args:
+        top_k: tokens kept per prediction.
+        temperature: must equal the module's distillation temperature (checked when training starts).
+        batch_size: blocks per teacher forward; also the shard size of the on-disk cache, so an
+            interrupted precomputation resumes at the last finished shard.
+        dtype: the teacher's dtype for the forward; use the model's dtype so one teacher object is shared.
+    """
+
+    top_k: int = 64
+    temperature: float = 1.0
+    batch_size: int = 8
+    dtype: str = "float32"
+
+
+def validate_teacher_logits_config(cfg: TeacherLogitsConfig) -> None:
+    for name in ("top_k", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ZooError(f"teacher_logits.{name}={getattr(cfg, name)} must be at least 1")
+    if not cfg.temperature > 0:
+        raise ZooError(f"teacher_logits.temperature={cfg.temperature} must be > 0")
+    check_choice("teacher_logits.dtype", cfg.dtype, DTYPES)
+
+
+#: batch keys of the cached teacher distribution (``cached_token_kl``'s inputs)
+TEACHER_CACHE_KEYS = ("teacher_top_logp", "teacher_top_ids", "teacher_rest_logp")
+
+
 def _check_range(name: str, value, low: float, high: float, low_open: bool = False) -> None:
     ok = (low < value if low_open else low <= value) and value <= high
     if not ok:
@@ -706,17 +742,18 @@ def split_and_pack(sources: Sequence[Source], blocks: dict[str, int], seq_len: i
 class PackedDataset(Dataset):
     """Packed blocks as batch dicts: ``input_ids``, ``attention_mask`` (ones) and ``loss_mask``, all long."""
 
-    def __init__(self, input_ids: torch.Tensor, loss_mask: torch.Tensor):
+    def __init__(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, extra: dict[str, torch.Tensor] | None = None):
         self.input_ids = input_ids.long()
         self.loss_mask = loss_mask.long()
         self.attention_mask = torch.ones_like(self.input_ids)
+        self.extra = extra or {}  # per-block tensors carried along (e.g. the cached teacher distribution)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i],
-                "loss_mask": self.loss_mask[i]}
+                "loss_mask": self.loss_mask[i], **{k: v[i] for k, v in self.extra.items()}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -758,6 +795,10 @@ class TokenDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         max_repeat: how many times a source may repeat its documents within a split when it has too few
             (1: never; not enough data is an error).
+        teacher_logits: precompute the teacher's top-k distribution on the train split (cached, resumable)
+            so training batches carry it and repair skips the teacher forward; an approximation of
+            the exact KL (see ``TeacherLogitsConfig``). None (default): the exact KL, teacher forward
+            every step.
     """
 
     def __init__(
@@ -772,8 +813,13 @@ class TokenDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         num_workers: int = 0,
         max_repeat: float = 1.0,
+        teacher_logits: TeacherLogitsConfig | None = None,
     ):
         super().__init__()
+        if teacher_logits is not None:
+            validate_teacher_logits_config(teacher_logits)
+        self.teacher_logits = teacher_logits
+        self._teacher_cache: dict[str, torch.Tensor] | None = None
         for name, value, low in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
                                  ("n_calibration", n_calibration, 1), ("n_train", n_train, 1),
                                  ("n_heldout", n_heldout, 1), ("num_workers", num_workers, 0)):
@@ -838,6 +884,14 @@ class TokenDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._ensure_data()
+        trainer = getattr(self, "trainer", None)
+        if self.teacher_logits is not None and stage == "fit" and trainer is not None:
+            temperature = getattr(trainer.lightning_module, "temperature", self.teacher_logits.temperature)
+            if temperature != self.teacher_logits.temperature:
+                raise ZooError(f"teacher_logits.temperature={self.teacher_logits.temperature} differs from the "
+                               f"model's distillation temperature={temperature}; set them equal")
+            # now, while the teacher is still pristine and shared (the module's surgery comes after)
+            self.teacher_cache()
 
     def _generate_share(self, rank: int, world: int) -> None:
         """Under ddp/fsdp: generate this process's share of any teacher-generated documents (into
@@ -919,7 +973,73 @@ class TokenDataModule(L.LightningDataModule):
 
     def _dataset(self, split: str) -> PackedDataset:
         t = self.split_tensors(split)
-        return PackedDataset(t["input_ids"], t["loss_mask"])
+        extra = self.teacher_cache() if split == "train" and self.teacher_logits is not None else None
+        return PackedDataset(t["input_ids"], t["loss_mask"], extra)
+
+    # --- teacher-logit cache
+
+    def teacher_cache_dir(self) -> Path:
+        """Where the train split's cached teacher distribution lives (keyed by the data and the settings)."""
+        key = _hash({"format": FORMAT_VERSION, "data": self.data_key(), "split": "train", "teacher": self.teacher,
+                     "settings": asdict(self.teacher_logits)})
+        return self.data_root / "teacher_logits" / f"{type(self).__name__}-{key}"
+
+    def teacher_cache(self) -> dict[str, torch.Tensor]:
+        """The train split's cached teacher distribution: ``TEACHER_CACHE_KEYS`` -> [n_train, seq_len-1, ...].
+
+        Computed once with the teacher in shards of ``teacher_logits.batch_size`` blocks (safetensors,
+        written atomically; existing shards are kept, so an interrupted run resumes). Under ddp/fsdp
+        each process computes shards i mod world == rank, then every process loads all of them.
+        """
+        if self._teacher_cache is not None:
+            return self._teacher_cache
+        from safetensors.torch import load_file
+
+        cfg = self.teacher_logits
+        root = self.teacher_cache_dir()
+        n = self.n_train
+        shards = [(start, min(start + cfg.batch_size, n)) for start in range(0, n, cfg.batch_size)]
+        paths = [root / f"shard-{i:05d}.safetensors" for i in range(len(shards))]
+        if not all_true(all(p.is_file() for p in paths)):
+            rank, world = rank_world()
+            todo = [i for i, p in enumerate(paths) if i % world == rank and not p.is_file()]
+            _together(lambda: self._compute_teacher_shards([shards[i] for i in todo], [paths[i] for i in todo]),
+                      "computing its share of the teacher-logit cache")
+        parts = [load_file(str(p)) for p in paths]
+        self._teacher_cache = {k: torch.cat([part[k] for part in parts]) for k in TEACHER_CACHE_KEYS}
+        return self._teacher_cache
+
+    def _compute_teacher_shards(self, shards: list[tuple[int, int]], paths: list[Path]) -> None:
+        if not shards:
+            return
+        from zoo.core.calibration import atomic_save
+        from zoo.core.losses import teacher_top_k
+
+        cfg = self.teacher_logits
+        ids = self.split_tensors("train")["input_ids"]
+        model, _ = load_causal_lm(self.teacher, cfg.dtype)
+        device = self.generation_device()
+        home, was_training = next(model.parameters()).device, model.training
+        model.to(device).eval()
+        top_k = min(cfg.top_k, model.config.vocab_size)
+        log.info("teacher-logit cache: top-%d of %d blocks on %s into %s", top_k,
+                 sum(b - a for a, b in shards), device, self.teacher_cache_dir())
+        bar = tqdm(total=sum(b - a for a, b in shards), desc="teacher logits", unit="block")
+        try:
+            with teacher_view(model), torch.no_grad():
+                for (start, stop), path in zip(shards, paths):
+                    block = ids[start:stop].long().to(device)
+                    logits = model(input_ids=block, attention_mask=torch.ones_like(block)).logits[:, :-1]
+                    top_logp, top_ids, rest_logp = teacher_top_k(logits, top_k, cfg.temperature)
+                    tensors = {"teacher_top_logp": top_logp, "teacher_top_ids": top_ids.to(torch.int32),
+                               "teacher_rest_logp": rest_logp}
+                    atomic_save({k: v.cpu().contiguous() for k, v in tensors.items()}, path,
+                                {"zoo_format": "teacher_logits/1", "rows": json.dumps([start, stop])})
+                    bar.update(stop - start)
+        finally:
+            bar.close()
+            model.to(home)
+            model.train(was_training)
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         if not shuffle:

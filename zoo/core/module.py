@@ -20,7 +20,7 @@ from torch import nn
 from . import calibration as calib
 from .distributed import all_reduce_sum_, all_true, rank_world
 from .errors import ZooError
-from .losses import prediction_mask, token_kl
+from .losses import cached_token_kl, prediction_mask, token_kl
 from .models import DEFAULT_TEACHER, cache_root, claim, load_causal_lm
 from .state import load_state, save_state
 from .surgery import replace, replaced_modules, teacher_view
@@ -264,9 +264,19 @@ class DistillationModule(L.LightningModule):
         kl, count, _, _ = self.distillation_outputs(batch)
         return kl, count
 
-    def distillation_outputs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``distillation_loss`` plus the logits it compared: (kl, count, teacher logits, student logits)."""
+    def distillation_outputs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``distillation_loss`` plus the logits it compared: (kl, count, teacher logits, student logits).
+
+        A batch that carries a cached teacher distribution (``teacher_top_logp``, ``teacher_top_ids``,
+        ``teacher_rest_logp``: a DataModule's ``teacher_logits`` option) skips the teacher forward; its
+        KL is then ``cached_token_kl``'s top-k + rest approximation and the teacher logits are None.
+        """
         ids, attn, loss_mask = batch["input_ids"], batch.get("attention_mask"), batch.get("loss_mask")
+        if "teacher_top_logp" in batch:
+            student_logits = self(ids, attn)
+            kl = cached_token_kl(batch["teacher_top_logp"], batch["teacher_top_ids"], batch["teacher_rest_logp"],
+                                 student_logits, loss_mask, attn, self.temperature, self.kl_chunk)
+            return kl, prediction_mask(attn, loss_mask, ids.shape).sum(), None, student_logits
         with torch.no_grad(), teacher_view(self.model):
             teacher_logits = self(ids, attn)
         student_logits = self(ids, attn)
