@@ -7,6 +7,7 @@ metric and the run summary to ``metrics.json`` beside it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+
+from zoo.core.distributed import gathered_parameters, is_sharded
 
 
 def _dir(trainer: L.Trainer, dirpath: str | None) -> Path:
@@ -37,14 +40,17 @@ class RepairStateCheckpoint(L.Callback):
         self.best = math.inf
         self.last_path: Path | None = None
 
-    def _save(self, trainer, pl_module, name: str) -> Path | None:
-        if not trainer.is_global_zero:
-            return None
-        extra = {"global_step": trainer.global_step}
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is not None:
-            extra[self.monitor] = float(value)
-        return pl_module.save_repair_state(_dir(trainer, self.dirpath) / name, extra)
+    def _save(self, trainer, pl_module, name: str, gather: bool = True) -> Path | None:
+        # under fsdp each process holds shards: gathering them is a collective every process enters;
+        # then rank 0 alone writes (under ddp every process holds the same tensors)
+        with gathered_parameters(trainer.model) if gather else contextlib.nullcontext():
+            if not trainer.is_global_zero:
+                return None
+            extra = {"global_step": trainer.global_step}
+            value = trainer.callback_metrics.get(self.monitor)
+            if value is not None:
+                extra[self.monitor] = float(value)
+            return pl_module.save_repair_state(_dir(trainer, self.dirpath) / name, extra)
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -65,7 +71,11 @@ class RepairStateCheckpoint(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
-            path = self._save(trainer, pl_module, self.filename)
+            if trainer.world_size > 1 and is_sharded(trainer.model):
+                rank_zero_info("interrupted: the sharded (fsdp) repair state cannot be gathered now; "
+                               f"the last saved one is {self.last_path}")
+                return
+            path = self._save(trainer, pl_module, self.filename, gather=False)
             rank_zero_info(f"interrupted: repair state saved to {path}")
 
 

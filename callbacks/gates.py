@@ -37,9 +37,12 @@ class HeldoutKLGate(L.Callback):
         loader = trainer.datamodule.val_dataloader()
         was_training = pl_module.training
         pl_module.eval()
-        value = pl_module.evaluate_kl(loader, pl_module.device, trainer.strategy.precision_plugin.forward_context)
+        # under ddp each process evaluates its share of the heldout batches; the token-weighted sums are
+        # all-reduced, so every process decides on the same number
+        value = pl_module.evaluate_kl(loader, pl_module.device, trainer.strategy.precision_plugin.forward_context,
+                                      distributed=trainer.world_size > 1)
         pl_module.train(was_training)
-        return trainer.strategy.reduce(value, reduce_op="mean") if trainer.world_size > 1 else value
+        return value
 
     def _log(self, trainer, metrics: dict[str, float]):
         for logger in trainer.loggers:

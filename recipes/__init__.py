@@ -5,6 +5,7 @@ from .data import (
     DistillationDataModule,
     HologramConfig,
     HologramDataModule,
+    TeacherLogitsConfig,
     TokenDataModule,
 )
 
@@ -14,5 +15,6 @@ __all__ = [
     "DistillationDataModule",
     "HologramConfig",
     "HologramDataModule",
+    "TeacherLogitsConfig",
     "TokenDataModule",
 ]

@@ -35,9 +35,10 @@ from typing import NamedTuple
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from zoo.core.distributed import all_true, rank_world
 from zoo.core.errors import ZooError, check_choice
 from zoo.core.models import DEFAULT_TEACHER, DTYPES, cache_root, load_causal_lm, load_tokenizer
 from zoo.core.surgery import teacher_view
@@ -149,6 +150,42 @@ class HologramConfig:
     top_p: tuple[float, float] = (0.85, 1.0)
     prompts: list[str] | None = None
     dtype: str = "float32"
+
+
+@dataclass
+class TeacherLogitsConfig:
+    """Precompute the teacher's predictions on the train split once, so repair runs without a teacher
+    forward (issue 9, "Teacher-logit cache"). An approximation: see ``zoo.core.losses.cached_token_kl``.
+
+    Per prediction it keeps the log-probabilities of the teacher's ``top_k`` most likely tokens and the
+    log of the remaining mass (one "rest" bucket), of softmax(logits / ``temperature``); the repair
+    then minimizes KL over those k + 1 outcomes, a lower bound of the exact KL.
+
+    Args:
+        top_k: tokens kept per prediction.
+        temperature: must equal the module's distillation temperature (checked when training starts).
+        batch_size: blocks per teacher forward; also the shard size of the on-disk cache, so an
+            interrupted precomputation resumes at the last finished shard.
+        dtype: the teacher's dtype for the forward; use the model's dtype so one teacher object is shared.
+    """
+
+    top_k: int = 64
+    temperature: float = 1.0
+    batch_size: int = 8
+    dtype: str = "float32"
+
+
+def validate_teacher_logits_config(cfg: TeacherLogitsConfig) -> None:
+    for name in ("top_k", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ZooError(f"teacher_logits.{name}={getattr(cfg, name)} must be at least 1")
+    if not cfg.temperature > 0:
+        raise ZooError(f"teacher_logits.temperature={cfg.temperature} must be > 0")
+    check_choice("teacher_logits.dtype", cfg.dtype, DTYPES)
+
+
+#: batch keys of the cached teacher distribution (``cached_token_kl``'s inputs)
+TEACHER_CACHE_KEYS = ("teacher_top_logp", "teacher_top_ids", "teacher_rest_logp")
 
 
 def _check_range(name: str, value, low: float, high: float, low_open: bool = False) -> None:
@@ -527,12 +564,16 @@ def hologram_key(cfg: HologramConfig, teacher: str, seed: int) -> dict:
 
 
 def hologram_samples(cfg: HologramConfig, teacher: str, seed: int, cache_dir: str | Path,
-                     device: str | torch.device = "cpu"):
+                     device: str | torch.device = "cpu", share: tuple[int, int] | None = None):
     """The generated samples as a ``datasets.Dataset`` (one row per sample), cached and resumable.
 
     Samples live under ``cache_dir/hologram/<key>/`` as one ``save_to_disk`` shard per generation
     batch, beside ``config.json`` (generation config and teacher id). Existing shards are loaded; only
     the missing ones are generated, so an interrupted run resumes where it stopped.
+
+    ``share=(rank, world)`` generates only this process's part of the missing shards (shard i belongs
+    to rank i mod world) and returns None; a later call without ``share`` merges them. A shard's
+    samples are the same whichever process generates it (its rows and their RNG seeds are fixed).
     """
     import datasets
 
@@ -552,6 +593,8 @@ def hologram_samples(cfg: HologramConfig, teacher: str, seed: int, cache_dir: st
             if shard["index"] == indices:
                 loaded[i] = shard
     missing = [i for i in range(len(shards)) if i not in loaded]
+    if share is not None:
+        missing = [i for i in missing if i % share[1] == share[0]]
     if missing:
         tokenizer = load_tokenizer(teacher)
         model, _ = load_causal_lm(teacher, cfg.dtype)
@@ -560,7 +603,7 @@ def hologram_samples(cfg: HologramConfig, teacher: str, seed: int, cache_dir: st
         model.to(device).eval()
         n_missing = sum(len(shards[i]) for i in missing)
         log.info("hologram: generating %d of %d samples on %s into %s", n_missing, cfg.n_samples, device, root)
-        bar = tqdm(total=n_missing, desc="hologram", unit="sample")
+        bar = tqdm(total=n_missing, desc="hologram", unit="sample", disable=share is not None and share[0] != 0)
         try:
             with teacher_view(model), torch.no_grad():
                 for i in missing:
@@ -577,6 +620,8 @@ def hologram_samples(cfg: HologramConfig, teacher: str, seed: int, cache_dir: st
             bar.close()
             model.to(home)
             model.train(was_training)
+    if share is not None:
+        return None
     return datasets.concatenate_datasets([loaded[i] for i in range(len(shards))])
 
 
@@ -710,21 +755,36 @@ def split_and_pack(sources: Sequence[Source], blocks: dict[str, int], seq_len: i
 class PackedDataset(Dataset):
     """Packed blocks as batch dicts: ``input_ids``, ``attention_mask`` (ones) and ``loss_mask``, all long."""
 
-    def __init__(self, input_ids: torch.Tensor, loss_mask: torch.Tensor):
+    def __init__(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, extra: dict[str, torch.Tensor] | None = None):
         self.input_ids = input_ids.long()
         self.loss_mask = loss_mask.long()
         self.attention_mask = torch.ones_like(self.input_ids)
+        self.extra = extra or {}  # per-block tensors carried along (e.g. the cached teacher distribution)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i],
-                "loss_mask": self.loss_mask[i]}
+                "loss_mask": self.loss_mask[i], **{k: v[i] for k, v in self.extra.items()}}
 
 
 # --------------------------------------------------------------------------------------------------
 # DataModules
+
+
+def _together(step, what: str) -> None:
+    """Run ``step`` in every process, then wait for all: a failure anywhere fails every process
+    (instead of leaving the others waiting at a barrier)."""
+    error = None
+    try:
+        step()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the others learn of it
+        error = exc
+    if not all_true(error is None):
+        if error is not None:
+            raise error
+        raise ZooError(f"another process failed while {what} (its error is in its output)")
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -748,6 +808,10 @@ class TokenDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         max_repeat: how many times a source may repeat its documents within a split when it has too few
             (1: never; not enough data is an error).
+        teacher_logits: precompute the teacher's top-k distribution on the train split (cached, resumable)
+            so training batches carry it and repair skips the teacher forward; an approximation of
+            the exact KL (see ``TeacherLogitsConfig``). None (default): the exact KL, teacher forward
+            every step.
     """
 
     def __init__(
@@ -762,8 +826,13 @@ class TokenDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         num_workers: int = 0,
         max_repeat: float = 1.0,
+        teacher_logits: TeacherLogitsConfig | None = None,
     ):
         super().__init__()
+        if teacher_logits is not None:
+            validate_teacher_logits_config(teacher_logits)
+        self.teacher_logits = teacher_logits
+        self._teacher_cache: dict[str, torch.Tensor] | None = None
         for name, value, low in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
                                  ("n_calibration", n_calibration, 1), ("n_train", n_train, 1),
                                  ("n_heldout", n_heldout, 1), ("num_workers", num_workers, 0)):
@@ -821,10 +890,25 @@ class TokenDataModule(L.LightningDataModule):
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def prepare_data(self) -> None:
-        self._ensure_data()
+        # Lightning runs prepare_data in one process per node; under ddp/fsdp the data is built in
+        # setup instead, where every process takes part (hologram generation is split across them)
+        if rank_world()[1] == 1:
+            self._ensure_data()
 
     def setup(self, stage: str | None = None) -> None:
         self._ensure_data()
+        trainer = getattr(self, "trainer", None)
+        if self.teacher_logits is not None and stage == "fit" and trainer is not None:
+            temperature = getattr(trainer.lightning_module, "temperature", self.teacher_logits.temperature)
+            if temperature != self.teacher_logits.temperature:
+                raise ZooError(f"teacher_logits.temperature={self.teacher_logits.temperature} differs from the "
+                               f"model's distillation temperature={temperature}; set them equal")
+            # now, while the teacher is still pristine and shared (the module's surgery comes after)
+            self.teacher_cache()
+
+    def _generate_share(self, rank: int, world: int) -> None:
+        """Under ddp/fsdp: generate this process's share of any teacher-generated documents (into
+        their cache) before rank 0 packs the splits. Sources that only read files need nothing."""
 
     def _ensure_data(self) -> None:
         if self._splits is not None:
@@ -833,39 +917,49 @@ class TokenDataModule(L.LightningDataModule):
 
         key = self.data_key()
         path = self.data_root / "packed" / f"{type(self).__name__}-{key}"
-        if not (path / "meta.json").is_file():
-            tokenizer = load_tokenizer(self.teacher)
-            sources = self._sources(tokenizer)
-            t0 = time.perf_counter()
-            packed = split_and_pack(sources, self.blocks, self.seq_len, tokenizer.eos_token_id, self.seed,
-                                    self.max_repeat)
-            log.info("packed %s in %.1fs", {s: v["input_ids"].shape for s, v in packed.items()},
-                     time.perf_counter() - t0)
-            features = datasets.Features({
-                "input_ids": datasets.Sequence(datasets.Value("int32")),
-                "loss_mask": datasets.Sequence(datasets.Value("int8")),
-                "source": datasets.Sequence(datasets.Value("int8")),
-            })
-            bundle = datasets.DatasetDict({
-                split: datasets.Dataset.from_dict({k: list(v) for k, v in cols.items()}, features=features)
-                for split, cols in packed.items()
-            })
-            meta = {"class": type(self).__name__, "teacher": self.teacher, "sources": [s.name for s in sources],
-                    "config": self._config(), "source_fingerprints": self._source_fingerprints()}
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            bundle.save_to_disk(str(tmp))
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-            try:
-                os.replace(tmp, path)
-            except OSError:  # another process wrote it first; its content is identical
-                shutil.rmtree(tmp, ignore_errors=True)
+        rank, world = rank_world()
+        # every process agrees whether to build; then each generates its share and rank 0 packs
+        if not all_true((path / "meta.json").is_file()):
+            if world > 1:
+                _together(lambda: self._generate_share(rank, world), "generating its share of the data")
+            _together(lambda: self._build(path) if rank == 0 else None, "building the data")
         bundle = datasets.load_from_disk(str(path)).with_format("numpy")
         self._source_names = json.loads((path / "meta.json").read_text())["sources"]
         self._splits = {
             split: {col: torch.from_numpy(np.asarray(bundle[split][:][col])) for col in bundle[split].column_names}
             for split in SPLITS
         }
+
+    def _build(self, path: Path) -> None:
+        """Draw the documents, split and pack them, and save the splits to ``path`` atomically."""
+        import datasets
+
+        tokenizer = load_tokenizer(self.teacher)
+        sources = self._sources(tokenizer)
+        t0 = time.perf_counter()
+        packed = split_and_pack(sources, self.blocks, self.seq_len, tokenizer.eos_token_id, self.seed,
+                                self.max_repeat)
+        log.info("packed %s in %.1fs", {s: v["input_ids"].shape for s, v in packed.items()},
+                 time.perf_counter() - t0)
+        features = datasets.Features({
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "loss_mask": datasets.Sequence(datasets.Value("int8")),
+            "source": datasets.Sequence(datasets.Value("int8")),
+        })
+        bundle = datasets.DatasetDict({
+            split: datasets.Dataset.from_dict({k: list(v) for k, v in cols.items()}, features=features)
+            for split, cols in packed.items()
+        })
+        meta = {"class": type(self).__name__, "teacher": self.teacher, "sources": [s.name for s in sources],
+                "config": self._config(), "source_fingerprints": self._source_fingerprints()}
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        bundle.save_to_disk(str(tmp))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process wrote it first; its content is identical
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def split_tensors(self, split: str) -> dict[str, torch.Tensor]:
         """The packed tensors of ``split``: ``input_ids``, ``loss_mask`` and ``source`` ([n, seq_len])."""
@@ -892,12 +986,85 @@ class TokenDataModule(L.LightningDataModule):
 
     def _dataset(self, split: str) -> PackedDataset:
         t = self.split_tensors(split)
-        return PackedDataset(t["input_ids"], t["loss_mask"])
+        extra = self.teacher_cache() if split == "train" and self.teacher_logits is not None else None
+        return PackedDataset(t["input_ids"], t["loss_mask"], extra)
+
+    # --- teacher-logit cache
+
+    def teacher_cache_dir(self) -> Path:
+        """Where the train split's cached teacher distribution lives (keyed by the data and the settings)."""
+        key = _hash({"format": FORMAT_VERSION, "data": self.data_key(), "split": "train", "teacher": self.teacher,
+                     "settings": asdict(self.teacher_logits)})
+        return self.data_root / "teacher_logits" / f"{type(self).__name__}-{key}"
+
+    def teacher_cache(self) -> dict[str, torch.Tensor]:
+        """The train split's cached teacher distribution: ``TEACHER_CACHE_KEYS`` -> [n_train, seq_len-1, ...].
+
+        Computed once with the teacher in shards of ``teacher_logits.batch_size`` blocks (safetensors,
+        written atomically; existing shards are kept, so an interrupted run resumes). Under ddp/fsdp
+        each process computes shards i mod world == rank, then every process loads all of them.
+        """
+        if self._teacher_cache is not None:
+            return self._teacher_cache
+        from safetensors.torch import load_file
+
+        cfg = self.teacher_logits
+        root = self.teacher_cache_dir()
+        n = self.n_train
+        shards = [(start, min(start + cfg.batch_size, n)) for start in range(0, n, cfg.batch_size)]
+        paths = [root / f"shard-{i:05d}.safetensors" for i in range(len(shards))]
+        if not all_true(all(p.is_file() for p in paths)):
+            rank, world = rank_world()
+            todo = [i for i, p in enumerate(paths) if i % world == rank and not p.is_file()]
+            _together(lambda: self._compute_teacher_shards([shards[i] for i in todo], [paths[i] for i in todo]),
+                      "computing its share of the teacher-logit cache")
+        parts = [load_file(str(p)) for p in paths]
+        self._teacher_cache = {k: torch.cat([part[k] for part in parts]) for k in TEACHER_CACHE_KEYS}
+        return self._teacher_cache
+
+    def _compute_teacher_shards(self, shards: list[tuple[int, int]], paths: list[Path]) -> None:
+        if not shards:
+            return
+        from zoo.core.calibration import atomic_save
+        from zoo.core.losses import teacher_top_k
+
+        cfg = self.teacher_logits
+        ids = self.split_tensors("train")["input_ids"]
+        model, _ = load_causal_lm(self.teacher, cfg.dtype)
+        device = self.generation_device()
+        home, was_training = next(model.parameters()).device, model.training
+        model.to(device).eval()
+        top_k = min(cfg.top_k, model.config.vocab_size)
+        log.info("teacher-logit cache: top-%d of %d blocks on %s into %s", top_k,
+                 sum(b - a for a, b in shards), device, self.teacher_cache_dir())
+        bar = tqdm(total=sum(b - a for a, b in shards), desc="teacher logits", unit="block")
+        try:
+            with teacher_view(model), torch.no_grad():
+                for (start, stop), path in zip(shards, paths):
+                    block = ids[start:stop].long().to(device)
+                    logits = model(input_ids=block, attention_mask=torch.ones_like(block)).logits[:, :-1]
+                    top_logp, top_ids, rest_logp = teacher_top_k(logits, top_k, cfg.temperature)
+                    tensors = {"teacher_top_logp": top_logp, "teacher_top_ids": top_ids.to(torch.int32),
+                               "teacher_rest_logp": rest_logp}
+                    atomic_save({k: v.cpu().contiguous() for k, v in tensors.items()}, path,
+                                {"zoo_format": "teacher_logits/1", "rows": json.dumps([start, stop])})
+                    bar.update(stop - start)
+        finally:
+            bar.close()
+            model.to(home)
+            model.train(was_training)
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self._dataset(split), batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.num_workers)
+        if not shuffle:
+            return DataLoader(self._dataset(split), batch_size=self.batch_size, num_workers=self.num_workers)
+        # One order for any number of processes: epoch e is randperm(n) seeded with seed + e (Lightning
+        # calls set_epoch), and process r of w takes its positions r, r + w, ... So the w batches of
+        # a data-parallel step together hold the single-process batch of w * batch_size blocks.
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        dataset = self._dataset(split)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -960,6 +1127,10 @@ class HologramDataModule(TokenDataModule):
         docs = hologram_documents(self.hologram, self.teacher, self.seed, self.data_root, self.generation_device())
         return [Source("hologram", 1.0, docs, _HOLOGRAM_HINT)]
 
+    def _generate_share(self, rank: int, world: int) -> None:
+        hologram_samples(self.hologram, self.teacher, self.seed, self.data_root, self.generation_device(),
+                         share=(rank, world))
+
 
 class DistillationDataModule(TokenDataModule):
     """The repair mix: code + hologram by tokens, 50/50 by default (source 000, section 2.5).
@@ -1003,3 +1174,8 @@ class DistillationDataModule(TokenDataModule):
                                       self.generation_device())
             sources.append(Source("hologram", 1.0 - self.code_fraction, docs, _HOLOGRAM_HINT))
         return sources
+
+    def _generate_share(self, rank: int, world: int) -> None:
+        if self.code_fraction < 1:
+            hologram_samples(self.hologram, self.teacher, self.seed, self.data_root, self.generation_device(),
+                             share=(rank, world))

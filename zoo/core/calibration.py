@@ -9,6 +9,10 @@ the next-token loss, summed over the row), as FWSVD uses. Sums are kept in fp64.
 
 Statistics are cached as safetensors keyed by a hash of (model id, targets, data fingerprint, token
 budget, options), so a second run — or ``zoo validate`` rebuilding a student — reuses them.
+
+Under a distributed strategy (``distributed=True``) each process collects on its share of the batches
+(batch i goes to rank i mod world) and the fp64 sums are all-reduced before normalizing, so every
+process gets the statistics a single process computes over the same batches (to float rounding).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_sum_, rank_world
 from .errors import ZooError
 
 log = logging.getLogger(__name__)
@@ -87,6 +92,14 @@ class _Accumulator:
         if self.gram is not None:
             self.gram += (x.T @ x).double().cpu()
 
+    def all_reduce(self) -> None:
+        """Sum the running sums of every process (they are plain sums, so the order does not matter)."""
+        count = torch.tensor([float(self.count)], dtype=torch.float64)
+        for t in (count, self.sum, self.sq, self.gram, self.fisher):
+            if t is not None:
+                all_reduce_sum_(t)
+        self.count = int(count.item())
+
     def result(self) -> ActivationStats:
         n = max(self.count, 1)
         return ActivationStats(
@@ -144,11 +157,15 @@ def collect(
     fisher: bool = False,
     device: torch.device | str | None = None,
     progress: bool = True,
+    distributed: bool = False,
 ) -> dict[str, ActivationStats]:
     """Statistics of the inputs of each module in ``targets`` over the real tokens of ``loader``.
 
     Batches are dicts with ``input_ids`` and ``attention_mask``. Stops after ``max_tokens`` real
     tokens (whole batches). ``fisher=True`` runs a backward pass of the next-token loss per batch.
+    With ``distributed`` and a process group, every process must call this with the same loader:
+    each runs the model on batches ``i % world == rank`` only, the token budget counts every
+    process's batches, and the sums are all-reduced (the Fisher sums too: they are per batch).
     """
     if not targets:
         return {}
@@ -171,18 +188,21 @@ def collect(
     if fisher:
         for name, acc in accs.items():
             acc.fisher = torch.zeros(modules[name].out_features, dtype=torch.float64)
+    rank, world = rank_world() if distributed else (0, 1)
     seen = 0
-    bar = tqdm(total=max_tokens, desc="calibration", unit="tok", disable=not progress)
+    bar = tqdm(total=max_tokens, desc="calibration", unit="tok", disable=not progress or rank != 0)
     try:
-        for batch in loader:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        for i, batch in enumerate(loader):
             mask = batch.get("attention_mask")
-            current_mask[0] = mask.bool() if mask is not None else None
-            if fisher:
-                _fisher_step(model, batch, weights, accs)
-            else:
-                _forward(model, batch)
             n = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            if i % world == rank:
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                mask = batch.get("attention_mask")
+                current_mask[0] = mask.bool() if mask is not None else None
+                if fisher:
+                    _fisher_step(model, batch, weights, accs)
+                else:
+                    _forward(model, batch)
             seen += n
             bar.update(n)
             if max_tokens is not None and seen >= max_tokens:
@@ -193,6 +213,9 @@ def collect(
         bar.close()
     if seen == 0:
         raise ZooError("the calibration loader produced no tokens")
+    if world > 1:
+        for acc in accs.values():
+            acc.all_reduce()
     return {name: acc.result() for name, acc in accs.items()}
 
 

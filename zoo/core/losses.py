@@ -81,3 +81,104 @@ def token_kl(
     count = float(mask.sum().clamp_min(1.0))
     return _ChunkedKL.apply(teacher_logits[:, :-1].detach(), student_logits[:, :-1], mask, float(temperature),
                             int(chunk), count)
+
+
+# --------------------------------------------------------------------------------------------------
+# KL against a cached top-k teacher distribution (issue 9, "Teacher-logit cache")
+
+
+def teacher_top_k(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
+                  chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the teacher-logit cache keeps of each prediction: (log-probs of the k most likely tokens
+    [.., k] fp32, their ids [.., k] int64, log of the remaining mass [..] fp32), of softmax(logits / T).
+
+    Together they are the teacher's distribution coarsened to k + 1 outcomes: the top-k tokens and
+    one "rest" bucket. Computed per sequence chunk in fp32.
+    """
+    if not 1 <= k <= teacher_logits.shape[-1]:
+        raise ValueError(f"top_k must be in [1, vocab={teacher_logits.shape[-1]}], got {k}")
+    values, ids, rest = [], [], []
+    for start in range(0, teacher_logits.shape[1], chunk):
+        log_p = _log_probs(teacher_logits[:, start:start + chunk], temperature)
+        top, idx = log_p.topk(k, dim=-1)
+        values.append(top)
+        ids.append(idx)
+        rest.append(_log_rest(log_p, idx))
+    return torch.cat(values, 1), torch.cat(ids, 1), torch.cat(rest, 1)
+
+
+def _log_rest(log_p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside ``ids`` (-inf when ``ids`` cover the vocabulary)."""
+    return log_p.scatter(-1, ids, float("-inf")).logsumexp(-1)
+
+
+def _xlogx_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """a (log a - log b), with 0 where a = 0."""
+    a = log_a.exp()
+    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a))
+
+
+class _ChunkedTopKKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, top_logp, top_ids, rest_logp, student, mask, temperature, chunk, count):
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for start in range(0, student.shape[1], chunk):
+            sl = slice(start, start + chunk)
+            log_q = _log_probs(student[:, sl], temperature)
+            per_token = (_xlogx_ratio(top_logp[:, sl], log_q.gather(-1, top_ids[:, sl])).sum(-1)
+                         + _xlogx_ratio(rest_logp[:, sl], _log_rest(log_q, top_ids[:, sl])))
+            total += (per_token * mask[:, sl]).sum()
+        ctx.save_for_backward(top_logp, top_ids, rest_logp, student, mask)
+        ctx.temperature, ctx.chunk, ctx.count = temperature, chunk, count
+        return total * temperature**2 / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        top_logp, top_ids, rest_logp, student, mask = ctx.saved_tensors
+        t, chunk = ctx.temperature, ctx.chunk
+        grad = torch.empty_like(student)
+        scale = grad_out.float() * t / ctx.count
+        for start in range(0, student.shape[1], chunk):
+            sl = slice(start, start + chunk)
+            log_q = _log_probs(student[:, sl], t)
+            # the target the student is pulled to: p_i on the top-k tokens, and the rest bucket's
+            # mass spread over the other tokens as the student itself spreads it (p_rest q_j / q_rest)
+            log_q_rest = _log_rest(log_q, top_ids[:, sl])
+            rest = rest_logp[:, sl]
+            share = torch.where(torch.isneginf(rest), rest, rest - log_q_rest)  # log(p_rest / q_rest)
+            target = share[..., None] + log_q
+            target = target.exp_().scatter_(-1, top_ids[:, sl], top_logp[:, sl].exp())
+            grad[:, sl] = ((log_q.exp_() - target) * (mask[:, sl, None] * scale)).to(grad.dtype)
+        return None, None, None, grad, None, None, None, None
+
+
+def cached_token_kl(
+    top_logp: torch.Tensor,
+    top_ids: torch.Tensor,
+    rest_logp: torch.Tensor,
+    student_logits: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """``token_kl`` against a cached top-k teacher (``teacher_top_k`` of positions 0..T-2): an approximation.
+
+    It is the exact KL between the two distributions coarsened to k + 1 outcomes — the teacher's top-k
+    tokens and one "rest" bucket holding every other token:
+
+        sum_{i in top-k} p_i log(p_i / q_i) + p_rest log(p_rest / q_rest),   q_rest = 1 - sum_{i in top-k} q_i
+
+    By the chain rule of KL, the exact KL is this plus p_rest * KL(p(.|rest) || q(.|rest)), so the
+    cached KL is a lower bound that misses only how the two models spread the rest mass among the
+    other tokens; it is exact when k is the vocabulary size. Cached tensors are [batch, T-1, k] (ids
+    any integer dtype) and [batch, T-1]; masks and scaling are those of ``token_kl``.
+    """
+    batch, seq, _ = student_logits.shape
+    if top_logp.shape[:2] != (batch, seq - 1) or top_ids.shape != top_logp.shape or rest_logp.shape != (batch, seq - 1):
+        raise ValueError(f"cached teacher tensors {tuple(top_logp.shape)}, {tuple(top_ids.shape)}, "
+                         f"{tuple(rest_logp.shape)} do not fit student logits {tuple(student_logits.shape)}")
+    mask = prediction_mask(attention_mask, loss_mask, (batch, seq)).to(student_logits.device, torch.float32)
+    count = float(mask.sum().clamp_min(1.0))
+    return _ChunkedTopKKL.apply(top_logp.float(), top_ids.long(), rest_logp.float(), student_logits[:, :-1],
+                                mask, float(temperature), int(chunk), count)

@@ -18,8 +18,9 @@ import torchmetrics
 from torch import nn
 
 from . import calibration as calib
+from .distributed import all_reduce_sum_, all_true, rank_world
 from .errors import ZooError, check_choice
-from .losses import prediction_mask, token_kl
+from .losses import cached_token_kl, prediction_mask, token_kl
 from .models import DEFAULT_TEACHER, cache_root, claim, load_causal_lm
 from .state import load_state, save_state
 from .surgery import replace, replaced_modules, teacher_view
@@ -65,6 +66,28 @@ class TokenPerplexity(torchmetrics.Metric):
 
     def compute(self) -> torch.Tensor:
         return torch.exp(self.nll / self.count.clamp_min(1.0))
+
+
+class TokenMean(torchmetrics.Metric):
+    """Token-weighted mean of per-batch means over an epoch, summed across processes.
+
+    (``self.log(..., batch_size=n, sync_dist=True)`` would average the summed batch sizes over processes
+    in integer arithmetic under ddp, biasing the mean; this sums exact fp64 totals instead.)
+    """
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, mean: torch.Tensor, count: torch.Tensor) -> None:
+        self.total += mean.detach().double() * count.double()
+        self.count += count.double()
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count.clamp_min(1.0)).float()
 
 
 class DistillationModule(L.LightningModule):
@@ -121,6 +144,7 @@ class DistillationModule(L.LightningModule):
         self.targets: dict[str, list[str]] = {}  # part -> replaced names, after build
         self.summary: dict[str, float] = {}  # run-level results (gates fill it; written to metrics.json)
         self.heldout_perplexity = nn.ModuleDict({"student": TokenPerplexity(), "teacher": TokenPerplexity()})
+        self.epoch_kl = nn.ModuleDict({"heldout_kl": TokenMean(), "test_kl": TokenMean()})
         self.save_hyperparameters(ignore=["parts"])
 
     # ---- building the student -------------------------------------------------------------------
@@ -187,7 +211,8 @@ class DistillationModule(L.LightningModule):
                               fisher=sorted(wanted["fisher"]), data=fingerprint,
                               tokens=self.calibration_tokens, full_cov_max=self.full_cov_max)
         path = cache_root() / "calibration" / f"{key}.safetensors"
-        if path.is_file():
+        # under ddp/fsdp every process runs setup: all read the cache, or all collect their share
+        if all_true(path.is_file()):
             log.info("calibration statistics from cache %s", path)
             return calib.load_stats(path)
         was = next(self.model.parameters()).device
@@ -195,9 +220,9 @@ class DistillationModule(L.LightningModule):
             self.model.to(device)
         stats = calib.collect(self.model, loader, names, full_cov_max=self.full_cov_max,
                               max_tokens=self.calibration_tokens, fisher=bool(wanted["fisher"]),
-                              device=device)
+                              device=device, distributed=True)
         self.model.to(was)
-        if fingerprint:  # only data with a fingerprint can be reused safely
+        if fingerprint and rank_world()[0] == 0:  # only data with a fingerprint can be reused safely
             calib.save_stats(path, stats, {"teacher": self.teacher, "data": fingerprint})
         return stats
 
@@ -247,9 +272,19 @@ class DistillationModule(L.LightningModule):
         kl, count, _, _ = self.distillation_outputs(batch)
         return kl, count
 
-    def distillation_outputs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``distillation_loss`` plus the logits it compared: (kl, count, teacher logits, student logits)."""
+    def distillation_outputs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``distillation_loss`` plus the logits it compared: (kl, count, teacher logits, student logits).
+
+        A batch that carries a cached teacher distribution (``teacher_top_logp``, ``teacher_top_ids``,
+        ``teacher_rest_logp``: a DataModule's ``teacher_logits`` option) skips the teacher forward; its
+        KL is then ``cached_token_kl``'s top-k + rest approximation and the teacher logits are None.
+        """
         ids, attn, loss_mask = batch["input_ids"], batch.get("attention_mask"), batch.get("loss_mask")
+        if "teacher_top_logp" in batch:
+            student_logits = self(ids, attn)
+            kl = cached_token_kl(batch["teacher_top_logp"], batch["teacher_top_ids"], batch["teacher_rest_logp"],
+                                 student_logits, loss_mask, attn, self.temperature, self.kl_chunk)
+            return kl, prediction_mask(attn, loss_mask, ids.shape).sum(), None, student_logits
         with torch.no_grad(), teacher_view(self.model):
             teacher_logits = self(ids, attn)
         student_logits = self(ids, attn)
@@ -258,17 +293,43 @@ class DistillationModule(L.LightningModule):
         return kl, count, teacher_logits, student_logits
 
     @torch.no_grad()
-    def evaluate_kl(self, loader, device=None, forward_context=None) -> float:
-        """Token-weighted mean KL(teacher || student) over ``loader`` (the same number validation logs)."""
+    def evaluate_kl(self, loader, device=None, forward_context=None, distributed: bool = False) -> float:
+        """Token-weighted mean KL(teacher || student) over ``loader`` (the same number validation logs).
+
+        With ``distributed`` (every process calls it with the same loader) each process evaluates
+        batches ``i % world == rank`` and the sums are all-reduced: every process returns the mean
+        over the whole loader.
+        """
         device = device or next(self.model.parameters()).device
-        total, count = 0.0, 0
-        for batch in loader:
+        rank, world = rank_world() if distributed else (0, 1)
+        sums = torch.zeros(2, dtype=torch.float64)  # (sum of kl * count, count)
+        for i, batch in enumerate(loader):
+            if i % world != rank:
+                continue
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with forward_context() if forward_context else contextlib.nullcontext():
                 kl, n = self.distillation_loss(batch)
-            total += float(kl) * int(n)
-            count += int(n)
-        return total / max(count, 1)
+            sums += torch.tensor([float(kl) * int(n), int(n)], dtype=torch.float64)
+        if world > 1:
+            all_reduce_sum_(sums)
+        return float(sums[0] / sums[1].clamp_min(1))
+
+    def _global_token_mean(self, kl: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to back-propagate, KL to log) so that a data-parallel step equals the single-process
+        step on the union of the processes' batches.
+
+        Each process's ``kl`` is a mean over its own counted predictions, and DDP/FSDP average the
+        gradients over processes; with unequal counts (response-only masks) that average is not the
+        token-weighted mean. Scaling each process's loss by world * count / global count makes it so.
+        """
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world == 1:
+            return kl, kl.detach()
+        sums = torch.stack([kl.detach().float() * count, count.float()])
+        sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        total = sums[1].clamp_min(1.0)
+        return kl * (count.float() * world / total), sums[0] / total
 
     def training_step(self, batch, batch_idx):
         if self.objective == "next_token":
@@ -278,13 +339,15 @@ class DistillationModule(L.LightningModule):
             self.log("train_nll", loss, prog_bar=True, batch_size=max(int(count), 1))
             return loss
         kl, count = self.distillation_loss(batch)
-        self.log("train_kl", kl, prog_bar=True, batch_size=int(count))
-        return kl
+        loss, kl_all = self._global_token_mean(kl, count)
+        self.log("train_kl", kl_all, prog_bar=True, batch_size=int(count))
+        return loss
 
     def validation_step(self, batch, batch_idx):
         kl, count, teacher_logits, student_logits = self.distillation_outputs(batch)
-        # token-weighted mean over the heldout split: each batch weighs by its counted predictions
-        self.log("heldout_kl", kl, prog_bar=True, batch_size=max(int(count), 1), sync_dist=True)
+        # token-weighted mean over the heldout split (all processes): each batch weighs by its counted predictions
+        self.epoch_kl["heldout_kl"].update(kl, count)
+        self.log("heldout_kl", self.epoch_kl["heldout_kl"], prog_bar=True, metric_attribute="epoch_kl.heldout_kl")
         self.log_heldout_perplexity(batch, teacher_logits, student_logits)
         return kl
 
@@ -333,7 +396,8 @@ class DistillationModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         kl, count = self.distillation_loss(batch)
-        self.log("test_kl", kl, batch_size=max(int(count), 1), sync_dist=True)
+        self.epoch_kl["test_kl"].update(kl, count)
+        self.log("test_kl", self.epoch_kl["test_kl"], metric_attribute="epoch_kl.test_kl")
         return kl
 
     def lr_scales(self) -> dict[str, float]:
