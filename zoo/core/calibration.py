@@ -7,6 +7,12 @@ matrix when ``in_features <= full_cov_max``, else only its diagonal E[x_i^2]. Wi
 also accumulates the empirical Fisher of each weight row (sum over batches of the squared gradient of
 the next-token loss, summed over the row), as FWSVD uses. Sums are kept in fp64.
 
+``taps`` generalize what is collected beyond a linear target's input: a tap is a function of one
+module's forward, ``tap(module, args, kwargs, output) -> {stream: tensor [batch, seq, ..., width]}``;
+each stream's statistics are stored as ``"<module>:<stream>"`` (any leading dimensions after
+[batch, seq] count as further samples, e.g. the query heads of one KV-head group). The output of a
+linear module is ``output_tap``; EigenAttention taps the rotated queries and keys of an attention block.
+
 Statistics are cached as safetensors keyed by a hash of (model id, targets, data fingerprint, token
 budget, options), so a second run — or ``zoo validate`` rebuilding a student — reuses them.
 """
@@ -17,6 +23,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,6 +80,7 @@ class ActivationStats:
 
 class _Accumulator:
     def __init__(self, in_features: int, full: bool):
+        self.in_features, self.full = in_features, full
         self.count = 0
         self.sum = torch.zeros(in_features, dtype=torch.float64)
         self.sq = torch.zeros(in_features, dtype=torch.float64)
@@ -130,6 +138,11 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
     os.replace(tmp, path)
 
 
+def output_tap(module, args, kwargs, output) -> dict[str, torch.Tensor]:
+    """The tap of a module's output (e.g. ``k_proj``'s keys before RoPE): stream ``output``."""
+    return {"output": output[0] if isinstance(output, tuple) else output}
+
+
 @torch.no_grad()
 def _forward(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
@@ -144,29 +157,46 @@ def collect(
     fisher: bool = False,
     device: torch.device | str | None = None,
     progress: bool = True,
+    taps: dict[str, Callable] | None = None,
 ) -> dict[str, ActivationStats]:
     """Statistics of the inputs of each module in ``targets`` over the real tokens of ``loader``.
 
     Batches are dicts with ``input_ids`` and ``attention_mask``. Stops after ``max_tokens`` real
     tokens (whole batches). ``fisher=True`` runs a backward pass of the next-token loss per batch.
+    ``taps`` maps module names to tap functions (see the module docstring); their streams come back
+    as ``"<module>:<stream>"``, the full second moment when a stream is at most ``full_cov_max`` wide.
     """
-    if not targets:
+    taps = dict(taps or {})
+    if not targets and not taps:
         return {}
     device = torch.device(device) if device is not None else next(model.parameters()).device
     modules = {name: model.get_submodule(name) for name in targets}
     accs = {name: _Accumulator(m.in_features, m.in_features <= full_cov_max) for name, m in modules.items()}
     current_mask: list[torch.Tensor | None] = [None]
 
+    def add(key, x):
+        mask = current_mask[0]
+        x = x[mask] if mask is not None else x.reshape(-1, *x.shape[2:])
+        x = x.reshape(-1, x.shape[-1])
+        if key not in accs:  # a tap's width is known at its first call
+            accs[key] = _Accumulator(x.shape[-1], x.shape[-1] <= full_cov_max)
+        accs[key].add(x)
+
     def make_hook(name):
         def hook(_module, args, _kwargs=None):
-            x = args[0]
-            mask = current_mask[0]
-            x = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
-            accs[name].add(x)
+            add(name, args[0])
+
+        return hook
+
+    def make_tap(name, tap):
+        def hook(module, args, kwargs, output):
+            for stream, x in tap(module, args, kwargs, output).items():
+                add(f"{name}:{stream}", x)
 
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    handles += [model.get_submodule(n).register_forward_hook(make_tap(n, t), with_kwargs=True) for n, t in taps.items()]
     weights = {name: modules[name].weight for name in targets} if fisher else {}
     if fisher:
         for name, acc in accs.items():
