@@ -30,7 +30,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 #: multi-stage subcommands: name -> "module:function"; the function takes the remaining argv.
 #: Imported lazily so ``zoo fit`` does not pay for them.
 COMMANDS: dict[str, str] = {
-    "duel": "recipes.duel:duel_main",
+    "duel": "recipes.duel:duel_main", "spectrum": "recipes.spectrum:spectrum_main",
     "eval": "recipes.evaluate:eval_main", "compare": "recipes.evaluate:compare_main",
 }
 

@@ -259,3 +259,15 @@ def test_zoo_fit_repairs_projectors_and_validate_rebuilds(tmp_path, tiny_teacher
     assert code == 0, err
     validated = json.loads((tmp_path / "run" / "metrics_validate.json").read_text())
     assert abs(validated["final"]["heldout_kl"] - summary["heldout_kl_after"]) < 1e-5
+
+
+@pytest.mark.parametrize("config", ["configs/eigen_attention.yaml", "configs/mixed_eigen_fisher.yaml"])
+def test_shipped_configs_parse(config, capsys):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code, out, err = zoo_cli(["fit", "--config", str(root / config), "--print_config"], capsys)
+    assert code == 0, err
+    parsed = yaml.safe_load(out)["model"]
+    text = json.dumps(parsed)
+    assert "EigenAttention" in text and "self_attn" in text

@@ -54,3 +54,35 @@ def test_block_diagonal():
     assert [b.shape for b in blocks] == [(2, 2)] * 3 and torch.equal(blocks[1], m[2:4, 2:4])
     with pytest.raises(ZooError):
         block_diagonal(m, 4)
+
+
+def test_zoo_spectrum_end_to_end(tmp_path, tiny_teacher_dir, capsys):
+    import json
+
+    import yaml
+
+    from zoo_cli import zoo_cli
+
+    config = {"teacher": tiny_teacher_dir, "output_dir": str(tmp_path / "out"), "logger": False,
+              "data": {"class_path": "recipes.DistillationDataModule",
+                       "init_args": {"seq_len": 32, "batch_size": 2, "n_calibration": 4, "n_train": 1, "n_heldout": 1,
+                                     "max_repeat": 4.0, "code": {"max_files": 40},
+                                     "hologram": {"n_samples": 4, "max_new_tokens": 16, "gen_batch_size": 4}}}}
+    path = tmp_path / "spectrum.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, out, err = zoo_cli(["spectrum", "--config", str(path)], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "out" / "spectrum.json").read_text())
+    layers = result["layers"]
+    assert list(layers) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    for entry in layers.values():
+        streams = entry["streams"]
+        assert streams["hidden"]["dim"] == 64 and streams["K"]["dim"] == 16 and len(streams["K"]["groups"]) == 2
+        assert streams["W_q"]["dim"] == 32  # 2 query heads x head_dim rows per group
+        for s in streams.values():
+            assert 1 <= s["df"] <= s["dim"] + 1e-9 and 1 <= s["k"] <= s["dim"]
+    assert "| layer | hidden Df | hidden k95 |" in out
+    assert (tmp_path / "out" / "spectrum.png").stat().st_size > 10_000
+    # a layer index out of range is a one-line error
+    code, _, err = zoo_cli(["spectrum", "--config", str(path), "--layers", "[0, 5]"], capsys)
+    assert code == 2 and "out of range" in err and "Traceback" not in err

@@ -171,10 +171,11 @@ class EigenAttentionLayer(nn.Module):
         cos, sin = position_embeddings
         q, k = self._rotary(q, k, cos, sin)
         U_k, U_v = self.U_keys.to(q.dtype), self.U_values.to(v.dtype)
-        # every query head of group g is projected by the group's key projector
-        q_low = torch.einsum("bgrsd,gdk->bgrsk", q.view(b, kv, n_rep, s, d), U_k).reshape(b, kv * n_rep, s, -1)
-        k_low = torch.einsum("bgsd,gdk->bgsk", k, U_k)
-        v_low = torch.einsum("bgsd,gdk->bgsk", v, U_v)
+        # every query head of group g is projected by the group's key projector (heads g*n_rep.. are
+        # contiguous, so a [b, kv, n_rep*s, d] view meets U_k [kv, d, k] in one batched matmul)
+        q_low = (q.reshape(b, kv, n_rep * s, d) @ U_k).view(b, kv * n_rep, s, -1)
+        k_low = k @ U_k
+        v_low = v @ U_v
         if past_key_values is not None:  # the library's cache stores what it is given: the low-dim K, V
             k_low, v_low = past_key_values.update(k_low, v_low, self.layer_idx)
         # eager, or else sdpa: flash kernels want equal q/k and v widths, which k_K != k_V breaks
@@ -184,8 +185,9 @@ class EigenAttentionLayer(nn.Module):
                                  dropout=0.0 if not self.training else self.attention_dropout,
                                  scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
         # out: [b, s, H, k_V] -> each head back to d dimensions through its group's value projector
-        out = torch.einsum("bsgrk,gdk->bsgrd", out.reshape(b, s, kv, n_rep, -1), U_v).reshape(b, s, kv * n_rep * d)
-        return self.o_proj(out.contiguous()), weights
+        out = out.reshape(b, s, kv, n_rep, -1).transpose(1, 2).reshape(b, kv, s * n_rep, -1) @ U_v.transpose(1, 2)
+        out = out.view(b, kv, s, n_rep, d).transpose(1, 2).reshape(b, s, kv * n_rep * d)
+        return self.o_proj(out), weights
 
     def extra_repr(self) -> str:
         return (f"family={self.family}, kv_heads={self.num_key_value_heads}, head_dim={self.head_dim}, "

@@ -10,7 +10,8 @@ the next-token loss, summed over the row), as FWSVD uses. Sums are kept in fp64.
 ``taps`` generalize what is collected beyond a linear target's input: a tap is a function of one
 module's forward, ``tap(module, args, kwargs, output) -> {stream: tensor [batch, seq, ..., width]}``;
 each stream's statistics are stored as ``"<module>:<stream>"`` (any leading dimensions after
-[batch, seq] count as further samples, e.g. the query heads of one KV-head group). The output of a
+[batch, seq] count as further samples, e.g. the query heads of one KV-head group). A stream may be a
+pair ``(tensor, keep)`` with ``keep`` a [batch, seq] bool mask that further restricts the tokens. The output of a
 linear module is ``output_tap``; EigenAttention taps the rotated queries and keys of an attention block.
 
 Statistics are cached as safetensors keyed by a hash of (model id, targets, data fingerprint, token
@@ -176,6 +177,10 @@ def collect(
 
     def add(key, x):
         mask = current_mask[0]
+        if isinstance(x, tuple):  # (stream, tokens to keep)
+            x, keep = x
+            keep = keep.to(x.device).bool().expand(x.shape[:2])
+            mask = keep if mask is None else mask & keep
         x = x[mask] if mask is not None else x.reshape(-1, *x.shape[2:])
         x = x.reshape(-1, x.shape[-1])
         if key not in accs:  # a tap's width is known at its first call
