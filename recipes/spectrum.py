@@ -4,11 +4,12 @@
 For every attention layer, over the real tokens of a recipe DataModule's calibration split
 (``zoo.core.calibration.collect`` with taps, cached under ``~/.cache/zoo/spectrum``):
 
-- ``hidden``: the residual stream entering the layer (raw), its spectrum with the outlier
-  (massive-activation) dimensions set apart (``hidden_apart``: mean square above ``outlier_ratio`` x the
-  median), without the tokens at position 0 (``hidden_nosink``: the attention-sink token, whose
-  massive activation spans a direction across many coordinates, so setting dimensions apart does not
-  remove it), and the RMSNorm output the q/k/v projections consume (``hidden_normed``);
+- ``hidden``: the residual stream entering the layer (raw); with the outlier (massive-activation)
+  dimensions set apart (``hidden_dims_apart``: mean square above ``outlier_ratio`` x the median);
+  without the tokens at position 0 (``hidden_nosink``: the attention-sink token, whose activation is
+  large along a direction spread over many coordinates); with both set apart (``hidden_apart``: on the
+  embedded teacher each alone leaves Df ~ 1-2 in the middle layers, only both remove the artifact);
+  and the RMSNorm output the q/k/v projections consume (``hidden_normed``);
 - ``Q``, ``K`` (after RoPE: what EigenAttention projects and caches), ``K_pre_rope`` and ``V``, per
   KV-head group (each query head of a group is a sample of the group's distribution);
 - the weight spectra of the same projections per group (squared singular values of the group's rows
@@ -46,7 +47,7 @@ from .data import TokenDataModule
 log = logging.getLogger("zoo.spectrum")
 
 #: activation streams per layer, in table order; "per_group" ones are split by KV-head group
-HIDDEN = ("hidden", "hidden_apart", "hidden_nosink", "hidden_normed")
+HIDDEN = ("hidden", "hidden_dims_apart", "hidden_nosink", "hidden_apart", "hidden_normed")
 PER_GROUP = ("Q", "K", "K_pre_rope", "V")
 WEIGHTS = ("W_q", "W_k", "W_v")
 TAP_VERSION = "spectrum/2"
@@ -81,8 +82,10 @@ def layer_spectra(attn_name: str, attn, stats: dict[str, calib.ActivationStats],
     C = _matrix(hidden, centered)
     eigs["hidden"] = [sp.eigenvalues(C)]
     outliers = sp.outlier_dims(hidden.diag, outlier_ratio)
-    eigs["hidden_apart"] = [sp.eigenvalues(sp.drop_dims(C, outliers))]
-    eigs["hidden_nosink"] = [sp.eigenvalues(_matrix(stats[f"{layer_name}:hidden_nosink"], centered))]
+    eigs["hidden_dims_apart"] = [sp.eigenvalues(sp.drop_dims(C, outliers))]
+    C_nosink = _matrix(stats[f"{layer_name}:hidden_nosink"], centered)
+    eigs["hidden_nosink"] = [sp.eigenvalues(C_nosink)]
+    eigs["hidden_apart"] = [sp.eigenvalues(sp.drop_dims(C_nosink, outliers))]
     eigs["hidden_normed"] = [sp.eigenvalues(_matrix(stats[f"{attn_name}:hidden_normed"], centered))]
     d = attn.head_dim
     n_kv = attn.k_proj.out_features // d
@@ -123,7 +126,7 @@ def spectrum_report(
             layer indices; default every layer.
         variance: the variance target of the k column (k = smallest number of eigenvalues holding it).
         outlier_ratio: a residual dimension whose mean square exceeds this times the median's is an
-            outlier (massive activation), set apart in ``hidden_apart``.
+            outlier (massive activation), set apart in ``hidden_dims_apart`` and ``hidden_apart``.
         centered: covariances (true) or uncentered second moments (false).
         calibration_tokens: cap on calibration tokens (None: the whole calibration split).
         output_dir: where spectrum.{md,json,safetensors,png} go.
@@ -222,9 +225,9 @@ def format_table(result: dict) -> str:
     lines = [f"eigen-spectra of {c['teacher']} over {c['tokens']} calibration tokens "
              f"({'covariance' if c['centered'] else 'second moment'}): Df = (sum l)^2 / sum l^2 and k for "
              f"{100 * c['variance']:g}% of the variance; hidden (dim {first['streams']['hidden']['dim']}): the residual "
-             f"stream, hidden_apart: without the outlier dims (mean square > {c['outlier_ratio']:g}x the median; "
-             "'outliers' = how many and their share of E||x||^2), hidden_nosink: without the tokens at position 0 "
-             "(attention sinks), hidden_normed: the RMSNorm output q/k/v consume; "
+             f"stream, hidden_dims_apart: without the outlier dims (mean square > {c['outlier_ratio']:g}x the "
+             "median; 'outliers' = how many and their share of E||x||^2), hidden_nosink: without the tokens at "
+             "position 0 (attention sinks), hidden_apart: without both, hidden_normed: the RMSNorm output q/k/v consume; "
              f"Q, K (after RoPE), K_pre_rope, V: per KV-head group (dim {first['head_dim']}, mean over "
              f"{first['kv_groups']} groups); W_*: squared singular values of each group's rows of the projection",
              "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]

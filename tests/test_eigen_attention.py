@@ -271,3 +271,24 @@ def test_shipped_configs_parse(config, capsys):
     parsed = yaml.safe_load(out)["model"]
     text = json.dumps(parsed)
     assert "EigenAttention" in text and "self_attn" in text
+
+
+@pytest.mark.slow
+def test_embedded_teacher_full_k_is_exact_and_compressed_generation_runs():
+    from zoo.core.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm("smollm2-135m-instruct")
+    ids = tokenizer(["def add(a, b):\n    return a + b\n\ndef mul(a, b):", "import os\nimport sys\n\nclass Config:"],
+                    return_tensors="pt").input_ids
+    data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    eigen_student(model, EigenAttention(k=64), data)
+    teacher, student = logits_both(model, ids)
+    assert (teacher - student).abs().max() < 1e-4
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        with teacher_view(model):
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits)) < 1e-4
