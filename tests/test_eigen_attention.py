@@ -278,8 +278,9 @@ def test_embedded_teacher_full_k_is_exact_and_compressed_generation_runs():
     from zoo.core.models import load_causal_lm
 
     model, tokenizer = load_causal_lm("smollm2-135m-instruct")
-    ids = tokenizer(["def add(a, b):\n    return a + b\n\ndef mul(a, b):", "import os\nimport sys\n\nclass Config:"],
-                    return_tensors="pt").input_ids
+    rows = [tokenizer(t).input_ids for t in ("def add(a, b):\n    return a + b\n\ndef mul(a, b):",
+                                             "import os\nimport sys\n\nclass Config:\n    def __init__(self):")]
+    ids = torch.tensor([r[:min(map(len, rows))] for r in rows])
     data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
     eigen_student(model, EigenAttention(k=64), data)
     teacher, student = logits_both(model, ids)
