@@ -293,3 +293,35 @@ def test_embedded_teacher_full_k_is_exact_and_compressed_generation_runs():
                                  output_logits=True, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits)) < 1e-4
+
+
+def test_reduced_k_equals_dense_projection_of_rotated_keys_and_values():
+    """At k < head_dim the layer is the original attention with every rotated query/key replaced by its
+    projection P_K = U_K U_K^T of its KV group and every value by P_V v (a dense reference)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    model = tiny(seed=5, attn_implementation="eager")
+    spec = EigenAttention(targets="model.layers.1.self_attn", k_keys=5, k_values=7)
+    eigen_student(model, spec)
+    wrapper = model.model.layers[1].self_attn
+    layer, original = wrapper.replacement, wrapper.original
+    torch.manual_seed(0)
+    b, s, d = 2, 10, HEAD_DIM
+    x = torch.randn(b, s, 64)
+    cos, sin = model.model.rotary_emb(x, torch.arange(s)[None].expand(b, -1))
+    causal = torch.full((s, s), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        got, _ = layer(x, position_embeddings=(cos, sin), attention_mask=causal)
+        q = original.q_proj(x).view(b, s, -1, d).transpose(1, 2)
+        k = original.k_proj(x).view(b, s, -1, d).transpose(1, 2)
+        v = original.v_proj(x).view(b, s, -1, d).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        PK = layer.U_keys @ layer.U_keys.transpose(1, 2)  # [kv, d, d]
+        PV = layer.U_values @ layer.U_values.transpose(1, 2)
+        k, v = k @ PK, v @ PV
+        q = q @ repeat_kv(PK[None], 2)[0]  # head h uses group h // 2
+        scores = q @ repeat_kv(k, 2).transpose(2, 3) * d ** -0.5 + causal
+        ref = (scores.softmax(-1) @ repeat_kv(v, 2)).transpose(1, 2).reshape(b, s, -1)
+        ref = original.o_proj(ref)
+    assert (got - ref).abs().max() < 1e-5
+    assert not torch.allclose(got, original(x, position_embeddings=(cos, sin), attention_mask=causal)[0], atol=1e-3)
