@@ -249,10 +249,10 @@ def plot(result: dict, eigs: dict[str, torch.Tensor], path: str | Path) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     for ax, field, label in ((axes[0, 0], "df", "participation ratio Df"),
                              (axes[0, 1], "k", f"k for {100 * result['config']['variance']:g}% variance")):
-        for stream in (*HIDDEN, *PER_GROUP, *WEIGHTS):
+        for i, stream in enumerate((*HIDDEN, *PER_GROUP, *WEIGHTS)):
             style = "--" if stream.startswith("W_") else "-"
             ax.plot(x, [result["layers"][n]["streams"][stream][field] for n in names], style, marker=".",
-                    label=stream)
+                    label=stream, color=plt.get_cmap("tab20")(i))
         ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.set_ylabel(label)
