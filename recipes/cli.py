@@ -31,7 +31,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 #: multi-stage subcommands: name -> "module:function"; the function takes the remaining argv.
 #: Imported lazily so ``zoo fit`` does not pay for them.
 COMMANDS: dict[str, str] = {
-    "duel": "recipes.duel:duel_main", "ladder": "recipes.ladder:ladder_main",
+    "duel": "recipes.duel:duel_main", "ladder": "recipes.ladder:ladder_main", "spectrum": "recipes.spectrum:spectrum_main",
     "eval": "recipes.evaluate:eval_main", "compare": "recipes.evaluate:compare_main",
     "bank": "recipes.wizorb:bank_main", "basis": "recipes.wizorb:basis_main", "project": "recipes.wizorb:project_main",
     "plan": "recipes.plan:plan_main",

@@ -2,6 +2,7 @@
 from .core import (ActivationStats, Composite, DistillationModule, Replaced, Technique, ZooError,
                    export_student, find_targets, load_causal_lm, replace, teacher_view, token_kl)
 from .coupled import CoupledCore, CoupledCoreRepair, Shim, ShimmedLinear
+from .eigen_attention import EigenAttention, EigenAttentionLayer, EigenAttentionRepair
 from .fisher_svd import FisherSVD, FisherSVDLinear, FisherSVDRepair
 from .phd import BlockwisePHD, BlockwisePHDLinear, BlockwisePHDRepair
 from .lora import LoRA, LoRAFineTune
@@ -14,4 +15,5 @@ __all__ = [
     "BlockwisePHD", "BlockwisePHDLinear", "BlockwisePHDRepair",
     "CoupledCore", "CoupledCoreRepair", "Shim", "ShimmedLinear",
     "LoRA", "LoRAFineTune", "UniversalBasis", "UniversalBasisCoefficients", "UniversalBasisLoRA",
+    "EigenAttention", "EigenAttentionLayer", "EigenAttentionRepair",
 ]

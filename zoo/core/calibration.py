@@ -7,6 +7,13 @@ matrix when ``in_features <= full_cov_max``, else only its diagonal E[x_i^2]. Wi
 also accumulates the empirical Fisher of each weight row (sum over batches of the squared gradient of
 the next-token loss, summed over the row), as FWSVD uses. Sums are kept in fp64.
 
+``taps`` generalize what is collected beyond a linear target's input: a tap is a function of one
+module's forward, ``tap(module, args, kwargs, output) -> {stream: tensor [batch, seq, ..., width]}``;
+each stream's statistics are stored as ``"<module>:<stream>"`` (any leading dimensions after
+[batch, seq] count as further samples, e.g. the query heads of one KV-head group). A stream may be a
+pair ``(tensor, keep)`` with ``keep`` a [batch, seq] bool mask that further restricts the tokens. The output of a
+linear module is ``output_tap``; EigenAttention taps the rotated queries and keys of an attention block.
+
 Statistics are cached as safetensors keyed by a hash of (model id, targets, data fingerprint, token
 budget, options), so a second run — or ``zoo validate`` rebuilding a student — reuses them.
 
@@ -21,6 +28,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,6 +86,7 @@ class ActivationStats:
 
 class _Accumulator:
     def __init__(self, in_features: int, full: bool):
+        self.in_features, self.full = in_features, full
         self.count = 0
         self.sum = torch.zeros(in_features, dtype=torch.float64)
         self.sq = torch.zeros(in_features, dtype=torch.float64)
@@ -143,6 +152,11 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
     os.replace(tmp, path)
 
 
+def output_tap(module, args, kwargs, output) -> dict[str, torch.Tensor]:
+    """The tap of a module's output (e.g. ``k_proj``'s keys before RoPE): stream ``output``."""
+    return {"output": output[0] if isinstance(output, tuple) else output}
+
+
 @torch.no_grad()
 def _forward(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
@@ -158,6 +172,7 @@ def collect(
     device: torch.device | str | None = None,
     progress: bool = True,
     distributed: bool = False,
+    taps: dict[str, Callable] | None = None,
 ) -> dict[str, ActivationStats]:
     """Statistics of the inputs of each module in ``targets`` over the real tokens of ``loader``.
 
@@ -166,24 +181,44 @@ def collect(
     With ``distributed`` and a process group, every process must call this with the same loader:
     each runs the model on batches ``i % world == rank`` only, the token budget counts every
     process's batches, and the sums are all-reduced (the Fisher sums too: they are per batch).
+    ``taps`` maps module names to tap functions (see the module docstring); their streams come back
+    as ``"<module>:<stream>"``, the full second moment when a stream is at most ``full_cov_max`` wide.
     """
-    if not targets:
+    taps = dict(taps or {})
+    if not targets and not taps:
         return {}
     device = torch.device(device) if device is not None else next(model.parameters()).device
     modules = {name: model.get_submodule(name) for name in targets}
     accs = {name: _Accumulator(m.in_features, m.in_features <= full_cov_max) for name, m in modules.items()}
     current_mask: list[torch.Tensor | None] = [None]
 
+    def add(key, x):
+        mask = current_mask[0]
+        if isinstance(x, tuple):  # (stream, tokens to keep)
+            x, keep = x
+            keep = keep.to(x.device).bool().expand(x.shape[:2])
+            mask = keep if mask is None else mask & keep
+        x = x[mask] if mask is not None else x.reshape(-1, *x.shape[2:])
+        x = x.reshape(-1, x.shape[-1])
+        if key not in accs:  # a tap's width is known at its first call
+            accs[key] = _Accumulator(x.shape[-1], x.shape[-1] <= full_cov_max)
+        accs[key].add(x)
+
     def make_hook(name):
         def hook(_module, args, _kwargs=None):
-            x = args[0]
-            mask = current_mask[0]
-            x = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
-            accs[name].add(x)
+            add(name, args[0])
+
+        return hook
+
+    def make_tap(name, tap):
+        def hook(module, args, kwargs, output):
+            for stream, x in tap(module, args, kwargs, output).items():
+                add(f"{name}:{stream}", x)
 
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    handles += [model.get_submodule(n).register_forward_hook(make_tap(n, t), with_kwargs=True) for n, t in taps.items()]
     weights = {name: modules[name].weight for name in targets} if fisher else {}
     if fisher:
         for name, acc in accs.items():
@@ -214,8 +249,11 @@ def collect(
     if seen == 0:
         raise ZooError("the calibration loader produced no tokens")
     if world > 1:
-        for acc in accs.values():
-            acc.all_reduce()
+        # taps create their accumulators at first use: every process must have seen a batch
+        if len(loader) < world if hasattr(loader, "__len__") else False:
+            raise ZooError(f"calibration over {world} processes needs at least {world} batches, got {len(loader)}")
+        for key in sorted(accs):  # the same order on every process
+            accs[key].all_reduce()
     return {name: acc.result() for name, acc in accs.items()}
 
 

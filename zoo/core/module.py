@@ -171,6 +171,13 @@ class DistillationModule(L.LightningModule):
                     )
                 owner[n] = i
             resolved.append(names)
+        # a target inside another part's target (an attention block and its o_proj) overlaps too
+        for inner, i in owner.items():
+            for outer, j in owner.items():
+                if i != j and inner.startswith(outer + "."):
+                    raise ZooError(f"part {i} ({type(self.parts[i]).__name__}) targets {inner!r}, inside "
+                                   f"{outer!r} that part {j} ({type(self.parts[j]).__name__}) replaces; "
+                                   "targets of parts must be disjoint")
         return resolved
 
     def build_student(self, calibration_loader=None, data_fingerprint: str = "", device=None) -> None:
@@ -183,24 +190,30 @@ class DistillationModule(L.LightningModule):
         for part, names in zip(self.parts, resolved):
             part.plan({n: self.model.get_submodule(n) for n in names}, stats)
         for i, (part, names) in enumerate(zip(self.parts, resolved)):
-            replace(self.model, names, lambda name, module, part=part: part.build(name, module, stats.get(name)))
+            replace(self.model, names, lambda name, module, part=part: part.build(name, module, stats.get(name)),
+                    part.target_kind)
             self.targets[f"{i}:{type(part).__name__}"] = names
         if not self.trainable_parameters():
             raise ZooError("the student has no trainable tensors; check the technique's options")
         if self.repair_state:
             self.load_repair_state(self.repair_state)
+        for part in self.parts:
+            self.summary.update(part.report(self.model))
         n_train = sum(p.numel() for p in self.trainable_parameters().values())
         self.summary["trainable_parameters"] = n_train
         self.summary["targets"] = sum(map(len, resolved))
         log.info("student built: %d targets, %d trainable parameters", sum(map(len, resolved)), n_train)
 
     def _calibrate(self, resolved, loader, fingerprint, device) -> dict[str, calib.ActivationStats]:
-        wanted = {"input": [], "fisher": []}
+        wanted = {"input": [], "fisher": [], "taps": []}
+        taps = {}
         for part, names in zip(self.parts, resolved):
             for need in part.needs():
                 wanted[need].extend(names)
+            if "taps" in part.needs():
+                taps.update({n: part.tap for n in names})
         names = sorted(set(wanted["input"]) | set(wanted["fisher"]))
-        if not names:
+        if not names and not taps:
             return {}
         if loader is None:
             raise ZooError(
@@ -209,7 +222,10 @@ class DistillationModule(L.LightningModule):
             )
         key = calib.cache_key(teacher=self.teacher, dtype=self.dtype_name, targets=names,
                               fisher=sorted(wanted["fisher"]), data=fingerprint,
-                              tokens=self.calibration_tokens, full_cov_max=self.full_cov_max)
+                              tokens=self.calibration_tokens, full_cov_max=self.full_cov_max,
+                              **({"taps": sorted(taps), "tap_versions": sorted({p.tap_version for p in self.parts
+                                                                                if "taps" in p.needs()})}
+                                 if taps else {}))
         path = cache_root() / "calibration" / f"{key}.safetensors"
         # under ddp/fsdp every process runs setup: all read the cache, or all collect their share
         if all_true(path.is_file()):
@@ -220,7 +236,7 @@ class DistillationModule(L.LightningModule):
             self.model.to(device)
         stats = calib.collect(self.model, loader, names, full_cov_max=self.full_cov_max,
                               max_tokens=self.calibration_tokens, fisher=bool(wanted["fisher"]),
-                              device=device, distributed=True)
+                              device=device, distributed=True, taps=taps)
         self.model.to(was)
         if fingerprint and rank_world()[0] == 0:  # only data with a fingerprint can be reused safely
             calib.save_stats(path, stats, {"teacher": self.teacher, "data": fingerprint})

@@ -57,13 +57,14 @@ def replace(
     model: nn.Module,
     patterns,
     build: Callable[[str, nn.Module], nn.Module],
+    kind: str = "linear",
 ) -> list[str]:
-    """Wrap every target matched by ``patterns`` in ``Replaced(original, build(name, original))``.
+    """Wrap every target of ``kind`` matched by ``patterns`` in ``Replaced(original, build(name, original))``.
 
     Returns the replaced names. A target that is already replaced is an error (parts of a
     Composite must have disjoint targets).
     """
-    names = find_targets(model, patterns)
+    names = find_targets(model, patterns, kind)
     for name in names:
         original = get_module(model, name)
         if isinstance(original, Replaced):

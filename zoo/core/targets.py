@@ -7,8 +7,11 @@ A pattern is matched against the full names of ``model.named_modules()``:
 - a pattern starting with ``re:`` is a full-match regular expression;
 - anything else is an exact module name.
 
-Only leaf ``nn.Linear`` modules (or modules that expose ``in_features``/``out_features``) are targets.
-A pattern that matches nothing is an error that lists the closest real names.
+What a pattern may match is the target *kind* (``TARGET_KINDS``): ``linear`` (the default: leaf
+``nn.Linear`` modules or modules that expose ``in_features``/``out_features``/``weight``) or
+``attention`` (self-attention blocks: modules whose class name ends in ``Attention``, e.g.
+``model.layers.3.self_attn``); a ``Technique`` names its kind in ``target_kind``. A pattern that
+matches nothing is an error that lists the closest real names of that kind.
 """
 from __future__ import annotations
 
@@ -70,14 +73,29 @@ def is_linear_like(module: nn.Module) -> bool:
     return hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight")
 
 
-def find_targets(model: nn.Module, patterns: str | Iterable[str]) -> list[str]:
-    """Names of the linear modules of ``model`` matched by ``patterns``, in model order.
+def is_attention(module: nn.Module) -> bool:
+    """A self-attention block (any family; whether a technique supports it is the technique's check)."""
+    from .surgery import Replaced  # a replaced attention block is still targeted by its name
 
-    Raises ZooError for a pattern that matches no linear module, naming the closest real names.
+    inner = module.original if isinstance(module, Replaced) else module
+    return type(inner).__name__.endswith("Attention")
+
+
+#: what a target pattern may match, by kind
+TARGET_KINDS = {"linear": is_linear_like, "attention": is_attention}
+
+
+def find_targets(model: nn.Module, patterns: str | Iterable[str], kind: str = "linear") -> list[str]:
+    """Names of the modules of ``kind`` (see ``TARGET_KINDS``) in ``model`` matched by ``patterns``, in
+    model order.
+
+    Raises ZooError for a pattern that matches no module of that kind, naming the closest real names.
     """
     if isinstance(patterns, str):
         patterns = [patterns]
-    candidates = [name for name, module in model.named_modules() if is_linear_like(module)]
+    if kind not in TARGET_KINDS:
+        raise ZooError(f"unknown target kind {kind!r}; valid choices: {', '.join(TARGET_KINDS)}")
+    candidates = [name for name, module in model.named_modules() if TARGET_KINDS[kind](module)]
     # a replaced module is targeted by its original name, not by ".original"/".replacement"
     candidates = [n for n in candidates if not n.endswith((".original", ".replacement"))]
     chosen: set[str] = set()
@@ -87,7 +105,7 @@ def find_targets(model: nn.Module, patterns: str | Iterable[str]) -> list[str]:
             hits = [n for n in candidates if regex.fullmatch(n)]
             if not hits:
                 raise ZooError(
-                    f"target pattern {expanded!r} matches no linear module"
+                    f"target pattern {expanded!r} matches no {kind} module"
                     + choices_hint(expanded, candidates)
                 )
             chosen.update(hits)

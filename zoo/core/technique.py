@@ -21,8 +21,8 @@ from .calibration import ActivationStats
 from .errors import ZooError
 from .targets import find_targets
 
-#: statistics a technique may ask calibration for
-NEEDS = ("input", "fisher")
+#: statistics a technique may ask calibration for; "taps": the streams of ``Technique.tap``
+NEEDS = ("input", "fisher", "taps")
 
 #: what a tensor of a replacement is: trained, stored but frozen, or a buffer rebuilt from the config
 ROLES = ("trainable", "frozen", "buffer")
@@ -49,7 +49,12 @@ class TensorSize:
 
 
 class Technique:
-    """Base class of technique specs. Subclasses store every ``__init__`` argument as an attribute."""
+    """Base class of technique specs. Subclasses store every ``__init__`` argument as an attribute.
+
+    ``target_kind`` is what the spec's patterns match (``zoo.core.targets.TARGET_KINDS``).
+    """
+
+    target_kind = "linear"
 
     def __init__(self, targets: str | list[str]):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
@@ -60,7 +65,17 @@ class Technique:
 
     def resolve(self, model: nn.Module) -> list[str]:
         """Module names this spec replaces in ``model``."""
-        return find_targets(model, self.targets)
+        return find_targets(model, self.targets, self.target_kind)
+
+    #: a calibration tap run on each target when ``needs()`` has "taps": ``tap(module, args, kwargs,
+    #: output) -> {stream: tensor}`` (see ``zoo.core.calibration``); its statistics reach ``plan`` as
+    #: ``stats["<target>:<stream>"]``. ``tap_version`` names it in the calibration cache key.
+    tap = None
+    tap_version = ""
+
+    def report(self, model: nn.Module) -> dict[str, float]:
+        """Run-level numbers about the built student (e.g. its KV-cache size), added to the run's summary."""
+        return {}
 
     def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> None:
         """Called once with all of this spec's targets before any is built: a hook for decisions made
