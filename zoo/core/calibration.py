@@ -224,6 +224,9 @@ def collect(
         for name, acc in accs.items():
             acc.fisher = torch.zeros(modules[name].out_features, dtype=torch.float64)
     rank, world = rank_world() if distributed else (0, 1)
+    if world > 1 and hasattr(loader, "__len__") and len(loader) < world:
+        # every process must run a batch: taps create their accumulators at first use
+        raise ZooError(f"calibration over {world} processes needs at least {world} batches, got {len(loader)}")
     seen = 0
     bar = tqdm(total=max_tokens, desc="calibration", unit="tok", disable=not progress or rank != 0)
     try:
@@ -249,9 +252,6 @@ def collect(
     if seen == 0:
         raise ZooError("the calibration loader produced no tokens")
     if world > 1:
-        # taps create their accumulators at first use: every process must have seen a batch
-        if len(loader) < world if hasattr(loader, "__len__") else False:
-            raise ZooError(f"calibration over {world} processes needs at least {world} batches, got {len(loader)}")
         for key in sorted(accs):  # the same order on every process
             accs[key].all_reduce()
     return {name: acc.result() for name, acc in accs.items()}
