@@ -63,5 +63,6 @@ def main():
                 print(f"{label:<26} {variant:<10} {t * 1e3:>10.3f} {t / base:>9.3f}")
         del x, dense
 
+
 if __name__ == "__main__":
     main()

@@ -24,6 +24,7 @@ from zoo.core.errors import ZooError
 from zoo.core.models import META_PREFIX, RANDOM_PREFIX
 from zoo.core.module import DistillationModule
 
+from .command import wandb_config
 from .data import TokenDataModule
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -39,10 +40,7 @@ COMMANDS: dict[str, str] = {
 
 
 def default_logger() -> dict:
-    return {
-        "class_path": "lightning.pytorch.loggers.WandbLogger",
-        "init_args": {"project": "zoo", "save_dir": "runs", "offline": os.environ.get("WANDB_MODE") != "online"},
-    }
+    return wandb_config(None, "runs")
 
 
 class ZooCLI(LightningCLI):

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.loggers import Logger
 
 from zoo import basis_duel as bd
@@ -24,6 +21,7 @@ from zoo.core.errors import ZooError, check_choice
 from zoo.core.models import DEFAULT_TEACHER, cache_root, load_causal_lm
 from zoo.core.targets import find_targets
 
+from .command import command_parser, run_command
 from .data import TokenDataModule
 
 log = logging.getLogger("zoo.duel")
@@ -134,35 +132,8 @@ def log_result(logger: Logger, result: bd.DuelResult, chart: Path) -> None:
     logger.finalize("success")
 
 
-def default_logger(output_dir: str) -> Logger:
-    """W&B, offline unless ``WANDB_MODE=online``, as the fit runs log."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    return WandbLogger(project="zoo", name="basis_duel", save_dir=output_dir,
-                       offline=os.environ.get("WANDB_MODE") != "online")
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="zoo duel", exit_on_error=False,
-                            description="zoo duel: compare bases of one layer at one rank (source 000, 4.2)")
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
-    parser.add_function_arguments(basis_duel, skip={"data", "logger"})
-    parser.add_subclass_arguments(TokenDataModule, "data", required=True)
-    parser.add_argument("--logger", type=Logger | bool | None, default=True,
-                        help="a Lightning logger (class_path/init_args); true: W&B offline in output_dir; "
-                             "false/null: none")
-    parser.link_arguments("teacher", "data.init_args.teacher")
-    return parser
-
-
 def duel_main(argv: list[str]) -> bd.DuelResult:
     """Entry point of ``zoo duel`` (see ``recipes.cli.COMMANDS``)."""
-    parser = build_parser()
-    cfg = parser.parse_args(argv)
-    init = parser.instantiate_classes(cfg)
-    kwargs = {k: v for k, v in vars(init).items() if k not in ("config", "__path__")}
-    if kwargs["logger"] is True:
-        kwargs["logger"] = default_logger(kwargs["output_dir"])
-    elif kwargs["logger"] is False:
-        kwargs["logger"] = None
-    return basis_duel(**kwargs)
+    parser = command_parser(basis_duel, "zoo duel", "zoo duel: compare bases of one layer at one rank (source 000, 4.2)",
+                            data="required", logger=True)
+    return run_command(basis_duel, parser, argv, logger_name="basis_duel")

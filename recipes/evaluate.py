@@ -14,13 +14,14 @@ import logging
 import re
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser
 
 from zoo.core.errors import ZooError, check_choice
 from zoo.core.models import DEFAULT_TEACHER, load_causal_lm
 from zoo.core.surgery import teacher_view
 from zoo.evaluation import (PROMPT_STYLES, EvalResult, Limits, compare, evaluate, load_problems, load_result,
                             parse_teacher_solved, select, teacher_solved)
+
+from .command import command_parser, run_command
 
 log = logging.getLogger("zoo.eval")
 VIEWS = ("student", "teacher")
@@ -140,26 +141,15 @@ def compare_results(a: str, b: str) -> None:
     return paired
 
 
-def _parser(function, prog: str, description: str) -> ArgumentParser:
-    parser = ArgumentParser(prog=prog, exit_on_error=False, description=description)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
-    parser.add_function_arguments(function, as_positional=True)
-    return parser
-
-
-def _run(function, parser: ArgumentParser, argv: list[str]):
-    cfg = parser.parse_args(argv)
-    kwargs = {k: v for k, v in vars(cfg).items() if k not in ("config", "__path__")}
-    return function(**kwargs)
-
-
 def eval_main(argv: list[str]) -> EvalResult:
     """Entry point of ``zoo eval`` (see ``recipes.cli.COMMANDS``)."""
-    parser = _parser(eval_model, "zoo eval", "zoo eval: greedy pass@1 on HumanEval+/MBPP+ through evalplus")
-    return _run(eval_model, parser, argv)
+    parser = command_parser(eval_model, "zoo eval", "zoo eval: greedy pass@1 on HumanEval+/MBPP+ through evalplus",
+                            positional=True)
+    return run_command(eval_model, parser, argv)
 
 
 def compare_main(argv: list[str]):
     """Entry point of ``zoo compare``."""
-    parser = _parser(compare_results, "zoo compare", "zoo compare: paired table and exact McNemar test")
-    return _run(compare_results, parser, argv)
+    parser = command_parser(compare_results, "zoo compare", "zoo compare: paired table and exact McNemar test",
+                            positional=True)
+    return run_command(compare_results, parser, argv)

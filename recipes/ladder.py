@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser
-
 from zoo.core.errors import ZooError
+
+from .command import command_parser, run_command, wandb_config, wandb_logger
 
 log = logging.getLogger("zoo.ladder")
 
@@ -50,10 +49,7 @@ def rung_command(rung: Rung, overrides: list[str], run_dir: Path, logger: bool) 
     args = [sys.executable, "-m", "recipes.cli", "fit", "--config", rung.config, *overrides, *rung.overrides,
             "--trainer.default_root_dir", str(run_dir)]
     if logger:
-        wandb = {"class_path": "lightning.pytorch.loggers.WandbLogger",
-                 "init_args": {"project": "zoo", "name": f"ladder/{rung.name}", "save_dir": str(run_dir),
-                               "offline": os.environ.get("WANDB_MODE") != "online"}}
-        args += ["--trainer.logger", json.dumps(wandb)]
+        args += ["--trainer.logger", json.dumps(wandb_config(f"ladder/{rung.name}", run_dir))]
     else:
         args += ["--trainer.logger", "false"]
     return args
@@ -228,10 +224,7 @@ def run_ladder(
 
 
 def log_ladder(rows: list[dict], chart: Path, out: Path) -> None:
-    from lightning.pytorch.loggers import WandbLogger
-
-    logger = WandbLogger(project="zoo", name="ladder", save_dir=str(out),
-                         offline=os.environ.get("WANDB_MODE") != "online")
+    logger = wandb_logger("ladder", out)
     columns = list(rows[0])
     logger.log_table(key="ladder", columns=columns, data=[[r[c] for c in columns] for r in rows])
     logger.log_image(key="ladder_chart", images=[str(chart)])
@@ -239,18 +232,8 @@ def log_ladder(rows: list[dict], chart: Path, out: Path) -> None:
     logger.experiment.finish()
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="zoo ladder", exit_on_error=False,
-                            description="zoo ladder: the scaling ladder of structured replacements (source 000, 4.5-4.9)")
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
-    parser.add_function_arguments(run_ladder)
-    return parser
-
-
 def ladder_main(argv: list[str]) -> list[dict]:
     """Entry point of ``zoo ladder`` (see ``recipes.cli.COMMANDS``)."""
-    parser = build_parser()
-    cfg = parser.parse_args(argv)
-    init = parser.instantiate_classes(cfg)
-    kwargs = {k: v for k, v in vars(init).items() if k not in ("config", "__path__")}
-    return run_ladder(**kwargs)
+    parser = command_parser(run_ladder, "zoo ladder", "zoo ladder: the scaling ladder of structured replacements "
+                            "(source 000, 4.5-4.9)")
+    return run_command(run_ladder, parser, argv)

@@ -15,11 +15,11 @@ import json
 import re
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser
-
 from zoo.core import plan as zp
 from zoo.core.errors import ZooError
 from zoo.core.models import META_PREFIX, parse_dtype
+
+from .command import command_parser, run_command
 
 
 def plan_recipe(
@@ -170,16 +170,8 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="zoo plan", exit_on_error=False,
-                            description="zoo plan: parameter counts and a peak-memory estimate of a recipe on "
-                                        "a model, without loading its weights")
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
-    parser.add_function_arguments(plan_recipe)
-    return parser
-
-
 def plan_main(argv: list[str]) -> dict:
     """Entry point of ``zoo plan`` (see ``recipes.cli.COMMANDS``)."""
-    cfg = build_parser().parse_args(argv)
-    return plan_recipe(**{k: v for k, v in vars(cfg).items() if k not in ("config", "__path__")})
+    parser = command_parser(plan_recipe, "zoo plan", "zoo plan: parameter counts and a peak-memory estimate of a "
+                            "recipe on a model, without loading its weights")
+    return run_command(plan_recipe, parser, argv)

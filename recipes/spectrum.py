@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.loggers import Logger
 
 from zoo.core import calibration as calib
@@ -42,6 +40,7 @@ from zoo.core.models import DEFAULT_TEACHER, cache_root, load_causal_lm
 from zoo.core.targets import find_targets
 from zoo.eigen_attention import attention_streams, check_supported
 
+from .command import command_parser, run_command
 from .data import TokenDataModule
 
 log = logging.getLogger("zoo.spectrum")
@@ -291,35 +290,8 @@ def log_result(logger: Logger, result: dict, chart: Path) -> None:
     logger.finalize("success")
 
 
-def default_logger(output_dir: str) -> Logger:
-    from lightning.pytorch.loggers import WandbLogger
-
-    return WandbLogger(project="zoo", name="spectrum", save_dir=output_dir,
-                       offline=os.environ.get("WANDB_MODE") != "online")
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="zoo spectrum", exit_on_error=False,
-                            description="zoo spectrum: per-layer eigen-spectra of hidden states, Q, K, V and "
-                                        "their weights (source 004)")
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
-    parser.add_function_arguments(spectrum_report, skip={"data", "logger"})
-    parser.add_subclass_arguments(TokenDataModule, "data", required=True)
-    parser.add_argument("--logger", type=Logger | bool | None, default=True,
-                        help="a Lightning logger (class_path/init_args); true: W&B offline in output_dir; "
-                             "false/null: none")
-    parser.link_arguments("teacher", "data.init_args.teacher")
-    return parser
-
-
 def spectrum_main(argv: list[str]) -> dict:
     """Entry point of ``zoo spectrum`` (see ``recipes.cli.COMMANDS``)."""
-    parser = build_parser()
-    cfg = parser.parse_args(argv)
-    init = parser.instantiate_classes(cfg)
-    kwargs = {k: v for k, v in vars(init).items() if k not in ("config", "__path__")}
-    if kwargs["logger"] is True:
-        kwargs["logger"] = default_logger(kwargs["output_dir"])
-    elif kwargs["logger"] is False:
-        kwargs["logger"] = None
-    return spectrum_report(**kwargs)
+    parser = command_parser(spectrum_report, "zoo spectrum", "zoo spectrum: per-layer eigen-spectra of hidden states, "
+                            "Q, K, V and their weights (source 004)", data="required", logger=True)
+    return run_command(spectrum_report, parser, argv, logger_name="spectrum")

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.loggers import Logger
 
 from zoo.core.errors import ZooError, check_choice
@@ -29,19 +28,13 @@ from zoo.lora import is_adapter_dir, read_adapter
 from zoo.universal_basis import (CONTROLS, MODES, DeltaBank, extract_basis, leave_out_errors, load_basis,
                                  project_adapter, save_projection)
 
+from .command import command_parser, run_command, wandb_logger
 from .data import TokenDataModule
 
 log = logging.getLogger("zoo.wizorb")
 
 #: the source's targets (001, section 3.2): the attention and MLP projections of every layer
 DEFAULT_TARGETS = "model.layers.*.{self_attn.{q,k,v,o}_proj,mlp.{gate,up,down}_proj}"
-
-
-def _wandb(output_dir: str | Path, name: str) -> Logger:
-    from lightning.pytorch.loggers import WandbLogger
-
-    return WandbLogger(project="zoo", name=name, save_dir=str(output_dir),
-                       offline=os.environ.get("WANDB_MODE") != "online")
 
 
 def _md_table(columns: list[str], rows: list[list]) -> str:
@@ -196,7 +189,7 @@ def train_bank(
         shard = shard_data(data, i, num_shards)
         run_dir = out / "runs" / name
         trainer = L.Trainer(
-            max_steps=steps, accelerator=accelerator, logger=_wandb(run_dir, f"bank-{name}") if logger else False,
+            max_steps=steps, accelerator=accelerator, logger=wandb_logger(run_dir, f"bank-{name}") if logger else False,
             enable_checkpointing=False, default_root_dir=str(run_dir), num_sanity_val_steps=0,
             check_val_every_n_epoch=None, val_check_interval=steps, log_every_n_steps=max(1, min(5, steps)),
             callbacks=[MetricsJSON(dirpath=str(run_dir))], **({"precision": precision} if precision else {}))
@@ -321,7 +314,7 @@ def build_basis(
     chart = plot_basis(payload, full, out / "basis.png")
     print(f"\nwrote {basis_path}, {out / 'basis.json'}, {out / 'basis.md'} and {chart} "
           f"({payload['seconds']:.0f} s)")
-    _log_table(_wandb(out, "wizorb-basis") if logger else None, "wizorb_basis", columns, rows,
+    _log_table(wandb_logger(out, "wizorb-basis") if logger else None, "wizorb_basis", columns, rows,
                {f"basis/holdout_rel_err@{r[0]}": r[3] for r in rows}, [chart])
     return payload
 
@@ -437,7 +430,7 @@ def project(
     (out / "projection.md").write_text(table + "\n")
     chart = plot_projection(per_module, k, out / "projection.png")
     print(f"\nwrote {', '.join(s['adapter'] for s in summary)}, {out / 'projection.json'} and {chart}")
-    _log_table(_wandb(out, "wizorb-project") if logger else None, "wizorb_projection", columns, rows,
+    _log_table(wandb_logger(out, "wizorb-project") if logger else None, "wizorb_projection", columns, rows,
                {f"project/{s['control']}/rel_err": s["overall"] for s in summary}, [chart])
     return payload
 
@@ -466,38 +459,22 @@ def plot_projection(per_module: dict[str, dict[str, float]], k: int, path: Path)
 # entry points
 
 
-def _parser(function, prog: str, description: str, data: bool = False) -> ArgumentParser:
-    parser = ArgumentParser(prog=prog, exit_on_error=False, description=description)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
-    parser.add_function_arguments(function, skip={"data"} if data else set())
-    if data:
-        parser.add_subclass_arguments(TokenDataModule, "data", required=False)
-        parser.link_arguments("teacher", "data.init_args.teacher")
-    return parser
-
-
-def _kwargs(parser: ArgumentParser, argv: list[str]) -> dict:
-    cfg = parser.parse_args(argv)
-    init = parser.instantiate_classes(cfg)
-    return {k: v for k, v in vars(init).items() if k not in ("config", "__path__")}
-
-
 def bank_main(argv: list[str]) -> dict:
     """Entry point of ``zoo bank``."""
-    parser = _parser(train_bank, "zoo bank", "zoo bank: a delta bank of LoRA adapters on disjoint code shards "
-                     "(source 001, 3.3)", data=True)
-    return train_bank(**_kwargs(parser, argv))
+    parser = command_parser(train_bank, "zoo bank", "zoo bank: a delta bank of LoRA adapters on disjoint code "
+                            "shards (source 001, 3.3)", data="optional")
+    return run_command(train_bank, parser, argv)
 
 
 def basis_main(argv: list[str]) -> dict:
     """Entry point of ``zoo basis``."""
-    parser = _parser(build_basis, "zoo basis", "zoo basis: per-module universal bases of a delta bank, "
-                     "train/holdout reconstruction error vs k (source 001, 4 and phases 4-8)")
-    return build_basis(**_kwargs(parser, argv))
+    parser = command_parser(build_basis, "zoo basis", "zoo basis: per-module universal bases of a delta bank, "
+                            "train/holdout reconstruction error vs k (source 001, 4 and phases 4-8)")
+    return run_command(build_basis, parser, argv)
 
 
 def project_main(argv: list[str]) -> dict:
     """Entry point of ``zoo project``."""
-    parser = _parser(project, "zoo project", "zoo project: an adapter projected into a universal basis, with "
-                     "random/secondary/mean controls (source 001, phases 9-14)")
-    return project(**_kwargs(parser, argv))
+    parser = command_parser(project, "zoo project", "zoo project: an adapter projected into a universal basis, "
+                            "with random/secondary/mean controls (source 001, phases 9-14)")
+    return run_command(project, parser, argv)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from zoo import BlockwisePHD, BlockwisePHDLinear, BlockwisePHDRepair, CoupledCore, CoupledCoreRepair, Shim
+from zoo import BlockwisePHD, CoupledCore, CoupledCoreRepair, Shim
 from zoo.core import calibration as calib
 from zoo.core.errors import ZooError
 from zoo.core.linalg import procrustes

@@ -9,7 +9,7 @@ import torch
 
 from zoo.core.errors import ZooError
 from zoo.lora import read_adapter, save_adapter
-from zoo.universal_basis import (DeltaBank, Subspace, UniversalBasisLoRA, canonicalize, delta_error_sq,
+from zoo.universal_basis import (DeltaBank, UniversalBasisLoRA, canonicalize, delta_error_sq,
                                  extract_basis, fit_subspace, leave_out_errors, load_basis, project_adapter,
                                  save_projection)
 

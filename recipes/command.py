@@ -1,0 +1,62 @@
+"""What the multi-stage ``zoo`` commands (``zoo duel``, ``zoo spectrum``, ``zoo bank``, ...) share: a
+jsonargparse parser over the command's function (with ``--config``, optionally a recipe DataModule whose
+teacher is linked to the command's, and a Lightning logger), running it, and the W&B logger every run uses
+(offline unless ``WANDB_MODE=online``)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch.loggers import Logger
+
+from .data import TokenDataModule
+
+
+def wandb_init_args(name: str | None, save_dir: str | Path) -> dict:
+    return {"project": "zoo", "name": name, "save_dir": str(save_dir),
+            "offline": os.environ.get("WANDB_MODE") != "online"}
+
+
+def wandb_config(name: str | None, save_dir: str | Path) -> dict:
+    """The W&B logger as a LightningCLI ``class_path``/``init_args`` dict."""
+    return {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": wandb_init_args(name, save_dir)}
+
+
+def wandb_logger(name: str, save_dir: str | Path) -> Logger:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(**wandb_init_args(name, save_dir))
+
+
+def command_parser(function, prog: str, description: str, *, data: str | None = None,
+                   logger: bool = False, positional: bool = False) -> ArgumentParser:
+    """A parser of ``function``'s typed signature plus ``--config``.
+
+    ``data``: ``required`` or ``optional`` adds ``--data`` (any recipe DataModule; its teacher follows the
+    command's ``teacher``). ``logger`` adds ``--logger`` (a Lightning logger, or true: W&B offline in the
+    command's ``output_dir``, or false). ``positional``: required arguments may be given without their
+    ``--name`` (``zoo compare A.json B.json``).
+    """
+    parser = ArgumentParser(prog=prog, exit_on_error=False, description=description)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
+    skip = ({"data"} if data else set()) | ({"logger"} if logger else set())
+    parser.add_function_arguments(function, skip=skip, as_positional=positional)
+    if data:
+        parser.add_subclass_arguments(TokenDataModule, "data", required=data == "required")
+        parser.link_arguments("teacher", "data.init_args.teacher")
+    if logger:
+        parser.add_argument("--logger", type=Logger | bool | None, default=True,
+                            help="a Lightning logger (class_path/init_args); true: W&B offline in output_dir; "
+                                 "false/null: none")
+    return parser
+
+
+def run_command(function, parser: ArgumentParser, argv: list[str], logger_name: str | None = None):
+    """Parse ``argv``, build the objects it names, and call ``function`` with them."""
+    cfg = parser.parse_args(argv)
+    init = parser.instantiate_classes(cfg)
+    kwargs = {k: v for k, v in vars(init).items() if k not in ("config", "__path__")}
+    if logger_name is not None and "logger" in kwargs and isinstance(kwargs["logger"], bool | None):
+        kwargs["logger"] = wandb_logger(logger_name, kwargs["output_dir"]) if kwargs["logger"] else None
+    return function(**kwargs)
