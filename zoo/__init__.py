@@ -4,6 +4,7 @@ from .core import (ActivationStats, Composite, DistillationModule, Replaced, Tec
 from .coupled import CoupledCore, CoupledCoreRepair, Shim, ShimmedLinear
 from .fisher_svd import FisherSVD, FisherSVDLinear, FisherSVDRepair
 from .phd import BlockwisePHD, BlockwisePHDLinear, BlockwisePHDRepair
+from .tase import TASECoupledCore, TASECoupledRepair, TASEDiagnostic, TASEInterface
 
 __all__ = [
     "ActivationStats", "Composite", "DistillationModule", "Replaced", "Technique", "ZooError",
@@ -11,4 +12,5 @@ __all__ = [
     "FisherSVD", "FisherSVDLinear", "FisherSVDRepair",
     "BlockwisePHD", "BlockwisePHDLinear", "BlockwisePHDRepair",
     "CoupledCore", "CoupledCoreRepair", "Shim", "ShimmedLinear",
+    "TASECoupledCore", "TASECoupledRepair", "TASEDiagnostic", "TASEInterface",
 ]

@@ -83,6 +83,9 @@ class DistillationModule(L.LightningModule):
         repair_state: a repair state (safetensors) to load after building the student.
     """
 
+    #: False for modules whose trainable tensors live outside the parts (e.g. ``zoo.TASEDiagnostic``)
+    requires_parts = True
+
     def __init__(
         self,
         parts: list[Technique],
@@ -98,7 +101,7 @@ class DistillationModule(L.LightningModule):
         repair_state: str | None = None,
     ):
         super().__init__()
-        if not parts:
+        if not parts and self.requires_parts:
             raise ZooError("a DistillationModule needs at least one technique part")
         if temperature <= 0:
             raise ZooError(f"temperature must be > 0, got {temperature}")
