@@ -32,6 +32,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 COMMANDS: dict[str, str] = {
     "duel": "recipes.duel:duel_main", "ladder": "recipes.ladder:ladder_main",
     "eval": "recipes.evaluate:eval_main", "compare": "recipes.evaluate:compare_main",
+    "tase-sweep": "recipes.tase_sweep:tase_sweep_main",
 }
 
 

@@ -202,3 +202,41 @@ def test_identity_tase_in_a_coupled_block_starts_as_the_plain_core_and_trains(ti
     deviations = tase.replacement_metrics()["tase_d_id"]
     assert set(deviations) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
     assert all(float(m.compute()) < 1e-4 for m in deviations.values())
+
+
+class ListData:
+    """The DataModule surface the diagnostic uses, over fixed batches."""
+
+    def __init__(self):
+        self.train, self.heldout = batches(2, seed=1), batches(1, seed=2)
+
+    def setup(self, stage):
+        pass
+
+    def train_dataloader(self):
+        return self.train
+
+    def val_dataloader(self):
+        return self.heldout
+
+    def calibration_dataloader(self):
+        return batches(2)
+
+    def fingerprint(self, split):
+        return ""  # nothing cached
+
+
+def test_composed_diagnostic_records_the_students_stream_with_frozen_parts(tiny_teacher_dir, tiny_model):
+    from zoo import CoupledCore, TASEDiagnostic
+
+    diag = TASEDiagnostic(teacher=tiny_teacher_dir, layer=0, init="identity",
+                          parts=[CoupledCore("model.layers.0.mlp.down_proj", rank=16, block=16)])
+    diag.prepare(ListData())
+    assert set(diag.trainable_parameters()) == {"interface.W_e", "interface.c", "interface.W_d", "interface.b"}
+    assert not any(p.requires_grad for p in diag.model.parameters())
+    _, student = record_interface(diag.model, "model.layers.1.input_layernorm", ListData().train)
+    _, teacher = record_interface(tiny_model, "model.layers.1.input_layernorm", ListData().train)
+    assert torch.equal(diag.tables["train"].activations, student)
+    assert not torch.allclose(student, teacher, atol=1e-3)  # the PHD core changed the stream
+    x = diag.activations(ListData().heldout[0], "heldout")
+    assert x.shape == (48, 64) and token_deviation(diag.interface(x), x).max() < 1e-5

@@ -12,8 +12,9 @@ For an interface activation x (width d)::
   m >= 2d). Each pair of features carries ReLU(q.u) and ReLU(-q.u), whose difference is q.u, so
   W_d z = Q^T Q (x - b) = x - b: the interface is exactly the identity for every k >= m/2 (at most m/2
   features are positive), and only loses what TopK drops below that.
-- ``random``: the plain sparse-autoencoder start: W_d with random unit-norm columns, W_e = W_d^T,
-  c = 0, b = the data mean. Nothing about it is near identity, so a run from it measures whether
+- ``random``: the plain sparse-autoencoder start: W_e with random unit-norm rows, W_d = (2d/m) W_e^T
+  (tied, at the scale where the expected reconstruction of the dense ReLU code is x), c = 0, b = the
+  data mean. Nothing about it is near identity, so a run from it measures whether
   training *reaches* identity — the number the source reports (k = m: d_id_mean 0.034 by step 200).
 
 The near-identity diagnostic is d_id = ||x_hat - x|| / ||x|| per held-out token, reported as mean and
@@ -143,7 +144,9 @@ class TASEInterface(FP32Params):
             W_e = W_e / W_e.norm(dim=1, keepdim=True)
         self.W_e = nn.Parameter(W_e.float())
         self.c = nn.Parameter(torch.zeros(m))
-        self.W_d = nn.Parameter(W_e.T.contiguous().float())
+        # tied; for random unit rows E[W_e^T ReLU(W_e u)] ~ (m / 2d) u, so 2d/m puts the start at the right scale
+        W_d = W_e.T if init == "identity" else W_e.T * (2 * d / m)
+        self.W_d = nn.Parameter(W_d.contiguous().float())
         b = torch.zeros(d) if center is None else center.detach().float().reshape(d).clone()
         self.b = nn.Parameter(b)
         self.rescale(scale)
