@@ -1,7 +1,8 @@
 """Gates: fail a run whose result breaks a rule (source 000, section 3.2).
 
 ``HeldoutKLGate``: heldout KL must not get worse through repair by more than ``tolerance`` and must
-not end above ``max_kl``. ``ShimDominanceGate``: no shim may outgrow its core.
+not end above ``max_kl``. ``ShimDominanceGate``: no shim may outgrow its core. ``IdentityGate``: an
+expanded interface must end near identity.
 """
 from __future__ import annotations
 
@@ -148,3 +149,58 @@ class ShimDominanceGate(L.Callback):
         pl_module.summary["restored_step"] = self.passing_step
         trainer.should_stop = True
         rank_zero_info(f"{message}; stopping and restoring the state of step {self.passing_step}")
+
+
+class IdentityGate(L.Callback):
+    """The near-identity gate of an expanded interface (source 000, 4.9, phase 51; DESIGN.md, "TASE
+    interface"): the identity deviation ``metric`` (d_id_mean of ``zoo.TASEDiagnostic`` by default; for
+    TASE interfaces inside a student, ``tase_d_id_max``) must end at or below ``threshold``.
+
+    Every validation is recorded; the first step at which the metric was at or below the threshold goes
+    to the run summary (``identity_gate_passed_at_step``), and the verdict on the final validation
+    (``identity_gate``: pass / fail) too. A failing run ends with ``GateFailed``; its metrics.json is
+    still written.
+
+    Args:
+        threshold: the largest d_id allowed (the source's 0.05).
+        metric: which logged metric is gated.
+        stop_on_pass: end training at the first validation that passes (the gate then passes).
+    """
+
+    def __init__(self, threshold: float = 0.05, metric: str = "d_id_mean", stop_on_pass: bool = False):
+        if not threshold > 0:
+            raise ZooError(f"threshold must be > 0, got {threshold}")
+        self.threshold, self.metric, self.stop_on_pass = threshold, metric, stop_on_pass
+        self.history: list[tuple[int, float]] = []
+        self.passed_at: int | None = None
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        metrics = trainer.callback_metrics
+        if self.metric not in metrics:
+            raise ZooError(f"IdentityGate: the run logs no {self.metric!r}; logged: "
+                           f"{', '.join(sorted(metrics)) or 'nothing'}")
+        value = float(metrics[self.metric])
+        self.history.append((trainer.global_step, value))
+        summary = pl_module.summary
+        summary["identity_gate_threshold"] = self.threshold
+        summary["identity_gate_metric"] = self.metric
+        if value <= self.threshold and self.passed_at is None:
+            self.passed_at = trainer.global_step
+            summary["identity_gate_passed_at_step"] = self.passed_at
+            rank_zero_info(f"IdentityGate: {self.metric} = {value:.4f} <= {self.threshold} at step {self.passed_at}")
+            if self.stop_on_pass:
+                trainer.should_stop = True
+
+    def on_fit_end(self, trainer, pl_module):
+        if not self.history:
+            return
+        step, final = self.history[-1]
+        best_step, best = min(self.history, key=lambda sv: sv[1])
+        summary = pl_module.summary
+        summary.update(identity_gate="pass" if final <= self.threshold else "fail",
+                       identity_gate_final=final, identity_gate_best=best, identity_gate_best_step=best_step)
+        if final > self.threshold:
+            raise GateFailed(f"IdentityGate: {self.metric} = {final:.4f} at step {step} is above the threshold "
+                             f"{self.threshold} (best {best:.4f} at step {best_step})")

@@ -5,6 +5,8 @@ teacher is linked to the command's, and a Lightning logger), running it, and the
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -60,3 +62,16 @@ def run_command(function, parser: ArgumentParser, argv: list[str], logger_name: 
     if logger_name is not None and "logger" in kwargs and isinstance(kwargs["logger"], bool | None):
         kwargs["logger"] = wandb_logger(logger_name, kwargs["output_dir"]) if kwargs["logger"] else None
     return function(**kwargs)
+
+
+def run_streaming(args: list[str], log_path: Path) -> tuple[int, str]:
+    """Run a command, streaming its output to the terminal and to ``log_path``; (exit code, last line of stderr)."""
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        last = ""
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log_file.write(line)
+            if line.strip():
+                last = line.strip()
+        return proc.wait(), last

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from zoo.core.errors import ZooError
 
-from .command import command_parser, run_command, wandb_config, wandb_logger
+from .command import command_parser, run_command, run_streaming, wandb_config, wandb_logger
 
 log = logging.getLogger("zoo.ladder")
 
@@ -115,19 +114,6 @@ def plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def _run(args: list[str], log_path: Path) -> tuple[int, str]:
-    """Run a command, streaming its output to the terminal and to ``log_path``; (exit code, last line of stderr)."""
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        last = ""
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log_file.write(line)
-            if line.strip():
-                last = line.strip()
-        return proc.wait(), last
-
-
 def _eval(config: str, overrides: list[str], repair_state: Path | None, subset: str, dataset: str,
           output: Path, log_path: Path) -> float | None:
     if output.is_file():
@@ -136,7 +122,7 @@ def _eval(config: str, overrides: list[str], repair_state: Path | None, subset: 
             "--output", str(output)]
     if repair_state is not None:
         args += ["--recipe", config, "--repair_state", str(repair_state), "--overrides", json.dumps(overrides)]
-    code, last = _run(args, log_path)
+    code, last = run_streaming(args, log_path)
     if code != 0:
         log.warning("evaluation failed (%s); see %s", last, log_path)
         return None
@@ -191,7 +177,7 @@ def run_ladder(
             run_dir.mkdir(parents=True, exist_ok=True)
             args = rung_command(rung, list(overrides), run_dir, logger)
             print(f"\n=== ladder rung {i}/{len(rungs)}: {rung.name}\n$ {shlex.join(args[1:])}", flush=True)
-            code, last = _run(args, run_dir / "fit.log")
+            code, last = run_streaming(args, run_dir / "fit.log")
             metrics = complete(run_dir)
             if code != 0:
                 status = f"failed: {last[:120]}"

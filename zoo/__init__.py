@@ -7,6 +7,7 @@ from .fisher_svd import FisherSVD, FisherSVDLinear, FisherSVDRepair
 from .phd import BlockwisePHD, BlockwisePHDLinear, BlockwisePHDRepair
 from .lora import LoRA, LoRAFineTune
 from .universal_basis import UniversalBasis, UniversalBasisCoefficients, UniversalBasisLoRA
+from .tase import TASECoupledCore, TASECoupledRepair, TASEDiagnostic, TASEInterface
 
 __all__ = [
     "ActivationStats", "Composite", "DistillationModule", "Replaced", "Technique", "ZooError",
@@ -16,4 +17,5 @@ __all__ = [
     "CoupledCore", "CoupledCoreRepair", "Shim", "ShimmedLinear",
     "LoRA", "LoRAFineTune", "UniversalBasis", "UniversalBasisCoefficients", "UniversalBasisLoRA",
     "EigenAttention", "EigenAttentionLayer", "EigenAttentionRepair",
+    "TASECoupledCore", "TASECoupledRepair", "TASEDiagnostic", "TASEInterface",
 ]

@@ -112,6 +112,9 @@ class DistillationModule(L.LightningModule):
             LoRA; response-only through the batch's ``loss_mask``). Validation logs both either way.
     """
 
+    #: False for modules whose trainable tensors live outside the parts (e.g. ``zoo.TASEDiagnostic``)
+    requires_parts = True
+
     def __init__(
         self,
         parts: list[Technique],
@@ -128,7 +131,7 @@ class DistillationModule(L.LightningModule):
         objective: str = "distillation",
     ):
         super().__init__()
-        if not parts:
+        if not parts and self.requires_parts:
             raise ZooError("a DistillationModule needs at least one technique part")
         if temperature <= 0:
             raise ZooError(f"temperature must be > 0, got {temperature}")
