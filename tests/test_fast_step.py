@@ -145,3 +145,28 @@ def test_shared_prefix_off_for_unsupported_models(tiny_teacher_dir, caplog):
     with caplog.at_level("INFO", logger="zoo.core.prefix"):
         prefix = SharedPrefix(module.model)
     assert prefix.reason and not prefix.active and "something_else" in caplog.text
+
+
+def test_calibration_skips_the_head_only_when_no_statistic_needs_it(tiny_model):
+    """Calibration asks for the last position's logits only, unless a hooked module is the LM head."""
+    from zoo.core import calibration as calib
+
+    batch = _batch(384)
+    seen = []
+    handle = tiny_model.lm_head.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    stats = calib.collect(tiny_model, [batch], ["model.layers.0.mlp.down_proj"], progress=False)
+    assert seen == [1]
+    seen.clear()
+    head = calib.collect(tiny_model, [batch], ["lm_head"], progress=False)
+    handle.remove()
+    assert seen == [batch["input_ids"].shape[1]]
+    real = int(batch["attention_mask"].sum())
+    assert stats["model.layers.0.mlp.down_proj"].count == real and head["lm_head"].count == real
+    # the sums are the dense ones over the real tokens
+    got = []
+    handle = tiny_model.lm_head.register_forward_pre_hook(lambda m, a: got.append(a[0]))
+    with torch.no_grad():
+        tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    handle.remove()
+    x = got[0][batch["attention_mask"].bool()].double()
+    torch.testing.assert_close(head["lm_head"].second_moment, x.T @ x / real, rtol=1e-5, atol=1e-7)
