@@ -303,7 +303,7 @@ class DistillationModule(L.LightningModule):
         With ``fused_head`` (and a teacher forward to run) the KL comes from the final hidden states
         through the LM head chunk by chunk; otherwise it is ``distillation_outputs``' KL of the logits.
         """
-        head = self._fused_head()
+        head = self.fused_lm_head()
         if head is None or "teacher_top_logp" in batch:
             kl, count, _, _ = self.distillation_outputs(batch)
             return kl, count
@@ -354,7 +354,7 @@ class DistillationModule(L.LightningModule):
             self._prefix, self._prefix_key = SharedPrefix(self.model), key
         return self._prefix
 
-    def _fused_head(self) -> nn.Linear | None:
+    def fused_lm_head(self) -> nn.Linear | None:
         """The LM head ``hidden_token_kl`` may fold in, or None (with one log line saying why not)."""
         if not self.fused_head:
             return None
