@@ -170,3 +170,19 @@ def test_calibration_skips_the_head_only_when_no_statistic_needs_it(tiny_model):
     handle.remove()
     x = got[0][batch["attention_mask"].bool()].double()
     torch.testing.assert_close(head["lm_head"].second_moment, x.T @ x / real, rtol=1e-5, atol=1e-7)
+
+
+def test_hidden_token_kl_under_bf16_autocast_matches_token_kl():
+    """Under autocast the head runs in bf16 on both paths; the two stay close."""
+    torch.manual_seed(0)
+    head = nn.Linear(16, 37, bias=False).requires_grad_(False)
+    teacher = torch.randn(2, 9, 16)
+    student = (teacher + 0.3 * torch.randn(2, 9, 16)).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = token_kl(head(teacher), head(student), chunk=4)
+        got = hidden_token_kl(teacher, student, head, chunk=4)
+    (ref_grad,) = torch.autograd.grad(ref, student)
+    (got_grad,) = torch.autograd.grad(got, student)
+    assert got.dtype == torch.float32 and got_grad.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=5e-2, atol=1e-4)

@@ -102,6 +102,9 @@ class _ChunkedHeadKL(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
         grad = torch.empty_like(student_hidden) if want_grad else None
         scale = temperature / count  # d/ds of T^2/N * KL(p || softmax(s/T)) = T/N (q - p)
+        kind = student_hidden.device.type
+        if torch.is_autocast_enabled(kind):  # cast the (frozen) head once, not in each chunk's matmuls
+            weight = weight.to(torch.get_autocast_dtype(kind))
         for start in range(0, student_hidden.shape[1], chunk):
             sl = slice(start, start + chunk)
             log_p = _log_probs(F.linear(teacher_hidden[:, sl], weight, bias), temperature)
