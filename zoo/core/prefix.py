@@ -106,6 +106,7 @@ class SharedPrefix:
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
         """Record the hidden state entering the first replaced layer (wrap the teacher pass)."""
+        self._hidden = None  # never let a student pass start from an earlier batch's state
         if not self.active:
             yield
             return
