@@ -77,7 +77,8 @@ def plan_recipe(
     student = zp.plan_student(module.model, module.parts, resolved, model_dtype)
     memory = [zp.estimate_peak_memory(module.model, student, module.parts, resolved, load_dtype=load_dtype,
                                       batch_size=batch_size, seq_len=seq_len, precision=precision, strategy=s,
-                                      devices=n, kl_chunk=module.kl_chunk)
+                                      devices=n, kl_chunk=module.kl_chunk,
+                                      fused_head=module.fused_lm_head() is not None)
               for s in strategies for n in counts]
     config = module.model.config
     result = {

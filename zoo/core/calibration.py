@@ -85,21 +85,30 @@ class ActivationStats:
 
 
 class _Accumulator:
-    def __init__(self, in_features: int, full: bool):
+    """fp64 running sums on ``device``: the device of the activations when ``collect`` finds room
+    there, so no batch copies its sums to the host (a copy per batch and target synchronizes the
+    device every time; issue 9, "Speed": calibration throughput). ``result`` moves them to the CPU."""
+
+    def __init__(self, in_features: int, full: bool, device: torch.device | str = "cpu"):
         self.in_features, self.full = in_features, full
         self.count = 0
-        self.sum = torch.zeros(in_features, dtype=torch.float64)
-        self.sq = torch.zeros(in_features, dtype=torch.float64)
-        self.gram = torch.zeros(in_features, in_features, dtype=torch.float64) if full else None
+        self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.sq = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if full else None
         self.fisher = None
+
+    @staticmethod
+    def nbytes(in_features: int, full: bool) -> int:
+        return 8 * (2 * in_features + (in_features**2 if full else 0))
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().float()
+        home = self.sum.device
         self.count += x.shape[0]
-        self.sum += x.sum(0).double().cpu()
-        self.sq += x.pow(2).sum(0).double().cpu()
+        self.sum += x.sum(0).to(home)
+        self.sq += x.pow(2).sum(0).to(home)
         if self.gram is not None:
-            self.gram += (x.T @ x).double().cpu()
+            self.gram += (x.T @ x).to(home)
 
     def all_reduce(self) -> None:
         """Sum the running sums of every process (they are plain sums, so the order does not matter)."""
@@ -113,10 +122,10 @@ class _Accumulator:
         n = max(self.count, 1)
         return ActivationStats(
             count=self.count,
-            mean=self.sum / n,
-            diag=self.sq / n,
-            second_moment=None if self.gram is None else self.gram / n,
-            fisher_rows=self.fisher,
+            mean=self.sum.cpu() / n,
+            diag=self.sq.cpu() / n,
+            second_moment=None if self.gram is None else self.gram.cpu() / n,
+            fisher_rows=None if self.fisher is None else self.fisher.cpu(),
         )
 
 
@@ -158,8 +167,34 @@ def output_tap(module, args, kwargs, output) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _forward(model, batch):
-    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+def _forward(model, batch, last_logit_only: bool = False):
+    """The statistics come from hooks; the model's logits are not used. ``last_logit_only`` asks a
+    transformers causal LM for the last position's logits only (``logits_to_keep=1``), which skips
+    almost all of the LM head's matmul and its [batch, seq, vocab] output."""
+    extra = {"logits_to_keep": 1} if last_logit_only else {}
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **extra)
+
+
+def _device_room(device: torch.device) -> float:
+    """Bytes of fp64 sums ``collect`` keeps on ``device``: all of them on the CPU; on a GPU a quarter
+    of its free memory (the rest stays for the forward), the sums beyond it on the CPU."""
+    if device.type == "cpu":
+        return float("inf")
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 4
+    return 0.0  # e.g. mps: no fp64
+
+
+def _head_skippable(model: nn.Module, hooked: list[str]) -> bool:
+    """Whether ``model`` takes ``logits_to_keep`` and no hooked module is (or is inside) its LM head."""
+    import inspect
+
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head else None
+    if head is None or "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return False
+    return all(not any(m is head for m in model.get_submodule(n).modules()) and
+               not any(m is model.get_submodule(n) for m in head.modules()) for n in hooked)
 
 
 def collect(
@@ -189,7 +224,16 @@ def collect(
         return {}
     device = torch.device(device) if device is not None else next(model.parameters()).device
     modules = {name: model.get_submodule(name) for name in targets}
-    accs = {name: _Accumulator(m.in_features, m.in_features <= full_cov_max) for name, m in modules.items()}
+    room = [_device_room(device)]
+
+    def new_acc(width: int) -> _Accumulator:
+        full = width <= full_cov_max
+        size = _Accumulator.nbytes(width, full)
+        home = device if size <= room[0] else torch.device("cpu")
+        room[0] -= size if home == device else 0
+        return _Accumulator(width, full, home)
+
+    accs = {name: new_acc(m.in_features) for name, m in modules.items()}
     current_mask: list[torch.Tensor | None] = [None]
 
     def add(key, x):
@@ -201,7 +245,7 @@ def collect(
         x = x[mask] if mask is not None else x.reshape(-1, *x.shape[2:])
         x = x.reshape(-1, x.shape[-1])
         if key not in accs:  # a tap's width is known at its first call
-            accs[key] = _Accumulator(x.shape[-1], x.shape[-1] <= full_cov_max)
+            accs[key] = new_acc(x.shape[-1])
         accs[key].add(x)
 
     def make_hook(name):
@@ -222,7 +266,8 @@ def collect(
     weights = {name: modules[name].weight for name in targets} if fisher else {}
     if fisher:
         for name, acc in accs.items():
-            acc.fisher = torch.zeros(modules[name].out_features, dtype=torch.float64)
+            acc.fisher = torch.zeros(modules[name].out_features, dtype=torch.float64, device=acc.sum.device)
+    skip_head = _head_skippable(model, [*targets, *taps])
     rank, world = rank_world() if distributed else (0, 1)
     if world > 1 and hasattr(loader, "__len__") and len(loader) < world:
         # every process must run a batch: taps create their accumulators at first use
@@ -240,7 +285,7 @@ def collect(
                 if fisher:
                     _fisher_step(model, batch, weights, accs)
                 else:
-                    _forward(model, batch)
+                    _forward(model, batch, skip_head)
             seen += n
             bar.update(n)
             if max_tokens is not None and seen >= max_tokens:
@@ -271,7 +316,7 @@ def _fisher_step(model, batch, weights, accs):
             loss = F.cross_entropy(logits[:, :-1][valid].float(), labels[valid])
             loss.backward()
         for name, w in weights.items():
-            accs[name].fisher += w.grad.detach().double().pow(2).sum(1).cpu()
+            accs[name].fisher += w.grad.detach().double().pow(2).sum(1).to(accs[name].fisher.device)
     finally:
         for name, w in weights.items():
             w.grad = None

@@ -84,6 +84,78 @@ def token_kl(
 
 
 # --------------------------------------------------------------------------------------------------
+# KL from final hidden states through the LM head (issue 9, "Speed": logit memory)
+
+
+class _ChunkedHeadKL(torch.autograd.Function):
+    """``_ChunkedKL`` with the LM head folded in: logits exist one sequence chunk at a time.
+
+    The gradient w.r.t. the student's hidden states is computed in the forward, chunk by chunk,
+    while both chunks' logits are at hand (as fused linear cross-entropy kernels do): the backward
+    then only scales it, so the head's matmuls run three times per chunk (teacher, student, the
+    gradient) as on the logits path, and neither [batch, seq, vocab] logits tensor nor their
+    gradient ever exists. The loss is a scalar, so d loss / d hidden = grad_out x the stored gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, teacher_hidden, student_hidden, weight, bias, mask, temperature, chunk, count, want_grad):
+        total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+        grad = torch.empty_like(student_hidden) if want_grad else None
+        scale = temperature / count  # d/ds of T^2/N * KL(p || softmax(s/T)) = T/N (q - p)
+        kind = student_hidden.device.type
+        if torch.is_autocast_enabled(kind):  # cast the (frozen) head once, not in each chunk's matmuls
+            weight = weight.to(torch.get_autocast_dtype(kind))
+        for start in range(0, student_hidden.shape[1], chunk):
+            sl = slice(start, start + chunk)
+            log_p = _log_probs(F.linear(teacher_hidden[:, sl], weight, bias), temperature)
+            log_q = _log_probs(F.linear(student_hidden[:, sl], weight, bias), temperature)
+            per_token = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+            total += (per_token * mask[:, sl]).sum()
+            if want_grad:
+                g = log_q.exp_().sub_(log_p.exp_()).mul_(mask[:, sl, None] * scale)
+                grad[:, sl] = torch.matmul(g.to(student_hidden.dtype), weight.to(student_hidden.dtype))
+        ctx.save_for_backward(grad)
+        return total * temperature**2 / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return None, grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None
+
+
+def hidden_token_kl(
+    teacher_hidden: torch.Tensor,
+    student_hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    loss_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """``token_kl(head(teacher_hidden), head(student_hidden), ...)`` without either full logits tensor.
+
+    Takes the final hidden states [batch, seq, hidden] of both models (after the final norm) and a
+    frozen linear LM head shared by both. Each sequence chunk's logits are computed, compared and
+    dropped, so the memory of this loss is one chunk's [batch, chunk, vocab] working set instead of
+    three full [batch, seq, vocab] tensors (teacher logits, student logits, their gradient) — at
+    a 49k vocabulary and 8 x 2048 tokens that is 4.5 GiB in bf16, more than the activations. Same
+    value and gradient as ``token_kl`` on the head's logits, to float rounding.
+    """
+    if teacher_hidden.shape != student_hidden.shape:
+        raise ValueError(f"teacher hidden {tuple(teacher_hidden.shape)} != student hidden {tuple(student_hidden.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if head.weight.requires_grad:
+        raise ValueError("hidden_token_kl needs a frozen LM head (its weight gets no gradient here)")
+    batch, seq, _ = student_hidden.shape
+    mask = prediction_mask(attention_mask, loss_mask, (batch, seq)).to(student_hidden.device, torch.float32)
+    count = float(mask.sum().clamp_min(1.0))
+    want_grad = torch.is_grad_enabled() and student_hidden.requires_grad
+    return _ChunkedHeadKL.apply(teacher_hidden[:, :-1].detach(), student_hidden[:, :-1], head.weight, head.bias,
+                                mask, float(temperature), int(chunk), count, want_grad)
+
+
+# --------------------------------------------------------------------------------------------------
 # KL against a cached top-k teacher distribution (issue 9, "Teacher-logit cache")
 
 

@@ -20,8 +20,9 @@ from torch import nn
 from . import calibration as calib
 from .distributed import all_reduce_sum_, all_true, rank_world
 from .errors import ZooError, check_choice
-from .losses import cached_token_kl, prediction_mask, token_kl
+from .losses import cached_token_kl, hidden_token_kl, prediction_mask, token_kl
 from .models import DEFAULT_TEACHER, cache_root, claim, load_causal_lm
+from .prefix import SUPPORTED_MODEL_TYPES, SharedPrefix, decoder_layers
 from .state import load_state, save_state
 from .surgery import replace, replaced_modules, teacher_view
 from .technique import Technique
@@ -110,6 +111,13 @@ class DistillationModule(L.LightningModule):
         objective: the training loss: ``distillation`` (KL(teacher || student), the repair loss) or
             ``next_token`` (the student's plain next-token NLL on the counted tokens: fine-tuning, e.g.
             LoRA; response-only through the batch's ``loss_mask``). Validation logs both either way.
+        shared_prefix: run the decoder layers below the first replaced one once per step, for
+            teacher and student (``zoo.core.prefix``): the student pass starts at the first replaced
+            layer. Exact; off runs both passes through every layer.
+        fused_head: compute the training KL from the final hidden states through the LM head one
+            sequence chunk at a time (``losses.hidden_token_kl``), so no full [batch, seq, vocab]
+            logits exist. Exact to float rounding; validation keeps the logits path (it needs them
+            for perplexity). Off (or a model whose head is not a plain frozen linear map): ``token_kl``.
     """
 
     #: False for modules whose trainable tensors live outside the parts (e.g. ``zoo.TASEDiagnostic``)
@@ -129,6 +137,8 @@ class DistillationModule(L.LightningModule):
         full_cov_max: int = 8192,
         repair_state: str | None = None,
         objective: str = "distillation",
+        shared_prefix: bool = True,
+        fused_head: bool = True,
     ):
         super().__init__()
         if not parts and self.requires_parts:
@@ -143,6 +153,10 @@ class DistillationModule(L.LightningModule):
         self.calibration_tokens, self.full_cov_max = calibration_tokens, full_cov_max
         self.repair_state = repair_state
         self.objective = check_choice("objective", objective, OBJECTIVES)
+        self.shared_prefix, self.fused_head = shared_prefix, fused_head
+        self._prefix: SharedPrefix | None = None
+        self._prefix_key: tuple | None = None  # the decoder layers ``_prefix`` was planned on
+        self._head_reason: str | None = None  # why fused_head is off for this model (logged once)
         self.model, self.tokenizer = load_causal_lm(teacher, dtype)
         self.targets: dict[str, list[str]] = {}  # part -> replaced names, after build
         self.summary: dict[str, float] = {}  # run-level results (gates fill it; written to metrics.json)
@@ -287,9 +301,21 @@ class DistillationModule(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def distillation_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(KL(teacher || student) averaged over counted predictions, number counted)."""
-        kl, count, _, _ = self.distillation_outputs(batch)
-        return kl, count
+        """(KL(teacher || student) averaged over counted predictions, number counted).
+
+        With ``fused_head`` (and a teacher forward to run) the KL comes from the final hidden states
+        through the LM head chunk by chunk; otherwise it is ``distillation_outputs``' KL of the logits.
+        """
+        head = self.fused_lm_head()
+        if head is None or "teacher_top_logp" in batch:
+            kl, count, _, _ = self.distillation_outputs(batch)
+            return kl, count
+        ids, attn, loss_mask = batch["input_ids"], batch.get("attention_mask"), batch.get("loss_mask")
+        base = self.model.base_model
+        teacher_hidden, student_hidden = self._teacher_student(
+            lambda: base(input_ids=ids, attention_mask=attn).last_hidden_state)
+        kl = hidden_token_kl(teacher_hidden, student_hidden, head, loss_mask, attn, self.temperature, self.kl_chunk)
+        return kl, prediction_mask(attn, loss_mask, ids.shape).sum()
 
     def distillation_outputs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``distillation_loss`` plus the logits it compared: (kl, count, teacher logits, student logits).
@@ -304,12 +330,49 @@ class DistillationModule(L.LightningModule):
             kl = cached_token_kl(batch["teacher_top_logp"], batch["teacher_top_ids"], batch["teacher_rest_logp"],
                                  student_logits, loss_mask, attn, self.temperature, self.kl_chunk)
             return kl, prediction_mask(attn, loss_mask, ids.shape).sum(), None, student_logits
-        with torch.no_grad(), teacher_view(self.model):
-            teacher_logits = self(ids, attn)
-        student_logits = self(ids, attn)
+        teacher_logits, student_logits = self._teacher_student(lambda: self(ids, attn))
         kl = token_kl(teacher_logits, student_logits, loss_mask, attn, self.temperature, self.kl_chunk)
         count = prediction_mask(attn, loss_mask, ids.shape).sum()
         return kl, count, teacher_logits, student_logits
+
+    def _teacher_student(self, run) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``run()`` in the teacher view without grad, ``run()`` in the student view), the student's
+        starting at the first replaced layer from the teacher's hidden state there with ``shared_prefix``."""
+        prefix = self._shared_prefix()
+        if prefix is None:
+            with torch.no_grad(), teacher_view(self.model):
+                teacher = run()
+            return teacher, run()
+        with torch.no_grad(), teacher_view(self.model), prefix.capture():
+            teacher = run()
+        with prefix.resume():
+            return teacher, run()
+
+    def _shared_prefix(self) -> SharedPrefix | None:
+        if not self.shared_prefix:
+            return None
+        layers = decoder_layers(self.model)
+        key = (None if layers is None else tuple(map(id, layers)), tuple(map(id, replaced_modules(self.model).values())))
+        if self._prefix is None or self._prefix_key != key:  # replanned when the student or its wrapping changes
+            self._prefix, self._prefix_key = SharedPrefix(self.model), key
+        return self._prefix
+
+    def fused_lm_head(self) -> nn.Linear | None:
+        """The LM head ``hidden_token_kl`` may fold in, or None (with one log line saying why not)."""
+        if not self.fused_head:
+            return None
+        head = self.model.get_output_embeddings()
+        model_type = getattr(self.model.config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:  # others may scale or cap logits after the head
+            reason = f"model type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+        elif type(head) is not nn.Linear or head.weight.requires_grad:
+            reason = f"the LM head is a {type(head).__name__}{' with a trainable weight' if type(head) is nn.Linear else ''}, not a frozen nn.Linear"
+        else:
+            return head
+        if self._head_reason != reason:
+            log.info("fused head off, the KL uses full logits: %s", reason)
+            self._head_reason = reason
+        return None
 
     @torch.no_grad()
     def evaluate_kl(self, loader, device=None, forward_context=None, distributed: bool = False) -> float:

@@ -27,7 +27,10 @@ allocator's fragmentation come on top: typically 0.5-1 GiB), as the sum of:
 - **logits**: teacher and student logits [batch, seq, vocab] in the compute dtype (bf16 under
   ``bf16-*``, else the load dtype) plus d loss / d student logits of the same size, all alive when the
   KL's backward runs (``zoo.core.losses.token_kl``), plus its fp32 working set: four [batch, chunk,
-  vocab] fp32 tensors (log-softmaxes of both sides, their difference, the scaled gradient chunk). No
+  vocab] fp32 tensors (log-softmaxes of both sides, their difference, the scaled gradient chunk). With
+  ``fused_head`` (``DistillationModule``'s default; ``zoo.core.losses.hidden_token_kl``) no full logits
+  exist: three [batch, seq, hidden] tensors (both final hidden states, the gradient) in the compute dtype,
+  and per chunk both models' [batch, chunk, vocab] logits in the compute dtype plus the four fp32 ones. No
   fp32 [batch, seq, vocab] tensor exists on this path.
 - **activations** saved for the student's backward. Nothing below the first replaced layer needs a
   gradient, so autograd records from there upward: in that layer, only what runs after its earliest
@@ -199,7 +202,7 @@ def decoder_dims(config) -> dict[str, int]:
 def estimate_peak_memory(model: nn.Module, student: StudentPlan, parts: list[Technique],
                          resolved: list[list[str]], *, load_dtype: torch.dtype, batch_size: int, seq_len: int,
                          precision: str = "bf16-mixed", strategy: str = "ddp", devices: int = 1,
-                         kl_chunk: int = 256) -> MemoryPlan:
+                         kl_chunk: int = 256, fused_head: bool = False) -> MemoryPlan:
     """Per-GPU peak memory of one repair step of ``student`` on ``model`` (an estimate; formula in the
     module docstring). ``model`` may be on the meta device; ``student`` must be planned in the model
     dtype this precision implies (``model_dtype``)."""
@@ -269,10 +272,14 @@ def estimate_peak_memory(model: nn.Module, student: StudentPlan, parts: list[Tec
         activations += (sum(per_layer[first:]) - student.original + head) * c
 
     # -- logits: teacher + student + d loss / d student, and the chunked fp32 KL working set
-    logits = 3 * n * d["vocab"] * c + 4 * batch_size * min(kl_chunk, seq_len) * d["vocab"] * 4
+    chunk = batch_size * min(kl_chunk, seq_len) * d["vocab"]
+    if fused_head:
+        logits = 3 * n * d["hidden"] * c + chunk * (2 * c + 4 * 4)
+    else:
+        logits = 3 * n * d["vocab"] * c + chunk * 4 * 4
     working = n * (3 * d["intermediate"] * c + 2 * 4 * d["hidden"])
     settings = {"batch_size": batch_size, "seq_len": seq_len, "precision": precision, "strategy": strategy,
-                "devices": devices, "kl_chunk": kl_chunk, "load_dtype": str(load_dtype).removeprefix("torch."),
+                "devices": devices, "kl_chunk": kl_chunk, "fused_head": fused_head, "load_dtype": str(load_dtype).removeprefix("torch."),
                 "model_dtype": str(model_dtype).removeprefix("torch."),
                 "compute_dtype": str(compute).removeprefix("torch."), "recorded_layers": recorded,
                 "first_recorded_layer": first}
