@@ -16,6 +16,8 @@ from .data import TokenDataModule
 
 
 def wandb_init_args(name: str | None, save_dir: str | Path) -> dict:
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"a W&B run name is a string, got {name!r} (arguments are name, save_dir)")
     return {"project": "zoo", "name": name, "save_dir": str(save_dir),
             "offline": os.environ.get("WANDB_MODE") != "online"}
 

@@ -189,7 +189,7 @@ def train_bank(
         shard = shard_data(data, i, num_shards)
         run_dir = out / "runs" / name
         trainer = L.Trainer(
-            max_steps=steps, accelerator=accelerator, logger=wandb_logger(run_dir, f"bank-{name}") if logger else False,
+            max_steps=steps, accelerator=accelerator, logger=wandb_logger(f"bank-{name}", run_dir) if logger else False,
             enable_checkpointing=False, default_root_dir=str(run_dir), num_sanity_val_steps=0,
             check_val_every_n_epoch=None, val_check_interval=steps, log_every_n_steps=max(1, min(5, steps)),
             callbacks=[MetricsJSON(dirpath=str(run_dir))], **({"precision": precision} if precision else {}))
@@ -314,7 +314,7 @@ def build_basis(
     chart = plot_basis(payload, full, out / "basis.png")
     print(f"\nwrote {basis_path}, {out / 'basis.json'}, {out / 'basis.md'} and {chart} "
           f"({payload['seconds']:.0f} s)")
-    _log_table(wandb_logger(out, "wizorb-basis") if logger else None, "wizorb_basis", columns, rows,
+    _log_table(wandb_logger("wizorb-basis", out) if logger else None, "wizorb_basis", columns, rows,
                {f"basis/holdout_rel_err@{r[0]}": r[3] for r in rows}, [chart])
     return payload
 
@@ -430,7 +430,7 @@ def project(
     (out / "projection.md").write_text(table + "\n")
     chart = plot_projection(per_module, k, out / "projection.png")
     print(f"\nwrote {', '.join(s['adapter'] for s in summary)}, {out / 'projection.json'} and {chart}")
-    _log_table(wandb_logger(out, "wizorb-project") if logger else None, "wizorb_projection", columns, rows,
+    _log_table(wandb_logger("wizorb-project", out) if logger else None, "wizorb_projection", columns, rows,
                {f"project/{s['control']}/rel_err": s["overall"] for s in summary}, [chart])
     return payload
 

@@ -288,8 +288,9 @@ def test_bank_basis_project_commands(tmp_path, tiny_teacher_dir, capsys):
     assert out.count("already trained") == 3
 
     code, out, err = zoo_cli(["basis", "--bank", str(tmp_path / "bank"), "--exclude", "[adapter_02]",
-                              "--output_dir", str(tmp_path / "basis"), "--logger", "false"], capsys)
+                              "--output_dir", str(tmp_path / "basis"), "--logger", "true"], capsys)
     assert code == 0, err
+    assert list((tmp_path / "basis" / "wandb").glob("offline-run-*"))  # the table and chart went to W&B
     result = json.loads((tmp_path / "basis" / "basis.json").read_text())
     assert [r["k"] for r in result["rows"]] == [0, 1]  # leave-one-out of 2 adapters x rank 2: rank <= 1
     assert (tmp_path / "basis" / "basis.png").stat().st_size > 1000
