@@ -4,6 +4,7 @@ teacher is linked to the command's, and a Lightning logger), running it, and the
 (offline unless ``WANDB_MODE=online``)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -77,3 +78,26 @@ def run_streaming(args: list[str], log_path: Path) -> tuple[int, str]:
             if line.strip():
                 last = line.strip()
         return proc.wait(), last
+
+
+def fit_args(config: str, overrides: list[str], run_dir: Path, logger_name: str | None) -> list[str]:
+    """``zoo fit`` of ``config`` with ``overrides`` as a subprocess argv, run in ``run_dir``, logging to W&B
+    under ``logger_name`` (None: no logger). Series of runs (``zoo ladder``, ``zoo tase-sweep``) use it."""
+    logger = json.dumps(wandb_config(logger_name, run_dir)) if logger_name else "false"
+    return [sys.executable, "-m", "recipes.cli", "fit", "--config", config, *overrides,
+            "--trainer.default_root_dir", str(run_dir), "--trainer.logger", logger]
+
+
+def finished_metrics(run_dir: Path, summary_key: str) -> dict | None:
+    """The ``metrics.json`` of a run in ``run_dir`` whose summary has ``summary_key`` (its end-of-run result),
+    else None: how a series of runs knows which ones it need not run again."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics if summary_key in metrics.get("summary", {}) else None
+
+
+def fmt(value, spec: str) -> str:
+    """A table cell: ``value`` formatted, or "-" when missing."""
+    return "-" if value is None else format(value, spec)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from zoo.core.errors import ZooError
 
-from .command import command_parser, run_command, run_streaming, wandb_config, wandb_logger
+from .command import command_parser, finished_metrics, fit_args, fmt, run_command, run_streaming, wandb_logger
 
 log = logging.getLogger("zoo.ladder")
 
@@ -44,23 +44,9 @@ class Rung:
     overrides: list[str] = field(default_factory=list)
 
 
-def rung_command(rung: Rung, overrides: list[str], run_dir: Path, logger: bool) -> list[str]:
-    args = [sys.executable, "-m", "recipes.cli", "fit", "--config", rung.config, *overrides, *rung.overrides,
-            "--trainer.default_root_dir", str(run_dir)]
-    if logger:
-        args += ["--trainer.logger", json.dumps(wandb_config(f"ladder/{rung.name}", run_dir))]
-    else:
-        args += ["--trainer.logger", "false"]
-    return args
-
-
 def complete(run_dir: Path) -> dict | None:
     """The metrics of a finished rung (None if it has not run or did not finish)."""
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        return None
-    metrics = json.loads(path.read_text())
-    return metrics if "heldout_kl_after" in metrics.get("summary", {}) else None
+    return finished_metrics(run_dir, "heldout_kl_after")
 
 
 def row_of(rung: Rung, metrics: dict | None, status: str) -> dict:
@@ -73,21 +59,17 @@ def row_of(rung: Rung, metrics: dict | None, status: str) -> dict:
             "trainable_parameters": summary.get("trainable_parameters"), "pass@1": None}
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def format_table(rows: list[dict], eval_label: str | None) -> str:
     head = ["rung", "layers", "method", "heldout KL before", "after", "max shim dominance", "trainable params"]
     if eval_label:
         head.append(f"pass@1 ({eval_label})")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["rung"] + ("" if r["status"] == "ok" else f" ({r['status']})"), _fmt(r["layers"], "d"), r["method"],
-                 _fmt(r["kl_before"], ".4f"), _fmt(r["kl_after"], ".4f"), _fmt(r["shim_dominance_max"], ".3f"),
-                 _fmt(r["trainable_parameters"], ",d")]
+        cells = [r["rung"] + ("" if r["status"] == "ok" else f" ({r['status']})"), fmt(r["layers"], "d"), r["method"],
+                 fmt(r["kl_before"], ".4f"), fmt(r["kl_after"], ".4f"), fmt(r["shim_dominance_max"], ".3f"),
+                 fmt(r["trainable_parameters"], ",d")]
         if eval_label:
-            cells.append(_fmt(r["pass@1"], ".1%"))
+            cells.append(fmt(r["pass@1"], ".1%"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -175,7 +157,7 @@ def run_ladder(
         status = "ok"
         if selected and (metrics is None or rerun):
             run_dir.mkdir(parents=True, exist_ok=True)
-            args = rung_command(rung, list(overrides), run_dir, logger)
+            args = fit_args(rung.config, [*overrides, *rung.overrides], run_dir, f"ladder/{rung.name}" if logger else None)
             print(f"\n=== ladder rung {i}/{len(rungs)}: {rung.name}\n$ {shlex.join(args[1:])}", flush=True)
             code, last = run_streaming(args, run_dir / "fit.log")
             metrics = complete(run_dir)

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 from zoo.core.errors import ZooError
 
-from .command import command_parser, run_command, run_streaming, wandb_config, wandb_logger
+from .command import command_parser, finished_metrics, fit_args, fmt, run_command, run_streaming, wandb_logger
 
 log = logging.getLogger("zoo.tase_sweep")
 
@@ -36,21 +35,9 @@ def run_name(k: str) -> str:
     return "k_" + str(k).replace("/", "_").replace(" ", "")
 
 
-def fit_command(config: str, k: str, overrides: list[str], run_dir: Path, logger: bool) -> list[str]:
-    args = [sys.executable, "-m", "recipes.cli", "fit", "--config", config, *overrides,
-            "--model.init_args.k", str(k), "--trainer.default_root_dir", str(run_dir)]
-    if logger:
-        return args + ["--trainer.logger", json.dumps(wandb_config(f"tase_sweep/{run_name(k)}", run_dir))]
-    return args + ["--trainer.logger", "false"]
-
-
 def complete(run_dir: Path) -> dict | None:
     """The metrics of a finished k (its IdentityGate gave a verdict), else None."""
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        return None
-    metrics = json.loads(path.read_text())
-    return metrics if "identity_gate" in metrics.get("summary", {}) else None
+    return finished_metrics(run_dir, "identity_gate")
 
 
 def row_of(k: str, metrics: dict | None, status: str) -> dict:
@@ -64,19 +51,15 @@ def row_of(k: str, metrics: dict | None, status: str) -> dict:
     return row
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def format_table(rows: list[dict]) -> str:
     head = ["k", "k / m", "d_id mean", "d_id max", "outliers apart: mean", "max", "post-RMSNorm: mean", "max",
             "active / token", "gate", "passed at step", "steps"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         k = f"{r['k']} = {r['k_value']}" if r["k_value"] is not None else r["k"]
-        cells = [k + ("" if r["status"] == "ok" else f" ({r['status']})"), _fmt(r["k_over_m"], ".4g"),
-                 *(_fmt(r[c], ".4f") for c in COLUMNS), _fmt(r["active_features"], ".0f"), r["gate"] or "-",
-                 _fmt(r["passed_at_step"], "d"), _fmt(r["steps"], "d")]
+        cells = [k + ("" if r["status"] == "ok" else f" ({r['status']})"), fmt(r["k_over_m"], ".4g"),
+                 *(fmt(r[c], ".4f") for c in COLUMNS), fmt(r["active_features"], ".0f"), r["gate"] or "-",
+                 fmt(r["passed_at_step"], "d"), fmt(r["steps"], "d")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -172,7 +155,8 @@ def run_sweep(
         status = "ok"
         if selected and (metrics is None or rerun):
             run_dir.mkdir(parents=True, exist_ok=True)
-            args = fit_command(recipe, k, list(overrides), run_dir, logger)
+            args = fit_args(recipe, [*overrides, "--model.init_args.k", str(k)], run_dir,
+                            f"tase_sweep/{run_name(k)}" if logger else None)
             print(f"\n=== TASE sweep {i}/{len(ks)}: k = {k}\n$ {' '.join(args[1:])}", flush=True)
             code, last = run_streaming(args, run_dir / "fit.log")
             metrics = complete(run_dir)
