@@ -243,3 +243,17 @@ def test_composed_diagnostic_records_the_students_stream_with_frozen_parts(tiny_
     assert not torch.allclose(student, teacher, atol=1e-3)  # the PHD core changed the stream
     x = diag.activations(ListData().heldout[0], "heldout")
     assert x.shape == (48, 64) and token_deviation(diag.interface(x), x).max() < 1e-5
+
+
+def test_sweep_runs_each_k_as_a_fit_writes_the_table_and_resumes(tmp_path, tiny_teacher_dir, capsys):
+    recipe = diagnostic_config(tmp_path, tiny_teacher_dir, "random", 10.0, steps=2)
+    args = ["tase-sweep", "--recipe", recipe, "--ks", "[m, m/8]", "--output_dir", str(tmp_path / "sweep"),
+            "--overrides", '[--trainer.val_check_interval, "2"]', "--logger", "false"]  # the gate needs a validation
+    code, out, err = zoo_cli(args, capsys)
+    assert code == 0, err
+    rows = {r["k"]: r for r in json.loads((tmp_path / "sweep" / "tase_sweep.json").read_text())["rows"]}
+    assert rows["m"]["k_value"] == 256 and rows["m/8"]["k_value"] == 32  # --model.init_args.k reached each fit
+    assert rows["m"]["gate"] == "pass" and rows["m"]["status"] == "ok"
+    code, out, err = zoo_cli(args, capsys)
+    assert code == 0, err
+    assert out.count("finished earlier") == 2
