@@ -34,6 +34,16 @@ def wandb_logger(name: str, save_dir: str | Path) -> Logger:
     return WandbLogger(**wandb_init_args(name, save_dir))
 
 
+def finish_logger(logger: Logger) -> None:
+    """End a command's logger run. Lightning's ``finalize`` leaves a W&B run open, and the next W&B logger in
+    the same process would then log into it (wandb reuses a run in progress), so the run is finished too."""
+    logger.finalize("success")
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        logger.experiment.finish()
+
+
 def command_parser(function, prog: str, description: str, *, data: str | None = None,
                    logger: bool = False, positional: bool = False) -> ArgumentParser:
     """A parser of ``function``'s typed signature plus ``--config``.

@@ -21,7 +21,7 @@ from zoo.core.errors import ZooError, check_choice
 from zoo.core.models import DEFAULT_TEACHER, cache_root, load_causal_lm
 from zoo.core.targets import find_targets
 
-from .command import command_parser, run_command
+from .command import command_parser, finish_logger, run_command
 from .data import TokenDataModule
 
 log = logging.getLogger("zoo.duel")
@@ -129,7 +129,7 @@ def log_result(logger: Logger, result: bd.DuelResult, chart: Path) -> None:
                         data=[[line] for line in bd.findings_text(result)])
     if hasattr(logger, "log_image"):
         logger.log_image(key="basis_duel_chart", images=[str(chart)])
-    logger.finalize("success")
+    finish_logger(logger)
 
 
 def duel_main(argv: list[str]) -> bd.DuelResult:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from zoo.core.errors import ZooError
 
-from .command import command_parser, finished_metrics, fit_args, fmt, run_command, run_streaming, wandb_logger
+from .command import (command_parser, finish_logger, finished_metrics, fit_args, fmt, run_command, run_streaming,
+                      wandb_logger)
 
 log = logging.getLogger("zoo.ladder")
 
@@ -196,8 +197,7 @@ def log_ladder(rows: list[dict], chart: Path, out: Path) -> None:
     columns = list(rows[0])
     logger.log_table(key="ladder", columns=columns, data=[[r[c] for c in columns] for r in rows])
     logger.log_image(key="ladder_chart", images=[str(chart)])
-    logger.finalize("success")
-    logger.experiment.finish()
+    finish_logger(logger)
 
 
 def ladder_main(argv: list[str]) -> list[dict]:

@@ -40,7 +40,7 @@ from zoo.core.models import DEFAULT_TEACHER, cache_root, load_causal_lm
 from zoo.core.targets import find_targets
 from zoo.eigen_attention import attention_streams, check_supported
 
-from .command import command_parser, run_command
+from .command import command_parser, finish_logger, run_command
 from .data import TokenDataModule
 
 log = logging.getLogger("zoo.spectrum")
@@ -287,7 +287,7 @@ def log_result(logger: Logger, result: dict, chart: Path) -> None:
         logger.log_table(key="spectrum", columns=columns, data=rows)
     if hasattr(logger, "log_image"):
         logger.log_image(key="spectrum_chart", images=[str(chart)])
-    logger.finalize("success")
+    finish_logger(logger)
 
 
 def spectrum_main(argv: list[str]) -> dict:

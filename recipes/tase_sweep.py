@@ -21,7 +21,8 @@ from pathlib import Path
 
 from zoo.core.errors import ZooError
 
-from .command import command_parser, finished_metrics, fit_args, fmt, run_command, run_streaming, wandb_logger
+from .command import (command_parser, finish_logger, finished_metrics, fit_args, fmt, run_command, run_streaming,
+                      wandb_logger)
 
 log = logging.getLogger("zoo.tase_sweep")
 
@@ -195,8 +196,7 @@ def log_sweep(rows: list[dict], notes: list[str], chart: Path, out: Path) -> Non
     for r in rows:
         if r["k_value"] is not None and r["d_id_mean"] is not None:
             logger.log_metrics({f"tase_sweep/{c}": r[c] for c in COLUMNS if r[c] is not None}, step=int(r["k_value"]))
-    logger.finalize("success")
-    logger.experiment.finish()
+    finish_logger(logger)
 
 
 def tase_sweep_main(argv: list[str]) -> list[dict]:

@@ -28,7 +28,7 @@ from zoo.lora import is_adapter_dir, read_adapter
 from zoo.universal_basis import (CONTROLS, MODES, DeltaBank, extract_basis, leave_out_errors, load_basis,
                                  project_adapter, save_projection)
 
-from .command import command_parser, run_command, wandb_logger
+from .command import command_parser, finish_logger, run_command, wandb_logger
 from .data import TokenDataModule
 
 log = logging.getLogger("zoo.wizorb")
@@ -64,7 +64,7 @@ def _log_table(logger: Logger | None, key: str, columns: list[str], rows: list[l
     if hasattr(logger, "log_image"):
         for image in images:
             logger.log_image(key=f"{key}_{Path(image).stem}", images=[str(image)])
-    logger.finalize("success")
+    finish_logger(logger)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,12 +188,15 @@ def train_bank(
                               dtype=dtype, lr=lr)
         shard = shard_data(data, i, num_shards)
         run_dir = out / "runs" / name
+        run_logger = wandb_logger(f"bank-{name}", run_dir) if logger else False
         trainer = L.Trainer(
-            max_steps=steps, accelerator=accelerator, logger=wandb_logger(f"bank-{name}", run_dir) if logger else False,
+            max_steps=steps, accelerator=accelerator, logger=run_logger,
             enable_checkpointing=False, default_root_dir=str(run_dir), num_sanity_val_steps=0,
             check_val_every_n_epoch=None, val_check_interval=steps, log_every_n_steps=max(1, min(5, steps)),
             callbacks=[MetricsJSON(dirpath=str(run_dir))], **({"precision": precision} if precision else {}))
         trainer.fit(module, datamodule=shard)
+        if run_logger:
+            finish_logger(run_logger)  # each adapter its own W&B run
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         info = {"name": name, "path": name, "trained": True, "shard": i, "num_shards": num_shards, "steps": steps,
                 "rank": rank, "alpha": alpha, "lr": lr, "teacher": teacher, "targets": targets,
