@@ -24,7 +24,7 @@ from zoo.core.errors import ZooError
 from zoo.core.models import META_PREFIX, RANDOM_PREFIX
 from zoo.core.module import DistillationModule
 
-from .command import wandb_config
+from .command import end_wandb_run, wandb_config
 from .data import TokenDataModule
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -73,6 +73,15 @@ class ZooCLI(LightningCLI):
 
 
 def lightning_main(args: list[str] | None) -> None:
+    failed = True
+    try:
+        _lightning_cli(args)
+        failed = False
+    finally:
+        end_wandb_run(failed)  # a later run in this process (tests, notebooks) must not log into this one
+
+
+def _lightning_cli(args: list[str] | None) -> None:
     ZooCLI(
         DistillationModule,
         TokenDataModule,

@@ -34,14 +34,21 @@ def wandb_logger(name: str, save_dir: str | Path) -> Logger:
     return WandbLogger(**wandb_init_args(name, save_dir))
 
 
+def end_wandb_run(failed: bool = False) -> None:
+    """Finish the W&B run in progress, if any. Lightning's ``finalize`` leaves a W&B run open, and the next W&B
+    logger in the same process would then log into it (wandb reuses a run in progress)."""
+    wandb = sys.modules.get("wandb")  # never import wandb just to find nothing to finish
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
 def finish_logger(logger: Logger) -> None:
-    """End a command's logger run. Lightning's ``finalize`` leaves a W&B run open, and the next W&B logger in
-    the same process would then log into it (wandb reuses a run in progress), so the run is finished too."""
+    """End a command's logger run (see ``end_wandb_run``)."""
     logger.finalize("success")
     from lightning.pytorch.loggers import WandbLogger
 
     if isinstance(logger, WandbLogger):
-        logger.experiment.finish()
+        end_wandb_run()
 
 
 def command_parser(function, prog: str, description: str, *, data: str | None = None,

@@ -105,3 +105,6 @@ def test_default_logger_is_wandb_offline_and_writes_a_local_run(tmp_path, tiny_t
     code, err = run(["fit", "--config", config, *logger], capsys)
     assert code == 0, err
     assert list(run_dir.glob("wandb/offline-run-*/*.wandb")), list(run_dir.rglob("*"))
+    import wandb
+
+    assert wandb.run is None  # finished: a later W&B logger in this process must start its own run
