@@ -73,7 +73,9 @@ def eval_model(
         parallel: sandboxed test processes at once (default: half the CPU cores, as evalplus).
         min_time_limit: evalplus's floor on a test's time limit, in seconds.
         gt_time_limit_factor: evalplus's time limit as a multiple of the canonical solution's time.
-        output: results JSON (default: runs/eval/<model>-<dataset>-<subset>.json).
+        output: results JSON (default: runs/eval/<model>-<dataset>-<subset>.json). Until it is written,
+            finished generations are kept in ``<output>.partial.jsonl``: an interrupted run, rerun with the
+            same command, resumes from them.
     """
     check_choice("view", view, VIEWS)
     if repair_state and not recipe:
@@ -109,10 +111,13 @@ def eval_model(
         task_ids = teacher_solved(lm, tokenizer, problem_set, n_solved, teacher, dtype, **settings)
     info = {"name": name, "source": teacher, "dtype": dtype, "recipe": recipe, "repair_state": repair_state,
             "view": view if recipe else "teacher", "overrides": list(overrides)}
+    path = Path(output or default_output(name, dataset, subset))
+    journal = path.with_name(path.name + ".partial.jsonl")  # an interrupted run resumes from it
     with teacher_view(lm) if view == "teacher" else contextlib.nullcontext():
         result = evaluate(lm, tokenizer, subset=subset, problem_set=problem_set, task_ids=task_ids,
-                          model_info=info, **settings)
-    path = result.save(output or default_output(name, dataset, subset))
+                          model_info=info, journal=journal, **settings)
+    result.save(path)
+    journal.unlink(missing_ok=True)
     print(result.summary())
     print(f"generation {result.timing['generate_s']:.0f} s, scoring {result.timing['score_s']:.0f} s; wrote {path}")
     return result

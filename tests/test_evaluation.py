@@ -214,6 +214,39 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_teacher_dir):
     assert any(batched)
 
 
+def test_an_interrupted_generation_resumes_from_its_journal_with_the_same_text(tiny_teacher_dir, tmp_path,
+                                                                               monkeypatch):
+    model, tokenizer = load_causal_lm(tiny_teacher_dir)
+    prompts = ["def add(a, b):\n", "import os\nclass Foo:\n    def bar(self):\n", "x = [1, 2", "while True:\n"]
+    settings = dict(max_new_tokens=10, batch_size=2, progress=False)
+    plain = generate(model, tokenizer, prompts, ["\n\n"], **settings)
+    journal = tmp_path / "run.partial.jsonl"
+    real, calls, interrupt_at = model.generate, [], [2]
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in interrupt_at:
+            raise RuntimeError("interrupted")  # stands for Ctrl-C (a KeyboardInterrupt would stop pytest itself)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", interrupted)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        generate(model, tokenizer, prompts, ["\n\n"], journal=journal, **settings)
+    with journal.open("a") as f:
+        f.write('{"batch": 2, "outp')  # a line cut by the interruption
+    calls.clear()
+    interrupt_at.clear()
+    resumed = generate(model, tokenizer, prompts, ["\n\n"], journal=journal, **settings)
+    assert len(calls) == 1  # the first batch came from the journal
+    assert resumed == plain
+    # other weights: the journal is not used
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    calls.clear()
+    generate(model, tokenizer, prompts, ["\n\n"], journal=journal, **settings)
+    assert len(calls) == 2
+
+
 def test_evaluate_writes_a_complete_result_and_is_deterministic(tiny_teacher_dir, human_eval, tmp_path):
     model, tokenizer = load_causal_lm(tiny_teacher_dir)
     runs = [evaluate(model, tokenizer, subset="first:3", problem_set=human_eval, max_new_tokens=8, batch_size=2,
@@ -243,6 +276,7 @@ def test_zoo_eval_and_compare(tiny_teacher_dir, tmp_path, capsys):
     assert "HumanEval (base tests)" in stdout and "pass@1 = 0.0% (0/2)" in stdout
     result = load_result(out)
     assert result.n_tasks == 2 and result.model["source"] == tiny_teacher_dir
+    assert not list(tmp_path.glob("*.partial.jsonl"))  # the journal goes once the result is written
     b = make_result({"HumanEval/0": True, "HumanEval/1": False}, dataset=result.dataset)
     b.save(tmp_path / "b.json")
     code, stdout, err = run(["compare", str(out), str(tmp_path / "b.json")], capsys)

@@ -7,10 +7,18 @@ problem's prompt. Generation stops at evalplus's stop strings.
 
 Determinism: greedy decoding, prompts batched in a fixed order (longest first, ties by dataset order)
 and left-padded by hand, so the same model, batch size and device give the same text every run.
+
+Resumable: with a ``journal`` file every finished batch is appended to it, and a rerun with the same
+prompts, settings and weights skips those batches; the remaining batches are the same batches as in an
+uninterrupted run, so an interrupted and resumed run gives the same text.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -82,20 +90,27 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], stops: list[str], max_new_tokens: int = 512,
-             batch_size: int = 8, add_special_tokens: bool = False, progress: bool = True) -> list[str]:
+             batch_size: int = 8, add_special_tokens: bool = False, progress: bool = True,
+             journal: str | Path | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (in their order), each cut at its first stop string.
 
     The tokenizer is shared with the rest of the process, so padding is done here rather than by
-    changing its ``padding_side``.
+    changing its ``padding_side``. ``journal``: a JSONL file that makes the run resumable (module doc).
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens).input_ids for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
     outputs: list[str] = [""] * len(prompts)
+    done = _Journal(journal, _run_key(model, encoded, stops, max_new_tokens, batch_size)) if journal else None
     bar = tqdm(total=len(prompts), desc="generating", unit="task", disable=not progress)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
+        if done is not None and start in done.batches:
+            for i, text in zip(batch, done.batches[start]):
+                outputs[i] = text
+            bar.update(len(batch))
+            continue
         ids, mask = _left_pad([encoded[i] for i in batch], pad_id)
         ids, mask = ids.to(device), mask.to(device)
         out = model.generate(
@@ -106,6 +121,54 @@ def generate(model, tokenizer, prompts: list[str], stops: list[str], max_new_tok
         texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         for i, text in zip(batch, texts):
             outputs[i] = truncate_at_stop(text, stops)
+        if done is not None:
+            done.append(start, [outputs[i] for i in batch])
         bar.update(len(batch))
     bar.close()
     return outputs
+
+
+def _run_key(model, encoded: list[list[int]], stops: list[str], max_new_tokens: int, batch_size: int) -> str:
+    """What a journal's batches depend on: the token ids, the settings, and the weights (a sum per tensor
+    is enough to tell a different repair state or adapter from the same one)."""
+    with torch.no_grad():
+        weights = [float(p.detach().float().sum()) for p in model.parameters()]
+    blob = json.dumps([encoded, stops, max_new_tokens, batch_size, weights])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class _Journal:
+    """Finished batches of one generation run: a key line, then one line per batch, appended as they finish."""
+
+    def __init__(self, path: str | Path, key: str):
+        self.path, self.key = Path(path), key
+        self.batches: dict[int, list[str]] = {}
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        if lines and _json_line(lines[0]).get("key") == key:
+            for line in lines[1:]:
+                entry = _json_line(line)  # a line cut by an interruption is skipped (its batch reruns)
+                if "batch" in entry:
+                    self.batches[entry["batch"]] = entry["outputs"]
+            if self.batches:
+                n = sum(map(len, self.batches.values()))
+                log.warning("resuming generation from %s: %d prompt(s) already generated", self.path, n)
+            self.path.write_text("".join(line + "\n" for line in lines if _json_line(line)))
+        else:
+            if lines:
+                log.warning("%s belongs to another run (prompts, settings or weights differ); starting over", self.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"key": key}) + "\n")
+
+    def append(self, start: int, outputs: list[str]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"batch": start, "outputs": outputs}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _json_line(line: str) -> dict:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}

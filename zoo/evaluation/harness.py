@@ -31,11 +31,12 @@ def evaluate(model, tokenizer, dataset: str = "humaneval", subset: str = "HE10",
              problem_set: ProblemSet | None = None, task_ids: list[str] | None = None,
              prompt_style: str = "auto", max_new_tokens: int = 512, batch_size: int = 8,
              limits: Limits = Limits(), parallel: int | None = None, model_info: dict | None = None,
-             progress: bool = True) -> EvalResult:
+             progress: bool = True, journal: str | os.PathLike | None = None) -> EvalResult:
     """Greedy pass@1 of ``model`` on ``subset`` of ``dataset`` (or on explicit ``task_ids``, which
     ``subset`` then only names).
 
     The model generates in whatever view it is in (student, or teacher inside ``teacher_view``).
+    ``journal``: a file that keeps finished generations, so an interrupted run resumes (``generate``).
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ZooError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
@@ -51,7 +52,7 @@ def evaluate(model, tokenizer, dataset: str = "humaneval", subset: str = "HE10",
     start = time.perf_counter()
     try:
         generations = generate(model, tokenizer, prompts, stops, max_new_tokens, batch_size,
-                               add_special_tokens=style == "completion", progress=progress)
+                               add_special_tokens=style == "completion", progress=progress, journal=journal)
     finally:
         model.train(was_training)
     generated = time.perf_counter()
