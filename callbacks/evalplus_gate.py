@@ -66,6 +66,13 @@ class EvalPlusGate(L.Callback):
         self._task_ids: list[str] | None = None
 
     def on_fit_start(self, trainer, pl_module):
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        # rank 0 generates alone; a sharded model needs every rank in each forward, so the others would hang
+        if trainer.world_size > 1 and isinstance(trainer.strategy, FSDPStrategy):
+            raise ZooError(f"EvalPlusGate generates in one process, which a model sharded over {trainer.world_size} "
+                           f"fsdp processes cannot do; use strategy ddp (or one process), or score the saved "
+                           f"repair state afterwards with `zoo eval --recipe ... --repair_state ...`")
         # a missing dataset or a bad subset fails here, not after the training it was meant to gate
         self._problems = load_problems(self.dataset)
         if parse_teacher_solved(self.subset) is None:

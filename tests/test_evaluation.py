@@ -438,6 +438,16 @@ def test_gate_rejects_a_bad_subset_before_training(tiny_teacher_dir, tmp_path, m
     assert scorer.calls == 0
 
 
+def test_gate_refuses_a_sharded_multi_process_run_before_training():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    gate = EvalPlusGate(subset="first:1")
+    with pytest.raises(ZooError, match="sharded over 2 fsdp processes"):
+        gate.on_fit_start(SimpleNamespace(world_size=2, strategy=FSDPStrategy()), None)
+
+
 def test_gate_rejects_bad_options():
     with pytest.raises(ZooError, match="min_fraction=1.5"):
         EvalPlusGate(min_fraction=1.5)
