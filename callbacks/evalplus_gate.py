@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from zoo.core.errors import ZooError, check_choice
@@ -66,8 +67,6 @@ class EvalPlusGate(L.Callback):
         self._task_ids: list[str] | None = None
 
     def on_fit_start(self, trainer, pl_module):
-        from lightning.pytorch.strategies import FSDPStrategy
-
         # rank 0 generates alone; a sharded model needs every rank in each forward, so the others would hang
         if trainer.world_size > 1 and isinstance(trainer.strategy, FSDPStrategy):
             raise ZooError(f"EvalPlusGate generates in one process, which a model sharded over {trainer.world_size} "

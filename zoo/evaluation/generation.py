@@ -131,8 +131,7 @@ def generate(model, tokenizer, prompts: list[str], stops: list[str], max_new_tok
 def _run_key(model, encoded: list[list[int]], stops: list[str], max_new_tokens: int, batch_size: int) -> str:
     """What a journal's batches depend on: the token ids, the settings, and the weights (a sum per tensor
     is enough to tell a different repair state or adapter from the same one)."""
-    with torch.no_grad():
-        weights = [float(p.detach().float().sum()) for p in model.parameters()]
+    weights = [float(p.float().sum()) for p in model.parameters()]  # called under generate's inference_mode
     blob = json.dumps([encoded, stops, max_new_tokens, batch_size, weights])
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -145,14 +144,17 @@ class _Journal:
         self.batches: dict[int, list[str]] = {}
         lines = self.path.read_text().splitlines() if self.path.is_file() else []
         if lines and _json_line(lines[0]).get("key") == key:
+            kept = [lines[0]]
             for line in lines[1:]:
                 entry = _json_line(line)  # a line cut by an interruption is skipped (its batch reruns)
                 if "batch" in entry:
                     self.batches[entry["batch"]] = entry["outputs"]
+                    kept.append(line)
             if self.batches:
                 n = sum(map(len, self.batches.values()))
                 log.warning("resuming generation from %s: %d prompt(s) already generated", self.path, n)
-            self.path.write_text("".join(line + "\n" for line in lines if _json_line(line)))
+            # rewritten without the cut line, which the next appended batch would otherwise run into
+            self.path.write_text("".join(line + "\n" for line in kept))
         else:
             if lines:
                 log.warning("%s belongs to another run (prompts, settings or weights differ); starting over", self.path)
