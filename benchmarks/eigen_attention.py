@@ -66,6 +66,8 @@ def build_layers(shape: str, k_keys: int, k_values: int, dtype, device):
 def measure(layer, config, rotary, batch: int, seq: int, steps: int, warmup: int, dtype, device) -> dict:
     from transformers import DynamicCache
 
+    from zoo.core.compat import cache_kwargs
+
     g = torch.Generator(device="cpu").manual_seed(1)
     x = (torch.randn(batch, seq, config.hidden_size, generator=g) * 0.5).to(device, dtype)
     x1 = (torch.randn(batch, 1, config.hidden_size, generator=g) * 0.5).to(device, dtype)
@@ -75,7 +77,7 @@ def measure(layer, config, rotary, batch: int, seq: int, steps: int, warmup: int
 
     def prefill():
         cache = DynamicCache(config=config)
-        layer(x, position_embeddings=pos_emb, attention_mask=None, past_key_values=cache)
+        layer(x, position_embeddings=pos_emb, attention_mask=None, **cache_kwargs(layer, cache))
         return cache
 
     prefill_time = timed(prefill, steps, warmup, device)
@@ -84,7 +86,7 @@ def measure(layer, config, rotary, batch: int, seq: int, steps: int, warmup: int
     kv_bytes = cache_bytes(cache)
 
     def decode():
-        layer(x1, position_embeddings=pos_emb1, attention_mask=None, past_key_values=cache)
+        layer(x1, position_embeddings=pos_emb1, attention_mask=None, **cache_kwargs(layer, cache))
         cache.crop(-1)  # back to seq tokens: every step sees the same cache length
 
     decode_time = timed(decode, steps * 10, warmup * 10, device)

@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from zoo.core.compat import cache_kwargs, output_cache
 from zoo.core.distributed import all_true, rank_world
 from zoo.core.errors import ZooError, check_choice
 from zoo.core.models import DEFAULT_TEACHER, DTYPES, cache_root, load_causal_lm, load_tokenizer
@@ -522,7 +523,7 @@ def generate_batch(model, prompts: list[list[int]], temperatures, top_ps, seeds,
         tokens = tokens.masked_fill(torch.tensor(finished, device=device), pad_id)
         attention = torch.cat([attention, attention.new_ones((rows, 1))], dim=-1)
         out = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    use_cache=True, **cache_kwargs(model, output_cache(out)))
         next_position = next_position + 1
     return generated
 

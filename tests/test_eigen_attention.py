@@ -13,6 +13,7 @@ from transformers import DynamicCache
 from conftest import build_model, build_tokenizer
 from zoo import Composite, EigenAttention, EigenAttentionLayer, FisherSVD
 from zoo.core import calibration as calib
+from zoo.core.compat import cache_kwargs, output_cache
 from zoo.core.errors import ZooError
 from zoo.core.surgery import replace, teacher_view
 from zoo.eigen_attention import (SUPPORTED_ATTENTION, attention_streams, cache_bytes, kv_cache_report,
@@ -94,7 +95,7 @@ def test_full_k_generation_equals_the_original_step_by_step():
     diff = max((a - b).abs().max().item() for a, b in zip(teacher.logits, student.logits))
     assert diff < 1e-4
     # the student's cache holds its keys in k dims (here k = head_dim): the library's cache, our shapes
-    assert student.past_key_values.layers[0].keys.shape[-1] == HEAD_DIM
+    assert output_cache(student).layers[0].keys.shape[-1] == HEAD_DIM
 
 
 def test_compressed_cache_generation_runs_hundreds_of_tokens_and_holds_k_dims():
@@ -107,7 +108,7 @@ def test_compressed_cache_generation_runs_hundreds_of_tokens_and_holds_k_dims():
     ids = batches(1, b=2, s=8, seed=4)[0]["input_ids"]
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=320,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=320,
                              min_new_tokens=320, do_sample=True, top_k=20, pad_token_id=0)
     assert out.shape == (2, 8 + 320)
     layers = cache.layers
@@ -118,8 +119,8 @@ def test_compressed_cache_generation_runs_hundreds_of_tokens_and_holds_k_dims():
     # the teacher's own cache, for the ratio measured in one run
     teacher_cache = DynamicCache(config=model.config)
     with torch.no_grad(), teacher_view(model):
-        model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=teacher_cache, max_new_tokens=320,
-                       min_new_tokens=320, do_sample=False, pad_token_id=0)
+        model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, teacher_cache),
+                       max_new_tokens=320, min_new_tokens=320, do_sample=False, pad_token_id=0)
     assert cache_bytes(teacher_cache) == report["kv_cache_bytes_per_token_original"] * 327 * 2
 
 

@@ -51,6 +51,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .core.calibration import ActivationStats
+from .core.compat import layer_cache
 from .core.errors import ZooError, check_choice
 from .core.module import DistillationModule
 from .core.spectrum import block_diagonal, cumulative_variance, eigh_descending, rank_for_variance
@@ -162,7 +163,7 @@ class EigenAttentionLayer(nn.Module):
         return kv * (self.k_keys + self.k_values) * element_size, kv * 2 * self.head_dim * element_size
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values=None, **kwargs):
+                cache=None, past_key_values=None, **kwargs):
         b, s, _ = hidden_states.shape
         d, kv, n_rep = self.head_dim, self.num_key_value_heads, self.num_key_value_groups
         q = self.q_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)  # [b, H, s, d]
@@ -176,8 +177,9 @@ class EigenAttentionLayer(nn.Module):
         q_low = (q.reshape(b, kv, n_rep * s, d) @ U_k).view(b, kv * n_rep, s, -1)
         k_low = k @ U_k
         v_low = v @ U_v
-        if past_key_values is not None:  # the library's cache stores what it is given: the low-dim K, V
-            k_low, v_low = past_key_values.update(k_low, v_low, self.layer_idx)
+        cache = layer_cache(cache, past_key_values)
+        if cache is not None:  # the library's cache stores what it is given: the low-dim K, V
+            k_low, v_low = cache.update(k_low, v_low, self.layer_idx)
         # eager, or else sdpa: flash kernels want equal q/k and v widths, which k_K != k_V breaks
         attention = (eager_attention_forward if self.config._attn_implementation == "eager"
                      else ALL_ATTENTION_FUNCTIONS["sdpa"])
