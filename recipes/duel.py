@@ -16,9 +16,9 @@ from pathlib import Path
 from lightning.pytorch.loggers import Logger
 
 from zoo import basis_duel as bd
-from zoo.core import calibration as calib
+from zoo.core.cache import Entry
 from zoo.core.errors import ZooError, check_choice
-from zoo.core.models import DEFAULT_TEACHER, cache_root, load_causal_lm
+from zoo.core.models import DEFAULT_TEACHER, load_causal_lm
 from zoo.core.targets import find_targets
 
 from .command import command_parser, finish_logger, run_command
@@ -81,20 +81,18 @@ def basis_duel(
     module = model.get_submodule(name)
     fisher = "fisher" in bases
     data.setup("fit")
-    key = calib.cache_key(kind="basis_duel", teacher=teacher, dtype=dtype, target=name, fisher=fisher,
-                          calibration=data.fingerprint("calibration"), heldout=data.fingerprint("heldout"),
-                          tokens=calibration_tokens, full_cov_max=full_cov_max)
-    path = cache_root() / "duel" / f"{key}.safetensors"
-    if path.is_file():
-        log.info("duel activations from cache %s", path)
-        stats, x_train, x_heldout = bd.load_activations(path)
-    else:
+    entry = Entry("duel", teacher=teacher, dtype=dtype, target=name, fisher=fisher,
+                  calibration=data.fingerprint("calibration"), heldout=data.fingerprint("heldout"),
+                  tokens=calibration_tokens, full_cov_max=full_cov_max)
+
+    def collect():
         if device is not None:
             model.to(device)
-        stats, x_train, x_heldout = bd.collect_activations(
+        return bd.activations_to_tensors(*bd.collect_activations(
             model, name, data.calibration_dataloader(), data.val_dataloader(), fisher=fisher,
-            max_tokens=calibration_tokens, full_cov_max=full_cov_max, progress=sys.stderr.isatty())
-        bd.save_activations(path, stats, x_train, x_heldout, {"teacher": teacher, "target": name})
+            max_tokens=calibration_tokens, full_cov_max=full_cov_max, progress=sys.stderr.isatty())), {}
+
+    stats, x_train, x_heldout = bd.activations_from_tensors(entry.get(collect)[0])
     result = bd.run_duel(module.weight, getattr(module, "bias", None), stats, x_train, x_heldout, rank, bases,
                          steps, lr, batch_tokens, seed, alpha, target=name)
     result.config.update(teacher=teacher, dtype=dtype, data=type(data).__name__)

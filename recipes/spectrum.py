@@ -35,8 +35,9 @@ from lightning.pytorch.loggers import Logger
 
 from zoo.core import calibration as calib
 from zoo.core import spectrum as sp
+from zoo.core.cache import Entry, atomic_save
 from zoo.core.errors import ZooError
-from zoo.core.models import DEFAULT_TEACHER, cache_root, load_causal_lm
+from zoo.core.models import DEFAULT_TEACHER, load_causal_lm
 from zoo.core.targets import find_targets
 from zoo.eigen_attention import attention_streams, check_supported
 
@@ -148,21 +149,20 @@ def spectrum_report(
     names = find_targets(model, pattern, "attention")
     attns = {n: check_supported(n, model.get_submodule(n)) for n in names}
     data.setup("fit")
-    key = calib.cache_key(kind="spectrum", version=TAP_VERSION, teacher=teacher, dtype=dtype, layers=names,
-                          data=data.fingerprint("calibration"), tokens=calibration_tokens)
-    path = cache_root() / "spectrum" / f"{key}.safetensors"
-    if path.is_file():
-        log.info("spectrum statistics from cache %s", path)
-        stats = calib.load_stats(path)
-    else:
+    entry = Entry("spectrum", version=TAP_VERSION, teacher=teacher, dtype=dtype, layers=names,
+                  data=data.fingerprint("calibration"), tokens=calibration_tokens)
+
+    def collect():
         if device is not None:
             model.to(device)
         taps = {n: spectrum_tap for n in names}
         taps.update({n.rpartition(".")[0]: residual_tap for n in names})
         stats = calib.collect(model, data.calibration_dataloader(), [], full_cov_max=1 << 30,
                               max_tokens=calibration_tokens, device=device, progress=sys.stderr.isatty(), taps=taps)
-        calib.save_stats(path, stats, {"teacher": teacher, "kind": "spectrum"})
         model.to("cpu")
+        return stats
+
+    stats = calib.cached_stats(entry, collect)
 
     result = {"config": {"teacher": teacher, "dtype": dtype, "variance": variance, "outlier_ratio": outlier_ratio,
                          "centered": centered, "tokens": stats[f"{names[0]}:keys"].count,
@@ -188,7 +188,7 @@ def spectrum_report(
     print(table)
     (out / "spectrum.json").write_text(json.dumps(result, indent=2))
     (out / "spectrum.md").write_text(table + "\n")
-    calib.atomic_save(eigenvalue_tensors, out / "spectrum.safetensors", {"zoo_format": "spectrum/1"})
+    atomic_save(eigenvalue_tensors, out / "spectrum.safetensors", {"zoo_format": "spectrum/1"})
     chart = plot(result, eigenvalue_tensors, out / "spectrum.png")
     print(f"\nwrote {out / 'spectrum.json'}, {out / 'spectrum.md'}, {out / 'spectrum.safetensors'} and {chart}")
     if logger is not None:

@@ -412,17 +412,12 @@ def collect_activations(model: nn.Module, target: str, calibration_loader, heldo
     return stats, x_train, x_heldout
 
 
-def save_activations(path: str | Path, stats: ActivationStats, x_train: torch.Tensor, x_heldout: torch.Tensor,
-                     metadata: dict | None = None) -> None:
-    tensors = {**stats.to_tensors("stats"), "x_train": x_train.float().contiguous(),
-               "x_heldout": x_heldout.float().contiguous()}
-    calib.atomic_save(tensors, path, {k: json.dumps(v) for k, v in (metadata or {}).items()})
+def activations_to_tensors(stats: ActivationStats, x_train: torch.Tensor, x_heldout: torch.Tensor) -> dict:
+    """The duel's inputs as cache tensors (activations stored in fp32: half the bytes, ample precision)."""
+    return {**stats.to_tensors("stats"), "x_train": x_train.float(), "x_heldout": x_heldout.float()}
 
 
-def load_activations(path: str | Path) -> tuple[ActivationStats, torch.Tensor, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
+def activations_from_tensors(tensors: dict) -> tuple[ActivationStats, torch.Tensor, torch.Tensor]:
     return (ActivationStats.from_tensors(tensors, "stats"), tensors["x_train"].double(),
             tensors["x_heldout"].double())
 

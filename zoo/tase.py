@@ -48,12 +48,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import calibration as calib
+from .core.cache import Entry
 from .core.calibration import ActivationStats
 from .core.errors import ZooError, check_choice
 from .core.linalg import FP32Params, rms
 from .core.metrics import IdentityDeviation, token_deviation
-from .core.models import cache_root
 from .core.module import DistillationModule
 from .core.spectrum import outlier_dims
 from .core.state import load_state
@@ -396,21 +395,18 @@ class TASEDiagnostic(DistillationModule):
                 params[name].copy_(t)
 
     def _table(self, loader, fingerprint: str | None, device) -> ActivationTable:
-        key = calib.cache_key(kind="tase_interface", teacher=self.teacher, dtype=self.dtype_name, site=self.site,
-                              parts=[p.describe() for p in self.parts], parts_state=self.parts_state,
-                              data=fingerprint, calibration_tokens=self.calibration_tokens)
-        path = cache_root() / "tase" / f"{key}.safetensors"
-        if fingerprint and path.is_file():
-            from safetensors.torch import load_file
+        entry = Entry("tase", teacher=self.teacher, dtype=self.dtype_name, site=self.site,
+                      parts=[p.describe() for p in self.parts], parts_state=self.parts_state,
+                      data=fingerprint, calibration_tokens=self.calibration_tokens)
 
-            tensors = load_file(str(path))
-            return ActivationTable(tensors["input_ids"], tensors["activations"])
-        ids, acts = record_interface(self.model, self.site, loader, device, progress=sys.stderr.isatty(),
-                                     total=len(loader) if hasattr(loader, "__len__") else None)
-        if fingerprint:
-            calib.atomic_save({"input_ids": ids.contiguous(), "activations": acts.contiguous()}, path,
-                              {"teacher": self.teacher, "site": self.site})
-        return ActivationTable(ids, acts)
+        def record():
+            ids, acts = record_interface(self.model, self.site, loader, device, progress=sys.stderr.isatty(),
+                                         total=len(loader) if hasattr(loader, "__len__") else None)
+            return {"input_ids": ids, "activations": acts}, {}
+
+        # only data with a fingerprint can be reused safely
+        tensors, _ = entry.get(record, store=bool(fingerprint)) if fingerprint else record()
+        return ActivationTable(tensors["input_ids"], tensors["activations"])
 
     # -- training and validation
 

@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .core.calibration import atomic_save
+from .core.cache import atomic_save
 from .core.errors import ZooError, check_choice
 from .core.module import DistillationModule
 from .core.technique import Technique

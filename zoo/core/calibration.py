@@ -14,8 +14,8 @@ each stream's statistics are stored as ``"<module>:<stream>"`` (any leading dime
 pair ``(tensor, keep)`` with ``keep`` a [batch, seq] bool mask that further restricts the tokens. The output of a
 linear module is ``output_tap``; EigenAttention taps the rotated queries and keys of an attention block.
 
-Statistics are cached as safetensors keyed by a hash of (model id, targets, data fingerprint, token
-budget, options), so a second run — or ``zoo validate`` rebuilding a student — reuses them.
+Statistics are cached (``zoo.core.cache``: checked on every read) keyed by (model id, targets, data
+fingerprint, token budget, options), so a second run — or ``zoo validate`` rebuilding a student — reuses them.
 
 Under a distributed strategy (``distributed=True``) each process collects on its share of the batches
 (batch i goes to rank i mod world) and the fp64 sums are all-reduced before normalizing, so every
@@ -23,20 +23,16 @@ process gets the statistics a single process computes over the same batches (to 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .cache import Entry
 from .distributed import all_reduce_sum_, rank_world
 from .errors import ZooError
 
@@ -129,36 +125,22 @@ class _Accumulator:
         )
 
 
-def cache_key(**parts) -> str:
-    """Stable hash of the JSON-serializable ``parts`` that determine a calibration result."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def save_stats(path: str | Path, stats: dict[str, ActivationStats], metadata: dict | None = None) -> None:
+def stats_to_tensors(stats: dict[str, ActivationStats]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, extra) of ``stats`` for a cache entry (``zoo.core.cache``)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, s in stats.items():
         tensors.update(s.to_tensors(name))
-    meta = {"zoo_format": "activation_stats/1", "targets": json.dumps(list(stats)),
-            **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-    atomic_save(tensors, path, meta)
+    return tensors, {"targets": list(stats)}
 
 
-def load_stats(path: str | Path) -> dict[str, ActivationStats]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        names = json.loads(f.metadata()["targets"])
-    tensors = load_file(str(path))
-    return {name: ActivationStats.from_tensors(tensors, name) for name in names}
+def stats_from_tensors(tensors: dict[str, torch.Tensor], extra: dict) -> dict[str, ActivationStats]:
+    return {name: ActivationStats.from_tensors(tensors, name) for name in extra["targets"]}
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """safetensors save through a temp file and rename, so an interruption never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+def cached_stats(entry: Entry, compute: Callable[[], dict[str, ActivationStats]],
+                 store: bool = True) -> dict[str, ActivationStats]:
+    """The statistics of cache ``entry``, or ``compute()``'s (stored when ``store``)."""
+    return stats_from_tensors(*entry.get(lambda: stats_to_tensors(compute()), store=store))
 
 
 def output_tap(module, args, kwargs, output) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from .calibration import atomic_save
+from .cache import atomic_save
 from .errors import ZooError
 
 FORMAT = "repair_state/1"
@@ -42,8 +42,8 @@ def read_header(path: str | Path) -> dict:
     return {k: json.loads(v) for k, v in meta.items() if k != "zoo_format"}
 
 
-def load_state(path: str | Path, expect: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, header). With ``expect``, every key of it must equal the stored header's value."""
+def check_header(path: str | Path, expect: dict | None = None) -> dict:
+    """The header of ``path``; with ``expect``, every key of it must equal the stored header's value."""
     header = read_header(path)
     for key, want in (expect or {}).items():
         have = header.get(key)
@@ -52,7 +52,16 @@ def load_state(path: str | Path, expect: dict | None = None) -> tuple[dict[str, 
                 f"repair state {str(path)!r} does not match this run: its {key} is {_short(have)}, "
                 f"this run's is {_short(want)}"
             )
-    return load_file(str(path)), header
+    return header
+
+
+def load_state(path: str | Path, expect: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, header). With ``expect``, every key of it must equal the stored header's value."""
+    header = check_header(path, expect)
+    try:
+        return load_file(str(path)), header
+    except (SafetensorError, OSError) as exc:
+        raise ZooError(f"repair state {str(path)!r} is damaged: {exc}") from None
 
 
 def _short(value) -> str:
