@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from zoo.core.cache import Entry
 from zoo.core.compat import cache_kwargs, output_cache
 from zoo.core.distributed import all_true, rank_world
 from zoo.core.errors import ZooError, check_choice
@@ -51,7 +52,8 @@ Document = tuple[list[int], list[int]]
 
 #: split names; pools are filled in this order, so the heldout set does not move when n_train changes
 SPLITS = ("heldout", "calibration", "train")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: packed splits in the zoo cache (safetensors, checked on read)
+PACKED_COLUMNS = ("input_ids", "loss_mask", "source")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -590,8 +592,8 @@ def hologram_samples(cfg: HologramConfig, teacher: str, seed: int, cache_dir: st
     for i, indices in enumerate(shards):
         path = root / f"shard-{i:05d}"
         if path.is_dir():
-            shard = datasets.load_from_disk(str(path))
-            if shard["index"] == indices:
+            shard = _load_shard(path, indices)
+            if shard is not None:
                 loaded[i] = shard
     missing = [i for i in range(len(shards)) if i not in loaded]
     if share is not None:
@@ -624,6 +626,25 @@ def hologram_samples(cfg: HologramConfig, teacher: str, seed: int, cache_dir: st
     if share is not None:
         return None
     return datasets.concatenate_datasets([loaded[i] for i in range(len(shards))])
+
+
+def _load_shard(path: Path, indices: list[int]):
+    """A cached hologram shard if it reads back whole with the expected rows; else None, the bad shard
+    moved aside (``<name>.corrupt``) with a one-line warning so it is generated again."""
+    import datasets
+
+    try:
+        shard = datasets.load_from_disk(str(path))
+        if shard["index"] == indices:
+            return shard
+        why = f"it holds rows {shard['index'][:3]}..., expected {indices[:3]}..."
+    except Exception as exc:  # noqa: BLE001 - any unreadable shard is regenerated, never used
+        why = f"unreadable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    aside = path.with_name(path.name + ".corrupt")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    log.warning("hologram shard %s is unusable (%s): moved to %s; generating it again", path, why, aside)
+    return None
 
 
 def hologram_documents(cfg: HologramConfig, teacher: str, seed: int, cache_dir: str | Path,
@@ -877,13 +898,16 @@ class TokenDataModule(L.LightningDataModule):
     def data_root(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else cache_root() / "data"
 
-    def data_key(self) -> str:
-        """Hash of everything that determines the packed splits (batching and workers excluded)."""
-        return _hash({
+    def data_inputs(self) -> dict:
+        """Everything that determines the packed splits (batching and workers excluded)."""
+        return {
             "format": FORMAT_VERSION, "class": type(self).__name__, "teacher": self.teacher,
             "seq_len": self.seq_len, "blocks": self.blocks, "seed": self.seed, "max_repeat": self.max_repeat,
             "config": self._config(), "sources": self._source_fingerprints(),
-        })
+        }
+
+    def data_key(self) -> str:
+        return _hash(self.data_inputs())
 
     def generation_device(self) -> torch.device:
         """The attached trainer's root device, else the CPU."""
@@ -914,27 +938,23 @@ class TokenDataModule(L.LightningDataModule):
     def _ensure_data(self) -> None:
         if self._splits is not None:
             return
-        import datasets
-
-        key = self.data_key()
-        path = self.data_root / "packed" / f"{type(self).__name__}-{key}"
+        entry = Entry("packed", root=self.data_root, **self.data_inputs())
         rank, world = rank_world()
+        hit = entry.load()
         # every process agrees whether to build; then each generates its share and rank 0 packs
-        if not all_true((path / "meta.json").is_file()):
+        if not all_true(hit is not None):
             if world > 1:
                 _together(lambda: self._generate_share(rank, world), "generating its share of the data")
-            _together(lambda: self._build(path) if rank == 0 else None, "building the data")
-        bundle = datasets.load_from_disk(str(path)).with_format("numpy")
-        self._source_names = json.loads((path / "meta.json").read_text())["sources"]
-        self._splits = {
-            split: {col: torch.from_numpy(np.asarray(bundle[split][:][col])) for col in bundle[split].column_names}
-            for split in SPLITS
-        }
+            _together(lambda: self._build(entry) if rank == 0 else None, "building the data")
+            hit = entry.load()
+            if hit is None:
+                raise ZooError(f"the packed data {entry.path} could not be read back after it was built")
+        tensors, meta = hit
+        self._source_names = meta["sources"]
+        self._splits = {split: {col: tensors[f"{split}/{col}"] for col in PACKED_COLUMNS} for split in SPLITS}
 
-    def _build(self, path: Path) -> None:
-        """Draw the documents, split and pack them, and save the splits to ``path`` atomically."""
-        import datasets
-
+    def _build(self, entry: Entry) -> None:
+        """Draw the documents, split and pack them, and store the splits in the cache ``entry``."""
         tokenizer = load_tokenizer(self.teacher)
         sources = self._sources(tokenizer)
         t0 = time.perf_counter()
@@ -942,25 +962,10 @@ class TokenDataModule(L.LightningDataModule):
                                 self.max_repeat)
         log.info("packed %s in %.1fs", {s: v["input_ids"].shape for s, v in packed.items()},
                  time.perf_counter() - t0)
-        features = datasets.Features({
-            "input_ids": datasets.Sequence(datasets.Value("int32")),
-            "loss_mask": datasets.Sequence(datasets.Value("int8")),
-            "source": datasets.Sequence(datasets.Value("int8")),
-        })
-        bundle = datasets.DatasetDict({
-            split: datasets.Dataset.from_dict({k: list(v) for k, v in cols.items()}, features=features)
-            for split, cols in packed.items()
-        })
-        meta = {"class": type(self).__name__, "teacher": self.teacher, "sources": [s.name for s in sources],
-                "config": self._config(), "source_fingerprints": self._source_fingerprints()}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        bundle.save_to_disk(str(tmp))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another process wrote it first; its content is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        dtypes = {"input_ids": torch.int32, "loss_mask": torch.int8, "source": torch.int8}
+        tensors = {f"{split}/{col}": torch.as_tensor(cols[col]).to(dtypes[col])
+                   for split, cols in packed.items() for col in PACKED_COLUMNS}
+        entry.store(tensors, {"sources": [s.name for s in sources]})
 
     def split_tensors(self, split: str) -> dict[str, torch.Tensor]:
         """The packed tensors of ``split``: ``input_ids``, ``loss_mask`` and ``source`` ([n, seq_len])."""
@@ -1026,7 +1031,7 @@ class TokenDataModule(L.LightningDataModule):
     def _compute_teacher_shards(self, shards: list[tuple[int, int]], paths: list[Path]) -> None:
         if not shards:
             return
-        from zoo.core.calibration import atomic_save
+        from zoo.core.cache import atomic_save
         from zoo.core.losses import teacher_top_k
 
         cfg = self.teacher_logits
