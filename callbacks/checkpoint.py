@@ -1,9 +1,12 @@
-"""Trainable-only checkpoints and the plain metrics file (DESIGN.md, decision 4; source 000, 2.4).
+"""Trainable-only checkpoints and the plain metrics file (source 000, 2.4: repair states of ~1 MB).
 
 ``RepairStateCheckpoint`` writes the repair state (the trainable tensors only, safetensors, with the
 header of ``zoo.core.state``) atomically — temp file then rename — at every validation, at the end of
-training, and when the run is interrupted, so nothing is lost. ``MetricsJSON`` writes every logged
-metric and the run summary to ``metrics.json`` beside it.
+training, and when the run is interrupted (Ctrl-C or SIGTERM) once training has started, so nothing is
+lost and an earlier run's state is never replaced by an empty one. The state written at the end is the
+best validated one (lowest finite ``monitor``); its header carries the step and the KL of the tensors it
+holds, never an earlier validation's. ``MetricsJSON`` writes every logged metric and the run summary to
+``metrics.json`` beside it, only once this run has something to record.
 """
 from __future__ import annotations
 
@@ -38,6 +41,10 @@ class RepairStateCheckpoint(L.Callback):
                  save_best: bool = True, monitor: str = "heldout_kl"):
         self.dirpath, self.filename, self.save_best, self.monitor = dirpath, filename, save_best, monitor
         self.best = math.inf
+        self.best_step: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.validated: dict[int, float] = {}  # step -> monitor value of the tensors at that step
+        self.started = False
         self.last_path: Path | None = None
 
     def _save(self, trainer, pl_module, name: str, gather: bool = True) -> Path | None:
@@ -46,37 +53,65 @@ class RepairStateCheckpoint(L.Callback):
         with gathered_parameters(trainer.model) if gather else contextlib.nullcontext():
             if not trainer.is_global_zero:
                 return None
-            extra = {"global_step": trainer.global_step}
-            value = trainer.callback_metrics.get(self.monitor)
-            if value is not None:
-                extra[self.monitor] = float(value)
+            step = pl_module.summary.get("repair_state_step", trainer.global_step)
+            extra = {"global_step": step}
+            if step in self.validated:
+                extra[self.monitor] = self.validated[step]
             return pl_module.save_repair_state(_dir(trainer, self.dirpath) / name, extra)
+
+    def on_train_start(self, trainer, pl_module):
+        self.started = True
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        self.last_path = self._save(trainer, pl_module, self.filename)
+        if "stopped_by" in pl_module.summary:
+            # a gate restored an earlier state: this validation's metrics do not describe it
+            self.last_path = self._save(trainer, pl_module, self.filename)
+            return
         value = trainer.callback_metrics.get(self.monitor)
-        if "stopped_by" in getattr(pl_module, "summary", {}):
-            return  # a gate restored an earlier state: this validation's metrics do not describe it
-        if self.save_best and value is not None and float(value) < self.best:
-            self.best = float(value)
-            self._save(trainer, pl_module, "best_" + self.filename)
+        if value is not None:
+            self.validated[trainer.global_step] = float(value)
+        self.last_path = self._save(trainer, pl_module, self.filename)
+        if value is not None and math.isfinite(float(value)) and float(value) < self.best:
+            self.best, self.best_step = float(value), trainer.global_step
+            with gathered_parameters(trainer.model):
+                self.best_state = {k: v.detach().to("cpu", copy=True)
+                                   for k, v in pl_module.trainable_parameters().items()}
+            if self.save_best:
+                self._save(trainer, pl_module, "best_" + self.filename)
+
+    def _keep_best(self, trainer, pl_module) -> None:
+        """Put the best validated tensors back when the run ended on worse (or unvalidated) ones."""
+        if (self.best_state is None or "stopped_by" in pl_module.summary
+                or self.best_step == trainer.global_step):
+            return
+        with torch.no_grad(), gathered_parameters(trainer.model):
+            for name, p in pl_module.trainable_parameters().items():
+                p.copy_(self.best_state[name].to(p.device))
+        pl_module.summary["repair_state_step"] = self.best_step
+        rank_zero_info(f"the final repair state holds the best validated tensors: step {self.best_step}, "
+                       f"{self.monitor} {self.best:.6f} (the last step, {trainer.global_step}, was not better)")
 
     def on_train_end(self, trainer, pl_module):
+        self._keep_best(trainer, pl_module)
         self.last_path = self._save(trainer, pl_module, self.filename)
         if self.last_path is not None:
             size = self.last_path.stat().st_size
             rank_zero_info(f"repair state: {self.last_path} ({size / 1024:.1f} KiB)")
 
     def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
-            if trainer.world_size > 1 and is_sharded(trainer.model):
-                rank_zero_info("interrupted: the sharded (fsdp) repair state cannot be gathered now; "
-                               f"the last saved one is {self.last_path}")
-                return
-            path = self._save(trainer, pl_module, self.filename, gather=False)
-            rank_zero_info(f"interrupted: repair state saved to {path}")
+        if not (isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit"):
+            return
+        if not self.started:  # nothing trained yet: an earlier run's state stays as it is
+            rank_zero_info("interrupted before training started: no repair state written")
+            return
+        if trainer.world_size > 1 and is_sharded(trainer.model):
+            rank_zero_info("interrupted: the sharded (fsdp) repair state cannot be gathered now; "
+                           f"the last saved one is {self.last_path}")
+            return
+        path = self._save(trainer, pl_module, self.filename, gather=False)
+        rank_zero_info(f"interrupted at step {trainer.global_step}: repair state saved to {path}")
 
 
 class MetricsJSON(L.Callback):
@@ -114,4 +149,5 @@ class MetricsJSON(L.Callback):
         self._write(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception):
-        self._write(trainer, pl_module)
+        if self.records:  # an earlier run's metrics.json is kept unless this run validated something
+            self._write(trainer, pl_module)

@@ -6,6 +6,8 @@ expanded interface must end near identity.
 """
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -63,7 +65,11 @@ class HeldoutKLGate(L.Callback):
     def on_fit_end(self, trainer, pl_module):
         if self.initial is None:
             return  # no training happened
-        if self.history and self.history[-1][0] == trainer.global_step:
+        kept = pl_module.summary.get("repair_state_step")  # the checkpoint put an earlier, better state back
+        validated = dict(self.history)
+        if kept is not None and kept in validated:
+            final = validated[kept]
+        elif self.history and self.history[-1][0] == trainer.global_step:
             final = self.history[-1][1]
         else:
             final = float(self._evaluate(trainer, pl_module))
@@ -71,6 +77,9 @@ class HeldoutKLGate(L.Callback):
         self._log(trainer, {"heldout_kl_after": final})
         rank_zero_info(f"heldout KL after repair:  {final:.6f} (before {self.initial:.6f}, "
                        f"change {final - self.initial:+.6f})")
+        if not math.isfinite(final):
+            raise GateFailed(f"HeldoutKLGate: final heldout KL is {final} (the run diverged; before repair "
+                             f"{self.initial:.6f})")
         if final > self.initial + self.tolerance:
             raise GateFailed(
                 f"HeldoutKLGate: heldout KL got worse through repair: {self.initial:.6f} -> {final:.6f} "
@@ -133,7 +142,7 @@ class ShimDominanceGate(L.Callback):
         worst = max(values.values())
         self.history.append((trainer.global_step, worst))
         pl_module.summary["shim_dominance_max"] = max(worst, pl_module.summary.get("shim_dominance_max", 0.0))
-        over = {t: v for t, v in values.items() if v > self.max_ratio}
+        over = {t: v for t, v in values.items() if not v <= self.max_ratio}  # NaN fails too
         if not over:
             self._keep(trainer, pl_module)
             return
@@ -186,6 +195,8 @@ class IdentityGate(L.Callback):
         summary = pl_module.summary
         summary["identity_gate_threshold"] = self.threshold
         summary["identity_gate_metric"] = self.metric
+        if not math.isfinite(value):
+            raise GateFailed(f"IdentityGate: {self.metric} is {value} at step {trainer.global_step} (the run diverged)")
         if value <= self.threshold and self.passed_at is None:
             self.passed_at = trainer.global_step
             summary["identity_gate_passed_at_step"] = self.passed_at
@@ -201,6 +212,6 @@ class IdentityGate(L.Callback):
         summary = pl_module.summary
         summary.update(identity_gate="pass" if final <= self.threshold else "fail",
                        identity_gate_final=final, identity_gate_best=best, identity_gate_best_step=best_step)
-        if final > self.threshold:
+        if not final <= self.threshold:
             raise GateFailed(f"IdentityGate: {self.metric} = {final:.4f} at step {step} is above the threshold "
                              f"{self.threshold} (best {best:.4f} at step {best_step})")

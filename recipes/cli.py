@@ -13,15 +13,19 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 import warnings
+from pathlib import Path
 
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import MetricsJSON
+from zoo.core.cache import check_writable
 from zoo.core.errors import ZooError
 from zoo.core.models import META_PREFIX, RANDOM_PREFIX
+from zoo.core.state import read_header
 from zoo.core.module import DistillationModule
 
 from .command import end_wandb_run, wandb_config
@@ -58,12 +62,46 @@ class ZooCLI(LightningCLI):
             init["teacher"] = META_PREFIX + init["teacher"].removeprefix(RANDOM_PREFIX).removeprefix(META_PREFIX)
         if self.subcommand is None:  # run=False (load_recipe): no ckpt_path to route
             return
-        config = self.config[self.subcommand]
-        ckpt = config.get("ckpt_path")
-        if ckpt and str(ckpt).endswith(".safetensors"):
-            # a repair state is not a Lightning checkpoint: the model loads it after building the student
-            config["model"]["init_args"]["repair_state"] = str(ckpt)
+        check_output_dirs(self.config[self.subcommand])
+        self._parse_ckpt_path()
+
+    def _parse_ckpt_path(self):
+        # Lightning's own version torch.loads the file while parsing, before any hook of ours: a repair
+        # state is not a Lightning checkpoint; the model loads it after building the student
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        ckpt = config.get("ckpt_path") if config is not None else None
+        if ckpt:
+            config["model"]["init_args"]["repair_state"] = str(repair_state_path(str(ckpt)))
             config["ckpt_path"] = None
+
+    def _log_run_config(self):
+        """The whole resolved config (model, data, trainer, seed) and the code's commit, for every logger."""
+        config = self.config[self.subcommand].as_dict()
+        config.pop("config", None)
+        config["git_commit"] = git_commit()
+        for logger in self.trainer.loggers:
+            logger.log_hyperparams({"zoo": config})
+
+    def _log_run_summary(self):
+        """What the run built and reached (trainable-parameter count, targets, gate results) in the W&B summary."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        summary = getattr(self.model, "summary", {})
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and summary:
+                logger.experiment.summary.update(summary)
+
+    def before_fit(self):
+        self._log_run_config()
+
+    def before_validate(self):
+        self._log_run_config()
+
+    def after_fit(self):
+        self._log_run_summary()
+
+    def after_validate(self):
+        self._log_run_summary()
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -72,17 +110,65 @@ class ZooCLI(LightningCLI):
         return trainer
 
 
+def git_commit() -> str | None:
+    """The commit of the zoo checkout this code runs from (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def repair_state_path(ckpt: str) -> Path:
+    """The repair state ``--ckpt_path`` names (a ``.safetensors`` state, or a run directory holding one), its
+    header checked now, before any weights load. Lightning's own checkpoints are refused: they are pickles
+    (``torch.load``), and a URL would be fetched and unpickled."""
+    if "://" in ckpt:
+        raise ZooError(f"--ckpt_path {ckpt!r} is a URL; the zoo loads only local repair states (download it first)")
+    path = Path(ckpt)
+    if path.is_dir():
+        path = path / "repair_state.safetensors"
+    elif path.suffix != ".safetensors":
+        raise ZooError(f"--ckpt_path {ckpt!r} is not a repair state: give a .safetensors repair state or a run "
+                       "directory holding repair_state.safetensors (Lightning .ckpt pickles are not loaded)")
+    read_header(path)  # one-line error for a missing, truncated or foreign file
+    return path
+
+
+def check_output_dirs(config) -> None:
+    """Every directory the run will write (the run directory, callbacks' ``dirpath``) is writable, checked
+    before the teacher loads and calibration starts."""
+    trainer = config["trainer"]
+    check_writable(trainer.get("default_root_dir") or os.getcwd(), "trainer.default_root_dir")
+    for callback in trainer.get("callbacks") or []:
+        init = getattr(callback, "init_args", None) or (callback.get("init_args") if isinstance(callback, dict) else None)
+        dirpath = init.get("dirpath") if init is not None else None
+        if dirpath:
+            check_writable(dirpath, f"{getattr(callback, 'class_path', 'callback')} dirpath")
+
+
+def _interrupt_on_sigterm(signum, frame):
+    # Lightning turns SIGTERM into a clean exit with status 0 and no interrupt hooks; treated as Ctrl-C,
+    # the run saves its state, reports the interruption and exits non-zero
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def lightning_main(args: list[str] | None) -> None:
     failed = True
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         _lightning_cli(args)
         failed = False
     finally:
+        signal.signal(signal.SIGTERM, previous)
         end_wandb_run(failed)  # a later run in this process (tests, notebooks) must not log into this one
 
 
-def _lightning_cli(args: list[str] | None) -> None:
-    ZooCLI(
+def _lightning_cli(args: list[str] | None) -> ZooCLI:
+    return ZooCLI(
         DistillationModule,
         TokenDataModule,
         subclass_mode_model=True,
@@ -118,11 +204,31 @@ def load_recipe(config: str, overrides: list[str] | tuple[str, ...] = (), repair
     return cli.model, cli.datamodule, cli.trainer
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is at the time (tests and notebooks replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _quiet() -> None:
+    """zoo's own info lines on stderr (one per stage); third-party noise down."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("zoo").setLevel(logging.INFO)
+    for name in ("zoo", "recipes", "callbacks"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not any(isinstance(h, _Stderr) for h in logger.handlers):
+            handler = _Stderr()
+            handler.setFormatter(logging.Formatter("zoo: %(message)s"))
+            logger.addHandler(handler)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
     # the teacher stays in eval mode on purpose (no dropout in the repair forward)
@@ -149,12 +255,18 @@ def main(argv: list[str] | None = None) -> None:
             getattr(importlib.import_module(module_name), function)(argv[1:])
         else:
             raise ZooError(f"unknown command {command!r}; valid commands: {', '.join(commands)}")
+    except KeyboardInterrupt:
+        print(f"zoo: interrupted ({command})", file=sys.stderr)
+        sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - user errors print one message; anything else re-raises
         user_error = _user_error(exc)
         if user_error is None:
             raise
         message = str(user_error).strip()
         if isinstance(user_error, ArgumentError):
+            configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+            if message.startswith("Problems parsing config") and configs:  # jsonargparse does not say which
+                message = f"{' / '.join(configs)}: {message}"
             message += f"\n(see: zoo {command} --help)"
         print(f"zoo: error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -108,3 +108,21 @@ def test_default_logger_is_wandb_offline_and_writes_a_local_run(tmp_path, tiny_t
     import wandb
 
     assert wandb.run is None  # finished: a later W&B logger in this process must start its own run
+
+
+def test_wandb_run_holds_the_whole_config_and_what_was_built(tmp_path, tiny_teacher_dir, monkeypatch):
+    from recipes.cli import _lightning_cli, end_wandb_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    config = write_config(tmp_path, tiny_teacher_dir, max_steps=2)
+    cli = _lightning_cli(["fit", "--config", config, "--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
+                          "--trainer.logger.save_dir", str(tmp_path / "wb"), "--trainer.logger.offline", "true"])
+    try:
+        run = cli.trainer.logger.experiment
+        logged = dict(run.config)["zoo"]
+        assert {"model", "data", "trainer", "seed_everything", "git_commit"} <= set(logged)
+        assert logged["data"]["init_args"]["seq_len"] == 32 and logged["trainer"]["max_steps"] == 2
+        assert run.summary["trainable_parameters"] == 16 and run.summary["targets"] == 2
+        assert run.summary["heldout_kl_after"] == cli.model.summary["heldout_kl_after"]
+    finally:
+        end_wandb_run()

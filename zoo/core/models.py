@@ -17,10 +17,12 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
+from .cache import cache_root
 from .errors import ZooError
 
 log = logging.getLogger(__name__)
@@ -34,9 +36,6 @@ DEFAULT_TEACHER = "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cache_root() -> Path:
-    """Root of the zoo's on-disk caches (``ZOO_CACHE`` or ``~/.cache/zoo``)."""
-    return Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "zoo"))
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -122,17 +121,25 @@ def _materialize(source: str) -> tuple[str, dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (once)", gguf_file, converted)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - gguf/transformers raise many kinds on a torn or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ZooError(f"GGUF file {str(Path(directory) / gguf_file)!r} could not be read "
+                       f"({type(exc).__name__}: {first[:200]}); is it complete?") from None
     # the GGUF weights arrive de-quantized to fp32; drop the quantizer so they save as plain tensors
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if not converted.exists():  # another process may have converted it meanwhile
-        tmp.replace(converted)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not converted.exists():  # another process may have converted it meanwhile
+            tmp.replace(converted)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the loser of a race, or an interrupted write
     return str(converted), {}
 
 
@@ -146,6 +153,10 @@ def model_config(source: str):
     path = Path(source).expanduser()
     try:
         if path.is_file() and source.endswith(".json"):
+            import json
+
+            if "model_type" not in json.loads(path.read_text()):  # older transformers guess one silently
+                raise ValueError("it names no model_type")
             return AutoConfig.from_pretrained(str(path))
         return AutoConfig.from_pretrained(_materialize(source)[0])
     except (OSError, ValueError) as exc:  # unreachable hub id, unknown model_type, broken json

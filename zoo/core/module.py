@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -19,11 +20,12 @@ from torch import nn
 
 from . import calibration as calib
 from .distributed import all_reduce_sum_, all_true, rank_world
+from .cache import Entry
 from .errors import ZooError, check_choice
 from .losses import cached_token_kl, hidden_token_kl, prediction_mask, token_kl
-from .models import DEFAULT_TEACHER, cache_root, claim, load_causal_lm
+from .models import DEFAULT_TEACHER, META_PREFIX, RANDOM_PREFIX, claim, load_causal_lm
 from .prefix import SUPPORTED_MODEL_TYPES, SharedPrefix, decoder_layers
-from .state import load_state, save_state
+from .state import check_header, load_state, save_state
 from .surgery import replace, replaced_modules, teacher_view
 from .technique import Technique
 
@@ -143,8 +145,11 @@ class DistillationModule(L.LightningModule):
         super().__init__()
         if not parts and self.requires_parts:
             raise ZooError("a DistillationModule needs at least one technique part")
-        if temperature <= 0:
-            raise ZooError(f"temperature must be > 0, got {temperature}")
+        # NaN fails these too; lr 0 is allowed (a run that measures without changing anything)
+        if not 0 <= lr < math.inf:
+            raise ZooError(f"lr must be a finite number >= 0, got {lr}")
+        if not 0 < temperature < math.inf:
+            raise ZooError(f"temperature must be a positive finite number, got {temperature}")
         self.parts = list(parts)
         self.teacher = teacher
         self.dtype_name = dtype
@@ -157,6 +162,11 @@ class DistillationModule(L.LightningModule):
         self._prefix: SharedPrefix | None = None
         self._prefix_key: tuple | None = None  # the decoder layers ``_prefix`` was planned on
         self._head_reason: str | None = None  # why fused_head is off for this model (logged once)
+        if repair_state:  # a missing or foreign state is reported before the weights load (in full at load)
+            check_header(repair_state, DistillationModule.header(self))
+        if self.parts and not teacher.startswith(META_PREFIX):
+            # bad targets too: resolved on the architecture alone (meta device, no weights) first
+            self.resolve_targets(load_causal_lm(META_PREFIX + teacher.removeprefix(RANDOM_PREFIX), dtype)[0])
         self.model, self.tokenizer = load_causal_lm(teacher, dtype)
         self.targets: dict[str, list[str]] = {}  # part -> replaced names, after build
         self.summary: dict[str, float] = {}  # run-level results (gates fill it; written to metrics.json)
@@ -174,12 +184,13 @@ class DistillationModule(L.LightningModule):
         return {"technique": self.technique_name(), "parts": [p.describe() for p in self.parts],
                 "teacher": self.teacher}
 
-    def resolve_targets(self) -> list[list[str]]:
-        """Targets of each part; overlapping parts are an error naming the shared modules."""
+    def resolve_targets(self, model: nn.Module | None = None) -> list[list[str]]:
+        """Targets of each part in ``model`` (default: the student's); overlapping parts are an error
+        naming the shared modules."""
         owner: dict[str, int] = {}
         resolved = []
         for i, part in enumerate(self.parts):
-            names = part.resolve(self.model)
+            names = part.resolve(self.model if model is None else model)
             for n in names:
                 if n in owner:
                     raise ZooError(
@@ -237,17 +248,16 @@ class DistillationModule(L.LightningModule):
                 f"{self.technique_name()} needs calibration statistics; give it a DataModule with a "
                 "calibration_dataloader() (e.g. recipes.DistillationDataModule)"
             )
-        key = calib.cache_key(teacher=self.teacher, dtype=self.dtype_name, targets=names,
-                              fisher=sorted(wanted["fisher"]), data=fingerprint,
-                              tokens=self.calibration_tokens, full_cov_max=self.full_cov_max,
-                              **({"taps": sorted(taps), "tap_versions": sorted({p.tap_version for p in self.parts
-                                                                                if "taps" in p.needs()})}
-                                 if taps else {}))
-        path = cache_root() / "calibration" / f"{key}.safetensors"
+        entry = Entry("calibration", teacher=self.teacher, dtype=self.dtype_name, targets=names,
+                      fisher=sorted(wanted["fisher"]), data=fingerprint,
+                      tokens=self.calibration_tokens, full_cov_max=self.full_cov_max,
+                      **({"taps": sorted(taps), "tap_versions": sorted({p.tap_version for p in self.parts
+                                                                        if "taps" in p.needs()})}
+                         if taps else {}))
         # under ddp/fsdp every process runs setup: all read the cache, or all collect their share
-        if all_true(path.is_file()):
-            log.info("calibration statistics from cache %s", path)
-            return calib.load_stats(path)
+        hit = entry.load() if fingerprint else None
+        if all_true(hit is not None):
+            return calib.stats_from_tensors(*hit)
         was = next(self.model.parameters()).device
         if device is not None:
             self.model.to(device)
@@ -256,7 +266,7 @@ class DistillationModule(L.LightningModule):
                               device=device, distributed=True, taps=taps)
         self.model.to(was)
         if fingerprint and rank_world()[0] == 0:  # only data with a fingerprint can be reused safely
-            calib.save_stats(path, stats, {"teacher": self.teacher, "data": fingerprint})
+            entry.store(*calib.stats_to_tensors(stats))
         return stats
 
     def build_student_from(self, datamodule=None, device=None) -> None:

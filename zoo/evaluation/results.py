@@ -101,7 +101,12 @@ def load_result(path: str | Path) -> EvalResult:
         raise ZooError(f"results file {str(path)!r} is not JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ZooError(f"{str(path)!r} is not a `zoo eval` results file (format {FORMAT!r})")
-    return EvalResult.from_dict(data)
+    try:
+        return EvalResult.from_dict(data)
+    except KeyError as exc:
+        raise ZooError(f"results file {str(path)!r} lacks the field {exc.args[0]!r}") from None
+    except (TypeError, AttributeError) as exc:
+        raise ZooError(f"results file {str(path)!r} has a malformed entry: {exc}") from None
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:

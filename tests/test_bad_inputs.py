@@ -1,0 +1,101 @@
+"""A table of bad inputs and damaged files, each driven through the ``zoo`` CLI in-process: every row must end
+with exit code 2, one ``zoo: error:`` line and no traceback, and the message must name the offending value or
+file. Rows marked ``early`` give a teacher that does not exist as well: their error must come first, before
+any model is loaded."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from test_cli import assert_clean_error, run
+from zoo_cli import write_config
+
+MISSING_TEACHER = "no_such_teacher_dir"
+
+
+def files(tmp_path) -> None:
+    """The damaged and foreign files the rows refer to (``{tmp}`` in a row is ``tmp_path``)."""
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x07" * 64)
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x04pickle")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
+    (tmp_path / "empty_run").mkdir()
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "torn.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 40)
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
+    (tmp_path / "not.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"format": "something/else"}))
+    (tmp_path / "fieldless.json").write_text(json.dumps({"format": "zoo.eval/1", "dataset": {}, "subset": "x"}))
+
+
+FIT = ["fit", "--config", "{config}"]
+EIGEN = ["--model", "zoo.EigenAttentionRepair", "--model.init_args.targets", "model.layers.*.self_attn"]
+
+# (id, argv, needles, early): {config} is a tiny recipe on the tiny teacher, {tmp} the test's directory
+ROWS = [
+    ("target typo", FIT + ["--model.init_args.targets", "model.layers.0.mlp.dwn_proj"],
+     ["dwn_proj", "matches no linear module", "model.layers.0.mlp.down_proj"], False),
+    ("target beyond the last layer", FIT + ["--model.init_args.targets", "model.layers.7.mlp.down_proj"],
+     ["model.layers.7.mlp.down_proj"], False),
+    ("rank above the matrix rank", FIT + ["--model.init_args.rank", "100"], ["rank 100", "= 64"], False),
+    ("rank zero", FIT + ["--model.init_args.rank", "0"], ["rank"], False),
+    ("config key typo", FIT + ["--model.init_args.rnk", "3"], ["rnk"], True),
+    ("unknown weighting", FIT + ["--model.init_args.weighting", "cov"], ["cov", "covariance, diagonal"], True),
+    ("unknown dtype", FIT + ["--model.init_args.dtype", "float8"], ["float8", "float32"], True),
+    ("learning rate inf", FIT + ["--model.init_args.lr=inf"], ["lr", "inf"], True),
+    ("learning rate nan", FIT + ["--model.init_args.lr=nan"], ["lr", "nan"], True),
+    ("temperature inf", FIT + ["--model.init_args.temperature=inf"], ["temperature", "inf"], True),
+    ("negative learning rate", FIT + ["--model.init_args.lr=-0.001"], ["lr", "-0.001"], True),
+    ("zero temperature", FIT + ["--model.init_args.temperature=0"], ["temperature"], True),
+    ("unknown model class", FIT + ["--model", "zoo.NoSuchRepair"], ["NoSuchRepair"], True),
+    ("missing config file", ["fit", "--config", "{tmp}/nope.yaml"], ["nope.yaml"], True),
+    ("malformed config file", ["fit", "--config", "{tmp}/broken.yaml"], ["broken.yaml"], True),
+    ("missing teacher", FIT + ["--model.init_args.teacher", "{tmp}/nope"], ["nope"], True),
+    ("torn GGUF teacher", FIT + ["--model.init_args.teacher", "{tmp}/torn.gguf"], ["torn.gguf", "could not be read"],
+     False),
+    ("missing GGUF teacher", FIT + ["--model.init_args.teacher", "{tmp}/absent.gguf"], ["absent.gguf", "does not exist"],
+     False),
+    ("ckpt_path URL", ["validate", "--config", "{config}", "--ckpt_path", "https://example.com/s.safetensors"],
+     ["https://example.com/s.safetensors", "URL"], True),
+    ("ckpt_path Lightning pickle", ["validate", "--config", "{config}", "--ckpt_path", "{tmp}/model.ckpt"],
+     ["model.ckpt", "not a repair state"], True),
+    ("ckpt_path missing", ["validate", "--config", "{config}", "--ckpt_path", "{tmp}/absent.safetensors"],
+     ["absent.safetensors", "does not exist"], True),
+    ("ckpt_path garbage", ["validate", "--config", "{config}", "--ckpt_path", "{tmp}/garbage.safetensors"],
+     ["garbage.safetensors", "not a safetensors file"], True),
+    ("ckpt_path foreign safetensors", ["validate", "--config", "{config}", "--ckpt_path", "{tmp}/foreign.safetensors"],
+     ["foreign.safetensors", "not a zoo repair state"], True),
+    ("ckpt_path run directory without a state", ["validate", "--config", "{config}", "--ckpt_path", "{tmp}/empty_run"],
+     ["empty_run", "repair_state.safetensors"], True),
+    ("repair_state garbage", FIT + ["--model.init_args.repair_state", "{tmp}/garbage.safetensors"],
+     ["garbage.safetensors"], True),
+    ("run directory under a file", FIT + ["--trainer.default_root_dir", "{tmp}/a_file/run"],
+     ["a_file", "not writable"], True),
+    ("EigenAttention k above head_dim", FIT + EIGEN + ["--model.init_args.k", "100"], ["k", "100"], False),
+    ("EigenAttention variance above one", FIT + EIGEN + ["--model.init_args.variance", "1.5"], ["1.5"], True),
+    ("unknown command", ["frobnicate"], ["frobnicate", "valid commands"], True),
+    ("compare: missing results file", ["compare", "{tmp}/a.json", "{tmp}/b.json"], ["a.json", "does not exist"], True),
+    ("compare: not JSON", ["compare", "{tmp}/not.json", "{tmp}/not.json"], ["not.json", "not JSON"], True),
+    ("compare: another format", ["compare", "{tmp}/other.json", "{tmp}/other.json"], ["other.json", "zoo eval"], True),
+    ("compare: a field missing", ["compare", "{tmp}/fieldless.json", "{tmp}/fieldless.json"],
+     ["fieldless.json", "lacks the field"], True),
+]
+
+
+@pytest.mark.parametrize("argv, needles, early", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
+def test_bad_input_ends_in_one_clear_line(argv, needles, early, tmp_path, tiny_teacher_dir, capsys):
+    files(tmp_path)
+    teacher = str(tmp_path / MISSING_TEACHER) if early else tiny_teacher_dir
+    config = write_config(tmp_path, teacher, max_steps=1)
+    args = [a.format(config=config, tmp=tmp_path) for a in argv]
+    code, err = run(args, capsys)
+    assert_clean_error(code, err, *[n.format(tmp=tmp_path) for n in needles])
+    assert err.count("zoo: error:") == 1
+    if early:
+        assert MISSING_TEACHER not in err, "the bad input must be reported before the teacher is looked at"
+
+
+def test_the_table_is_large_enough():
+    assert len(ROWS) >= 30
