@@ -59,6 +59,18 @@ class RepairStateCheckpoint(L.Callback):
                 extra[self.monitor] = self.validated[step]
             return pl_module.save_repair_state(_dir(trainer, self.dirpath) / name, extra)
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(dirpath=self.dirpath, filename=self.filename)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "best_state": self.best_state,
+                "validated": self.validated}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step, self.best_state = state["best"], state["best_step"], state["best_state"]
+        self.validated = state["validated"]
+
     def on_train_start(self, trainer, pl_module):
         self.started = True
 
@@ -120,6 +132,16 @@ class MetricsJSON(L.Callback):
     def __init__(self, dirpath: str | None = None, filename: str = "metrics.json"):
         self.dirpath, self.filename = dirpath, filename
         self.records: list[dict] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(dirpath=self.dirpath, filename=self.filename)
+
+    def state_dict(self) -> dict:
+        return {"records": self.records}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.records = state["records"]
 
     @staticmethod
     def _plain(metrics) -> dict:

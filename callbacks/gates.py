@@ -51,7 +51,19 @@ class HeldoutKLGate(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
+    @property
+    def state_key(self) -> str:  # one per setting: a recipe may gate on several
+        return self._generate_state_key(tolerance=self.tolerance, max_kl=self.max_kl)
+
+    def state_dict(self) -> dict:
+        return {"initial": self.initial, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.initial, self.history = state["initial"], [tuple(h) for h in state["history"]]
+
     def on_train_start(self, trainer, pl_module):
+        if self.initial is not None:  # resumed: "before" is the interrupted run's
+            return
         self.initial = float(self._evaluate(trainer, pl_module))
         pl_module.summary["heldout_kl_before"] = self.initial
         self._log(trainer, {"heldout_kl_before": self.initial})
@@ -124,9 +136,21 @@ class ShimDominanceGate(L.Callback):
                            f"{self.METRIC!r}); give the technique shims (e.g. CoupledCoreRepair shim_rank > 0) "
                            "or remove the gate")
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(max_ratio=self.max_ratio, action=self.action)
+
+    def state_dict(self) -> dict:
+        return {"passing_state": self.passing_state, "passing_step": self.passing_step, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.passing_state, self.passing_step = state["passing_state"], state["passing_step"]
+        self.history = [tuple(h) for h in state["history"]]
+
     def on_train_start(self, trainer, pl_module):
-        # shims start at zero, so the initial student passes by construction
-        self._keep(trainer, pl_module)
+        # shims start at zero, so the initial student passes by construction (a resumed run keeps its own)
+        if self.passing_state is None:
+            self._keep(trainer, pl_module)
 
     def _keep(self, trainer, pl_module):
         self.passing_state = {k: v.detach().clone() for k, v in pl_module.trainable_parameters().items()}
@@ -182,6 +206,16 @@ class IdentityGate(L.Callback):
         self.threshold, self.metric, self.stop_on_pass = threshold, metric, stop_on_pass
         self.history: list[tuple[int, float]] = []
         self.passed_at: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(threshold=self.threshold, metric=self.metric)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "passed_at": self.passed_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.passed_at = [tuple(h) for h in state["history"]], state["passed_at"]
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or trainer.state.fn != "fit":

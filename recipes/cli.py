@@ -22,10 +22,11 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import MetricsJSON
+from callbacks.resume import STOP, Resume, SafetensorsCheckpointIO
 from zoo.core.cache import check_writable
 from zoo.core.errors import ZooError
 from zoo.core.models import META_PREFIX, RANDOM_PREFIX
-from zoo.core.state import read_header
+from zoo.core.state import RESUME_FILE, load_checkpoint, read_header
 from zoo.core.module import DistillationModule
 
 from .command import end_wandb_run, wandb_config
@@ -55,6 +56,8 @@ class ZooCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("model.init_args.teacher", "data.init_args.teacher")
+        parser.add_argument("--resume", type=str | None, default=None,
+                            help="fit: continue the interrupted run in this directory exactly where it stopped")
 
     def before_instantiate_classes(self):
         if self.meta:  # shapes only (zoo plan): the model's architecture on the meta device, no weights
@@ -62,8 +65,20 @@ class ZooCLI(LightningCLI):
             init["teacher"] = META_PREFIX + init["teacher"].removeprefix(RANDOM_PREFIX).removeprefix(META_PREFIX)
         if self.subcommand is None:  # run=False (load_recipe): no ckpt_path to route
             return
-        check_output_dirs(self.config[self.subcommand])
+        config = self.config[self.subcommand]
+        resume = config.get("resume")
+        if resume:
+            if self.subcommand != "fit":
+                raise ZooError(f"--resume continues a fit; `zoo {self.subcommand}` takes --ckpt_path")
+            if config.get("ckpt_path"):
+                raise ZooError("give --resume RUN_DIR or --ckpt_path STATE, not both")
+            path = Path(resume) / RESUME_FILE
+            check_resume(path)
+            config["trainer"]["default_root_dir"] = str(Path(resume))
+        check_output_dirs(config)
         self._parse_ckpt_path()
+        if resume:
+            config["ckpt_path"] = str(path)  # after the repair-state routing: Lightning restores it
 
     def _parse_ckpt_path(self):
         # Lightning's own version torch.loads the file while parsing, before any hook of ours: a repair
@@ -105,8 +120,10 @@ class ZooCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
-        if not any(isinstance(c, MetricsJSON) for c in trainer.callbacks):
-            trainer.callbacks.append(MetricsJSON())
+        for kind in (MetricsJSON, Resume):
+            if not any(isinstance(c, kind) for c in trainer.callbacks):
+                trainer.callbacks.append(kind())
+        trainer.strategy.checkpoint_io = SafetensorsCheckpointIO()
         return trainer
 
 
@@ -150,20 +167,28 @@ def check_output_dirs(config) -> None:
             check_writable(dirpath, f"{getattr(callback, 'class_path', 'callback')} dirpath")
 
 
-def _interrupt_on_sigterm(signum, frame):
-    # Lightning turns SIGTERM into a clean exit with status 0 and no interrupt hooks; treated as Ctrl-C,
-    # the run saves its state, reports the interruption and exits non-zero
-    raise KeyboardInterrupt(f"signal {signum}")
+def check_resume(path: Path) -> None:
+    """One line for a run directory with nothing to resume, before any work."""
+    if not path.parent.is_dir():
+        raise ZooError(f"--resume {str(path.parent)!r}: no such run directory")
+    if not path.is_file():
+        raise ZooError(f"--resume {str(path.parent)!r}: the run left no {RESUME_FILE} (it stopped before its "
+                       "first step, or it is not a zoo run directory); start it again without --resume")
+    load_checkpoint(path)  # a damaged file is reported now, not after calibration
 
 
 def lightning_main(args: list[str] | None) -> None:
+    # Ctrl-C and SIGTERM alike: during training, stop after the step in progress and write the resume
+    # checkpoint (callbacks.resume.STOP); elsewhere, stop at once. Lightning's own SIGTERM handling would
+    # exit with status 0 and no interrupt hooks.
     failed = True
-    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    previous = {s: signal.signal(s, STOP.signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         _lightning_cli(args)
         failed = False
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         end_wandb_run(failed)  # a later run in this process (tests, notebooks) must not log into this one
 
 

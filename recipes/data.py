@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -774,6 +775,21 @@ def split_and_pack(sources: Sequence[Source], blocks: dict[str, int], seq_len: i
     return packed
 
 
+class ResumedLoader(DataLoader):
+    """A DataLoader whose next pass leaves out its first ``skip`` batches: a resumed run (``callbacks.Resume``
+    sets it) continues the epoch's order where the interrupted run stopped. Later passes are whole."""
+
+    skip = 0
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        iterator = super().__iter__()
+        if not skip:
+            return iterator
+        # the sampler's order is drawn at iteration start (set_epoch seeds it), so the same batches are left out
+        return itertools.islice(iterator, skip, None)
+
+
 class PackedDataset(Dataset):
     """Packed blocks as batch dicts: ``input_ids``, ``attention_mask`` (ones) and ``loss_mask``, all long."""
 
@@ -874,6 +890,7 @@ class TokenDataModule(L.LightningDataModule):
         self.max_repeat = max_repeat
         self._splits: dict[str, dict[str, torch.Tensor]] | None = None
         self._source_names: list[str] = []
+        self.resume_skip = 0  # batches of the next train pass already trained on (set by callbacks.Resume)
 
     # --- what subclasses provide
 
@@ -1070,7 +1087,10 @@ class TokenDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         dataset = self._dataset(split)
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        loader = ResumedLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        skip, self.resume_skip = self.resume_skip, 0
+        loader.skip = skip if skip < len(loader) else 0
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -25,7 +25,7 @@ from .errors import ZooError, check_choice
 from .losses import cached_token_kl, hidden_token_kl, prediction_mask, token_kl
 from .models import DEFAULT_TEACHER, META_PREFIX, RANDOM_PREFIX, claim, load_causal_lm
 from .prefix import SUPPORTED_MODEL_TYPES, SharedPrefix, decoder_layers
-from .state import check_header, load_state, save_state
+from .state import _short, check_header, load_state, save_state
 from .surgery import replace, replaced_modules, teacher_view
 from .technique import Technique
 
@@ -512,6 +512,17 @@ class DistillationModule(L.LightningModule):
         warm = self.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["zoo_header"] = self.header()
+        checkpoint["zoo_summary"] = dict(self.summary)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        have, want = checkpoint.get("zoo_header"), self.header()
+        if have != want:
+            raise ZooError(f"the resume checkpoint was written by another recipe: {_short(have)}; this run is "
+                           f"{_short(want)}")
+        self.summary.update(checkpoint.get("zoo_summary", {}))
 
     def state_dict(self, *args, **kwargs):
         """Only the trainable tensors: a Lightning checkpoint must not copy the whole teacher."""

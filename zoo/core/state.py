@@ -67,3 +67,64 @@ def load_state(path: str | Path, expect: dict | None = None) -> tuple[dict[str, 
 def _short(value) -> str:
     text = json.dumps(value, sort_keys=True)
     return text if len(text) < 400 else text[:400] + "..."
+
+
+# ---- resumable training checkpoints --------------------------------------------------------------------
+
+RESUME_FORMAT = "resume/1"
+RESUME_FILE = "resume.safetensors"
+
+
+def _flatten(tree, tensors: dict[str, torch.Tensor], path: str = ""):
+    """``tree`` as JSON with every tensor moved into ``tensors`` (by its path); dicts with non-string keys and
+    tuples keep their types, so a Lightning checkpoint (optimizer state keyed by int) comes back as it was."""
+    if torch.is_tensor(tree):
+        tensors[path] = tree.detach().to("cpu").contiguous()
+        return {"__tensor__": path}
+    if isinstance(tree, dict):
+        if all(isinstance(k, str) for k in tree):
+            return {"__dict__": {k: _flatten(v, tensors, f"{path}/{k}") for k, v in tree.items()}}
+        return {"__items__": [[_flatten(k, tensors, f"{path}/key{i}"), _flatten(v, tensors, f"{path}/{i}")]
+                              for i, (k, v) in enumerate(tree.items())]}
+    if isinstance(tree, (list, tuple)):
+        items = [_flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(tree)]
+        return {"__tuple__": items} if isinstance(tree, tuple) else items
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    raise ZooError(f"a resume checkpoint cannot hold {type(tree).__name__} at {path or '/'} (tensors and JSON only)")
+
+
+def _unflatten(tree, tensors: dict[str, torch.Tensor]):
+    if isinstance(tree, list):
+        return [_unflatten(v, tensors) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    if "__tensor__" in tree:
+        return tensors[tree["__tensor__"]]
+    if "__dict__" in tree:
+        return {k: _unflatten(v, tensors) for k, v in tree["__dict__"].items()}
+    if "__items__" in tree:
+        return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in tree["__items__"]}
+    return tuple(_unflatten(v, tensors) for v in tree["__tuple__"])
+
+
+def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
+    """A training checkpoint (tensors + JSON-able values, e.g. Lightning's) as one safetensors file, atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _flatten(checkpoint, tensors)
+    return atomic_save(tensors, path, {"zoo_format": RESUME_FORMAT, "tree": json.dumps(tree)})
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"resume checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ZooError(f"resume checkpoint {str(path)!r} is damaged: {exc}") from None
+    if meta.get("zoo_format") != RESUME_FORMAT:
+        raise ZooError(f"{str(path)!r} is not a zoo resume checkpoint (format {meta.get('zoo_format')!r})")
+    return _unflatten(json.loads(meta["tree"]), tensors)
