@@ -71,13 +71,12 @@ DEFAULT_TEACHER_DIR = ROOT / ".carry" / "teacher"
 WHEEL_DIR = ROOT / ".whl"
 PHD_SHAPE = "llama-3.1-8b down_proj"
 
-#: module -> distribution (its wheel's name) that the steps need and a CUDA image may lack
-NEEDED = {"jsonargparse": "jsonargparse", "docstring_parser": "docstring_parser", "typeshed_client": "typeshed_client",
-          "datasets": "datasets", "dill": "dill", "multiprocess": "multiprocess", "pytest": "pytest"}
+#: modules the steps need that a CUDA image may lack (each module's wheel has its name)
+NEEDED = ("jsonargparse", "docstring_parser", "typeshed_client", "datasets", "dill", "multiprocess", "pytest")
 #: installed from .whl/ when a wheel is there, never fetched (a CUDA build)
-OPTIONAL = {"fast_hadamard_transform": "fast_hadamard_transform"}
-#: what --fetch-wheels downloads: the ones above a GPU image was seen to lack (pytest it has)
-FETCH = ("jsonargparse", "docstring_parser", "typeshed_client", "datasets", "dill", "multiprocess")
+OPTIONAL = ("fast_hadamard_transform",)
+#: what --fetch-wheels downloads: those a GPU image was seen to lack (it has pytest)
+FETCH = NEEDED[:-1]
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 #: (id, step, what, op, threshold)
@@ -138,14 +137,14 @@ def ensure_dependencies(site: Path) -> dict:
     """Install each needed module that does not import from its wheel in .whl/ into ``site``."""
     report = {"installed_from_wheels": [], "missing": {}}
     wheels = []
-    for module, dist in {**NEEDED, **OPTIONAL}.items():
+    for module in NEEDED + OPTIONAL:
         if importlib.util.find_spec(module) is not None:
             continue
-        wheel = wheel_for(dist, WHEEL_DIR)
+        wheel = wheel_for(module, WHEEL_DIR)
         if wheel is not None:
             wheels.append(wheel)
         elif module in NEEDED:
-            report["missing"][module] = f"not installed, and no {dist}-*.whl in {WHEEL_DIR}"
+            report["missing"][module] = f"not installed, and no {module}-*.whl in {WHEEL_DIR}"
 
     def install(batch):
         return subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
@@ -243,9 +242,11 @@ def run_step(name: str, argv: list[str], timeout: float, env: dict, log: Path) -
         try:
             rc = proc.wait(timeout=timeout)
             status = "ok" if rc == 0 else "failed"
-        except subprocess.TimeoutExpired:
+        except BaseException as exc:  # the cap, or Ctrl-C, which the step's own session does not get
             os.killpg(proc.pid, signal.SIGKILL)  # its children too (dataloader workers, pytest's)
             proc.wait()
+            if not isinstance(exc, subprocess.TimeoutExpired):
+                raise
             rc, status = None, "timeout"
     text = log.read_text(errors="replace")
     result = {"name": name, "command": " ".join(argv), "status": status, "rc": rc,
