@@ -133,18 +133,19 @@ def wheel_for(dist: str, folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def ensure_dependencies(site: Path) -> dict:
-    """Install each needed module that does not import from its wheel in .whl/ into ``site``."""
+def ensure_dependencies(site: Path, wheel_dir: Path = WHEEL_DIR, needed=NEEDED, optional=OPTIONAL) -> dict:
+    """Install each needed (or optional) module that does not import from its wheel in ``wheel_dir``
+    into ``site``."""
     report = {"installed_from_wheels": [], "missing": {}}
     wheels = []
-    for module in NEEDED + OPTIONAL:
+    for module in (*needed, *optional):
         if importlib.util.find_spec(module) is not None:
             continue
-        wheel = wheel_for(module, WHEEL_DIR)
+        wheel = wheel_for(module, wheel_dir)
         if wheel is not None:
             wheels.append(wheel)
-        elif module in NEEDED:
-            report["missing"][module] = f"not installed, and no {module}-*.whl in {WHEEL_DIR}"
+        elif module in needed:
+            report["missing"][module] = f"not installed, and no {module}-*.whl in {wheel_dir}"
 
     def install(batch):
         return subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",

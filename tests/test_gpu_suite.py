@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,32 @@ def test_a_failed_step_reports_its_error_line(tmp_path):
     assert result["status"] == "failed" and result["rc"] == 1
     assert result["reason"] == "ValueError: bad rank 7"
     assert "working" in result["log_tail"]
+
+
+def write_wheel(folder: Path, name: str, tag: str = "py3-none-any") -> Path:
+    """A real (minimal) wheel of a one-module package ``name``: what pip installs from .whl/."""
+    path = folder / f"{name}-1.0-{tag}.whl"
+    info = f"{name}-1.0.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name}.py", "ANSWER = 42\n")
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        z.writestr(f"{info}/WHEEL", f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: {tag}\n")
+        z.writestr(f"{info}/RECORD", f"{name}.py,,\n{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n")
+    return path
+
+
+def test_missing_modules_install_from_wheels_and_one_bad_wheel_does_not_stop_the_rest(tmp_path):
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    write_wheel(wheels, "zoo_probe_good")
+    write_wheel(wheels, "zoo_probe_other_python", "cp27-cp27mu-manylinux1_x86_64")
+    report = gpu_suite.ensure_dependencies(tmp_path / "site", wheels,
+                                           needed=("json", "zoo_probe_good", "zoo_probe_other_python",
+                                                   "zoo_probe_absent"), optional=("zoo_probe_optional",))
+    assert report["installed_from_wheels"] == ["zoo_probe_good-1.0-py3-none-any.whl"]
+    assert set(report["missing"]) == {"zoo_probe_other_python-1.0-cp27-cp27mu-manylinux1_x86_64.whl", "zoo_probe_absent"}
+    assert "not a supported wheel" in report["missing"]["zoo_probe_other_python-1.0-cp27-cp27mu-manylinux1_x86_64.whl"]
+    assert "no zoo_probe_absent-*.whl" in report["missing"]["zoo_probe_absent"]
+    proc = subprocess.run([sys.executable, "-c", "import zoo_probe_good; print(zoo_probe_good.ANSWER)"],
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True)
+    assert proc.stdout.strip() == "42", proc.stderr
