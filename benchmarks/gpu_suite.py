@@ -7,7 +7,8 @@
 Runs, in order, each as a subprocess under its own time cap (and all under --budget), so that a hang
 or an OOM in one step loses that step only:
 
-  pytest      pytest -m gpu (tests/test_gpu.py: bf16-mixed fits, the PHD layer in bf16)
+  pytest      pytest -m gpu over the test files that mark a test gpu (tests/test_gpu.py: bf16-mixed
+              fits, the PHD layer in bf16, the Hadamard kernel)
   repair      benchmarks/repair_step.py --batch 8 --seq 2048 on random:<teacher>: repair step vs a plain
               full fine-tune step, its peak memory, calibration vs a forward pass
   phd         benchmarks/phd_forward.py at Llama-3.1-8B's down_proj (14336 -> 4096), 16k tokens, bf16;
@@ -365,8 +366,12 @@ def plan(dry: bool, work: Path, teacher: str | None, teacher_reason: str | None)
     s = sizes(dry)
     py = sys.executable
     no_teacher = f"no teacher directory: {teacher_reason}"
-    steps = [("pytest", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests",
-                         "--junitxml", str(work / "pytest.xml")], None, extract_pytest)]
+    # only the files that mark a test gpu: collecting the others costs seconds of a GPU slot and finds nothing
+    gpu_files = [str(f.relative_to(ROOT)) for f in sorted((ROOT / "tests").glob("test_*.py"))
+                 if "mark.gpu" in f.read_text()]
+    steps = [("pytest", gpu_files and [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *gpu_files,
+                                       "--junitxml", str(work / "pytest.xml")], "no test file marks a test gpu",
+              extract_pytest)]
     steps.append(("repair", teacher and [py, "benchmarks/repair_step.py", "--model", teacher, *s["repair"],
                                          "--json", str(work / "repair.json")], no_teacher, extract_repair))
     steps.append(("phd", [py, "benchmarks/phd_forward.py", *s["phd"], "--json", str(work / "phd.json")], None,
