@@ -15,7 +15,9 @@ or an OOM in one step loses that step only:
               also times the block-Hadamard per method (matmul, butterfly, and the CUDA kernel of
               fast-hadamard-transform when it imports) and picks the fastest per frame width
   eigen       benchmarks/eigen_attention.py at 4k, 16k and 32k context (Llama-3.1-8B attention shapes)
-  export      benchmarks/export.py, when that file exists (skipped with the reason otherwise)
+  export      benchmarks/export.py, when that file exists (skipped with the reason otherwise), with
+              those of --device cuda, --build-device cuda, --dtype bfloat16, --teacher, --json (or in a
+              dry run its --tiny / --dry-run) that its source declares
   fit-fisher  zoo fit of configs/fisher_svd_repair.yaml, bf16-mixed, strategy fsdp (world size 1)
   fit-coupled zoo fit of configs/coupled_core.yaml, likewise
 
@@ -361,6 +363,25 @@ def fit_config(recipe: str, key: str, teacher: str, work: Path, s: dict) -> Path
     return path
 
 
+def export_options(source: str, dry: bool, teacher: str | None, work: Path) -> list[str]:
+    """What to pass benchmarks/export.py, written apart from this suite: each option the suite would give
+    it (the GPU and bf16, or its tiny CPU mode; the teacher; the JSON) where its source declares it."""
+    def declared(flag):
+        return f'"{flag}"' in source or f"'{flag}'" in source
+
+    tiny = [flag for flag in ("--tiny", "--dry-run") if declared(flag)][:1]
+    wanted = [("--json", str(work / "export.json"))]
+    if dry:
+        wanted += [(flag, None) for flag in tiny] + ([] if tiny else [("--teacher", teacher)])
+    else:
+        wanted += [("--device", "cuda"), ("--build-device", "cuda"), ("--dtype", "bfloat16"), ("--teacher", teacher)]
+    args = []
+    for flag, value in wanted:
+        if declared(flag) and (value is not None or flag in tiny):
+            args += [flag] if value is None else [flag, value]
+    return args
+
+
 def plan(dry: bool, work: Path, teacher: str | None, teacher_reason: str | None) -> list[tuple]:
     """(name, argv or None, reason when None, extract) for each step, in order."""
     s = sizes(dry)
@@ -380,11 +401,8 @@ def plan(dry: bool, work: Path, teacher: str | None, teacher_reason: str | None)
                   None, extract_eigen))
     export = ROOT / "benchmarks" / "export.py"
     if export.is_file():
-        # the export benchmark is another engineer's: pass the options only where its source names them
-        text = export.read_text()
-        argv = [py, "benchmarks/export.py", *(["--json", str(work / "export.json")] if "--json" in text else []),
-                *(["--dry-run"] if dry and "--dry-run" in text else [])]
-        steps.append(("export", argv, None,
+        steps.append(("export", [py, "benchmarks/export.py", *export_options(export.read_text(), dry, teacher, work)],
+                      None,
                       lambda w, r: {"export_exit_code": (r["rc"], load(w / "export.json") or {})}))
     else:
         steps.append(("export", None, "benchmarks/export.py does not exist", None))

@@ -112,3 +112,13 @@ def test_missing_modules_install_from_wheels_and_one_bad_wheel_does_not_stop_the
     proc = subprocess.run([sys.executable, "-c", "import zoo_probe_good; print(zoo_probe_good.ANSWER)"],
                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True)
     assert proc.stdout.strip() == "42", proc.stderr
+
+
+def test_the_export_benchmark_gets_the_options_its_source_declares(tmp_path):
+    source = 'ap.add_argument("--device")\nap.add_argument("--dtype")\nap.add_argument("--tiny")\nap.add_argument("--json")'
+    assert gpu_suite.export_options(source, True, "random:/t", tmp_path) == ["--json", str(tmp_path / "export.json"), "--tiny"]
+    assert gpu_suite.export_options(source, False, "random:/t", tmp_path) == [
+        "--json", str(tmp_path / "export.json"), "--device", "cuda", "--dtype", "bfloat16"]
+    # no tiny mode of its own: the dry run's tiny teacher instead, where it takes one
+    assert gpu_suite.export_options("'--teacher'", True, "random:/t", tmp_path) == ["--teacher", "random:/t"]
+    assert gpu_suite.export_options("print('--json is mentioned, not declared')", False, None, tmp_path) == []
