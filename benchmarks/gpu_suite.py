@@ -1,6 +1,6 @@
 """One prepared GPU suite: every GPU claim of the zoo measured in one short run (issue 18).
 
-    python benchmarks/gpu_suite.py                 # a CUDA machine: about 8 minutes on an H100 at most
+    python benchmarks/gpu_suite.py                 # a CUDA machine: sized for < 8 min on an H100 (--budget)
     python benchmarks/gpu_suite.py --dry-run       # a CPU: tiny sizes, the same code paths and JSON
     python benchmarks/gpu_suite.py --fetch-wheels  # a machine with the package index: fill .whl/ and .carry/
 
@@ -39,8 +39,8 @@ pip install --no-index --no-deps into a temporary folder put on PYTHONPATH, so n
 is replaced. --fetch-wheels fills .whl/ (pure-Python wheels, about 2 MB, at the versions in
 constraints.txt, for --wheel-python, default 3.12) and .carry/teacher (about 3.5 MB); carry both
 folders with the tree. A wheel of fast-hadamard-transform (a CUDA build: build it on a GPU machine
-with `pip wheel --no-deps fast-hadamard-transform==1.1.0 -w .whl`) is installed the same way when
-.whl/ holds one.
+with `pip wheel --no-deps --no-build-isolation fast-hadamard-transform==1.1.0 -w .whl`) is installed
+the same way when .whl/ holds one.
 
 --dry-run (CPU, what tests/test_gpu_suite.py runs): the same steps through the same code, at tiny
 sizes, on a tiny random model with the teacher's tokenizer, strategy auto instead of fsdp (Lightning's
