@@ -77,6 +77,7 @@ def hadamard_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
     return _hadamard(n, dtype, torch.device(device or "cpu"))
 
 
+@functools.lru_cache(maxsize=1)  # asked on every kernel transform; the answer holds for the process
 def kernel_unavailable() -> str | None:
     """Why ``method="kernel"`` cannot run here, or None when it can."""
     if not torch.cuda.is_available():
