@@ -1,10 +1,14 @@
-"""What the benchmark scripts share: timing after warm-up (CUDA events on a GPU) and peak memory.
+"""What the benchmark scripts share: timing after warm-up (CUDA events on a GPU), peak memory, and the
+``--json`` file each script writes for ``benchmarks/gpu_suite.py``.
 
 Run the scripts as ``python benchmarks/NAME.py``: this folder is then first on ``sys.path``.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,3 +39,13 @@ def peak_gib(fn, device) -> float | None:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / 2**30
+
+
+def write_json(path: str | None, data: dict) -> None:
+    """Write ``data`` to ``path`` (no-op without one), replacing the file whole: a script killed by the
+    suite's time cap or by an OOM leaves the last complete version, with what it had measured so far."""
+    if not path:
+        return
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from repair_step import peak_gib, timed  # noqa: E402
+from common import peak_gib, timed, write_json  # noqa: E402
 
 from zoo.eigen_attention import EigenAttentionLayer, cache_bytes  # noqa: E402
 
@@ -106,6 +106,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                     help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--json", default=None, help="also write the measurements to this JSON file, after each seq")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,9 +129,13 @@ def main():
               f"{'ratio':>6} | {'KV MiB orig':>11} {'eigen':>8} {'ratio':>6} | {'peak GiB ratio':>14}")
     print(header)
     print("-" * len(header))
+    out = {"device": name, "dtype": str(dtype), "shape": shape, "batch": batch, "k_keys": k_keys,
+           "k_values": k_values, "head_dim": head_dim, "seqs": []}
     for seq in seqs:
         a = measure(original, config, rotary, batch, seq, args.steps, args.warmup, dtype, device)
         b = measure(eigen, config, rotary, batch, seq, args.steps, args.warmup, dtype, device)
+        out["seqs"].append({"seq": seq, "original": a, "eigen": b})
+        write_json(args.json, out)
         peak = f"{b['prefill_peak_gib'] / a['prefill_peak_gib']:.3f}" if a["prefill_peak_gib"] else "n/a (cpu)"
         print(f"{seq:>7} | {a['prefill_s'] * 1e3:>15.2f} {b['prefill_s'] * 1e3:>9.2f} {b['prefill_s'] / a['prefill_s']:>6.3f} | "
               f"{a['decode_s'] * 1e3:>14.3f} {b['decode_s'] * 1e3:>8.3f} {b['decode_s'] / a['decode_s']:>6.3f} | "

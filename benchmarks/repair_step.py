@@ -33,7 +33,7 @@ from zoo import FisherSVDRepair
 from zoo.core import calibration as calib
 from zoo.core.surgery import teacher_view
 
-from common import peak_gib, timed
+from common import peak_gib, timed, write_json
 
 LEVERS = {"plain": (False, False), "+shared_prefix": (True, False), "+fused_head": (False, True), "both": (True, True)}
 TARGETS = {"repair step": "<= 0.8x the fine-tune step", "peak": "<= 8 GiB", "calibration": ">= 0.8x a forward pass"}
@@ -55,6 +55,7 @@ def main():
                     help="also time calibration against a plain forward pass")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="autocast to bf16 (default: on for CUDA)")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file, after each one")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,6 +70,12 @@ def main():
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device: {name}; model {args.model}; batch {args.batch} x {args.seq}; bf16 autocast: {bf16}")
     rows = []  # (label, seconds, peak GiB or None)
+
+    def add(label, seconds, peak):
+        rows.append((label, seconds, peak))
+        write_json(args.json, {"device": name, "model": args.model, "batch": args.batch, "seq": args.seq,
+                               "bf16": bf16, "rows": [{"label": r[0], "seconds": r[1], "peak_gib": r[2]}
+                                                      for r in rows]})
 
     # ---- calibration vs a plain forward (the unreplaced model, as build_student calibrates it) ----
     if args.calibration:
@@ -90,7 +97,7 @@ def main():
             calib_rows.append(("calibration, host sums", calibrate, host_sums))
         for label, fn, lever_off in calib_rows:
             with lever_off or contextlib.nullcontext():
-                rows.append((label, timed(fn, args.steps, args.warmup, device), peak_gib(fn, device)))
+                add(label, timed(fn, args.steps, args.warmup, device), peak_gib(fn, device))
 
     # ---- repair steps, each lever setting ----
     module.build_student()
@@ -107,8 +114,8 @@ def main():
 
     for label in args.levers:
         module.shared_prefix, module.fused_head = LEVERS[label]
-        rows.append((f"repair step, {label}", timed(repair_step, args.steps, args.warmup, device),
-                     peak_gib(repair_step, device)))
+        add(f"repair step, {label}", timed(repair_step, args.steps, args.warmup, device),
+            peak_gib(repair_step, device))
     module.shared_prefix, module.fused_head = True, True
     del repair_opt
 
@@ -128,8 +135,7 @@ def main():
             ft_opt.step()
             ft_opt.zero_grad(set_to_none=True)
 
-        rows.append(("fine-tune step", timed(finetune_step, args.steps, args.warmup, device),
-                     peak_gib(finetune_step, device)))
+        add("fine-tune step", timed(finetune_step, args.steps, args.warmup, device), peak_gib(finetune_step, device))
         del ft_opt
     for n, p in model.named_parameters():
         p.requires_grad_(frozen[n])

@@ -1,5 +1,6 @@
 """GPU checks (``pytest -m gpu`` on a CUDA machine; skipped elsewhere): a bf16-mixed fit of a sigma repair and
-of a coupled core with shims on the tiny teacher, and the PHD layer's two compute paths in bf16 against fp32."""
+of a coupled core with shims on the tiny teacher, the PHD layer's two compute paths in bf16 against fp32, and
+the fast-hadamard-transform kernel against the matmul block-Hadamard (where that package is installed)."""
 import json
 
 import pytest
@@ -42,4 +43,16 @@ def test_phd_layer_in_bf16_on_cuda_matches_fp32(compute):
     expected = layer(x)
     got = layer.cuda().to(torch.bfloat16)(x.cuda().bfloat16()).float().cpu()
     assert layer.core.dtype == torch.float32
+    assert (got - expected).norm() / expected.norm() < 2e-2
+
+
+@pytest.mark.parametrize("width,block", [(576, 64), (14336, 512)])
+def test_hadamard_kernel_matches_the_matmul_path(width, block):
+    pytest.importorskip("fast_hadamard_transform")
+    from zoo.core.hadamard import block_hadamard
+
+    x = torch.randn(64, width, device="cuda")
+    expected = block_hadamard(x, block, "matmul")
+    assert torch.allclose(block_hadamard(x, block, "kernel"), expected, atol=1e-4)
+    got = block_hadamard(x.bfloat16(), block, "kernel").float()
     assert (got - expected).norm() / expected.norm() < 2e-2

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from zoo.core.errors import ZooError
-from zoo.core.hadamard import PHDFrame, block_hadamard, fit_block, fwht, hadamard_matrix
+from zoo.core.hadamard import PHDFrame, block_hadamard, fit_block, fwht, hadamard_matrix, kernel_unavailable
 
 
 def dense_hadamard(n: int) -> torch.Tensor:
@@ -76,3 +76,10 @@ def test_phd_frame_is_fixed_by_its_seed_and_mixes_within_blocks():
     # every row mixes exactly one block of b source coordinates, each with weight 1/sqrt(b)
     assert torch.all((T != 0).sum(1) == 16)
     assert torch.allclose(T[T != 0].abs(), torch.full_like(T[T != 0], 0.25))
+
+
+def test_kernel_method_refuses_cpu_tensors_and_says_why_it_cannot_run():
+    with pytest.raises(ZooError, match="runs on CUDA tensors only; got a tensor on cpu"):
+        block_hadamard(torch.randn(2, 8), 4, "kernel")
+    if not torch.cuda.is_available():
+        assert kernel_unavailable().startswith("no CUDA device")

@@ -6,6 +6,9 @@ O(n log n) butterfly batched over any leading shape. ``block_hadamard(x, b)`` ap
 ``blockdiag(H_b, ..., H_b)``; on tensor-core hardware a batched matmul with the b x b matrix beats the
 butterfly for b <= 1024 by a wide margin (DESIGN.md measured 0.42 ms vs 13.1 ms on an H100 at
 16k x 14336, b = 512), so ``method="auto"`` takes the matmul there and the butterfly above.
+``method="kernel"`` runs the CUDA kernel of the optional ``fast-hadamard-transform`` package on CUDA
+tensors; ``auto`` never picks it, since no GPU measurement here has shown it winning yet
+(``benchmarks/phd_forward.py`` times it per shape where it is installed).
 
 ``PHDFrame(n, block, seed)`` is the orthogonal frame ``T = blockdiag_b(H) · P · D`` (D random signs,
 P a random permutation, H the normalized b x b Hadamard matrix), all fixed by the seed. The
@@ -30,7 +33,7 @@ from torch import nn
 from .errors import ZooError, check_choice
 
 FITS = ("divide", "pad")
-METHODS = ("auto", "matmul", "butterfly")
+METHODS = ("auto", "matmul", "butterfly", "kernel")
 #: largest block the ``auto`` method applies as a dense matmul
 MATMUL_MAX_BLOCK = 1024
 
@@ -74,6 +77,30 @@ def hadamard_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
     return _hadamard(n, dtype, torch.device(device or "cpu"))
 
 
+@functools.lru_cache(maxsize=1)  # asked on every kernel transform; the answer holds for the process
+def kernel_unavailable() -> str | None:
+    """Why ``method="kernel"`` cannot run here, or None when it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device (the fast-hadamard-transform kernel is CUDA-only)"
+    try:
+        import fast_hadamard_transform  # noqa: F401
+    except ImportError as exc:  # an extension built for another torch/CUDA fails here too
+        return f"fast_hadamard_transform is not importable: {exc}"
+    return None
+
+
+def _kernel_transform(blocks: torch.Tensor) -> torch.Tensor:
+    if not blocks.is_cuda:
+        raise ZooError(f"Hadamard method 'kernel' runs on CUDA tensors only; got a tensor on {blocks.device}")
+    reason = kernel_unavailable()
+    if reason:
+        raise ZooError(f"Hadamard method 'kernel' is unavailable: {reason}")
+    from fast_hadamard_transform import hadamard_transform
+
+    # the kernel computes x @ H unnormalized in the same (Sylvester) order as fwht
+    return hadamard_transform(blocks.contiguous(), 1 / math.sqrt(blocks.shape[-1]))
+
+
 def block_hadamard(x: torch.Tensor, block: int, method: str = "auto") -> torch.Tensor:
     """``x @ blockdiag(H_b, ...)`` over the last dimension (a multiple of ``block``).
 
@@ -88,6 +115,8 @@ def block_hadamard(x: torch.Tensor, block: int, method: str = "auto") -> torch.T
     blocks = x.reshape(*x.shape[:-1], n // block, block)
     if method == "butterfly":
         out = fwht(blocks)
+    elif method == "kernel":
+        out = _kernel_transform(blocks)
     else:
         out = blocks @ hadamard_matrix(block, x.dtype, x.device)
     return out.reshape(x.shape)
