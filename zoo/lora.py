@@ -31,6 +31,7 @@ from .core.errors import ZooError
 from .core.module import DistillationModule
 from .core.surgery import replaced_modules
 from .core.technique import Technique
+from .export.spec import nested, register
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -177,6 +178,32 @@ def peft_lora_layer(module: nn.Module, rank: int, alpha: float, dropout: float =
     for name, p in layer.named_parameters():
         p.requires_grad_(name.startswith(("lora_A.", "lora_B.")))
     return layer
+
+
+def peft_lora_spec(layer: nn.Module) -> dict:
+    """PEFT's ``lora.Linear`` in ``zoo.export`` ops: base(x) + scaling * (x A^T) B^T (its forward without dropout)."""
+    adapter = _single_adapter(layer)
+    base = nested("base_", layer.base_layer)[0]
+    delta = [{"op": "matmul", "t": "lora_A", "transpose": True}, {"op": "matmul", "t": "lora_B", "transpose": True},
+             {"op": "mul", "value": float(layer.scaling[adapter])}]
+    return {"program": [{"op": "sum", "branches": [base["program"], delta]}],
+            "tensors": base["tensors"] | {"lora_A": "model", "lora_B": "model"}, "ranks": {"rank": layer.r[adapter]}}
+
+
+def peft_lora_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    adapter = _single_adapter(layer)
+    return nested("base_", layer.base_layer)[1] | {"lora_A": layer.lora_A[adapter].weight,
+                                                   "lora_B": layer.lora_B[adapter].weight}
+
+
+def _single_adapter(layer: nn.Module) -> str:
+    names = list(layer.lora_A)
+    if len(names) != 1 or getattr(layer, "use_dora", {}).get(names[0]):
+        raise ZooError(f"only a single plain LoRA adapter per layer exports; this layer has {names}")
+    return names[0]
+
+
+register("peft.tuners.lora.layer.Linear", peft_lora_spec, peft_lora_tensors)
 
 
 class LoRA(Technique):
