@@ -22,6 +22,8 @@ from zoo.export import export_model
 from .command import command_parser, run_command
 
 RUN_CONFIG, RUN_STATE, RUN_METRICS = "config.yaml", "repair_state.safetensors", "metrics.json"
+#: keys `zoo fit` writes into a run's config.yaml that a recipe (``load_recipe``) does not take
+FIT_ONLY = {"ckpt_path", "weights_only"}
 
 
 def export_run(
@@ -66,15 +68,31 @@ def export_run(
         raise ZooError(f"output directory {output!r} exists; pass --overwrite to replace it")
     extra = [*(overrides or []), "--trainer.logger", "false", "--trainer.accelerator", "cpu",
              "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.precision", "32-true"]
-    module, _, _ = load_recipe(recipe, extra, repair_state=repair_state)
     config = yaml.safe_load(Path(recipe).read_text())
-    info = {"path": str(recipe), "repair_state": repair_state, "overrides": list(overrides or []),
+    if run is not None and set(config) & FIT_ONLY:
+        # a run's config.yaml is `zoo fit`'s full config: its fit-only keys are no recipe options
+        recipe = str(_stripped_config(config, Path(output)))
+    try:
+        module, _, _ = load_recipe(recipe, extra, repair_state=repair_state)
+    finally:
+        if run is not None and set(config) & FIT_ONLY:
+            Path(recipe).unlink(missing_ok=True)
+    info = {"path": str(Path(run) / RUN_CONFIG) if run and set(config) & FIT_ONLY else str(recipe),
+            "repair_state": repair_state, "overrides": list(overrides or []),
             "model": config.get("model")}
     path = export_model(module, output, dtype=dtype, merge=merge, overwrite=overwrite, recipe=info, metrics=metrics)
     summary = json.loads((path / "config.json").read_text()).get("zoo", {}).get("summary", {})
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     ratio = f", {summary['parameter_ratio']:.4f} x the teacher's parameters" if "parameter_ratio" in summary else ""
     print(f"zoo export: wrote {path} ({size / 2**20:.1f} MiB of weights{ratio})")
+    return path
+
+
+def _stripped_config(config: dict, output: Path) -> Path:
+    """The run's config without the fit-only keys, in a temp file beside ``output``."""
+    path = output.with_name(f".{output.name}.recipe.yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({k: v for k, v in config.items() if k not in FIT_ONLY}))
     return path
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .core.errors import ZooError
+from .core.models import model_location
 from .core.module import DistillationModule
 from .core.surgery import replaced_modules
 from .core.technique import Technique
@@ -287,9 +288,18 @@ class LoRAFineTune(DistillationModule):
         super().__init__(parts=[LoRA(targets, rank, alpha, dropout, rslora, adapter)], objective=objective, **kwargs)
 
     def save_adapter(self, path: str | Path, metadata: dict | None = None) -> Path:
-        """Write the trained LoRA as a PEFT adapter directory."""
+        """Write the trained LoRA as a PEFT adapter directory. Its ``base_model_name_or_path`` is where the
+        teacher's weights are (an embedded alias's converted directory), so ``AutoPeftModelForCausalLM``
+        resolves it offline; the teacher as the recipe names it goes into ``zoo_adapter.json`` and README.md."""
         spec = self.parts[0]
         A, B = spec.factors(self.model)
         if not A:
             raise ZooError("the student has no LoRA layers yet (build it first: trainer.fit or build_student)")
-        return save_adapter(path, A, B, spec.rank, spec.alpha, self.teacher, spec.rslora, metadata)
+        base = model_location(self.teacher)
+        path = save_adapter(path, A, B, spec.rank, spec.alpha, base, spec.rslora,
+                            {"teacher": self.teacher, **(metadata or {})})
+        (path / "README.md").write_text(
+            f"# LoRA adapter of {self.teacher}\n\nTrained by zoo (LoRAFineTune, rank {spec.rank}, alpha {spec.alpha:g}) on "
+            f"the teacher `{self.teacher}`, read from `{base}`.\n\n```python\nfrom peft import AutoPeftModelForCausalLM\n"
+            f"model = AutoPeftModelForCausalLM.from_pretrained({str(path)!r})\n```\n")
+        return path
