@@ -230,3 +230,25 @@ def test_save_pretrained_of_export_student_points_to_zoo_export(tiny_teacher_dir
     with pytest.raises(ZooError, match="use `zoo export`"):
         model.save_pretrained(tmp_path / "broken")
     assert not (tmp_path / "broken").exists()
+
+
+@pytest.mark.parametrize("mode", ["separate", "joint"])
+def test_universal_basis_coefficients_export_and_merge(mode, tiny_teacher_dir, tiny_model, tmp_path):
+    from test_universal_basis import TARGETS, random_adapter
+
+    from zoo import UniversalBasisCoefficients
+    from zoo.universal_basis import DeltaBank, extract_basis
+
+    shapes = {n: (tiny_model.get_submodule(n).out_features, tiny_model.get_submodule(n).in_features) for n in TARGETS}
+    bank = DeltaBank([random_adapter(tmp_path / f"a{i}", shapes, seed=i) for i in range(3)])
+    basis = extract_basis(bank, mode).save(tmp_path / "basis.safetensors")
+    module = built(UniversalBasisCoefficients, tiny_teacher_dir, basis=str(basis), k=2)
+    ids = batches(1)[0]["input_ids"]
+    expected = logits(module.model, ids)
+    loaded = zoo.from_pretrained(export_model(module, tmp_path / "export"))
+    torch.testing.assert_close(logits(loaded, ids), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(export_model(module, tmp_path / "merged", merge=True),
+                                                  dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
