@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     if args.child:
         child(*args.child)
         return 0
+    sys.argv = sys.argv[:1]  # load_recipe's LightningCLI reads its own args, not this script's
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "heldout.safetensors"
         teacher = dump_heldout(args.recipe, args.overrides, data)
