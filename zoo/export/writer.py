@@ -232,8 +232,9 @@ def model_card(module, summary: dict, recipe: dict | None, merge: bool, entries:
                           "# or, with the zoo installed: zoo.from_pretrained(path)")
     lines = [
         f"# {module.technique_name()} student of {module.teacher}", "",
-        f"Compressed with [zoo](https://lightning.ai) from the teacher `{module.teacher}` by the recipe `{path}`"
-        f" ({module.technique_name()}: {', '.join(kinds)} on {len(entries)} modules){'; merged into dense weights' if merge else ''}.",
+        f"Compressed with zoo (structured replacements + distillation repair) from the teacher `{module.teacher}` by "
+        f"the recipe `{path}` ({module.technique_name()}: {', '.join(kinds)} on {len(entries)} "
+        f"module{'s' * (len(entries) != 1)}){'; merged into dense weights' if merge else ''}.",
         "", "| | value |", "| --- | --- |",
         f"| teacher | `{module.teacher}` |", f"| recipe | `{path}` |",
         f"| parameters | {summary['student_parameters']:,} (teacher: {summary['teacher_parameters']:,}) |",
