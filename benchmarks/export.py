@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import timed  # noqa: E402
 
 from zoo.core.compat import cache_kwargs, output_cache  # noqa: E402
-from zoo.core.models import load_causal_lm, parse_dtype  # noqa: E402
+from zoo.core.models import load_tokenizer, parse_dtype  # noqa: E402
 from zoo.export import export_model, from_pretrained  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def tiny_teacher(root: Path) -> str:
     """A 2-layer random Llama with the embedded teacher's tokenizer (so the recipes' data loads unchanged)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    _, tokenizer = load_causal_lm("smollm2-135m-instruct")
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
