@@ -137,8 +137,6 @@ def measure(path: Path, args) -> dict:
     prefill_s = timed(prefill, args.steps, 1, device)
     total_s = timed(decode, args.steps, 1, device)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resident
-    del model
-    gc.collect()
     return {"parameters": params, "disk_bytes": disk, "load_s": load_s, "peak_memory_bytes": peak,
             "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "tensor bytes (CPU)",
             "prefill_tokens_per_s": args.batch * args.prompt / prefill_s,
@@ -191,7 +189,10 @@ def main(argv=None):
         args.prompt, args.new, args.steps = min(args.prompt, 16), min(args.new, 4), 1
     try:
         dirs = build_exports(args, root)
-        results = {name: measure(path, args) for name, path in dirs.items()}
+        results = {}
+        for name, path in dirs.items():
+            results[name] = measure(path, args)
+            gc.collect()  # the model measured last is gone before the next loads
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -47,6 +47,7 @@ import sys
 
 import torch
 from torch import nn
+
 from .core.calibration import ActivationStats
 from .core.compat import layer_cache
 from .core.errors import ZooError, check_choice
