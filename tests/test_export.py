@@ -258,3 +258,29 @@ def test_universal_basis_coefficients_export_and_merge(mode, tiny_teacher_dir, t
     merged = AutoModelForCausalLM.from_pretrained(export_model(module, tmp_path / "merged", merge=True),
                                                   dtype=torch.float32).eval()
     torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_a_failure_mid_export_leaves_no_directory_that_looks_complete(tiny_teacher_dir, tmp_path, monkeypatch):
+    module = built(FisherSVDRepair, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1])
+    old = export_model(module, tmp_path / "export")
+    before = sorted(p.name for p in old.iterdir())
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module.tokenizer, "save_pretrained", fail)  # after the weights, before the rename
+    with pytest.raises(OSError, match="disk full"):
+        export_model(module, tmp_path / "fresh")
+    with pytest.raises(OSError, match="disk full"):
+        export_model(module, old, overwrite=True)
+    assert not (tmp_path / "fresh").exists()
+    assert sorted(p.name for p in old.iterdir()) == before  # the previous export is untouched
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp directory left behind
+
+
+@pytest.mark.slow
+def test_the_embedded_teachers_location_is_its_converted_directory():
+    from zoo.core.models import model_location
+
+    path = __import__("pathlib").Path(model_location("smollm2-135m-instruct"))
+    assert path.is_absolute() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
