@@ -295,7 +295,10 @@ class LoRAFineTune(DistillationModule):
         A, B = spec.factors(self.model)
         if not A:
             raise ZooError("the student has no LoRA layers yet (build it first: trainer.fit or build_student)")
-        base = model_location(self.teacher)
+        try:
+            base = model_location(self.teacher)
+        except ZooError:  # a random: or meta: teacher has no weights on disk; name it as given
+            base = self.teacher
         path = save_adapter(path, A, B, spec.rank, spec.alpha, base, spec.rslora,
                             {"teacher": self.teacher, **(metadata or {})})
         (path / "README.md").write_text(
