@@ -35,11 +35,14 @@ class RepairStateCheckpoint(L.Callback):
         filename: file name of the latest state.
         save_best: also keep ``best_<filename>`` at the lowest ``monitor`` seen.
         monitor: metric for ``save_best``.
+        adapter_dirname: for a technique with ``save_adapter`` (LoRA), the PEFT adapter directory written
+            beside the state at the end of training.
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "repair_state.safetensors",
-                 save_best: bool = True, monitor: str = "heldout_kl"):
+                 save_best: bool = True, monitor: str = "heldout_kl", adapter_dirname: str = "adapter"):
         self.dirpath, self.filename, self.save_best, self.monitor = dirpath, filename, save_best, monitor
+        self.adapter_dirname = adapter_dirname
         self.best = math.inf
         self.best_step: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -111,6 +114,10 @@ class RepairStateCheckpoint(L.Callback):
         if self.last_path is not None:
             size = self.last_path.stat().st_size
             rank_zero_info(f"repair state: {self.last_path} ({size / 1024:.1f} KiB)")
+            if hasattr(pl_module, "save_adapter"):  # a LoRA run: also the PEFT adapter other tools load
+                adapter = pl_module.save_adapter(self.last_path.parent / self.adapter_dirname,
+                                                 {"repair_state": str(self.last_path), "global_step": trainer.global_step})
+                rank_zero_info(f"PEFT adapter: {adapter}")
 
     def on_exception(self, trainer, pl_module, exception):
         if not (isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit"):

@@ -41,7 +41,7 @@ COMMANDS: dict[str, str] = {
     "eval": "recipes.evaluate:eval_main", "compare": "recipes.evaluate:compare_main",
     "bank": "recipes.wizorb:bank_main", "basis": "recipes.wizorb:basis_main", "project": "recipes.wizorb:project_main",
     "plan": "recipes.plan:plan_main",
-    "tase-sweep": "recipes.tase_sweep:tase_sweep_main",
+    "tase-sweep": "recipes.tase_sweep:tase_sweep_main", "export": "recipes.export:export_main",
 }
 
 

@@ -8,6 +8,7 @@ from .phd import BlockwisePHD, BlockwisePHDLinear, BlockwisePHDRepair
 from .lora import LoRA, LoRAFineTune
 from .universal_basis import UniversalBasis, UniversalBasisCoefficients, UniversalBasisLoRA
 from .tase import TASECoupledCore, TASECoupledRepair, TASEDiagnostic, TASEInterface
+from .export import export_model, from_pretrained
 
 __all__ = [
     "ActivationStats", "Composite", "DistillationModule", "Replaced", "Technique", "ZooError",
@@ -18,4 +19,5 @@ __all__ = [
     "LoRA", "LoRAFineTune", "UniversalBasis", "UniversalBasisCoefficients", "UniversalBasisLoRA",
     "EigenAttention", "EigenAttentionLayer", "EigenAttentionRepair",
     "TASECoupledCore", "TASECoupledRepair", "TASEDiagnostic", "TASEInterface",
+    "export_model", "from_pretrained",
 ]

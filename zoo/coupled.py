@@ -42,6 +42,7 @@ from .core.linalg import FP32Params, procrustes, rms
 from .core.metrics import NormRatio
 from .core.module import DistillationModule
 from .core.technique import Technique, TensorSize
+from .export.spec import nested
 from .phd import (COMPUTES, CORE_INITS, BlockwisePHDLinear, Subframe, check_ranks, core_footprint, frame_energy,
                   frame_seed, init_core, input_energy, output_moment, phd_subframe, resolve_compute,
                   second_moment, subframe_footprint, top_index)
@@ -92,6 +93,13 @@ class Shim(FP32Params):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x @ self.A.T.to(x.dtype)) @ self.B.T.to(x.dtype)
 
+    def export_spec(self) -> dict:
+        return {"program": [{"op": "matmul", "t": "A", "transpose": True}, {"op": "matmul", "t": "B", "transpose": True}],
+                "tensors": {"A": "float32", "B": "float32"}, "ranks": {"shim_rank": self.A.shape[0]}}
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        return {"A": self.A, "B": self.B}
+
     def extra_repr(self) -> str:
         return f"rank={self.A.shape[0]}, train={self.train_factors}"
 
@@ -118,6 +126,15 @@ class ShimmedLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         return self.core.dense_weight() + self.shim.B.double() @ self.shim.A.double()
+
+    def export_spec(self) -> dict:
+        """core(x) + shim(x): a sum of the two programs."""
+        core, shim = nested("core_", self.core)[0], nested("shim_", self.shim)[0]
+        return {"program": [{"op": "sum", "branches": [core["program"], shim["program"]]}],
+                "tensors": core["tensors"] | shim["tensors"], "ranks": core.get("ranks", {}) | shim["ranks"]}
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        return nested("core_", self.core)[1] | nested("shim_", self.shim)[1]
 
 
 def layer_index(name: str) -> int:

@@ -47,8 +47,6 @@ import sys
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .core.calibration import ActivationStats
 from .core.compat import layer_cache
@@ -57,6 +55,7 @@ from .core.module import DistillationModule
 from .core.spectrum import block_diagonal, cumulative_variance, eigh_descending, rank_for_variance
 from .core.surgery import Replaced
 from .core.technique import Technique
+from .export.modeling_zoo import eigen_attention_forward
 from .fisher_svd import rms
 
 log = logging.getLogger(__name__)
@@ -132,7 +131,7 @@ class EigenAttentionLayer(nn.Module):
         self.is_causal = True
         self.sliding_window = getattr(original, "sliding_window", getattr(self.config, "sliding_window", None))
         self.family = type(original).__name__
-        self._rotary = _rotary(original)
+        self.rotary = _rotary(original)
         # the original's frozen projections, shared: no copy of the weights
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (original.q_proj, original.k_proj, original.v_proj,
                                                               original.o_proj)
@@ -164,32 +163,21 @@ class EigenAttentionLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 cache=None, past_key_values=None, **kwargs):
-        b, s, _ = hidden_states.shape
-        d, kv, n_rep = self.head_dim, self.num_key_value_heads, self.num_key_value_groups
-        q = self.q_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)  # [b, H, s, d]
-        k = self.k_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)  # [b, kv, s, d]
-        v = self.v_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = self._rotary(q, k, cos, sin)
-        U_k, U_v = self.U_keys.to(q.dtype), self.U_values.to(v.dtype)
-        # every query head of group g is projected by the group's key projector (heads g*n_rep.. are
-        # contiguous, so a [b, kv, n_rep*s, d] view meets U_k [kv, d, k] in one batched matmul)
-        q_low = (q.reshape(b, kv, n_rep * s, d) @ U_k).view(b, kv * n_rep, s, -1)
-        k_low = k @ U_k
-        v_low = v @ U_v
-        cache = layer_cache(cache, past_key_values)
-        if cache is not None:  # the library's cache stores what it is given: the low-dim K, V
-            k_low, v_low = cache.update(k_low, v_low, self.layer_idx)
-        # eager, or else sdpa: flash kernels want equal q/k and v widths, which k_K != k_V breaks
-        attention = (eager_attention_forward if self.config._attn_implementation == "eager"
-                     else ALL_ATTENTION_FUNCTIONS["sdpa"])
-        out, weights = attention(self, q_low, k_low, v_low, attention_mask,
-                                 dropout=0.0 if not self.training else self.attention_dropout,
-                                 scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
-        # out: [b, s, H, k_V] -> each head back to d dimensions through its group's value projector
-        out = out.reshape(b, s, kv, n_rep, -1).transpose(1, 2).reshape(b, kv, s * n_rep, -1) @ U_v.transpose(1, 2)
-        out = out.view(b, kv, s, n_rep, d).transpose(1, 2).reshape(b, s, kv * n_rep * d)
-        return self.o_proj(out), weights
+        # one implementation for the zoo and the exported model (``zoo.export.modeling_zoo``)
+        return eigen_attention_forward(self, hidden_states, position_embeddings, attention_mask,
+                                       layer_cache(cache, past_key_values), **kwargs)
+
+    def export_spec(self) -> dict:
+        """The block's own projections (stored as they are) and the two projectors."""
+        tensors = {f"{p}.{t}": "model" for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+                   for t, v in getattr(self, p).named_parameters()}
+        return {"module": "attention", "program": [], "tensors": tensors | {"U_keys": "model", "U_values": "model"},
+                "ranks": {"k_keys": self.k_keys, "k_values": self.k_values}}
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"{p}.{t}": v for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+                   for t, v in getattr(self, p).named_parameters()}
+        return tensors | {"U_keys": self.U_keys, "U_values": self.U_values}
 
     def extra_repr(self) -> str:
         return (f"family={self.family}, kv_heads={self.num_key_value_heads}, head_dim={self.head_dim}, "

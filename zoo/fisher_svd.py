@@ -71,6 +71,18 @@ class FisherSVDLinear(FP32Params):
     def dense_weight(self) -> torch.Tensor:
         return (self.U.double() * self.sigma.double()) @ self.V.double().T
 
+    def export_spec(self) -> dict:
+        """The forward above in ``zoo.export`` ops (issue 15): U and V in the model dtype, sigma fp32."""
+        program = [{"op": "matmul", "t": "V"}, {"op": "scale", "t": "sigma"}, {"op": "matmul", "t": "U", "transpose": True}]
+        tensors = {"V": "model", "sigma": "float32", "U": "model"}
+        if self.bias is not None:
+            program.append({"op": "add", "t": "bias"})
+            tensors["bias"] = "model"
+        return {"program": program, "tensors": tensors, "ranks": {"rank": self.rank}}
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        return {"V": self.V, "sigma": self.sigma, "U": self.U, **({"bias": self.bias} if self.bias is not None else {})}
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 

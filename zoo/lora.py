@@ -28,9 +28,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .core.errors import ZooError
+from .core.models import model_location
 from .core.module import DistillationModule
 from .core.surgery import replaced_modules
 from .core.technique import Technique
+from .export.spec import nested, register
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -179,6 +181,32 @@ def peft_lora_layer(module: nn.Module, rank: int, alpha: float, dropout: float =
     return layer
 
 
+def peft_lora_spec(layer: nn.Module) -> dict:
+    """PEFT's ``lora.Linear`` in ``zoo.export`` ops: base(x) + scaling * (x A^T) B^T (its forward without dropout)."""
+    adapter = _single_adapter(layer)
+    base = nested("base_", layer.base_layer)[0]
+    delta = [{"op": "matmul", "t": "lora_A", "transpose": True}, {"op": "matmul", "t": "lora_B", "transpose": True},
+             {"op": "mul", "value": float(layer.scaling[adapter])}]
+    return {"program": [{"op": "sum", "branches": [base["program"], delta]}],
+            "tensors": base["tensors"] | {"lora_A": "model", "lora_B": "model"}, "ranks": {"rank": layer.r[adapter]}}
+
+
+def peft_lora_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    adapter = _single_adapter(layer)
+    return nested("base_", layer.base_layer)[1] | {"lora_A": layer.lora_A[adapter].weight,
+                                                   "lora_B": layer.lora_B[adapter].weight}
+
+
+def _single_adapter(layer: nn.Module) -> str:
+    names = list(layer.lora_A)
+    if len(names) != 1 or getattr(layer, "use_dora", {}).get(names[0]):
+        raise ZooError(f"only a single plain LoRA adapter per layer exports; this layer has {names}")
+    return names[0]
+
+
+register("peft.tuners.lora.layer.Linear", peft_lora_spec, peft_lora_tensors)
+
+
 class LoRA(Technique):
     """Spec: PEFT LoRA on each target (rank ``rank``, scaling ``alpha / rank``).
 
@@ -260,9 +288,21 @@ class LoRAFineTune(DistillationModule):
         super().__init__(parts=[LoRA(targets, rank, alpha, dropout, rslora, adapter)], objective=objective, **kwargs)
 
     def save_adapter(self, path: str | Path, metadata: dict | None = None) -> Path:
-        """Write the trained LoRA as a PEFT adapter directory."""
+        """Write the trained LoRA as a PEFT adapter directory. Its ``base_model_name_or_path`` is where the
+        teacher's weights are (an embedded alias's converted directory), so ``AutoPeftModelForCausalLM``
+        resolves it offline; the teacher as the recipe names it goes into ``zoo_adapter.json`` and README.md."""
         spec = self.parts[0]
         A, B = spec.factors(self.model)
         if not A:
             raise ZooError("the student has no LoRA layers yet (build it first: trainer.fit or build_student)")
-        return save_adapter(path, A, B, spec.rank, spec.alpha, self.teacher, spec.rslora, metadata)
+        try:
+            base = model_location(self.teacher)
+        except ZooError:  # a random: or meta: teacher has no weights on disk; name it as given
+            base = self.teacher
+        path = save_adapter(path, A, B, spec.rank, spec.alpha, base, spec.rslora,
+                            {"teacher": self.teacher, **(metadata or {})})
+        (path / "README.md").write_text(
+            f"# LoRA adapter of {self.teacher}\n\nTrained by zoo (LoRAFineTune, rank {spec.rank}, alpha {spec.alpha:g}) on "
+            f"the teacher `{self.teacher}`, read from `{base}`.\n\n```python\nfrom peft import AutoPeftModelForCausalLM\n"
+            f"model = AutoPeftModelForCausalLM.from_pretrained({str(path)!r})\n```\n")
+        return path

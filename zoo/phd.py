@@ -77,6 +77,25 @@ class Subframe(nn.Module):
             return self.frame.transpose(full)
         return v @ self.rows.to(v.dtype)
 
+    def export_ops(self, prefix: str) -> tuple[list[dict], list[dict], dict[str, str], dict[str, torch.Tensor]]:
+        """(down program, up program, tensor kinds, tensors) of ``down``/``up`` in ``zoo.export`` ops, tensor
+        names starting with ``prefix``: the dense rows, or the structured transform (signs, permutations
+        and the kept index stored; the Hadamard blocks rebuilt from their size)."""
+        p = prefix
+        if self.frame is None:
+            return ([{"op": "matmul", "t": p + "rows", "transpose": True}], [{"op": "matmul", "t": p + "rows"}],
+                    {p + "rows": "model"}, {p + "rows": self.rows})
+        f = self.frame
+        pad = [{"op": "pad", "size": f.n_pad}] if f.n_pad != f.n else []
+        down = pad + [{"op": "scale", "t": p + "signs"}, {"op": "gather", "t": p + "perm"},
+                      {"op": "hadamard", "block": f.block}, {"op": "gather", "t": p + "index"}]
+        up = [{"op": "scatter", "t": p + "index", "size": f.n_pad}, {"op": "hadamard", "block": f.block},
+              {"op": "gather", "t": p + "inverse_perm"}, {"op": "scale", "t": p + "signs"},
+              *([{"op": "slice", "size": f.n}] if f.n_pad != f.n else [])]
+        kinds = {p + "signs": "model", p + "perm": "int64", p + "inverse_perm": "int64", p + "index": "int64"}
+        tensors = {p + "signs": f.signs, p + "perm": f.perm, p + "inverse_perm": f.inverse_perm, p + "index": self.index}
+        return down, up, kinds, tensors
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, width={self.width}, compute={self.compute}"
 
@@ -106,6 +125,25 @@ class BlockwisePHDLinear(FP32Params):
 
     def dense_weight(self) -> torch.Tensor:
         return self.up.rows.double().T @ self.core.double() @ self.down.rows.double()
+
+    def export_parts(self, middle: list[dict] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(spec, tensors) in ``zoo.export`` ops: down, the core, ``middle`` ops after it, up, the bias."""
+        down, _, kinds, tensors = self.down.export_ops("down_")
+        _, up, up_kinds, up_tensors = self.up.export_ops("up_")
+        program = down + [{"op": "matmul", "t": "core", "transpose": True}] + list(middle or []) + up
+        kinds |= up_kinds | {"core": "float32"}
+        tensors |= up_tensors | {"core": self.core}
+        if self.bias is not None:
+            program.append({"op": "add", "t": "bias"})
+            kinds["bias"], tensors["bias"] = "model", self.bias
+        return ({"program": program, "tensors": kinds,
+                 "ranks": {"rank_in": self.down.rank, "rank_out": self.up.rank}}, tensors)
+
+    def export_spec(self) -> dict:
+        return self.export_parts()[0]
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        return self.export_parts()[1]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, core={tuple(self.core.shape)}"

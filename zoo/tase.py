@@ -58,6 +58,7 @@ from .core.spectrum import outlier_dims
 from .core.state import load_state
 from .core.technique import Technique
 from .coupled import CoupledCore
+from .export.spec import nested
 from .phd import BlockwisePHDLinear, frame_seed
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,17 @@ class TASEInterface(FP32Params):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
+
+    def export_spec(self) -> dict:
+        """encode then decode in ``zoo.export`` ops (all four tensors fp32)."""
+        program = [{"op": "add", "t": "b", "alpha": -1.0}, {"op": "matmul", "t": "W_e", "transpose": True},
+                   {"op": "add", "t": "c"}, {"op": "topk_relu", "k": self.k},
+                   {"op": "matmul", "t": "W_d", "transpose": True}, {"op": "add", "t": "b"}]
+        return {"program": program, "tensors": dict.fromkeys(("W_e", "c", "W_d", "b"), "float32"),
+                "ranks": {"d": self.d, "m": self.m, "k": self.k}}
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        return {"W_e": self.W_e, "c": self.c, "W_d": self.W_d, "b": self.b}
 
     def extra_repr(self) -> str:
         return f"d={self.d}, m={self.m}, k={self.k}, init={self.init}"
@@ -503,6 +515,25 @@ class TASEConnectedLinear(nn.Module):
 
     def metrics(self) -> dict[str, IdentityDeviation]:
         return {"tase_d_id": self.deviation}
+
+    def _export(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        # the interface runs on the core's residual side: after the core (output) or before it (input)
+        interface, tensors = nested("tase_", self.interface)
+        if self.side == "output":
+            spec, own = self.layer.export_parts(interface["program"])
+        else:
+            spec, own = self.layer.export_parts()
+            at = next(i for i, op in enumerate(spec["program"]) if op.get("t") == "core")
+            spec["program"][at:at] = interface["program"]
+        spec["tensors"] |= interface["tensors"]
+        spec["ranks"] |= {f"tase_{k}": v for k, v in interface["ranks"].items()} | {"tase_side": self.side}
+        return spec, own | tensors
+
+    def export_spec(self) -> dict:
+        return self._export()[0]
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        return self._export()[1]
 
 
 class TASECoupledCore(CoupledCore):

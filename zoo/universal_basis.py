@@ -42,6 +42,7 @@ from .core.cache import atomic_save
 from .core.errors import ZooError, check_choice
 from .core.module import DistillationModule
 from .core.technique import Technique
+from .export.spec import nested
 from .lora import LoraAdapter, lora_scale, read_adapter, save_adapter
 
 log = logging.getLogger(__name__)
@@ -481,6 +482,17 @@ class UniversalBasisLoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         V, U = self.rows()
         return self.base(x) + (x @ V.T.to(x.dtype)) @ U.to(x.dtype)
+
+    def export_spec(self) -> dict:
+        """base(x) + (x V^T) U, with V and U materialized from the coefficients (fp32, as ``rows`` makes them)."""
+        base = nested("base_", self.base)[0]
+        delta = [{"op": "matmul", "t": "V", "transpose": True}, {"op": "matmul", "t": "U"}]
+        return {"program": [{"op": "sum", "branches": [base["program"], delta]}],
+                "tensors": base["tensors"] | {"V": "float32", "U": "float32"}, "ranks": {"rank": self.rank, "k": self.k}}
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        V, U = self.rows()
+        return nested("base_", self.base)[1] | {"V": V, "U": U}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, k={self.k}, "

@@ -143,6 +143,16 @@ def _materialize(source: str) -> tuple[str, dict]:
     return str(converted), {}
 
 
+def model_location(source: str) -> str:
+    """The directory (or hub id) ``load_causal_lm(source)`` reads from: for an embedded alias or a ``.gguf``
+    file, the safetensors conversion in the zoo cache (made now if missing). What a PEFT adapter's
+    ``base_model_name_or_path`` must say to resolve offline in tools that know no aliases."""
+    if source.startswith((RANDOM_PREFIX, META_PREFIX)):
+        raise ZooError(f"{source!r} has no weights on disk to point at")
+    location = _materialize(source)[0]
+    return str(Path(location).resolve()) if Path(location).exists() else location
+
+
 def model_config(source: str):
     """The transformers config of ``source`` without its weights: an embedded alias (its packaged
     ``config.json``, no GGUF parsing), a ``config.json`` file, a directory, a ``.gguf`` file or a hub id."""

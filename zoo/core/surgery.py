@@ -89,7 +89,21 @@ def teacher_view(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def export_student(model: nn.Module) -> nn.Module:
-    """Drop the originals: every ``Replaced`` becomes its replacement, in place. Returns ``model``."""
-    for name, wrapper in replaced_modules(model).items():
+    """Drop the originals: every ``Replaced`` becomes its replacement, in place. Returns ``model``.
+
+    The result is for in-process use: its ``save_pretrained`` raises, since transformers would reload
+    such a checkpoint with every replaced module missing and re-initialized at random (issue 15);
+    ``zoo export`` (``zoo.export.export_model``) writes one that loads.
+    """
+    replaced = replaced_modules(model)
+    for name, wrapper in replaced.items():
         set_module(model, name, wrapper.replacement)
+    if replaced and hasattr(model, "save_pretrained"):
+        model.save_pretrained = _refuse_save_pretrained
     return model
+
+
+def _refuse_save_pretrained(*args, **kwargs):
+    raise ZooError("save_pretrained of an export_student() model would write a checkpoint transformers reloads "
+                   "with the replaced modules missing (randomly re-initialized); use `zoo export` "
+                   "(or zoo.export.export_model on the built student) instead")

@@ -1,0 +1,109 @@
+"""``zoo export``: a compressed student as a self-contained transformers directory (issue 15).
+
+The student is rebuilt from a recipe and its repair state (``load_recipe``: calibration from the recipe's
+data, cached), or from a finished run directory (its ``config.yaml`` and ``repair_state.safetensors``, and
+its ``metrics.json`` for the model card), then written by ``zoo.export.export_model``:
+
+    zoo export --run runs/fisher_svd_repair --output runs/fisher_svd_repair/export
+    zoo export --recipe configs/compress_svdllm.yaml --repair_state runs/compress_svdllm/repair_state.safetensors \\
+        --output exports/svdllm --dtype bfloat16
+    zoo export --config configs/export.yaml
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from zoo.core.errors import ZooError
+from zoo.export import export_model
+
+from .command import command_parser, run_command
+
+RUN_CONFIG, RUN_STATE, RUN_METRICS = "config.yaml", "repair_state.safetensors", "metrics.json"
+#: keys `zoo fit` writes into a run's config.yaml that a recipe (``load_recipe``) does not take
+FIT_ONLY = {"ckpt_path", "weights_only"}
+
+
+def export_run(
+    output: str,
+    run: str | None = None,
+    recipe: str | None = None,
+    repair_state: str | None = None,
+    overrides: list[str] | None = None,
+    dtype: str | None = None,
+    merge: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write the student of a run (or of a recipe + repair state) as a transformers directory.
+
+    Args:
+        output: the directory to write (must not exist unless ``overwrite``).
+        run: a finished run directory holding ``config.yaml`` and ``repair_state.safetensors`` (``zoo fit``
+            writes both); its ``metrics.json`` gives the model card's heldout KL / perplexity.
+        recipe: a recipe YAML (instead of ``run``; default with ``run``: the run's ``config.yaml``).
+        repair_state: the repair state to load (default with ``run``: the run's); none: the unrepaired student.
+        overrides: extra recipe options, e.g. ``['--model.init_args.rank', '0.5']`` (as given to the run).
+        dtype: dtype of the stored tensors: ``float32``, ``bfloat16`` or ``float16`` (default: the recipe's);
+            tensors a replacement keeps in fp32 (sigma, cores) stay fp32.
+        merge: fold every replacement into dense weights and write a plain checkpoint (no remote code); only
+            for repairs that keep the architecture's size (LoRA, coefficient adapters, full-rank students).
+        overwrite: replace an existing ``output``.
+    """
+    from .cli import load_recipe  # the CLI imports this module lazily; import it back the same way
+
+    metrics = None
+    if run is not None:
+        run_dir = Path(run)
+        if not run_dir.is_dir():
+            raise ZooError(f"run directory {run!r} does not exist")
+        recipe = recipe or _need(run_dir / RUN_CONFIG, "its recipe")
+        repair_state = repair_state or _need(run_dir / RUN_STATE, "its repair state")
+        if (run_dir / RUN_METRICS).is_file():
+            metrics = json.loads((run_dir / RUN_METRICS).read_text())
+    if recipe is None:
+        raise ZooError("give --run (a finished run directory) or --recipe (a recipe YAML, with --repair_state)")
+    if Path(output).exists() and not overwrite:  # before the minutes of rebuilding the student
+        raise ZooError(f"output directory {output!r} exists; pass --overwrite to replace it")
+    extra = [*(overrides or []), "--trainer.logger", "false", "--trainer.accelerator", "cpu",
+             "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.precision", "32-true"]
+    config = yaml.safe_load(Path(recipe).read_text())
+    if run is not None and set(config) & FIT_ONLY:
+        # a run's config.yaml is `zoo fit`'s full config: its fit-only keys are no recipe options
+        recipe = str(_stripped_config(config, Path(output)))
+    try:
+        module, _, _ = load_recipe(recipe, extra, repair_state=repair_state)
+    finally:
+        if run is not None and set(config) & FIT_ONLY:
+            Path(recipe).unlink(missing_ok=True)
+    info = {"path": str(Path(run) / RUN_CONFIG) if run and set(config) & FIT_ONLY else str(recipe),
+            "repair_state": repair_state, "overrides": list(overrides or []),
+            "model": config.get("model")}
+    path = export_model(module, output, dtype=dtype, merge=merge, overwrite=overwrite, recipe=info, metrics=metrics)
+    summary = json.loads((path / "config.json").read_text()).get("zoo", {}).get("summary", {})
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    ratio = f", {summary['parameter_ratio']:.4f} x the teacher's parameters" if "parameter_ratio" in summary else ""
+    print(f"zoo export: wrote {path} ({size / 2**20:.1f} MiB of weights{ratio})")
+    return path
+
+
+def _stripped_config(config: dict, output: Path) -> Path:
+    """The run's config without the fit-only keys, in a temp file beside ``output``."""
+    path = output.with_name(f".{output.name}.recipe.yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({k: v for k, v in config.items() if k not in FIT_ONLY}))
+    return path
+
+
+def _need(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise ZooError(f"run directory {str(path.parent)!r} has no {path.name} ({what})")
+    return str(path)
+
+
+def export_main(argv: list[str]) -> Path:
+    """Entry point of ``zoo export`` (see ``recipes.cli.COMMANDS``)."""
+    parser = command_parser(export_run, "zoo export", "zoo export: write a compressed student as a transformers "
+                            "directory that loads without the teacher (trust_remote_code, or zoo.from_pretrained)")
+    return run_command(export_run, parser, argv)

@@ -1,0 +1,213 @@
+"""A zoo-compressed causal LM for transformers' ``trust_remote_code`` loading (issue 15): torch and
+transformers only, so an exported directory loads where the zoo is not installed.
+
+``zoo export`` copies this file into the export directory as ``modeling_zoo.py``, with ``BASE`` set to
+the teacher's model class. ``config.json`` names ``ZooForCausalLM`` in ``auto_map`` and carries a ``zoo``
+block; for each replaced module the block holds a small *program* over the primitive ops below and the
+shapes of the tensors it reads. ``ZooForCausalLM.__init__`` builds the teacher's architecture, swaps each
+listed module for a ``ZooLinear`` (or ``ZooEigenAttention``) running that program, and transformers then
+loads ``model.safetensors`` into it as into any model. ``zoo.from_pretrained`` imports this same file.
+
+Each zoo replacement describes itself in these ops (its ``export_spec``): a new technique exports by
+writing its program, not by editing this file. The ops mirror the replacements' own forwards operation
+by operation (matmuls in the input dtype, fp32 diagonal scales), so the numbers match the in-zoo student.
+
+A program is a list of ops applied in turn to x [..., in]; each op is a dict with ``op`` and:
+
+- ``matmul`` ``t`` [, ``transpose``]: x @ T (x @ T^T), T cast to x's dtype
+- ``scale`` ``t``: (x.float() * T.float()).to(x.dtype), a per-channel scale in fp32
+- ``mul`` ``value``: x * value (a scalar, e.g. LoRA's alpha / r)
+- ``add`` ``t`` [, ``alpha``]: x + alpha * T (a bias, or -center)
+- ``gather`` ``t``: x[..., T] (T int64); ``scatter`` ``t`` ``size``: zeros [..., size] with x at columns T
+- ``pad`` ``size``: zero-pad the last dimension to ``size``; ``slice`` ``size``: keep its first ``size``
+- ``hadamard`` ``block``: x @ blockdiag(H_b, ...) with H_b the normalized Sylvester-Hadamard matrix
+  (rebuilt, never stored: it is fixed by b)
+- ``topk_relu`` ``k``: the k largest entries of relu(x) per token, the rest zero
+- ``sum`` ``branches``: the sum of several programs applied to the same x
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import transformers
+from torch import nn
+from torch.nn import functional as F
+
+#: the teacher's model class (a transformers class name); ``zoo export`` writes the real one here
+BASE = "LlamaForCausalLM"
+FORMAT = "zoo-export/1"
+DTYPES = {"float32": torch.float32, "int64": torch.int64}
+
+_HADAMARD: dict = {}
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The normalized n x n Sylvester-Hadamard matrix (n a power of two), built in fp64 and cached."""
+    key = (n, dtype, str(device))
+    if key not in _HADAMARD:
+        if n < 1 or n & (n - 1):
+            raise ValueError(f"a Hadamard block must be a power of two, got {n}")
+        H = torch.ones(1, 1, dtype=torch.float64)
+        while H.shape[0] < n:
+            H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+        _HADAMARD[key] = (H / math.sqrt(n)).to(device=device, dtype=dtype)
+    return _HADAMARD[key]
+
+
+def run(program: list[dict], x: torch.Tensor, tensors) -> torch.Tensor:
+    """Apply ``program`` to ``x``; ``tensors(name)`` returns a stored tensor."""
+    for op in program:
+        kind = op["op"]
+        if kind == "matmul":
+            T = tensors(op["t"]).to(x.dtype)
+            x = x @ (T.T if op.get("transpose") else T)
+        elif kind == "scale":
+            x = (x.float() * tensors(op["t"]).float()).to(x.dtype)
+        elif kind == "mul":
+            x = x * op["value"]
+        elif kind == "add":
+            x = x + op.get("alpha", 1.0) * tensors(op["t"]).to(x.dtype)
+        elif kind == "gather":
+            x = x.index_select(-1, tensors(op["t"]))
+        elif kind == "scatter":
+            x = x.new_zeros(*x.shape[:-1], op["size"]).index_copy(-1, tensors(op["t"]), x)
+        elif kind == "pad":
+            x = F.pad(x, (0, op["size"] - x.shape[-1]))
+        elif kind == "slice":
+            x = x[..., : op["size"]]
+        elif kind == "hadamard":
+            b = op["block"]
+            blocks = x.reshape(*x.shape[:-1], x.shape[-1] // b, b)
+            x = (blocks @ hadamard_matrix(b, x.dtype, x.device)).reshape(x.shape)
+        elif kind == "topk_relu":
+            a = F.relu(x)
+            if op["k"] < a.shape[-1]:
+                values, index = a.topk(op["k"], dim=-1)
+                a = torch.zeros_like(a).scatter(-1, index, values)
+            x = a
+        elif kind == "sum":
+            x = sum(run(branch, x, tensors) for branch in op["branches"])
+        else:
+            raise ValueError(f"unknown zoo op {kind!r}: this modeling_zoo.py is older than the export")
+    return x
+
+
+class ZooLinear(nn.Module):
+    """A replaced linear map: its stored tensors and the program that applies them."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.in_features, self.out_features = spec["in_features"], spec["out_features"]
+        self.kind, self.program = spec["kind"], spec["program"]
+        for name, meta in spec["tensors"].items():
+            dtype = DTYPES.get(meta["dtype"])  # "model": the dtype the model is built in
+            value = torch.empty(meta["shape"], dtype=dtype)
+            if value.is_floating_point():
+                self.register_parameter(name, nn.Parameter(value, requires_grad=False))
+            else:
+                self.register_buffer(name, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run(self.program, x, lambda name: getattr(self, name))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def eigen_attention_forward(layer, hidden_states, position_embeddings, attention_mask, cache, **kwargs):
+    """Llama-family attention with the KV cache in k_K / k_V dimensions per KV-head group (EigenAttention,
+    Saxena et al. 2024, keys projected after RoPE): ``layer`` has the attention block's q/k/v/o
+    projections and fields, the projectors ``U_keys`` [kv, d, k_K] and ``U_values`` [kv, d, k_V], and
+    ``rotary`` (the family's ``apply_rotary_pos_emb``). ``zoo.EigenAttentionLayer`` runs this too."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    b, s, _ = hidden_states.shape
+    d, kv, n_rep = layer.head_dim, layer.num_key_value_heads, layer.num_key_value_groups
+    q = layer.q_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)  # [b, H, s, d]
+    k = layer.k_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)  # [b, kv, s, d]
+    v = layer.v_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = layer.rotary(q, k, cos, sin)
+    U_k, U_v = layer.U_keys.to(q.dtype), layer.U_values.to(v.dtype)
+    # every query head of group g is projected by the group's key projector (heads g*n_rep.. are
+    # contiguous, so a [b, kv, n_rep*s, d] view meets U_k [kv, d, k] in one batched matmul)
+    q_low = (q.reshape(b, kv, n_rep * s, d) @ U_k).view(b, kv * n_rep, s, -1)
+    k_low = k @ U_k
+    v_low = v @ U_v
+    if cache is not None:  # the library's cache stores what it is given: the low-dim K, V
+        k_low, v_low = cache.update(k_low, v_low, layer.layer_idx)
+    # eager, or else sdpa: flash kernels want equal q/k and v widths, which k_K != k_V breaks
+    attention = (eager_attention_forward if layer.config._attn_implementation == "eager"
+                 else ALL_ATTENTION_FUNCTIONS["sdpa"])
+    out, weights = attention(layer, q_low, k_low, v_low, attention_mask,
+                             dropout=0.0 if not layer.training else layer.attention_dropout,
+                             scaling=layer.scaling, sliding_window=layer.sliding_window, **kwargs)
+    # out: [b, s, H, k_V] -> each head back to d dimensions through its group's value projector
+    out = out.reshape(b, s, kv, n_rep, -1).transpose(1, 2).reshape(b, kv, s * n_rep, -1) @ U_v.transpose(1, 2)
+    out = out.view(b, kv, s, n_rep, d).transpose(1, 2).reshape(b, s, kv * n_rep * d)
+    return layer.o_proj(out), weights
+
+
+class ZooEigenAttention(nn.Module):
+    """The teacher's attention block (its projections reused as they are) with EigenAttention's projectors."""
+
+    def __init__(self, original: nn.Module, spec: dict):
+        super().__init__()
+        self.kind = spec["kind"]
+        for field in ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout"):
+            setattr(self, field, getattr(original, field))
+        self.is_causal = True
+        self.sliding_window = getattr(original, "sliding_window", getattr(self.config, "sliding_window", None))
+        self.rotary = sys.modules[type(original).__module__].apply_rotary_pos_emb
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (original.q_proj, original.k_proj, original.v_proj,
+                                                              original.o_proj)
+        self.num_key_value_heads = spec["tensors"]["U_keys"]["shape"][0]
+        for name in ("U_keys", "U_values"):
+            self.register_parameter(name, nn.Parameter(torch.empty(spec["tensors"][name]["shape"]), requires_grad=False))
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                past_key_values=None, **kwargs):
+        return eigen_attention_forward(self, hidden_states, position_embeddings, attention_mask,
+                                       cache if cache is not None else past_key_values, **kwargs)
+
+
+def swap_modules(model: nn.Module, zoo: dict) -> None:
+    """Replace every module the ``zoo`` block lists by its exported form (shapes only; weights load later)."""
+    if zoo.get("format") != FORMAT:
+        raise ValueError(f"config.json's zoo block has format {zoo.get('format')!r}; this file reads {FORMAT!r}")
+    for name, spec in zoo["modules"].items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if spec.get("module") == "attention":
+            module = ZooEigenAttention(getattr(parent, child), spec)
+        else:
+            module = ZooLinear(spec)
+        setattr(parent, child, module)
+
+
+def zoo_causal_lm(base: type) -> type:
+    """``base`` (a transformers ``...ForCausalLM`` class) with the modules of ``config.zoo`` swapped."""
+
+    class ZooForCausalLM(base):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            swap_modules(self, config.zoo)
+
+        @classmethod
+        def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+            # transformers only warns about missing weights and initializes them at random: an export
+            # whose tensors do not fit its program must fail instead
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+            bad = {k: sorted(info[k])[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+            if bad:
+                raise OSError(f"the zoo export's weights do not fit its config.json zoo block: {bad}")
+            return (model, info) if output_loading_info else model
+
+    ZooForCausalLM.__qualname__ = ZooForCausalLM.__name__ = "ZooForCausalLM"
+    return ZooForCausalLM
+
+
+ZooForCausalLM = zoo_causal_lm(getattr(transformers, BASE))
