@@ -56,6 +56,15 @@ def build_model(vocab_size: int, seed: int = 0, **overrides):
     return model
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: results bitwise reproducible, and tiny matmuls do not fight over the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory) -> str:
     """Directory with a saved tiny Llama + tokenizer, loadable by ``zoo.core.models.load_causal_lm``."""

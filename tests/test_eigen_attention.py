@@ -23,12 +23,7 @@ from zoo_cli import zoo_cli
 HEAD_DIM = 16  # the tiny model: hidden 64, 4 query heads, 2 KV heads
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(n=3, b=4, s=48, seed=0):

@@ -28,17 +28,22 @@ def save_state(path: str | Path, tensors: dict[str, torch.Tensor], header: dict)
     return Path(path)
 
 
-def read_header(path: str | Path) -> dict:
-    path = Path(path)
+def _metadata(path: Path, what: str, form: str) -> dict[str, str]:
+    """The safetensors metadata of ``path`` if it is a ``form`` file; else a one-line ZooError naming it."""
     if not path.is_file():
-        raise ZooError(f"repair state {str(path)!r} does not exist")
+        raise ZooError(f"{what} {str(path)!r} does not exist")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise ZooError(f"{str(path)!r} is not a safetensors file: {exc}") from None
-    if meta.get("zoo_format") != FORMAT:
-        raise ZooError(f"{str(path)!r} is not a zoo repair state (format {meta.get('zoo_format')!r}, expected {FORMAT!r})")
+    if meta.get("zoo_format") != form:
+        raise ZooError(f"{str(path)!r} is not a zoo {what} (format {meta.get('zoo_format')!r}, expected {form!r})")
+    return meta
+
+
+def read_header(path: str | Path) -> dict:
+    meta = _metadata(Path(path), "repair state", FORMAT)
     return {k: json.loads(v) for k, v in meta.items() if k != "zoo_format"}
 
 
@@ -116,15 +121,9 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ZooError(f"resume checkpoint {str(path)!r} does not exist")
+    meta = _metadata(Path(path), "resume checkpoint", RESUME_FORMAT)
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise ZooError(f"resume checkpoint {str(path)!r} is damaged: {exc}") from None
-    if meta.get("zoo_format") != RESUME_FORMAT:
-        raise ZooError(f"{str(path)!r} is not a zoo resume checkpoint (format {meta.get('zoo_format')!r})")
     return _unflatten(json.loads(meta["tree"]), tensors)
