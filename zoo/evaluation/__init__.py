@@ -12,12 +12,13 @@ result says "HumanEval (base tests)". Generated code runs only in evalplus's san
 from .generation import PROMPT_STYLES
 from .harness import evaluate, parse_teacher_solved, teacher_outcomes, teacher_solved
 from .problems import BASE_LABEL, DATASETS, SMOKE_SETS, Problem, ProblemSet, load_problems, select
-from .results import EvalResult, PairedComparison, TaskResult, compare, load_result, mcnemar_exact
+from .results import (EvalResult, PairedComparison, TaskResult, compare, load_result, mcnemar_exact,
+                      samples_path)
 from .scoring import Limits, sanitize_solution, score
 
 __all__ = [
     "BASE_LABEL", "DATASETS", "PROMPT_STYLES", "SMOKE_SETS", "EvalResult", "Limits", "PairedComparison",
     "Problem", "ProblemSet", "TaskResult", "compare", "evaluate", "load_problems", "load_result",
-    "mcnemar_exact", "parse_teacher_solved", "sanitize_solution", "score", "select", "teacher_outcomes",
-    "teacher_solved",
+    "mcnemar_exact", "parse_teacher_solved", "samples_path", "sanitize_solution", "score", "select",
+    "teacher_outcomes", "teacher_solved",
 ]
