@@ -145,15 +145,22 @@ def default_output(name: str, dataset: str, subset: str) -> Path:
     return Path("runs") / "eval" / f"{slug[:120]}.json"
 
 
-def compare_results(a: str, b: str) -> None:
-    """Paired comparison of two ``zoo eval`` results on the same dataset: the 2x2 table and the exact
-    two-sided McNemar p-value (binomial test on the tasks only one of them passes).
+def compare_results(a: str, b: str, metric: str = "acc") -> None:
+    """Paired comparison of two ``zoo eval`` results on the same dataset, or of two lm-eval runs on the same
+    examples (``results_<time>.json`` with its ``--log_samples`` files, or one ``samples_<task>_<time>.jsonl``):
+    the 2x2 table and the exact two-sided McNemar p-value (binomial test on the items only one of them passes).
 
     Args:
-        a: results JSON of model A.
-        b: results JSON of model B.
+        a: results file of model A.
+        b: results file of model B.
+        metric: for lm-eval files, the per-sample 0/1 metric to pair (acc, acc_norm, exact_match, ...).
     """
-    result_a, result_b = load_result(a), load_result(b)
+    from zoo.evaluation.lm_harness import is_lm_eval_file, lm_eval_samples
+
+    def load(path: str) -> EvalResult:
+        return lm_eval_samples(path, metric) if is_lm_eval_file(path) else load_result(path)
+
+    result_a, result_b = load(a), load(b)
     paired = compare(result_a, result_b)
     for path, result in ((a, result_a), (b, result_b)):
         if len(paired.task_ids) < result.n_tasks:
