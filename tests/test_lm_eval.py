@@ -196,6 +196,18 @@ def test_zoo_lm_eval_user_errors_are_one_line(args, message, capsys):
 
 def test_zoo_compare_needs_per_sample_files(tmp_path, capsys):
     results = tmp_path / "results_2026-01-01T00-00-00.000000.json"
-    results.write_text("{}")
+    results.write_text(json.dumps({"results": {TASK: {}}, "configs": {TASK: {}}}))
     code, _, err = zoo_cli(["compare", str(results), str(results)], capsys)
     assert code == 2 and "--log_samples" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_zoo_lm_eval_on_the_embedded_teacher(task_yaml, tmp_path, capsys):
+    code, stdout, err = zoo_cli(["lm-eval", "--model", "smollm2-135m-instruct", "--tasks", str(task_yaml), "--limit",
+                                 "12", "--log_samples", "true", "--device", "cpu", "--output_dir", str(tmp_path),
+                                 "--logger", "false"], capsys)
+    assert code == 0, err
+    run = read_run(tmp_path)
+    assert len(run["samples"]) == 12 and "(n = 12)" in stdout
+    # a real model adds small numbers: it should beat the 1-in-4 chance of a random init on these sums
+    assert run["results"]["acc,none"] > 0.25

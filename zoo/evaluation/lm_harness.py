@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -21,8 +20,6 @@ import torch
 
 from ..core.errors import ZooError, choices_hint
 from .results import EvalResult, TaskResult
-
-log = logging.getLogger(__name__)
 
 #: lm-eval metrics that are a per-sample 0/1 outcome (what a paired test can use)
 BINARY_METRICS = ("acc", "acc_norm", "exact_match", "pass@1", "mc1")
@@ -145,8 +142,18 @@ def flat_metrics(results: dict) -> dict[str, float]:
 
 
 def is_lm_eval_file(path: str | Path) -> bool:
-    name = Path(path).name
-    return (name.startswith("samples_") and name.endswith(".jsonl")) or re.fullmatch(r"results_.*\.json", name) is not None
+    """An lm-eval per-sample file (by its name), or an lm-eval results file (a JSON with "results" and
+    "configs", which a ``zoo eval`` result never has)."""
+    path = Path(path)
+    if path.name.startswith("samples_") and path.suffix == ".jsonl":
+        return True
+    if path.suffix != ".json" or not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "results" in data and "configs" in data
 
 
 def _samples_files(path: Path) -> list[Path]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -33,7 +32,6 @@ import torch.nn.functional as F
 
 from ..core.errors import ZooError
 
-log = logging.getLogger(__name__)
 
 PYDOC_TOPICS = "pydoc-topics"
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
