@@ -202,7 +202,14 @@ def test_zoo_compare_needs_per_sample_files(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_zoo_lm_eval_on_the_embedded_teacher(task_yaml, tmp_path, capsys):
+def test_the_embedded_teacher_through_lm_eval_and_the_offline_ppl_source(task_yaml, tmp_path, capsys):
+    from zoo.core.models import load_tokenizer
+    from zoo.evaluation.perplexity import PYDOC_TOPICS, load_texts, token_windows
+
+    # the offline default of zoo ppl holds >= 100k of this teacher's tokens in windows of 2048
+    windows = token_windows(load_texts(PYDOC_TOPICS).texts, load_tokenizer("smollm2-135m-instruct"), 2048)
+    assert windows.numel() >= 100_000  # 55 windows on CPython 3.11.7
+
     code, stdout, err = zoo_cli(["lm-eval", "--model", "smollm2-135m-instruct", "--tasks", str(task_yaml), "--limit",
                                  "12", "--log_samples", "true", "--device", "cpu", "--output_dir", str(tmp_path),
                                  "--logger", "false"], capsys)
