@@ -39,6 +39,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 COMMANDS: dict[str, str] = {
     "duel": "recipes.duel:duel_main", "ladder": "recipes.ladder:ladder_main", "spectrum": "recipes.spectrum:spectrum_main",
     "eval": "recipes.evaluate:eval_main", "compare": "recipes.evaluate:compare_main",
+    "lm-eval": "recipes.harness:lm_eval_main", "ppl": "recipes.perplexity:ppl_main",
     "bank": "recipes.wizorb:bank_main", "basis": "recipes.wizorb:basis_main", "project": "recipes.wizorb:project_main",
     "plan": "recipes.plan:plan_main",
     "tase-sweep": "recipes.tase_sweep:tase_sweep_main", "export": "recipes.export:export_main",

@@ -19,7 +19,7 @@ from zoo.core.errors import ZooError, check_choice
 from zoo.core.models import DEFAULT_TEACHER, load_causal_lm
 from zoo.core.surgery import teacher_view
 from zoo.evaluation import (PROMPT_STYLES, EvalResult, Limits, compare, evaluate, load_problems, load_result,
-                            parse_teacher_solved, select, teacher_solved)
+                            parse_teacher_solved, samples_path, select, teacher_solved)
 
 from .command import command_parser, run_command
 
@@ -88,6 +88,39 @@ def eval_model(
     n_solved = parse_teacher_solved(subset)
     task_ids = None if n_solved else select(problem_set, subset)
     device = _device(device)
+    lm, tokenizer, teacher, dtype, name = load_subject(model, recipe, repair_state, overrides, dtype, device,
+                                                       view)
+    limits = Limits(min_time_limit, gt_time_limit_factor)
+    settings = dict(prompt_style=prompt_style, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    limits=limits, parallel=parallel)
+    if n_solved:
+        task_ids = teacher_solved(lm, tokenizer, problem_set, n_solved, teacher, dtype, **settings)
+    info = {"name": name, "source": teacher, "dtype": dtype, "recipe": recipe, "repair_state": repair_state,
+            "view": view if recipe else "teacher", "overrides": list(overrides)}
+    path = Path(output or default_output(name, dataset, subset))
+    journal = path.with_name(path.name + ".partial.jsonl")  # an interrupted run resumes from it
+    with teacher_view(lm) if view == "teacher" else contextlib.nullcontext():
+        result = evaluate(lm, tokenizer, subset=subset, problem_set=problem_set, task_ids=task_ids,
+                          model_info=info, journal=journal, **settings)
+    result.save(path)
+    samples = result.save_samples(samples_path(path))
+    journal.unlink(missing_ok=True)
+    print(result.summary())
+    print(f"generation {result.timing['generate_s']:.0f} s, scoring {result.timing['score_s']:.0f} s; wrote {path} "
+          f"and {samples} (evalplus.evaluate --samples)")
+    return result
+
+
+def load_subject(model: str | None, recipe: str | None, repair_state: str | None, overrides: list[str],
+                 dtype: str | None, device: str, view: str = "student"):
+    """(model, tokenizer, teacher source, dtype, name) of what an evaluation command measures: a teacher
+    (``model`` alone) or the student of ``recipe`` with ``repair_state`` loaded, on ``device``.
+
+    Shared by ``zoo eval``, ``zoo lm-eval`` and ``zoo ppl``: one model in memory, the teacher of a student
+    being the same object under ``teacher_view``.
+    """
+    if repair_state and not recipe:
+        raise ZooError("--repair_state needs --recipe (the recipe that built the student it belongs to)")
     if recipe:
         from .cli import load_recipe
 
@@ -104,23 +137,7 @@ def eval_model(
         lm, tokenizer = load_causal_lm(teacher, dtype)
         name = teacher
     lm.to(device)
-    limits = Limits(min_time_limit, gt_time_limit_factor)
-    settings = dict(prompt_style=prompt_style, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    limits=limits, parallel=parallel)
-    if n_solved:
-        task_ids = teacher_solved(lm, tokenizer, problem_set, n_solved, teacher, dtype, **settings)
-    info = {"name": name, "source": teacher, "dtype": dtype, "recipe": recipe, "repair_state": repair_state,
-            "view": view if recipe else "teacher", "overrides": list(overrides)}
-    path = Path(output or default_output(name, dataset, subset))
-    journal = path.with_name(path.name + ".partial.jsonl")  # an interrupted run resumes from it
-    with teacher_view(lm) if view == "teacher" else contextlib.nullcontext():
-        result = evaluate(lm, tokenizer, subset=subset, problem_set=problem_set, task_ids=task_ids,
-                          model_info=info, journal=journal, **settings)
-    result.save(path)
-    journal.unlink(missing_ok=True)
-    print(result.summary())
-    print(f"generation {result.timing['generate_s']:.0f} s, scoring {result.timing['score_s']:.0f} s; wrote {path}")
-    return result
+    return lm, tokenizer, teacher, dtype, name
 
 
 def default_output(name: str, dataset: str, subset: str) -> Path:
@@ -128,15 +145,22 @@ def default_output(name: str, dataset: str, subset: str) -> Path:
     return Path("runs") / "eval" / f"{slug[:120]}.json"
 
 
-def compare_results(a: str, b: str) -> None:
-    """Paired comparison of two ``zoo eval`` results on the same dataset: the 2x2 table and the exact
-    two-sided McNemar p-value (binomial test on the tasks only one of them passes).
+def compare_results(a: str, b: str, metric: str = "acc") -> None:
+    """Paired comparison of two ``zoo eval`` results on the same dataset, or of two lm-eval runs on the same
+    examples (``results_<time>.json`` with its ``--log_samples`` files, or one ``samples_<task>_<time>.jsonl``):
+    the 2x2 table and the exact two-sided McNemar p-value (binomial test on the items only one of them passes).
 
     Args:
-        a: results JSON of model A.
-        b: results JSON of model B.
+        a: results file of model A.
+        b: results file of model B.
+        metric: for lm-eval files, the per-sample 0/1 metric to pair (acc, acc_norm, exact_match, ...).
     """
-    result_a, result_b = load_result(a), load_result(b)
+    from zoo.evaluation.lm_harness import is_lm_eval_file, lm_eval_samples
+
+    def load(path: str) -> EvalResult:
+        return lm_eval_samples(path, metric) if is_lm_eval_file(path) else load_result(path)
+
+    result_a, result_b = load(a), load(b)
     paired = compare(result_a, result_b)
     for path, result in ((a, result_a), (b, result_b)):
         if len(paired.task_ids) < result.n_tasks:

