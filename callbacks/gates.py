@@ -23,6 +23,17 @@ def run_dir(trainer: L.Trainer) -> str:
     return trainer.default_root_dir
 
 
+def left_state(trainer: L.Trainer, pl_module) -> str:
+    """Where a failed run's repair state is, and which step it holds (for the gate's message)."""
+    from .checkpoint import RepairStateCheckpoint
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, RepairStateCheckpoint) and callback.last_path is not None:
+            step = pl_module.summary.get("repair_state_step", trainer.global_step)
+            return f"; the run left its repair state (step {step}) in {callback.last_path}"
+    return "; no repair state was written (add callbacks.RepairStateCheckpoint to keep one)"
+
+
 class HeldoutKLGate(L.Callback):
     """Heldout KL (teacher vs student) before repair and at each validation; checked at fit end.
 
@@ -91,14 +102,15 @@ class HeldoutKLGate(L.Callback):
                        f"change {final - self.initial:+.6f})")
         if not math.isfinite(final):
             raise GateFailed(f"HeldoutKLGate: final heldout KL is {final} (the run diverged; before repair "
-                             f"{self.initial:.6f})")
+                             f"{self.initial:.6f}){left_state(trainer, pl_module)}")
         if final > self.initial + self.tolerance:
             raise GateFailed(
                 f"HeldoutKLGate: heldout KL got worse through repair: {self.initial:.6f} -> {final:.6f} "
-                f"(tolerance {self.tolerance})"
+                f"(tolerance {self.tolerance}){left_state(trainer, pl_module)}"
             )
         if self.max_kl is not None and final > self.max_kl:
-            raise GateFailed(f"HeldoutKLGate: final heldout KL {final:.6f} is above max_kl={self.max_kl}")
+            raise GateFailed(f"HeldoutKLGate: final heldout KL {final:.6f} is above max_kl={self.max_kl}"
+                             f"{left_state(trainer, pl_module)}")
 
 
 class ShimDominanceGate(L.Callback):
@@ -248,4 +260,4 @@ class IdentityGate(L.Callback):
                        identity_gate_final=final, identity_gate_best=best, identity_gate_best_step=best_step)
         if not final <= self.threshold:
             raise GateFailed(f"IdentityGate: {self.metric} = {final:.4f} at step {step} is above the threshold "
-                             f"{self.threshold} (best {best:.4f} at step {best_step})")
+                             f"{self.threshold} (best {best:.4f} at step {best_step}){left_state(trainer, pl_module)}")

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import ArgumentError
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from callbacks import MetricsJSON
 from callbacks.resume import STOP, Resume, SafetensorsCheckpointIO
@@ -48,6 +48,28 @@ COMMANDS: dict[str, str] = {
 
 def default_logger() -> dict:
     return wandb_config(None, "runs")
+
+
+class SaveConfigOnStart(SaveConfigCallback):
+    """LightningCLI's ``config.yaml``, written when the run reaches training (or validation/testing), not at
+    setup: a rerun into the same directory that fails while it loads or calibrates leaves the earlier run's
+    config as it was."""
+
+    def setup(self, trainer, pl_module, stage):
+        pass
+
+    def _write(self, trainer, pl_module, stage):
+        SaveConfigCallback.setup(self, trainer, pl_module, stage)
+
+    def on_train_start(self, trainer, pl_module):
+        self._write(trainer, pl_module, "fit")
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.state.fn == "validate":
+            self._write(trainer, pl_module, "validate")
+
+    def on_test_start(self, trainer, pl_module):
+        self._write(trainer, pl_module, "test")
 
 
 class ZooCLI(LightningCLI):
@@ -201,7 +223,7 @@ def _lightning_cli(args: list[str] | None) -> ZooCLI:
         subclass_mode_data=True,
         args=args,
         auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=SaveConfigOnStart, save_config_kwargs={"overwrite": True},
         trainer_defaults={"logger": default_logger(), "enable_checkpointing": False},
         # parse errors raise instead of printing the whole usage: main() prints one line
         parser_kwargs={"prog": "zoo", "exit_on_error": False,
@@ -293,9 +315,46 @@ def main(argv: list[str] | None = None) -> None:
             configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
             if message.startswith("Problems parsing config") and configs:  # jsonargparse does not say which
                 message = f"{' / '.join(configs)}: {message}"
+            message = did_you_mean(message)
             message += f"\n(see: zoo {command} --help)"
         print(f"zoo: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def _options(cls) -> set[str]:
+    """The keyword options of ``cls``'s constructor, through its ``**kwargs`` chain."""
+    import inspect
+
+    names = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            names |= {n for n, p in inspect.signature(klass.__init__).parameters.items()
+                      if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return names
+
+
+def did_you_mean(message: str) -> str:
+    """jsonargparse's answer to a mistyped option (a Union of subtypes, or a bare "unrecognized") made into one
+    line with the closest valid names."""
+    import re
+
+    from zoo.core.errors import choices_hint
+
+    found = re.search(r"Problem with given class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", message)
+    if found:
+        module, _, name = found[1].rpartition(".")
+        try:
+            options = _options(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            return message
+        return (f"{found[1]} has no option {found[2]!r}{choices_hint(found[2], options)}; its options: "
+                f"{', '.join(sorted(options))}")
+    found = re.search(r"unrecognized arguments: --trainer\.(\w+)", message)
+    if found:
+        from lightning import Trainer
+
+        return f"{message.splitlines()[0]}{choices_hint(found[1], _options(Trainer))}"
+    return message
 
 
 def _user_error(exc: BaseException) -> BaseException | None:

@@ -105,3 +105,15 @@ def test_an_interrupted_write_leaves_no_entry_and_no_temp_file(cache_dir, monkey
         entry.store({"a": torch.zeros(2)})
     assert not entry.path.exists()
     assert list(entry.path.parent.iterdir()) == []
+
+
+def test_free_space_is_checked_against_what_will_be_written(tmp_path):
+    import shutil
+
+    from zoo.core.cache import check_free_space
+    from zoo.core.errors import ZooError
+
+    free = shutil.disk_usage(tmp_path).free
+    check_free_space(tmp_path / "not" / "yet", 1024, "a small file")  # a missing folder: its parent's disk
+    with pytest.raises(ZooError, match="only .* MiB are free"):
+        check_free_space(tmp_path / "not" / "yet", free * 2, "a huge file")

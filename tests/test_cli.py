@@ -86,7 +86,8 @@ def test_heldout_kl_gate_fails_the_run(tmp_path, tiny_teacher_dir, capsys):
     # an absurd learning rate makes the student worse; tolerance 0 must then fail the run
     code, err = run(["fit", "--config", config, "--model.init_args.lr", "50",
                      "--trainer.callbacks+=callbacks.HeldoutKLGate", "--trainer.callbacks.tolerance", "0"], capsys)
-    assert_clean_error(code, err, "HeldoutKLGate", "got worse")
+    assert_clean_error(code, err, "HeldoutKLGate", "got worse", "the run left its repair state (step",
+                       str(tmp_path / "run" / "repair_state.safetensors"))
 
 
 @pytest.mark.slow  # starts the wandb service process

@@ -46,7 +46,8 @@ def test_an_interrupt_before_training_keeps_the_earlier_run_files(tmp_path, tiny
     config = write_config(tmp_path, tiny_teacher_dir, max_steps=4)
     assert run(["fit", "--config", config], capsys)[0] == 0
     run_dir = tmp_path / "run"
-    before = {name: (run_dir / name).read_bytes() for name in ("repair_state.safetensors", "metrics.json")}
+    before = {name: (run_dir / name).read_bytes()
+              for name in ("repair_state.safetensors", "metrics.json", "config.yaml")}
     stop = {"class_path": SIGNAL, "init_args": {"signal": "SIGINT", "when": "setup"}}
     code, err = run(["fit", "--config", config_with(tmp_path, tiny_teacher_dir, stop, max_steps=4)], capsys)
     assert code not in (0, None), err

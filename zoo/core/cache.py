@@ -135,3 +135,19 @@ def check_writable(directory: str | Path, what: str = "output directory") -> Pat
     except OSError as exc:
         raise ZooError(f"{what} {str(path)!r} is not writable: {exc.strerror or exc}") from None
     return path
+
+
+def check_free_space(directory: str | Path, need: int, what: str) -> None:
+    """A one-line ZooError now if the file system of ``directory`` has less than ``need`` bytes free (with
+    a 10% margin), before the work whose result would not fit."""
+    import shutil
+
+    from .errors import ZooError
+
+    path = Path(directory).expanduser()
+    while not path.exists() and path != path.parent:  # the nearest existing folder: the same file system
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if free < need * 1.1:
+        raise ZooError(f"{what} need {need / 2**20:.1f} MiB in {str(Path(directory))!r} but only "
+                       f"{free / 2**20:.1f} MiB are free; free some space or point ZOO_CACHE elsewhere")

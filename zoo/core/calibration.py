@@ -143,6 +143,17 @@ def cached_stats(entry: Entry, compute: Callable[[], dict[str, ActivationStats]]
     return stats_from_tensors(*entry.get(lambda: stats_to_tensors(compute()), store=store))
 
 
+def stats_bytes(in_features: int, full: bool) -> int:
+    """Bytes of one target's statistics (fp64 mean and second moment, full or diagonal)."""
+    return _Accumulator.nbytes(in_features, full)
+
+
+def _real_tokens(loader) -> int | None:
+    """The loader's real tokens, where its dataset says (packed data: every token is real), for a bar's total."""
+    mask = getattr(getattr(loader, "dataset", None), "attention_mask", None)
+    return int(mask.sum()) if torch.is_tensor(mask) else None
+
+
 def output_tap(module, args, kwargs, output) -> dict[str, torch.Tensor]:
     """The tap of a module's output (e.g. ``k_proj``'s keys before RoPE): stream ``output``."""
     return {"output": output[0] if isinstance(output, tuple) else output}
@@ -255,7 +266,9 @@ def collect(
         # every process must run a batch: taps create their accumulators at first use
         raise ZooError(f"calibration over {world} processes needs at least {world} batches, got {len(loader)}")
     seen = 0
-    bar = tqdm(total=max_tokens, desc="calibration", unit="tok", disable=not progress or rank != 0)
+    available = _real_tokens(loader)
+    total = min(x for x in (max_tokens, available) if x is not None) if (max_tokens or available) else None
+    bar = tqdm(total=total, desc="calibration", unit="tok", disable=not progress or rank != 0)
     try:
         for i, batch in enumerate(loader):
             mask = batch.get("attention_mask")

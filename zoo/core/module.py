@@ -20,7 +20,7 @@ from torch import nn
 
 from . import calibration as calib
 from .distributed import all_reduce_sum_, all_true, rank_world
-from .cache import Entry
+from .cache import Entry, check_free_space
 from .errors import ZooError, check_choice
 from .losses import cached_token_kl, hidden_token_kl, prediction_mask, token_kl
 from .models import DEFAULT_TEACHER, META_PREFIX, RANDOM_PREFIX, claim, load_causal_lm
@@ -258,6 +258,10 @@ class DistillationModule(L.LightningModule):
         hit = entry.load() if fingerprint else None
         if all_true(hit is not None):
             return calib.stats_from_tensors(*hit)
+        if fingerprint:  # the statistics will be stored: is there room for them? (known before collecting)
+            need = sum(calib.stats_bytes(w, w <= self.full_cov_max)
+                       for w in (self.model.get_submodule(n).in_features for n in names))
+            check_free_space(entry.path.parent, need, "the calibration statistics")
         was = next(self.model.parameters()).device
         if device is not None:
             self.model.to(device)
