@@ -17,7 +17,7 @@ from torch import nn
 
 from callbacks import EvalPlusGate, GateFailed
 from recipes import CodeConfig, CodeDataModule
-from zoo_cli import zoo_cli
+from zoo_cli import write_rank1_recipe, zoo_cli
 from zoo.core import Composite, Technique
 from zoo.core.errors import ZooError
 from zoo.core.models import cache_root, load_causal_lm
@@ -285,8 +285,6 @@ def test_zoo_eval_and_compare(tiny_teacher_dir, tmp_path, capsys):
 
 
 def test_zoo_eval_rebuilds_a_student_from_a_recipe(tiny_teacher_dir, tmp_path, capsys, monkeypatch):
-    import yaml
-
     import recipes.evaluate
     from zoo.core.surgery import replaced_modules
 
@@ -298,15 +296,7 @@ def test_zoo_eval_rebuilds_a_student_from_a_recipe(tiny_teacher_dir, tmp_path, c
 
     monkeypatch.setattr(recipes.evaluate, "evaluate", spy)
 
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"class_path": "zoo.FisherSVDRepair",
-                  "init_args": {"teacher": tiny_teacher_dir, "targets": "model.layers.{0..1}.mlp.down_proj",
-                                "rank": 1, "weighting": "none"}},
-        "data": {"class_path": "recipes.CodeDataModule",
-                 "init_args": {"seq_len": 32, "n_calibration": 2, "n_train": 2, "n_heldout": 2, "max_repeat": 4.0,
-                               "code": {"max_files": 10}}},
-        "trainer": {"logger": False}}))
+    recipe = write_rank1_recipe(tmp_path, tiny_teacher_dir)
     common = ["--subset", "first:2", "--max_new_tokens", "8"]
     outputs = {}
     runs = {"plain": ["--model", tiny_teacher_dir], "teacher": ["--recipe", str(recipe), "--view", "teacher"],

@@ -8,10 +8,9 @@ import math
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from zoo_cli import zoo_cli
+from zoo_cli import write_rank1_recipe, zoo_cli
 from zoo.evaluation.perplexity import PYDOC_TOPICS, load_texts
 
 SEQ = 64
@@ -58,15 +57,7 @@ def test_zoo_ppl_equals_a_plain_reference_loop(tiny_teacher_dir, texts, tmp_path
 
 def test_zoo_ppl_of_a_recipe_gives_student_and_teacher_from_one_model(tiny_teacher_dir, texts, tmp_path, capsys):
     path, rows = texts
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"class_path": "zoo.FisherSVDRepair",
-                  "init_args": {"teacher": tiny_teacher_dir, "targets": "model.layers.{0..1}.mlp.down_proj",
-                                "rank": 1, "weighting": "none"}},
-        "data": {"class_path": "recipes.CodeDataModule",
-                 "init_args": {"seq_len": 32, "n_calibration": 2, "n_train": 2, "n_heldout": 2, "max_repeat": 4.0,
-                               "code": {"max_files": 10}}},
-        "trainer": {"logger": False}}))
+    recipe = write_rank1_recipe(tmp_path, tiny_teacher_dir)
     out = tmp_path / "ppl.json"
     code, stdout, err = zoo_cli(["ppl", "--recipe", str(recipe), "--source", str(path), "--seq_len", str(SEQ),
                                  "--max_windows", "5", "--output", str(out), "--logger", "false"], capsys)

@@ -42,3 +42,18 @@ def write_config(tmp_path, teacher, model=None, **trainer):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
+
+
+def write_rank1_recipe(tmp_path, teacher):
+    """A rank-1 plain-SVD student of the tiny teacher on a few code blocks: a student that differs from its
+    teacher, for evaluation commands (``--recipe``)."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"class_path": "zoo.FisherSVDRepair",
+                  "init_args": {"teacher": teacher, "targets": "model.layers.{0..1}.mlp.down_proj",
+                                "rank": 1, "weighting": "none"}},
+        "data": {"class_path": "recipes.CodeDataModule",
+                 "init_args": {"seq_len": 32, "n_calibration": 2, "n_train": 2, "n_heldout": 2, "max_repeat": 4.0,
+                               "code": {"max_files": 10}}},
+        "trainer": {"logger": False}}))
+    return path
