@@ -115,9 +115,11 @@ def test_wandb_run_holds_the_whole_config_and_what_was_built(tmp_path, tiny_teac
     from recipes.cli import _lightning_cli, end_wandb_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    config = write_config(tmp_path, tiny_teacher_dir, max_steps=2)
-    cli = _lightning_cli(["fit", "--config", config, "--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
-                          "--trainer.logger.save_dir", str(tmp_path / "wb"), "--trainer.logger.offline", "true"])
+    # the logger in the YAML: jsonargparse < 4.36 fails on a subclass named on the command line
+    logger = {"class_path": "lightning.pytorch.loggers.WandbLogger",
+              "init_args": {"save_dir": str(tmp_path / "wb"), "offline": True}}
+    config = write_config(tmp_path, tiny_teacher_dir, max_steps=2, logger=logger)
+    cli = _lightning_cli(["fit", "--config", config])
     try:
         run = cli.trainer.logger.experiment
         logged = dict(run.config)["zoo"]
