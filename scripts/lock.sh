@@ -6,7 +6,7 @@
 # torch is left out of both: setup.sh keeps an installed torch (e.g. a CUDA build) or installs torch==2.13.0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FLOORS=("transformers==4.56.2" "lightning==2.4.0" "jsonargparse[signatures]==4.36.0" "torchmetrics==1.4.0"
+FLOORS=("transformers==4.56.2" "lightning==2.4.0" "jsonargparse[signatures]==4.32.0" "torchmetrics==1.4.0"
         "accelerate==1.0.0" "safetensors==0.4.3")
 lock() {  # lock FILE DESCRIPTION [PINS...]
   local file=$1 what=$2; shift 2
