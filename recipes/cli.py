@@ -51,25 +51,15 @@ def default_logger() -> dict:
 
 
 class SaveConfigOnStart(SaveConfigCallback):
-    """LightningCLI's ``config.yaml``, written when the run reaches training (or validation/testing), not at
-    setup: a rerun into the same directory that fails while it loads or calibrates leaves the earlier run's
-    config as it was."""
+    """LightningCLI's ``config.yaml``: the recipe of a fit, written when it reaches training, not at setup, so
+    a rerun into the same directory that fails while it loads or calibrates leaves the earlier run's config as
+    it was. ``zoo validate``/``test`` of a run never replace it (``zoo export --run`` rebuilds from it)."""
 
     def setup(self, trainer, pl_module, stage):
         pass
 
-    def _write(self, trainer, pl_module, stage):
-        SaveConfigCallback.setup(self, trainer, pl_module, stage)
-
     def on_train_start(self, trainer, pl_module):
-        self._write(trainer, pl_module, "fit")
-
-    def on_validation_start(self, trainer, pl_module):
-        if trainer.state.fn == "validate":
-            self._write(trainer, pl_module, "validate")
-
-    def on_test_start(self, trainer, pl_module):
-        self._write(trainer, pl_module, "test")
+        SaveConfigCallback.setup(self, trainer, pl_module, "fit")
 
 
 class ZooCLI(LightningCLI):

@@ -42,6 +42,8 @@ def test_fit_export_and_reload_reproduce_the_heldout_kl(tmp_path, tiny_teacher_d
     assert zoo_cli(["fit", "--config", config], capsys)[0] == 0
     run = tmp_path / "run"
     assert (run / "config.yaml").is_file()
+    # a validate of the run in between (the README's order) leaves the run's recipe as the fit wrote it
+    assert zoo_cli(["validate", "--config", config, "--ckpt_path", str(run)], capsys)[0] == 0
     code, out, err = zoo_cli(["export", "--run", str(run), "--output", str(tmp_path / "export")], capsys)
     assert code == 0, err
     assert "x the teacher's parameters" in out
