@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SVDLLM, PHD = str(ROOT / "configs/compress_svdllm.yaml"), str(ROOT / "configs/compress_phd.yaml")
 #: name -> (recipe, overrides)
 STUDENTS = {
-    "svdllm-0.8": (SVDLLM, ["--model.init_args.rank", "0.8"]),
-    "svdllm-0.5": (SVDLLM, ["--model.init_args.rank", "0.5"]),
+    "svdllm-0.8": (SVDLLM, ["--model.init_args.parts.rank", "0.8"]),
+    "svdllm-0.5": (SVDLLM, ["--model.init_args.parts.rank", "0.5"]),
     # every MLP map of every layer, blockwise PHD rank 128 (configs/phd_repair.yaml's one layer is too little to measure)
     "phd-mlp": (PHD, []),
 }
@@ -78,7 +78,7 @@ def build_exports(args, root: Path) -> dict[str, Path]:
     for name in args.students:
         recipe, overrides = STUDENTS[name]
         if args.tiny and name.startswith("phd"):
-            overrides = [*overrides, "--model.init_args.rank", "16", "--model.init_args.block", "64"]
+            overrides = [*overrides, "--model.init_args.parts.rank", "16", "--model.init_args.parts.block", "64"]
         t0 = time.perf_counter()
         module, _, _ = load_recipe(recipe, [*overrides, *extra], device=args.build_device)
         if name == args.students[0]:

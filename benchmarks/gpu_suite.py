@@ -347,7 +347,8 @@ def fit_config(recipe: str, key: str, teacher: str, work: Path, s: dict) -> Path
     import yaml
 
     config = yaml.safe_load((ROOT / recipe).read_text())
-    config["model"]["init_args"].update(teacher=teacher, **s["fit_model"].get(key, {}))
+    config["model"]["init_args"]["teacher"] = teacher
+    config["model"]["init_args"]["parts"][0]["init_args"].update(s["fit_model"].get(key, {}))  # the technique's options
     for callback in config["trainer"].get("callbacks", []):
         if callback["class_path"] == "callbacks.HeldoutKLGate":
             # random weights: whether the KL moved by 1e-6 says nothing of the technique; the fit must run

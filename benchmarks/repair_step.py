@@ -29,7 +29,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from zoo import FisherSVDRepair
+from zoo import DistillationModule, FisherSVD
 from zoo.core import calibration as calib
 from zoo.core.surgery import teacher_view
 
@@ -61,8 +61,8 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    module = FisherSVDRepair(targets=args.targets, rank=args.rank, weighting="none", teacher=args.model,
-                             kl_chunk=args.kl_chunk)
+    module = DistillationModule(parts=[FisherSVD(args.targets, rank=args.rank, weighting="none")], teacher=args.model,
+                                kl_chunk=args.kl_chunk)
     model = module.model.to(device)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(device)

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from zoo.core.distributed import gathered_parameters, is_sharded
+from zoo.lora import lora_part, save_lora_adapter
 
 
 def _dir(trainer: L.Trainer, dirpath: str | None) -> Path:
@@ -35,7 +36,7 @@ class RepairStateCheckpoint(L.Callback):
         filename: file name of the latest state.
         save_best: also keep ``best_<filename>`` at the lowest ``monitor`` seen.
         monitor: metric for ``save_best``.
-        adapter_dirname: for a technique with ``save_adapter`` (LoRA), the PEFT adapter directory written
+        adapter_dirname: for a LoRA run (``zoo.lora.lora_part``), the PEFT adapter directory written
             beside the state at the end of training.
     """
 
@@ -114,9 +115,9 @@ class RepairStateCheckpoint(L.Callback):
         if self.last_path is not None:
             size = self.last_path.stat().st_size
             rank_zero_info(f"repair state: {self.last_path} ({size / 1024:.1f} KiB)")
-            if hasattr(pl_module, "save_adapter"):  # a LoRA run: also the PEFT adapter other tools load
-                adapter = pl_module.save_adapter(self.last_path.parent / self.adapter_dirname,
-                                                 {"repair_state": str(self.last_path), "global_step": trainer.global_step})
+            if lora_part(pl_module) is not None:  # a LoRA run: also the PEFT adapter other tools load
+                adapter = save_lora_adapter(pl_module, self.last_path.parent / self.adapter_dirname,
+                                            {"repair_state": str(self.last_path), "global_step": trainer.global_step})
                 rank_zero_info(f"PEFT adapter: {adapter}")
 
     def on_exception(self, trainer, pl_module, exception):

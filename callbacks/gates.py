@@ -145,7 +145,7 @@ class ShimDominanceGate(L.Callback):
     def on_fit_start(self, trainer, pl_module):
         if not self._metrics(pl_module):
             raise ZooError("ShimDominanceGate: the student has no shims (no replacement tracks "
-                           f"{self.METRIC!r}); give the technique shims (e.g. CoupledCoreRepair shim_rank > 0) "
+                           f"{self.METRIC!r}); give the technique shims (e.g. zoo.CoupledCore shim_rank > 0) "
                            "or remove the gate")
 
     @property

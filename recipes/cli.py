@@ -1,6 +1,6 @@
 """The ``zoo`` command: LightningCLI for fit/validate/test, plus the multi-stage subcommands.
 
-``zoo fit --config configs/fisher_svd_repair.yaml`` builds the model (any ``DistillationModule``,
+``zoo fit --config configs/fisher_svd_repair.yaml`` builds the model (any ``RepairModule``,
 subclass mode) and the data (any ``TokenDataModule``) from YAML, links the teacher from the model to
 the data, logs to W&B (offline unless ``WANDB_MODE=online`` or the logger's ``offline: false``), and
 always writes ``metrics.json`` next to the repair state. ``--ckpt_path`` accepts a repair state
@@ -27,7 +27,7 @@ from zoo.core.cache import check_writable
 from zoo.core.errors import ZooError
 from zoo.core.models import META_PREFIX, RANDOM_PREFIX
 from zoo.core.state import RESUME_FILE, load_checkpoint, read_header
-from zoo.core.module import DistillationModule
+from zoo.core.module import RepairModule
 
 from .command import end_wandb_run, wandb_config
 from .data import TokenDataModule
@@ -207,7 +207,7 @@ def lightning_main(args: list[str] | None) -> None:
 
 def _lightning_cli(args: list[str] | None) -> ZooCLI:
     return ZooCLI(
-        DistillationModule,
+        RepairModule,
         TokenDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -233,7 +233,7 @@ def load_recipe(config: str, overrides: list[str] | tuple[str, ...] = (), repair
     args = ["--config", str(config), *overrides]
     if repair_state:
         args += ["--model.init_args.repair_state", str(repair_state)]
-    cli = ZooCLI(DistillationModule, TokenDataModule, subclass_mode_model=True, subclass_mode_data=True,
+    cli = ZooCLI(RepairModule, TokenDataModule, subclass_mode_model=True, subclass_mode_data=True,
                  args=args, run=False, meta=meta, auto_configure_optimizers=False, save_config_callback=None,
                  trainer_defaults={"logger": False, "enable_checkpointing": False},
                  parser_kwargs={"prog": "zoo", "exit_on_error": False})

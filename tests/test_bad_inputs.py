@@ -31,20 +31,20 @@ def files(tmp_path) -> None:
 
 
 FIT = ["fit", "--config", "{config}"]
-EIGEN = ["--model", "zoo.EigenAttentionRepair", "--model.init_args.targets", "model.layers.*.self_attn"]
+EIGEN = ["--model.init_args.parts", "[{{class_path: zoo.EigenAttention, init_args: {{targets: model.layers.*.self_attn}}}}]"]
 
 # (id, argv, needles, early): {config} is a tiny recipe on the tiny teacher, {tmp} the test's directory
 ROWS = [
-    ("target typo", FIT + ["--model.init_args.targets", "model.layers.0.mlp.dwn_proj"],
+    ("target typo", FIT + ["--model.init_args.parts.targets", "model.layers.0.mlp.dwn_proj"],
      ["dwn_proj", "matches no linear module", "model.layers.0.mlp.down_proj"], False),
-    ("target beyond the last layer", FIT + ["--model.init_args.targets", "model.layers.7.mlp.down_proj"],
+    ("target beyond the last layer", FIT + ["--model.init_args.parts.targets", "model.layers.7.mlp.down_proj"],
      ["model.layers.7.mlp.down_proj"], False),
-    ("rank above the matrix rank", FIT + ["--model.init_args.rank", "100"], ["rank 100", "= 64"], False),
-    ("rank zero", FIT + ["--model.init_args.rank", "0"], ["rank"], False),
-    ("model option typo", FIT + ["--model.init_args.rnk", "3"], ["rnk", "closest: rank"], True),
+    ("rank above the matrix rank", FIT + ["--model.init_args.parts.rank", "100"], ["rank 100", "= 64"], False),
+    ("rank zero", FIT + ["--model.init_args.parts.rank", "0"], ["rank"], False),
+    ("model option typo", FIT + ["--model.init_args.parts.rnk", "3"], ["rnk", "closest: rank"], True),
     ("data option typo", FIT + ["--data.init_args.seq_lem", "3"], ["seq_lem", "closest: seq_len"], True),
     ("trainer option typo", FIT + ["--trainer.max_stepz", "3"], ["max_stepz", "max_steps"], True),
-    ("unknown weighting", FIT + ["--model.init_args.weighting", "cov"], ["cov", "covariance, diagonal"], True),
+    ("unknown weighting", FIT + ["--model.init_args.parts.weighting", "cov"], ["cov", "covariance, diagonal"], True),
     ("unknown dtype", FIT + ["--model.init_args.dtype", "float8"], ["float8", "float32"], True),
     ("learning rate inf", FIT + ["--model.init_args.lr=inf"], ["lr", "inf"], True),
     ("learning rate nan", FIT + ["--model.init_args.lr=nan"], ["lr", "nan"], True),
@@ -75,8 +75,8 @@ ROWS = [
      ["garbage.safetensors"], True),
     ("run directory under a file", FIT + ["--trainer.default_root_dir", "{tmp}/a_file/run"],
      ["a_file", "not writable"], True),
-    ("EigenAttention k above head_dim", FIT + EIGEN + ["--model.init_args.k", "100"], ["k", "100"], False),
-    ("EigenAttention variance above one", FIT + EIGEN + ["--model.init_args.variance", "1.5"], ["1.5"], True),
+    ("EigenAttention k above head_dim", FIT + EIGEN + ["--model.init_args.parts.k", "100"], ["k", "100"], False),
+    ("EigenAttention variance above one", FIT + EIGEN + ["--model.init_args.parts.variance", "1.5"], ["1.5"], True),
     ("unknown command", ["frobnicate"], ["frobnicate", "valid commands"], True),
     ("compare: missing results file", ["compare", "{tmp}/a.json", "{tmp}/b.json"], ["a.json", "does not exist"], True),
     ("compare: not JSON", ["compare", "{tmp}/not.json", "{tmp}/not.json"], ["not.json", "not JSON"], True),

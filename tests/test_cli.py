@@ -44,7 +44,8 @@ def test_mixed_composite_fits_and_validates(tmp_path, tiny_teacher_dir, capsys):
     assert run(["fit", "--config", config], capsys)[0] == 0
     state = tmp_path / "run" / "repair_state.safetensors"
     with safe_open(str(state), "pt") as f:
-        assert len(f.keys()) == 4 and json.loads(f.metadata()["technique"]) == "Composite"
+        assert len(f.keys()) == 4 and len(json.loads(f.metadata()["parts"])) == 2
+        assert "technique" not in f.metadata()  # the header keys on the parts
     code, err = run(["validate", "--config", config, "--ckpt_path", str(state)], capsys)
     assert code == 0, err
 
@@ -59,14 +60,14 @@ def assert_clean_error(code, err, *needles):
 
 def test_bad_inputs_end_with_a_short_error(tmp_path, tiny_teacher_dir, capsys):
     config = write_config(tmp_path, tiny_teacher_dir)
-    assert_clean_error(*run(["fit", "--config", config, "--model.init_args.targets", "model.layers.0.mlp.dwn_proj"],
+    assert_clean_error(*run(["fit", "--config", config, "--model.init_args.parts.targets", "model.layers.0.mlp.dwn_proj"],
                             capsys), "matches no linear module", "model.layers.0.mlp.down_proj")
-    assert_clean_error(*run(["fit", "--config", config, "--model.init_args.rank", "100"], capsys),
+    assert_clean_error(*run(["fit", "--config", config, "--model.init_args.parts.rank", "100"], capsys),
                        "rank 100", "= 64")
     assert_clean_error(*run(["fit", "--config", config, "--model.init_args.teacher", str(tmp_path / "nope")], capsys),
                        "nope")
-    assert_clean_error(*run(["fit", "--config", config, "--model.init_args.rnk", "3"], capsys), "rnk")
-    assert_clean_error(*run(["fit", "--config", config, "--model.init_args.weighting", "cov"], capsys),
+    assert_clean_error(*run(["fit", "--config", config, "--model.init_args.parts.rnk", "3"], capsys), "rnk")
+    assert_clean_error(*run(["fit", "--config", config, "--model.init_args.parts.weighting", "cov"], capsys),
                        "covariance, diagonal, fisher, none")
     assert_clean_error(*run(["frobnicate"], capsys), "unknown command 'frobnicate'")
 
@@ -75,7 +76,7 @@ def test_repair_state_of_another_rank_is_refused(tmp_path, tiny_teacher_dir, cap
     config = write_config(tmp_path, tiny_teacher_dir, max_steps=2)
     assert run(["fit", "--config", config], capsys)[0] == 0
     state = str(tmp_path / "run" / "repair_state.safetensors")
-    assert_clean_error(*run(["validate", "--config", config, "--model.init_args.rank", "4", "--ckpt_path", state],
+    assert_clean_error(*run(["validate", "--config", config, "--model.init_args.parts.rank", "4", "--ckpt_path", state],
                             capsys), "does not match this run", '"rank": 8', '"rank": 4')
     assert_clean_error(*run(["validate", "--config", config, "--ckpt_path", str(tmp_path / "x.safetensors")], capsys),
                        "does not exist")

@@ -21,7 +21,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from zoo_cli import write_config, zoo_cli
+from zoo_cli import repair_model, write_config, zoo_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,9 +30,8 @@ def demo_config(run_dir: Path, teacher: str, batch_size: int) -> str:
     """The demo recipe's shape (FisherSVDRepair, covariance weighting, code + hologram mix, heldout gate,
     repair-state checkpoint) on the tiny teacher: 2 epochs of 2 steps, hologram in 2 generation shards."""
     run_dir.mkdir(parents=True)
-    model = {"class_path": "zoo.FisherSVDRepair",
-             "init_args": {"targets": "model.layers.{0..1}.mlp.down_proj", "rank": 8, "weighting": "covariance",
-                           "lr": 0.01}}
+    model = repair_model("zoo.FisherSVD", **{"targets": "model.layers.{0..1}.mlp.down_proj", "rank": 8, "weighting": "covariance",
+                           "lr": 0.01})
     path = write_config(run_dir, teacher, model=model, max_steps=4)
     config = yaml.safe_load(Path(path).read_text())
     config["data"]["init_args"].update(batch_size=batch_size, n_train=8, n_heldout=4, n_calibration=4)

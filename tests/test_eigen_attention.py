@@ -18,7 +18,7 @@ from zoo.core.errors import ZooError
 from zoo.core.surgery import replace, teacher_view
 from zoo.eigen_attention import (SUPPORTED_ATTENTION, attention_streams, cache_bytes, kv_cache_report,
                                  score_error_curve)
-from zoo_cli import zoo_cli
+from zoo_cli import repair_model, zoo_cli
 
 HEAD_DIM = 16  # the tiny model: hidden 64, 4 query heads, 2 KV heads
 
@@ -227,8 +227,7 @@ def test_composite_mixes_eigen_attention_with_fisher_svd_and_refuses_nested_targ
 def test_zoo_fit_repairs_projectors_and_validate_rebuilds(tmp_path, tiny_teacher_dir, capsys):
     config = {
         "seed_everything": 0,
-        "model": {"class_path": "zoo.EigenAttentionRepair",
-                  "init_args": {"teacher": tiny_teacher_dir, "k": 4, "lr": 0.02}},
+        "model": repair_model("zoo.EigenAttention", **{"teacher": tiny_teacher_dir, "k": 4, "lr": 0.02}),
         "data": {"class_path": "recipes.DistillationDataModule",
                  "init_args": {"seq_len": 32, "batch_size": 2, "n_calibration": 4, "n_train": 8, "n_heldout": 4,
                                "max_repeat": 4.0, "code": {"max_files": 40},

@@ -13,8 +13,9 @@ import torch
 from safetensors import safe_open
 
 import zoo
-from zoo import (BlockwisePHD, BlockwisePHDRepair, Composite, CoupledCoreRepair, EigenAttention, EigenAttentionRepair,
-                 FisherSVD, FisherSVDRepair, LoRAFineTune, TASECoupledRepair, export_model, export_student)
+from zoo import (BlockwisePHD, Composite, CoupledCore, EigenAttention, FisherSVD, LoRA, TASECoupledCore, UniversalBasis,
+                 export_model, export_student)
+from zoo_cli import repair
 from zoo.core.errors import ZooError
 
 MLP = "model.layers.{0..1}.mlp.down_proj"
@@ -27,7 +28,7 @@ def batches(n=2, seed=0):
 
 
 def built(cls, teacher, perturb=True, **kwargs):
-    module = cls(teacher=teacher, **kwargs)
+    module = cls(teacher=teacher, **kwargs) if cls is Composite else repair(cls, teacher=teacher, **kwargs)
     module.build_student(batches(), data_fingerprint="test")
     if perturb:  # a trained student, not its initialization: the export must carry the trained tensors
         g = torch.Generator().manual_seed(1)
@@ -38,20 +39,20 @@ def built(cls, teacher, perturb=True, **kwargs):
 
 
 TECHNIQUES = {
-    "fisher_svd": (FisherSVDRepair, dict(targets=MLP, rank=8)),
-    "fisher_svd_all": (FisherSVDRepair, dict(targets=["model.layers.*.self_attn.{q,k,v,o}_proj",
+    "fisher_svd": (FisherSVD, dict(targets=MLP, rank=8)),
+    "fisher_svd_all": (FisherSVD, dict(targets=["model.layers.*.self_attn.{q,k,v,o}_proj",
                                                       "model.layers.*.mlp.{gate,up,down}_proj"], rank=0.5)),
-    "phd_rows": (BlockwisePHDRepair, dict(targets=MLP, rank=8, block=16, compute="rows")),
-    "phd_transform_pad": (BlockwisePHDRepair, dict(targets="model.layers.*.mlp.up_proj", rank=8, block=256,
+    "phd_rows": (BlockwisePHD, dict(targets=MLP, rank=8, block=16, compute="rows")),
+    "phd_transform_pad": (BlockwisePHD, dict(targets="model.layers.*.mlp.up_proj", rank=8, block=256,
                                                    fit="pad", compute="transform")),
-    "coupled_shims": (CoupledCoreRepair, dict(targets=MLP, rank=8, shim_rank=2)),
-    "coupled_phd_residual": (CoupledCoreRepair, dict(targets=MLP, rank=8, residual_frame="phd", block=16,
+    "coupled_shims": (CoupledCore, dict(targets=MLP, rank=8, shim_rank=2)),
+    "coupled_phd_residual": (CoupledCore, dict(targets=MLP, rank=8, residual_frame="phd", block=16,
                                                      compute="transform")),
-    "tase_output": (TASECoupledRepair, dict(targets=MLP, rank=8, block=16, expansion=2, k=8)),
-    "tase_input": (TASECoupledRepair, dict(targets="model.layers.{0..1}.mlp.up_proj", rank=8, block=16,
+    "tase_output": (TASECoupledCore, dict(targets=MLP, rank=8, block=16, expansion=2, k=8)),
+    "tase_input": (TASECoupledCore, dict(targets="model.layers.{0..1}.mlp.up_proj", rank=8, block=16,
                                            residual_side="input", expansion=2, tase_init="random")),
-    "lora": (LoRAFineTune, dict(targets="model.layers.*.self_attn.{q,v}_proj", rank=4)),
-    "eigen_attention": (EigenAttentionRepair, dict(targets="model.layers.*.self_attn", k_keys=8, k_values=12)),
+    "lora": (LoRA, dict(targets="model.layers.*.self_attn.{q,v}_proj", rank=4)),
+    "eigen_attention": (EigenAttention, dict(targets="model.layers.*.self_attn", k_keys=8, k_values=12)),
     "composite": (Composite, dict(parts=[FisherSVD(MLP, rank=8), EigenAttention("model.layers.1.self_attn", k=8),
                                          BlockwisePHD("model.layers.0.self_attn.o_proj", rank=8, block=16)])),
 }
@@ -87,7 +88,7 @@ def test_export_reloads_with_the_students_logits(name, tiny_teacher_dir, tmp_pat
 
 
 def test_compressed_export_is_smaller_than_the_teacher(tiny_teacher_dir, tmp_path):
-    module = built(FisherSVDRepair, tiny_teacher_dir, **TECHNIQUES["fisher_svd_all"][1])
+    module = built(FisherSVD, tiny_teacher_dir, **TECHNIQUES["fisher_svd_all"][1])
     out = export_model(module, tmp_path / "export")
     summary = json.loads((out / "config.json").read_text())["zoo"]["summary"]
     teacher_bytes = sum(p.numel() * 4 for p in torch.nn.Module.parameters(zoo.load_causal_lm(tiny_teacher_dir)[0]))
@@ -138,7 +139,7 @@ def test_export_loads_with_transformers_alone(name, tiny_teacher_dir, tmp_path):
 
 
 def test_bfloat16_export_keeps_fp32_tensors_and_halves_the_rest(tiny_teacher_dir, tmp_path):
-    module = built(FisherSVDRepair, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1])
+    module = built(FisherSVD, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1])
     out = export_model(module, tmp_path / "bf16", dtype="bfloat16")
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         sigma = f.get_tensor("model.layers.0.mlp.down_proj.sigma")
@@ -161,7 +162,7 @@ def test_bfloat16_export_keeps_fp32_tensors_and_halves_the_rest(tiny_teacher_dir
 def test_merge_of_lora_is_a_plain_checkpoint_with_the_students_logits(tiny_teacher_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    module = built(LoRAFineTune, tiny_teacher_dir, **TECHNIQUES["lora"][1])
+    module = built(LoRA, tiny_teacher_dir, **TECHNIQUES["lora"][1])
     ids = batches(1)[0]["input_ids"]
     expected = logits(module.model, ids)
     out = export_model(module, tmp_path / "merged", merge=True)
@@ -174,7 +175,7 @@ def test_merge_of_lora_is_a_plain_checkpoint_with_the_students_logits(tiny_teach
 def test_merge_of_a_full_rank_structured_student_matches_its_dense_weight(tiny_teacher_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    module = built(BlockwisePHDRepair, tiny_teacher_dir, targets=MLP, rank=128, rank_out=64, block=16)
+    module = built(BlockwisePHD, tiny_teacher_dir, targets=MLP, rank=128, rank_out=64, block=16)
     ids = batches(1)[0]["input_ids"]
     out = export_model(module, tmp_path / "merged", merge=True)
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -186,10 +187,10 @@ def test_merge_of_a_full_rank_structured_student_matches_its_dense_weight(tiny_t
 
 
 def test_merge_of_a_compressed_or_nonlinear_student_is_refused(tiny_teacher_dir, tmp_path):
-    module = built(FisherSVDRepair, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1])
+    module = built(FisherSVD, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1])
     with pytest.raises(ZooError, match=r"--merge refused: merging would undo the compression.*FisherSVDLinear"):
         export_model(module, tmp_path / "m", merge=True)
-    module = built(TASECoupledRepair, tiny_teacher_dir, **TECHNIQUES["tase_output"][1])
+    module = built(TASECoupledCore, tiny_teacher_dir, **TECHNIQUES["tase_output"][1])
     with pytest.raises(ZooError, match="not an affine map"):
         export_model(module, tmp_path / "m", merge=True)
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.tmp*"))
@@ -198,7 +199,7 @@ def test_merge_of_a_compressed_or_nonlinear_student_is_refused(tiny_teacher_dir,
 # ---- refusals and bad input ---------------------------------------------------------------------------
 
 def test_a_replacement_without_an_export_description_is_refused_by_name(tiny_teacher_dir, tmp_path):
-    module = built(FisherSVDRepair, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1])
+    module = built(FisherSVD, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1])
     wrapper = module.model.get_submodule("model.layers.1.mlp.down_proj")
     wrapper.replacement = torch.nn.Sequential(wrapper.replacement)  # a layer nobody taught to describe itself
     with pytest.raises(ZooError, match=r"cannot describe 1 replacement\(s\): Sequential \(model.layers.1.mlp.down_proj\)"):
@@ -207,7 +208,7 @@ def test_a_replacement_without_an_export_description_is_refused_by_name(tiny_tea
 
 
 def test_existing_output_needs_overwrite_and_an_incomplete_dir_fails_to_load(tiny_teacher_dir, tmp_path):
-    module = built(FisherSVDRepair, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1])
+    module = built(FisherSVD, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1])
     out = export_model(module, tmp_path / "export")
     with pytest.raises(ZooError, match="exists; pass --overwrite"):
         export_model(module, out)
@@ -222,7 +223,7 @@ def test_existing_output_needs_overwrite_and_an_incomplete_dir_fails_to_load(tin
 
 
 def test_weights_that_do_not_fit_the_zoo_block_fail_to_load(tiny_teacher_dir, tmp_path):
-    out = export_model(built(FisherSVDRepair, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1]), tmp_path / "e")
+    out = export_model(built(FisherSVD, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1]), tmp_path / "e")
     config = json.loads((out / "config.json").read_text())
     config["zoo"]["modules"]["model.layers.0.mlp.down_proj"]["tensors"]["U"]["shape"] = [64, 7]
     (out / "config.json").write_text(json.dumps(config))
@@ -231,7 +232,7 @@ def test_weights_that_do_not_fit_the_zoo_block_fail_to_load(tiny_teacher_dir, tm
 
 
 def test_save_pretrained_of_export_student_points_to_zoo_export(tiny_teacher_dir, tmp_path):
-    module = built(FisherSVDRepair, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1])
+    module = built(FisherSVD, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1])
     model = export_student(module.model)
     with pytest.raises(ZooError, match="use `zoo export`"):
         model.save_pretrained(tmp_path / "broken")
@@ -242,13 +243,12 @@ def test_save_pretrained_of_export_student_points_to_zoo_export(tiny_teacher_dir
 def test_universal_basis_coefficients_export_and_merge(mode, tiny_teacher_dir, tiny_model, tmp_path):
     from test_universal_basis import TARGETS, random_adapter
 
-    from zoo import UniversalBasisCoefficients
     from zoo.universal_basis import DeltaBank, extract_basis
 
     shapes = {n: (tiny_model.get_submodule(n).out_features, tiny_model.get_submodule(n).in_features) for n in TARGETS}
     bank = DeltaBank([random_adapter(tmp_path / f"a{i}", shapes, seed=i) for i in range(3)])
     basis = extract_basis(bank, mode).save(tmp_path / "basis.safetensors")
-    module = built(UniversalBasisCoefficients, tiny_teacher_dir, basis=str(basis), k=2)
+    module = built(UniversalBasis, tiny_teacher_dir, basis=str(basis), k=2)
     ids = batches(1)[0]["input_ids"]
     expected = logits(module.model, ids)
     loaded = zoo.from_pretrained(export_model(module, tmp_path / "export"))
@@ -261,7 +261,7 @@ def test_universal_basis_coefficients_export_and_merge(mode, tiny_teacher_dir, t
 
 
 def test_a_failure_mid_export_leaves_no_directory_that_looks_complete(tiny_teacher_dir, tmp_path, monkeypatch):
-    module = built(FisherSVDRepair, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1])
+    module = built(FisherSVD, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1])
     old = export_model(module, tmp_path / "export")
     before = sorted(p.name for p in old.iterdir())
 

@@ -10,7 +10,7 @@ import zoo
 from recipes.cli import load_recipe
 from zoo.core.losses import token_kl
 from zoo.core.surgery import teacher_view
-from zoo_cli import write_config, zoo_cli
+from zoo_cli import repair_model, write_config, zoo_cli
 
 
 def assert_clean_error(code, err, *needles):
@@ -62,7 +62,7 @@ def test_export_bad_inputs_end_in_one_line(tmp_path, tiny_teacher_dir, capsys):
     run, out = tmp_path / "run", tmp_path / "export"
     state = str(run / "repair_state.safetensors")
     code, _, err = zoo_cli(["export", "--recipe", config, "--repair_state", state, "--output", str(out),
-                            "--overrides", '["--model.init_args.rank", "4"]'], capsys)
+                            "--overrides", '["--model.init_args.parts.rank", "4"]'], capsys)
     assert_clean_error(code, err, "does not match this run", '"rank": 8', '"rank": 4')
     assert not out.exists()
     assert zoo_cli(["export", "--run", str(run), "--output", str(out)], capsys)[0] == 0
@@ -81,8 +81,7 @@ def _code_err(result):
     return result[0], result[2]
 
 
-LORA = {"class_path": "zoo.LoRAFineTune",
-        "init_args": {"targets": "model.layers.*.self_attn.{q,v}_proj", "rank": 4, "lr": 0.01}}
+LORA = repair_model("zoo.LoRA", **{"targets": "model.layers.*.self_attn.{q,v}_proj", "rank": 4, "lr": 0.01}, **{"objective": "next_token"})
 
 
 def test_lora_fit_writes_a_peft_adapter_that_peft_loads_offline(tmp_path, tiny_teacher_dir, capsys):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from zoo import FisherSVDRepair
+from zoo import FisherSVD
+from zoo_cli import repair
 from zoo.core.losses import hidden_token_kl, token_kl
 from zoo.core.prefix import SharedPrefix
 from zoo.core.surgery import teacher_view
@@ -23,7 +24,7 @@ def _batch(vocab, batch=3, seq=19, seed=0):
 
 def _module(teacher, targets="model.layers.1.mlp.down_proj", **options):
     torch.manual_seed(0)
-    module = FisherSVDRepair(targets=targets, rank=8, weighting="none", train_factors=True, teacher=teacher,
+    module = repair(FisherSVD, targets=targets, rank=8, weighting="none", train_factors=True, teacher=teacher,
                              temperature=2.0, kl_chunk=5, **options)
     module.build_student()
     with torch.no_grad():  # move the student away from the teacher so the KL and its gradient are not ~0

@@ -7,15 +7,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from zoo_cli import write_config, zoo_cli
+from zoo_cli import repair_model, write_config, zoo_cli
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 @pytest.mark.parametrize("model", [
-    {"class_path": "zoo.FisherSVDRepair", "init_args": {"targets": "model.layers.{0..1}.mlp.down_proj", "rank": 8}},
-    {"class_path": "zoo.CoupledCoreRepair",
-     "init_args": {"targets": "model.layers.{0..1}.mlp.down_proj", "rank": 16, "block": 16, "shim_rank": 4}},
+    repair_model("zoo.FisherSVD", **{"targets": "model.layers.{0..1}.mlp.down_proj", "rank": 8}),
+    repair_model("zoo.CoupledCore", **{"targets": "model.layers.{0..1}.mlp.down_proj", "rank": 16, "block": 16, "shim_rank": 4}),
 ])
 def test_bf16_mixed_fit_on_cuda_keeps_trainables_fp32(tmp_path, tiny_teacher_dir, capsys, model):
     config = write_config(tmp_path, tiny_teacher_dir, model, accelerator="gpu", devices=1, precision="bf16-mixed")

@@ -15,6 +15,7 @@ from recipes.cli import main
 from zoo.core.losses import prediction_mask
 from zoo.core.models import load_causal_lm
 from zoo.core.module import next_token_nll
+from zoo_cli import repair_model
 
 
 def test_next_token_nll_is_masked_cross_entropy():
@@ -37,9 +38,8 @@ def test_validate_logs_token_weighted_student_and_teacher_perplexity(tmp_path, t
     config = {
         "seed_everything": 0,
         # full rank with plain SVD: the student computes the teacher's function (up to rounding)
-        "model": {"class_path": "zoo.FisherSVDRepair",
-                  "init_args": {"teacher": tiny_teacher_dir, "targets": "model.layers.{0..1}.mlp.down_proj",
-                                "rank": 64, "weighting": "none"}},
+        "model": repair_model("zoo.FisherSVD", **{"teacher": tiny_teacher_dir, "targets": "model.layers.{0..1}.mlp.down_proj",
+                                "rank": 64, "weighting": "none"}),
         "data": {"class_path": "recipes.CodeDataModule", "init_args": DATA},
         "trainer": {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
                     "default_root_dir": str(tmp_path / "run")},
@@ -48,7 +48,7 @@ def test_validate_logs_token_weighted_student_and_teacher_perplexity(tmp_path, t
     path.write_text(yaml.safe_dump(config))
     main(["validate", "--config", str(path)])
     full_rank = json.loads((tmp_path / "run" / "metrics_validate.json").read_text())["final"]
-    main(["validate", "--config", str(path), "--model.init_args.rank", "2"])
+    main(["validate", "--config", str(path), "--model.init_args.parts.rank", "2"])
     low_rank = json.loads((tmp_path / "run" / "metrics_validate.json").read_text())["final"]
 
     # reference: exp(total NLL / total counted tokens) of the pristine teacher over the heldout split,

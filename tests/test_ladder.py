@@ -4,18 +4,17 @@ import json
 
 import yaml
 
-from zoo_cli import write_config, zoo_cli
+from zoo_cli import repair_model, write_config, zoo_cli
 
 
 def test_ladder_runs_rungs_writes_the_table_and_resumes(tmp_path, tiny_teacher_dir, capsys):
-    phd = {"class_path": "zoo.BlockwisePHDRepair",
-           "init_args": {"targets": "model.layers.0.mlp.down_proj", "rank": 16, "block": 16, "lr": 0.01}}
+    phd = repair_model("zoo.BlockwisePHD", **{"targets": "model.layers.0.mlp.down_proj", "rank": 16, "block": 16, "lr": 0.01})
     config = write_config(tmp_path, tiny_teacher_dir, phd, max_steps=2)
     ladder = {
         "output_dir": str(tmp_path / "ladder"), "logger": False, "overrides": ["--trainer.max_steps", "2"],
         "rungs": [
             {"name": "one", "config": config, "method": "PHD"},
-            {"name": "broken", "config": config, "overrides": ["--model.init_args.rank", "999"]},
+            {"name": "broken", "config": config, "overrides": ["--model.init_args.parts.rank", "999"]},
         ],
     }
     path = tmp_path / "ladder.yaml"

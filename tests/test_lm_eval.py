@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zoo_cli import zoo_cli
+from zoo_cli import repair_model, zoo_cli
 from zoo.evaluation import mcnemar_exact
 
 TASK = "zoo_tiny_mc"
@@ -86,9 +86,8 @@ def recipe(tmp_path, teacher) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({
         "seed_everything": 0,
-        "model": {"class_path": "zoo.FisherSVDRepair",
-                  "init_args": {"teacher": teacher, "targets": "model.layers.{0..1}.**_proj",
-                                "rank": 1, "weighting": "none", "lr": 0.05}},
+        "model": repair_model("zoo.FisherSVD", **{"teacher": teacher, "targets": "model.layers.{0..1}.**_proj",
+                                "rank": 1, "weighting": "none", "lr": 0.05}),
         "data": {"class_path": "recipes.CodeDataModule",
                  "init_args": {"seq_len": 32, "batch_size": 2, "n_calibration": 2, "n_train": 4, "n_heldout": 2,
                                "max_repeat": 4.0, "code": {"max_files": 10}}},

@@ -1,8 +1,12 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors import safe_open
 
-from zoo import Composite, FisherSVD, FisherSVDRepair
+from zoo import Composite, DistillationModule, FisherSVD
+from zoo_cli import repair
 from zoo.core.errors import ZooError
 from zoo.core.models import load_causal_lm
 
@@ -16,7 +20,7 @@ def batches(n=2, seed=0):
 def built(tiny_teacher_dir, **kwargs):
     args = dict(targets="model.layers.{0..1}.mlp.down_proj", rank=8, teacher=tiny_teacher_dir)
     args.update(kwargs)
-    module = FisherSVDRepair(**args)
+    module = repair(FisherSVD, **args)
     module.build_student(batches(), data_fingerprint="test")
     return module
 
@@ -29,7 +33,10 @@ def test_repair_state_round_trips_bit_exactly(tiny_teacher_dir, tmp_path):
     path = a.save_repair_state(tmp_path / "state.safetensors")
     with safe_open(str(path), "pt") as f:
         assert set(f.keys()) == set(a.trainable_parameters())  # trainable tensors only
-        assert f.metadata()["technique"] == '"FisherSVDRepair"'
+        header = f.metadata()
+        # keyed on the parts (spec class and options) and the teacher, not on a LightningModule class
+        assert "technique" not in header
+        assert [p["technique"] for p in json.loads(header["parts"])] == ["zoo.fisher_svd.FisherSVD"]
     b = built(tiny_teacher_dir)
     b.load_repair_state(path)
     for name, p in a.trainable_parameters().items():
@@ -57,12 +64,42 @@ def test_state_from_another_rank_or_technique_is_refused(tiny_teacher_dir, tmp_p
     path = built(tiny_teacher_dir).save_repair_state(tmp_path / "s.safetensors")
     with pytest.raises(ZooError, match="does not match this run: its parts"):
         built(tiny_teacher_dir, rank=4).load_repair_state(path)
-    other = Composite(parts=[FisherSVD("model.layers.{0..1}.mlp.down_proj", rank=8)], teacher=tiny_teacher_dir)
-    other.build_student(batches(), data_fingerprint="test")
-    with pytest.raises(ZooError, match="its technique is \"FisherSVDRepair\""):
-        other.load_repair_state(path)
+    with pytest.raises(ZooError, match="does not match this run: its parts"):
+        built(tiny_teacher_dir, weighting="diagonal").load_repair_state(path)
+    # the same parts under another LightningModule name are the same student: the state loads
+    same = Composite(parts=[FisherSVD("model.layers.{0..1}.mlp.down_proj", rank=8)], teacher=tiny_teacher_dir)
+    same.build_student(batches(), data_fingerprint="test")
+    same.load_repair_state(path)
     with pytest.raises(ZooError, match="does not exist"):
-        other.load_repair_state(tmp_path / "missing.safetensors")
+        same.load_repair_state(tmp_path / "missing.safetensors")
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("fixture, parts", [
+    ("state-fisher-svd-v1.safetensors", [FisherSVD("model.layers.1.mlp.down_proj", rank=4, weighting="none")]),
+    ("state-composite-v1.safetensors", [FisherSVD("model.layers.0.mlp.down_proj", 3, weighting="none"),
+                                        FisherSVD("model.layers.1.self_attn.o_proj", 5, weighting="none",
+                                                  train_factors=True)]),
+])
+def test_states_written_before_specs_keyed_the_header_still_load(fixture, parts, monkeypatch):
+    """Committed states of the old layout (header ``technique: FisherSVDRepair`` / ``Composite``, written by the
+    wrapper classes) load into today's ``DistillationModule(parts=[...])``, every tensor as stored."""
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(FIXTURES.parent.parent)  # the fixtures name their teacher by a path relative to the repo
+    path = FIXTURES / fixture
+    with safe_open(str(path), "pt") as f:
+        assert "technique" in f.metadata()  # really the old layout
+    module = DistillationModule(parts=parts, teacher="random:tests/fixtures/tiny-llama")
+    module.build_student()
+    module.load_repair_state(path)
+    stored = load_file(str(path))
+    params = module.trainable_parameters()
+    assert set(stored) == set(params) and len(stored) >= 1
+    for name, tensor in stored.items():
+        assert torch.equal(params[name].detach(), tensor), name
 
 
 def test_composite_parts_must_not_overlap(tiny_teacher_dir):

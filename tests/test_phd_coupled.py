@@ -6,13 +6,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from zoo import BlockwisePHD, CoupledCore, CoupledCoreRepair, Shim
+from zoo import BlockwisePHD, CoupledCore, Shim
+from zoo_cli import repair, repair_model, write_config, zoo_cli
 from zoo.core import calibration as calib
 from zoo.core.errors import ZooError
 from zoo.core.linalg import procrustes
 from zoo.core.surgery import teacher_view
 from zoo.coupled import ShimmedLinear
-from zoo_cli import write_config, zoo_cli
 
 TARGET = "model.layers.0.mlp.down_proj"  # 128 -> 64 in the tiny model
 BOTH = "model.layers.{0..1}.mlp.down_proj"
@@ -122,13 +122,13 @@ def test_procrustes_finds_the_best_rotation():
 
 
 def built(module_cls, teacher, **kwargs):
-    module = module_cls(teacher=teacher, **kwargs)
+    module = repair(module_cls, teacher=teacher, **kwargs)
     module.build_student(batches(), data_fingerprint="test")
     return module
 
 
 def test_coupled_layers_share_their_residual_rows(tiny_teacher_dir):
-    module = built(CoupledCoreRepair, tiny_teacher_dir, targets=BOTH, rank=16, rank_out=8, block=16)
+    module = built(CoupledCore, tiny_teacher_dir, targets=BOTH, rank=16, rank_out=8, block=16)
     ups = [module.model.get_submodule(f"model.layers.{i}.mlp.down_proj").replacement.up.rows for i in (0, 1)]
     assert torch.equal(ups[0], ups[1])
     assert torch.allclose(ups[0] @ ups[0].T, torch.eye(8), atol=1e-5)
@@ -138,8 +138,8 @@ def test_aligned_rows_span_each_layers_own_subspace_in_shared_coordinates(tiny_t
     from zoo.coupled import leading_eigenvectors
     from zoo.phd import output_moment
 
-    plain = built(CoupledCoreRepair, tiny_teacher_dir, targets=BOTH, rank=16, rank_out=8, block=16)
-    aligned = built(CoupledCoreRepair, tiny_teacher_dir, targets=BOTH, rank=16, rank_out=8, block=16, align=True)
+    plain = built(CoupledCore, tiny_teacher_dir, targets=BOTH, rank=16, rank_out=8, block=16)
+    aligned = built(CoupledCore, tiny_teacher_dir, targets=BOTH, rank=16, rank_out=8, block=16, align=True)
     shared = plain.model.get_submodule("model.layers.0.mlp.down_proj").replacement.up.rows.double()
     with teacher_view(plain.model):  # the teacher's statistics, as calibration saw them
         stats = calib.collect(plain.model, batches(), [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)],
@@ -168,10 +168,10 @@ def test_coupled_targets_must_be_a_contiguous_range():
 @pytest.mark.parametrize("shim_train", ["both", "A", "B"])
 def test_zero_initialized_shims_leave_the_logits_unchanged(tiny_teacher_dir, shim_train):
     ids = batches(1)[0]["input_ids"]
-    plain = built(CoupledCoreRepair, tiny_teacher_dir, targets=BOTH, rank=16, block=16)
+    plain = built(CoupledCore, tiny_teacher_dir, targets=BOTH, rank=16, block=16)
     with torch.no_grad():
         expected = plain(ids)
-    shimmed = built(CoupledCoreRepair, tiny_teacher_dir, targets=BOTH, rank=16, block=16, shim_rank=4,
+    shimmed = built(CoupledCore, tiny_teacher_dir, targets=BOTH, rank=16, block=16, shim_rank=4,
                     shim_train=shim_train)
     with torch.no_grad():
         assert torch.equal(shimmed(ids), expected)
@@ -201,7 +201,7 @@ def test_shim_dominance_metric_is_the_norm_ratio():
 
 
 def test_repair_state_holds_cores_and_shims_only_and_round_trips(tiny_teacher_dir, tmp_path):
-    a = built(CoupledCoreRepair, tiny_teacher_dir, targets=BOTH, rank=16, block=16, shim_rank=4)
+    a = built(CoupledCore, tiny_teacher_dir, targets=BOTH, rank=16, block=16, shim_rank=4)
     with torch.no_grad():
         for p in a.trainable_parameters().values():
             p.add_(0.01)
@@ -209,7 +209,7 @@ def test_repair_state_holds_cores_and_shims_only_and_round_trips(tiny_teacher_di
     with safe_open(str(path), "pt") as f:
         names = sorted(f.keys())
     assert all(n.endswith(("core.core", "shim.A", "shim.B")) for n in names) and len(names) == 6
-    b = built(CoupledCoreRepair, tiny_teacher_dir, targets=BOTH, rank=16, block=16, shim_rank=4,
+    b = built(CoupledCore, tiny_teacher_dir, targets=BOTH, rank=16, block=16, shim_rank=4,
               repair_state=str(path))
     ids = batches(1)[0]["input_ids"]
     with torch.no_grad():
@@ -227,8 +227,7 @@ class ForceShims(L.Callback):
 
 
 def coupled_config(tmp_path, teacher, action, max_steps=4):
-    model = {"class_path": "zoo.CoupledCoreRepair",
-             "init_args": {"targets": BOTH, "rank": 16, "block": 16, "shim_rank": 4, "lr": 0.01}}
+    model = repair_model("zoo.CoupledCore", **{"targets": BOTH, "rank": 16, "block": 16, "shim_rank": 4, "lr": 0.01})
     path = write_config(tmp_path, teacher, model, max_steps=max_steps)
     import yaml
 
@@ -264,15 +263,14 @@ def test_gate_stop_restores_the_last_passing_state(tmp_path, tiny_teacher_dir, c
 
 
 def test_gate_on_a_student_without_shims_is_an_error(tmp_path, tiny_teacher_dir, capsys):
-    model = {"class_path": "zoo.BlockwisePHDRepair", "init_args": {"targets": BOTH, "rank": 16, "block": 16}}
+    model = repair_model("zoo.BlockwisePHD", **{"targets": BOTH, "rank": 16, "block": 16})
     path = write_config(tmp_path, tiny_teacher_dir, model, max_steps=2)
     code, _, err = zoo_cli(["fit", "--config", path, "--trainer.callbacks+=callbacks.ShimDominanceGate"], capsys)
     assert code == 2 and "the student has no shims" in err
 
 
 def test_phd_repair_fits_and_validates_through_the_cli(tmp_path, tiny_teacher_dir, capsys):
-    model = {"class_path": "zoo.BlockwisePHDRepair",
-             "init_args": {"targets": BOTH, "rank": 16, "block": 16, "lr": 0.01}}
+    model = repair_model("zoo.BlockwisePHD", **{"targets": BOTH, "rank": 16, "block": 16, "lr": 0.01})
     path = write_config(tmp_path, tiny_teacher_dir, model)
     code, _, err = zoo_cli(["fit", "--config", path], capsys)
     assert code == 0, err

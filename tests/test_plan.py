@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from zoo_cli import write_config, zoo_cli
+from zoo_cli import repair_model, write_config, zoo_cli
 
 from recipes.cli import load_recipe
 from zoo.core import plan as zp
@@ -21,20 +21,15 @@ LLAMA_31_8B = {
 }
 
 RECIPES = {
-    "fisher_svd": {"class_path": "zoo.FisherSVDRepair",
-                   "init_args": {"targets": "model.layers.{0..1}.mlp.down_proj", "rank": 8}},
-    "fisher_svd_factors": {"class_path": "zoo.FisherSVDRepair",
-                           "init_args": {"targets": "model.layers.*.self_attn.{q,o}_proj", "rank": 0.25,
-                                         "train_factors": True}},
-    "phd_transform": {"class_path": "zoo.BlockwisePHDRepair",
-                      "init_args": {"targets": "model.layers.1.mlp.down_proj", "rank": 40, "rank_out": 24,
-                                    "block": 32, "compute": "transform"}},
-    "coupled_shims": {"class_path": "zoo.CoupledCoreRepair",
-                      "init_args": {"targets": "model.layers.{0..1}.mlp.down_proj", "rank": 16, "align": True,
-                                    "shim_rank": 4, "shim_train": "B", "block": 32}},
-    "coupled_phd_input": {"class_path": "zoo.CoupledCoreRepair",
-                          "init_args": {"targets": "model.layers.{0..1}.mlp.up_proj", "rank": 16,
-                                        "residual_side": "input", "residual_frame": "phd", "block": 16}},
+    "fisher_svd": repair_model("zoo.FisherSVD", **{"targets": "model.layers.{0..1}.mlp.down_proj", "rank": 8}),
+    "fisher_svd_factors": repair_model("zoo.FisherSVD", **{"targets": "model.layers.*.self_attn.{q,o}_proj", "rank": 0.25,
+                                         "train_factors": True}),
+    "phd_transform": repair_model("zoo.BlockwisePHD", **{"targets": "model.layers.1.mlp.down_proj", "rank": 40, "rank_out": 24,
+                                    "block": 32, "compute": "transform"}),
+    "coupled_shims": repair_model("zoo.CoupledCore", **{"targets": "model.layers.{0..1}.mlp.down_proj", "rank": 16, "align": True,
+                                    "shim_rank": 4, "shim_train": "B", "block": 32}),
+    "coupled_phd_input": repair_model("zoo.CoupledCore", **{"targets": "model.layers.{0..1}.mlp.up_proj", "rank": 16,
+                                        "residual_side": "input", "residual_frame": "phd", "block": 16}),
     "composite": {"class_path": "zoo.Composite", "init_args": {"parts": [
         {"class_path": "zoo.FisherSVD", "init_args": {"targets": "model.layers.1.mlp.gate_proj", "rank": 8}},
         {"class_path": "zoo.BlockwisePHD", "init_args": {"targets": "model.layers.0.self_attn.o_proj", "rank": 8,

@@ -1,11 +1,12 @@
 """Per-target rank allocation of FisherSVD (``allocation='global'``): the budget of the uniform ratio,
-spent where the relative weighted error falls most per parameter; planned by FisherSVDRepair."""
+spent where the relative weighted error falls most per parameter; planned by the spec's plan() hook."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from zoo import Composite, FisherSVD, FisherSVDRepair
+from zoo import Composite, FisherSVD
+from zoo_cli import repair
 from zoo.core.errors import ZooError
 from zoo.fisher_svd import allocate_ranks, resolve_rank, weighted_spectrum
 
@@ -49,7 +50,7 @@ def calibration_batches(n=2, seed=0):
 @pytest.mark.parametrize("weighting", ["covariance", "none"])
 def test_repair_module_builds_the_planned_ranks(tiny_teacher_dir, weighting):
     targets = "model.layers.{0..1}.{mlp.down_proj,self_attn.o_proj}"
-    module = FisherSVDRepair(targets=targets, rank=0.3, weighting=weighting, allocation="global",
+    module = repair(FisherSVD, targets=targets, rank=0.3, weighting=weighting, allocation="global",
                              teacher=tiny_teacher_dir)
     module.build_student(calibration_batches(), data_fingerprint="alloc-test")
     part = module.parts[0]
@@ -61,7 +62,7 @@ def test_repair_module_builds_the_planned_ranks(tiny_teacher_dir, weighting):
     used = sum(m.replacement.rank * (m.replacement.out_features + m.replacement.in_features)
                for m in module.model.modules() if hasattr(m, "replacement"))
     assert used <= budget
-    again = FisherSVDRepair(targets=targets, rank=0.3, weighting=weighting, allocation="global",
+    again = repair(FisherSVD, targets=targets, rank=0.3, weighting=weighting, allocation="global",
                             teacher=tiny_teacher_dir)
     again.build_student(calibration_batches(), data_fingerprint="alloc-test")
     assert again.parts[0].planned_ranks == part.planned_ranks  # a rebuilt student has the same shapes
@@ -77,7 +78,7 @@ def test_global_allocation_needs_a_ratio_and_a_planner(tiny_teacher_dir):
         FisherSVD("model.layers.0.mlp.down_proj", rank=8, allocation="global")
     with pytest.raises(ZooError, match="valid choices: uniform, global"):
         FisherSVD("model.layers.0.mlp.down_proj", rank=0.5, allocation="greedy")
-    # inside a Composite the allocation is planned like in FisherSVDRepair (the shared plan() hook)
+    # inside a Composite the allocation is planned the same way (the shared plan() hook)
     composite = Composite(parts=[FisherSVD("model.layers.{0..1}.mlp.down_proj", rank=0.5, allocation="global",
                                            weighting="none")], teacher=tiny_teacher_dir)
     composite.build_student(None)

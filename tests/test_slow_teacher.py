@@ -14,6 +14,7 @@ from recipes.cli import main
 from zoo.core import calibration as calib
 from zoo.core.models import load_causal_lm
 from zoo.fisher_svd import weighted_svd
+from zoo_cli import repair_model
 
 pytestmark = pytest.mark.slow
 TEACHER = "smollm2-135m-instruct"
@@ -72,8 +73,7 @@ def test_hologram_generation_on_the_teacher_is_text(tmp_path):
 def test_short_repair_fit_improves_heldout_kl_and_validate_reproduces_it(tmp_path, capsys):
     config = {
         "seed_everything": 0,
-        "model": {"class_path": "zoo.FisherSVDRepair",
-                  "init_args": {"teacher": TEACHER, "targets": TARGET, "rank": 64, "lr": 0.002}},
+        "model": repair_model("zoo.FisherSVD", **{"teacher": TEACHER, "targets": TARGET, "rank": 64, "lr": 0.002}),
         "data": {"class_path": "recipes.CodeDataModule",
                  "init_args": {"seq_len": 96, "batch_size": 2, "n_calibration": 8, "n_train": 12, "n_heldout": 4,
                                "code": {"max_files": 80}, "cache_dir": str(tmp_path / "data")}},

@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from zoo import CoupledCoreRepair, TASECoupledRepair, TASEInterface
+from zoo import CoupledCore, TASECoupledCore, TASEInterface
+from zoo_cli import repair, repair_model, write_config, zoo_cli
 from zoo.core.errors import ZooError
 from zoo.core.metrics import IdentityDeviation, token_deviation
 from zoo.tase import (ActivationTable, TASEConnectedLinear, outlier_dims, record_interface, resolve_k, resolve_width,
                       topk_relu)
-from zoo_cli import write_config, zoo_cli
 
 BOTH = "model.layers.{0..1}.mlp.down_proj"
 
@@ -179,17 +179,17 @@ def test_diagnostic_trains_towards_identity_from_the_plain_init(tmp_path, tiny_t
 
 
 def built(module_cls, teacher, **kwargs):
-    module = module_cls(teacher=teacher, **kwargs)
+    module = repair(module_cls, teacher=teacher, **kwargs)
     module.build_student(batches(), data_fingerprint="test")
     return module
 
 
 def test_identity_tase_in_a_coupled_block_starts_as_the_plain_core_and_trains(tiny_teacher_dir):
     ids = batches(1)[0]["input_ids"]
-    plain = built(CoupledCoreRepair, tiny_teacher_dir, targets=BOTH, rank=16, block=16)
+    plain = built(CoupledCore, tiny_teacher_dir, targets=BOTH, rank=16, block=16)
     with torch.no_grad():
         expected = plain(ids)
-    tase = built(TASECoupledRepair, tiny_teacher_dir, targets=BOTH, rank=16, block=16, expansion=4)
+    tase = built(TASECoupledCore, tiny_teacher_dir, targets=BOTH, rank=16, block=16, expansion=4)
     layer = tase.model.get_submodule("model.layers.0.mlp.down_proj").replacement
     assert isinstance(layer, TASEConnectedLinear) and layer.interface.m == 64 and layer.interface.d == 16
     with torch.no_grad():

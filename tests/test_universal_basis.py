@@ -127,17 +127,18 @@ def test_leave_out_errors_train_below_holdout(bank):
 
 
 def test_coefficient_count_is_2rk_per_module(bank, tmp_path, tiny_teacher_dir):
-    from zoo.universal_basis import UniversalBasisCoefficients
+    from zoo.universal_basis import UniversalBasis
+    from zoo_cli import repair
 
     path = extract_basis(bank, "separate").save(tmp_path / "basis.safetensors")
-    module = UniversalBasisCoefficients(basis=str(path), k=3, teacher=tiny_teacher_dir)
+    module = repair(UniversalBasis, objective="next_token", basis=str(path), k=3, teacher=tiny_teacher_dir)
     module.build_student()
     params = module.trainable_parameters()
     assert sum(p.numel() for p in params.values()) == 2 * bank.rank * 3 * len(TARGETS)
     assert all(name.endswith(("coef_A", "coef_B")) for name in params)
 
     joint = extract_basis(bank, "joint").save(tmp_path / "joint.safetensors")
-    module = UniversalBasisCoefficients(basis=str(joint), k=3, teacher=tiny_teacher_dir)
+    module = repair(UniversalBasis, objective="next_token", basis=str(joint), k=3, teacher=tiny_teacher_dir)
     module.build_student()
     assert sum(p.numel() for p in module.trainable_parameters().values()) == bank.rank * 3 * len(TARGETS)
 
@@ -176,10 +177,11 @@ def test_projected_adapter_loads_with_peft_and_changes_logits_as_its_delta_says(
 
 
 def test_universal_basis_layer_matches_dense_and_init_adapter(bank, tmp_path, tiny_teacher_dir):
-    from zoo.universal_basis import UniversalBasisCoefficients
+    from zoo.universal_basis import UniversalBasis
+    from zoo_cli import repair
 
     path = extract_basis(bank, "separate", members=[0, 1, 2]).save(tmp_path / "basis.safetensors")
-    module = UniversalBasisCoefficients(basis=str(path), k=2, teacher=tiny_teacher_dir,
+    module = repair(UniversalBasis, objective="next_token", basis=str(path), k=2, teacher=tiny_teacher_dir,
                                         init_adapter=bank.paths[3])
     module.build_student()
     proj = project_adapter(load_basis(path), bank.paths[3], k=2)
@@ -226,9 +228,10 @@ def test_peft_adapter_round_trip_and_lora_layer(tmp_path, tiny_model):
 
 def test_next_token_objective_trains_lora(tiny_teacher_dir):
     from zoo.core.module import next_token_nll
-    from zoo.lora import LoRAFineTune
+    from zoo.lora import LoRA
+    from zoo_cli import repair
 
-    module = LoRAFineTune(targets="model.layers.*.self_attn.{q,v}_proj", rank=2, alpha=4.0,
+    module = repair(LoRA, objective="next_token", targets="model.layers.*.self_attn.{q,v}_proj", rank=2, alpha=4.0,
                           teacher=tiny_teacher_dir, lr=1e-2)
     module.build_student()
     params = module.trainable_parameters()
@@ -243,7 +246,7 @@ def test_next_token_objective_trains_lora(tiny_teacher_dir):
     loss.backward()
     assert all(p.grad is not None for n, p in params.items() if "lora_A" in n or "lora_B" in n)
     with pytest.raises(ZooError, match="valid choices: distillation, next_token"):
-        LoRAFineTune(targets="model.layers.0.self_attn.q_proj", teacher=tiny_teacher_dir, objective="nll")
+        repair(LoRA, targets="model.layers.0.self_attn.q_proj", teacher=tiny_teacher_dir, objective="nll")
 
 
 # --------------------------------------------------------------------------------------------------

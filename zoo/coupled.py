@@ -1,6 +1,5 @@
 """Coupled cores with shims over a contiguous layer range (source 000, sections 4.7-4.9 and 5.2; 002 on
-coupling by activations, not weights; 003 on orthogonal Procrustes alignment; DESIGN.md,
-"CoupledCoreRepair with shims").
+coupling by activations, not weights; 003 on orthogonal Procrustes alignment).
 
 Every target of the range is a ``BlockwisePHDLinear`` (``zoo.phd``) whose residual-stream side is
 *shared*: all the layers write into (or, with ``residual_side: input``, read from) the same r
@@ -31,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,9 +38,9 @@ from torch import nn
 from .core.calibration import ActivationStats
 from .core.errors import ZooError, check_choice
 from .core.hadamard import FITS, PHDFrame
-from .core.linalg import FP32Params, procrustes, rms
+from .core.linalg import procrustes, rms
 from .core.metrics import NormRatio
-from .core.module import DistillationModule
+from .core.replacement import Replacement
 from .core.technique import Technique, TensorSize
 from .export.spec import nested
 from .phd import (COMPUTES, CORE_INITS, BlockwisePHDLinear, Subframe, check_ranks, core_footprint, frame_energy,
@@ -55,7 +55,7 @@ SHIM_TRAIN = ("both", "A", "B")
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-class Shim(FP32Params):
+class Shim(Replacement):
     """A low-rank connector x -> B A x (A [r, in], B [out, r]), kept in fp32, starting at zero output.
 
     The factor that starts at zero is always a trainable one; the other is random with orthonormal
@@ -104,7 +104,7 @@ class Shim(FP32Params):
         return f"rank={self.A.shape[0]}, train={self.train_factors}"
 
 
-class ShimmedLinear(nn.Module):
+class ShimmedLinear(Replacement):
     """y = core(x) + shim(x); while ``tracking`` (validation epochs) it accumulates shim dominance."""
 
     def __init__(self, core: nn.Module, shim: Shim):
@@ -153,6 +153,7 @@ def leading_eigenvectors(moment: torch.Tensor, r: int) -> torch.Tensor:
     return top * signs
 
 
+@dataclass(eq=False, repr=False)
 class CoupledCore(Technique):
     """Spec: PHD cores over a contiguous layer range sharing one residual-side frame, optionally
     Procrustes-aligned per layer, optionally with shims.
@@ -173,29 +174,36 @@ class CoupledCore(Technique):
         block, fit, seed, core_init, compute, train_bias: as in ``zoo.BlockwisePHD``.
     """
 
-    def __init__(self, targets: str | list[str], rank: int = 64, rank_out: int | None = None,
-                 residual_side: str = "output", residual_frame: str = "pca", align: bool = False,
-                 shim_rank: int = 0, shim_train: str = "both", block: int = 512, fit: str = "divide",
-                 seed: int = 0, core_init: str = "lstsq", compute: str = "auto", train_bias: bool = True):
-        super().__init__(targets)
-        check_ranks(rank, rank_out)
-        self.rank, self.rank_out = rank, rank_out
-        self.residual_side = check_choice("residual_side", residual_side, RESIDUAL_SIDES)
-        self.residual_frame = check_choice("residual_frame", residual_frame, RESIDUAL_FRAMES)
-        if align and residual_frame != "pca":
+    targets: str | list[str]
+    rank: int = 64
+    rank_out: int | None = None
+    residual_side: str = "output"
+    residual_frame: str = "pca"
+    align: bool = False
+    shim_rank: int = 0
+    shim_train: str = "both"
+    block: int = 512
+    fit: str = "divide"
+    seed: int = 0
+    core_init: str = "lstsq"
+    compute: str = "auto"
+    train_bias: bool = True
+    residual: dict[str, Subframe] = field(default_factory=dict, init=False)  # target -> residual-side rows (plan)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_ranks(self.rank, self.rank_out)
+        check_choice("residual_side", self.residual_side, RESIDUAL_SIDES)
+        check_choice("residual_frame", self.residual_frame, RESIDUAL_FRAMES)
+        if self.align and self.residual_frame != "pca":
             raise ZooError("align=True rotates each layer's own eigenbasis onto the shared one: it needs "
-                           f"residual_frame='pca', not {residual_frame!r}")
-        self.align = align
-        if isinstance(shim_rank, bool) or not isinstance(shim_rank, int) or shim_rank < 0:
-            raise ZooError(f"shim_rank must be an int >= 0 (0: no shims), got {shim_rank!r}")
-        self.shim_rank = shim_rank
-        self.shim_train = check_choice("shim_train", shim_train, SHIM_TRAIN)
-        self.block, self.seed = block, seed
-        self.fit = check_choice("fit", fit, FITS)
-        self.core_init = check_choice("core_init", core_init, CORE_INITS)
-        self.compute = check_choice("compute", compute, COMPUTES)
-        self.train_bias = train_bias
-        self.residual: dict[str, Subframe] = {}  # target -> its residual-side rows, set by plan()
+                           f"residual_frame='pca', not {self.residual_frame!r}")
+        if isinstance(self.shim_rank, bool) or not isinstance(self.shim_rank, int) or self.shim_rank < 0:
+            raise ZooError(f"shim_rank must be an int >= 0 (0: no shims), got {self.shim_rank!r}")
+        check_choice("shim_train", self.shim_train, SHIM_TRAIN)
+        check_choice("fit", self.fit, FITS)
+        check_choice("core_init", self.core_init, CORE_INITS)
+        check_choice("compute", self.compute, COMPUTES)
 
     def needs(self) -> set[str]:
         return {"input"}
@@ -309,21 +317,3 @@ def _own(subframe: Subframe) -> Subframe:
     copy = Subframe(subframe.rows, subframe.frame, subframe.index,
                     subframe.compute if subframe.frame is not None else "rows")
     return copy
-
-
-class CoupledCoreRepair(DistillationModule):
-    """Repair of coupled PHD cores (and shims) over a layer range (source 000, 4.8-4.9, phases 47-50).
-
-    Args:
-        targets, rank, rank_out, residual_side, residual_frame, align, shim_rank, shim_train, block, fit,
-            seed, core_init, compute, train_bias: see ``CoupledCore``.
-        **kwargs: the shared training options of ``DistillationModule`` (teacher, lr, ...).
-    """
-
-    def __init__(self, targets: str | list[str], rank: int = 64, rank_out: int | None = None,
-                 residual_side: str = "output", residual_frame: str = "pca", align: bool = False,
-                 shim_rank: int = 0, shim_train: str = "both", block: int = 512, fit: str = "divide",
-                 seed: int = 0, core_init: str = "lstsq", compute: str = "auto", train_bias: bool = True, **kwargs):
-        super().__init__(parts=[CoupledCore(targets, rank, rank_out, residual_side, residual_frame, align,
-                                            shim_rank, shim_train, block, fit, seed, core_init, compute,
-                                            train_bias)], **kwargs)

@@ -1,5 +1,5 @@
 """EigenAttention: attention computed in a k-dimensional eigenspace, with keys and values stored in the
-KV cache in k_K / k_V dimensions per KV-head group (DESIGN.md, "EigenAttention"; source 004, "What's
+KV cache in k_K / k_V dimensions per KV-head group (TINY_COMPRESS, source 004, "What's
 Missing" gaps 1-3 and "Path Forward" options A/C; Saxena et al., "Eigen Attention: Attention in
 Low-Rank Space for KV Cache Compression", EMNLP 2024 Findings).
 
@@ -37,13 +37,14 @@ Supported: the Llama-family attention of transformers (``SUPPORTED_ATTENTION``):
 attention with q/k/v/o projections and rotary embeddings (Llama 2/3, SmolLM2, Mistral, Qwen2). Other
 families end with an error naming these.
 
-``EigenAttentionRepair`` trains the projectors by distillation (``trainable_projectors``; everything
+``DistillationModule(parts=[EigenAttention(...)])`` trains the projectors by distillation (``trainable_projectors``; everything
 else frozen): source 004's "learnable projectors", with the end-to-end KL as the objective.
 """
 from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -51,10 +52,9 @@ from torch import nn
 from .core.calibration import ActivationStats
 from .core.compat import layer_cache
 from .core.errors import ZooError, check_choice
-from .core.module import DistillationModule
 from .core.spectrum import block_diagonal, cumulative_variance, eigh_descending, rank_for_variance
-from .core.surgery import Replaced
-from .core.technique import Technique
+from .core.replacement import Replaced, Replacement
+from .core.technique import Technique, TensorSize
 from .export.modeling_zoo import eigen_attention_forward
 from .fisher_svd import rms
 
@@ -114,7 +114,7 @@ def attention_tap(module, args, kwargs, output) -> dict[str, torch.Tensor]:
     return {k: streams[k] for k in ("queries", "keys", "values")}
 
 
-class EigenAttentionLayer(nn.Module):
+class EigenAttentionLayer(Replacement):
     """Drop-in forward of a Llama-family attention block whose KV cache holds k_K-dim keys and k_V-dim
     values per KV-head group. Shares (and never changes) the original's projections; the only
     parameters of its own are the projectors ``U_keys`` [kv, d, k_K] and ``U_values`` [kv, d, k_V]."""
@@ -258,6 +258,7 @@ def _per_target(value, index: int, n: int, what: str):
     return value
 
 
+@dataclass(eq=False, repr=False)
 class EigenAttention(Technique):
     """Spec: replace each target attention block by an ``EigenAttentionLayer`` with PCA projectors.
 
@@ -280,38 +281,70 @@ class EigenAttention(Technique):
     tap = staticmethod(attention_tap)
     tap_version = TAP_VERSION
 
-    def __init__(self, targets: str | list[str] = "model.layers.*.self_attn", variance: float | None = None,
-                 error: float | None = None, k: int | list[int] | None = None,
-                 k_keys: int | list[int] | None = None, k_values: int | list[int] | None = None,
-                 key_basis: str = "queries_keys", round_to: int = 1, trainable_projectors: bool = True):
-        super().__init__(targets)
-        explicit = any(x is not None for x in (k, k_keys, k_values))
+    targets: str | list[str] = "model.layers.*.self_attn"
+    variance: float | None = None
+    error: float | None = None
+    k: int | list[int] | None = None
+    k_keys: int | list[int] | None = None
+    k_values: int | list[int] | None = None
+    key_basis: str = "queries_keys"
+    round_to: int = 1
+    trainable_projectors: bool = True
+    planned: dict[str, dict] = field(default_factory=dict, init=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        variance, error = self.variance, self.error
         if variance is not None and error is not None:
             raise ZooError("give a variance target or an error threshold, not both")
         if variance is not None and not 0 < variance <= 1:
             raise ZooError(f"variance target must be in (0, 1], got {variance}")
         if error is not None and not 0 <= error < 1:
             raise ZooError(f"error threshold must be in [0, 1), got {error}")
-        if round_to < 1:
-            raise ZooError(f"round_to must be at least 1, got {round_to}")
-        for what, value in (("k", k), ("k_keys", k_keys), ("k_values", k_values)):
+        if self.round_to < 1:
+            raise ZooError(f"round_to must be at least 1, got {self.round_to}")
+        for what, value in (("k", self.k), ("k_keys", self.k_keys), ("k_values", self.k_values)):
             for x in value if isinstance(value, (list, tuple)) else [value]:
                 if x is not None and (isinstance(x, bool) or not isinstance(x, int) or x < 1):
                     raise ZooError(f"{what} must be a positive int (or a list of them), got {x!r}")
-        self.variance, self.error, self.k, self.k_keys, self.k_values = variance, error, k, k_keys, k_values
-        if variance is None and error is None and not (k_keys is not None and k_values is not None
-                                                        or k is not None):
+        self._explicit = any(x is not None for x in (self.k, self.k_keys, self.k_values))
+        if variance is None and error is None and not (self.k_keys is not None and self.k_values is not None
+                                                        or self.k is not None):
             self._threshold = ("variance", 0.95)
         else:
             self._threshold = ("error", error) if error is not None else ("variance", variance)
-        self._explicit = explicit
-        self.key_basis = check_choice("key basis", key_basis, KEY_BASES)
-        self.round_to = round_to
-        self.trainable_projectors = trainable_projectors
-        self.planned: dict[str, dict] = {}
+        check_choice("key basis", self.key_basis, KEY_BASES)
 
     def needs(self) -> set[str]:
         return {"taps"}
+
+    def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
+        """The projectors U_keys [kv, d, k_K] and U_values [kv, d, k_V] (trainable unless frozen) and the
+        original's q/k/v/o projections, shared (frozen). Where a variance or error threshold picks k, the
+        data decides it: sized at head_dim, an upper bound (``footprint_note``)."""
+        attn = check_supported(name, module)
+        d, n_kv = attn.head_dim, attn.k_proj.out_features // attn.head_dim
+
+        def k_of(value):  # a per-target list is sized at its largest entry (footprint sees one target)
+            value = max(value) if isinstance(value, (list, tuple)) else value
+            return d if value is None else min(value, d)
+
+        kk = k_of(self.k_keys if self.k_keys is not None else self.k)
+        kv = k_of(self.k_values if self.k_values is not None else self.k)
+        role = "trainable" if self.trainable_projectors else "frozen"
+        sizes = {"U_keys": TensorSize((n_kv, d, kk), role), "U_values": TensorSize((n_kv, d, kv), role)}
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            linear = getattr(attn, proj)
+            sizes[f"{proj}.weight"] = TensorSize((linear.out_features, linear.in_features), "frozen")
+            if getattr(linear, "bias", None) is not None:
+                sizes[f"{proj}.bias"] = TensorSize((linear.out_features,), "frozen")
+        return sizes
+
+    def footprint_note(self) -> str | None:
+        if self._explicit and not any(isinstance(v, (list, tuple)) for v in (self.k, self.k_keys, self.k_values)):
+            return None
+        return ("EigenAttention with a variance/error threshold or a per-layer k list: the projectors are sized "
+                "at head_dim or the list's largest k (an upper bound)")
 
     def resolve(self, model: nn.Module) -> list[str]:
         names = super().resolve(model)
@@ -387,22 +420,3 @@ class EigenAttention(Technique):
                  report["kv_cache_bytes_per_token"], report["kv_cache_bytes_per_token_original"],
                  100 * report["kv_cache_ratio"])
         return report
-
-
-class EigenAttentionRepair(DistillationModule):
-    """EigenAttention with its projectors repaired by distillation (source 004, "Learnable Projectors").
-
-    Args:
-        targets: attention-module patterns (default: every layer's ``self_attn``).
-        variance, error, k, k_keys, k_values, key_basis, round_to: how k and the projectors are chosen
-            (see ``EigenAttention``).
-        trainable_projectors: train U_K and U_V (everything else stays frozen).
-        **kwargs: the shared training options of ``DistillationModule`` (teacher, lr, ...).
-    """
-
-    def __init__(self, targets: str | list[str] = "model.layers.*.self_attn", variance: float | None = None,
-                 error: float | None = None, k: int | list[int] | None = None,
-                 k_keys: int | list[int] | None = None, k_values: int | list[int] | None = None,
-                 key_basis: str = "queries_keys", round_to: int = 1, trainable_projectors: bool = True, **kwargs):
-        super().__init__(parts=[EigenAttention(targets, variance, error, k, k_keys, k_values, key_basis, round_to,
-                                               trainable_projectors)], **kwargs)

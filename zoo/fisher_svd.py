@@ -1,5 +1,4 @@
-"""Fisher/covariance-weighted SVD with sigma repair (source 000, sections 2.1-2.2 and 4.1-4.2;
-DESIGN.md, "FisherSVDRepair").
+"""Fisher/covariance-weighted SVD with sigma repair (ZOMBORG, source 000, sections 2.1-2.2, 2.4 and 4.1-4.2).
 
 W (out x in) ~ U diag(sigma) V^T at rank r. The decomposition is an SVD of a weighted matrix
 ``A = L W R`` truncated to rank r and mapped back: ``U = L^-1 P_r``, ``V = R^-T Q_r``, ``sigma = S_r``.
@@ -23,14 +22,15 @@ diagonal scale in fp32. Sigma (and bias) train by default; ``train_factors`` als
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .core.calibration import ActivationStats
 from .core.errors import ZooError, check_choice
-from .core.linalg import FP32Params, cholesky_jittered, rms  # noqa: F401 - re-exported
-from .core.module import DistillationModule
+from .core.linalg import cholesky_jittered, rms  # noqa: F401 - re-exported
+from .core.replacement import Replacement
 from .core.technique import Technique, TensorSize
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ WEIGHTINGS = ("covariance", "diagonal", "fisher", "none")
 ALLOCATIONS = ("uniform", "global")
 
 
-class FisherSVDLinear(FP32Params):
+class FisherSVDLinear(Replacement):
     """y = U diag(sigma) V^T x + b, sigma kept in fp32 (also when the model is cast to bf16)."""
 
     fp32_params = ("sigma",)
@@ -103,6 +103,17 @@ def resolve_rank(rank: int | float, out_features: int, in_features: int, name: s
             f"min(out_features={out_features}, in_features={in_features}) = {limit}"
         )
     return rank
+
+
+def linear_footprint(module: nn.Module, rank: int, train_factors: bool) -> dict[str, TensorSize]:
+    """The tensors of a rank-``rank`` ``FisherSVDLinear`` replacing ``module``."""
+    out_f, in_f = module.out_features, module.in_features
+    factors = "trainable" if train_factors else "frozen"
+    sizes = {"U": TensorSize((out_f, rank), factors), "sigma": TensorSize((rank,), "trainable", "float32"),
+             "V": TensorSize((in_f, rank), factors)}
+    if getattr(module, "bias", None) is not None:
+        sizes["bias"] = TensorSize((out_f,))
+    return sizes
 
 
 def diagonal_scale(stats: ActivationStats, alpha: float = 0.5) -> torch.Tensor:
@@ -203,6 +214,7 @@ def allocate_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int
     return ranks
 
 
+@dataclass(eq=False, repr=False)
 class FisherSVD(Technique):
     """Spec: replace each target by a weighted rank-r ``FisherSVDLinear``.
 
@@ -214,22 +226,25 @@ class FisherSVD(Technique):
         train_factors: also train U and V (default: sigma and bias only).
         allocation: ``uniform`` (every target at ``rank``) or ``global``: with a float ``rank``, the same
             total parameters spread over the targets by ``allocate_ranks`` (greedy on the relative
-            weighted truncation error per parameter). Planned by
-            ``FisherSVDRepair`` from the calibration statistics, before any target is built.
+            weighted truncation error per parameter), planned from the calibration statistics before
+            any target is built.
     """
 
-    def __init__(self, targets: str | list[str], rank: int | float = 64, weighting: str = "covariance",
-                 alpha: float = 0.5, train_factors: bool = False, allocation: str = "uniform"):
-        super().__init__(targets)
-        self.rank = rank
-        self.weighting = check_choice("weighting", weighting, WEIGHTINGS)
-        self.alpha = alpha
-        self.train_factors = train_factors
-        self.allocation = check_choice("allocation", allocation, ALLOCATIONS)
-        if allocation == "global" and not isinstance(rank, float):
+    targets: str | list[str]
+    rank: int | float = 64
+    weighting: str = "covariance"
+    alpha: float = 0.5
+    train_factors: bool = False
+    allocation: str = "uniform"
+    planned_ranks: dict[str, int] = field(default_factory=dict, init=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("weighting", self.weighting, WEIGHTINGS)
+        check_choice("allocation", self.allocation, ALLOCATIONS)
+        if self.allocation == "global" and not isinstance(self.rank, float):
             raise ZooError(f"allocation='global' spreads a parameter budget: give rank as a float ratio "
-                           f"in (0, 1], not {rank!r}")
-        self.planned_ranks: dict[str, int] = {}
+                           f"in (0, 1], not {self.rank!r}")
 
     def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> dict[str, int]:
         """With ``allocation='global'``, fix every target's rank from its weighted spectrum (else a no-op)."""
@@ -250,14 +265,8 @@ class FisherSVD(Technique):
         """U [out, r] and V [in, r] (frozen unless ``train_factors``), sigma [r] in fp32, the bias. Under
         ``allocation='global'`` r is the uniform rank of the ratio: the data moves rank between targets
         within the same total (see ``footprint_note``)."""
-        out_f, in_f = module.out_features, module.in_features
-        r = resolve_rank(self.rank, out_f, in_f, name)
-        factors = "trainable" if self.train_factors else "frozen"
-        sizes = {"U": TensorSize((out_f, r), factors), "sigma": TensorSize((r,), "trainable", "float32"),
-                 "V": TensorSize((in_f, r), factors)}
-        if getattr(module, "bias", None) is not None:
-            sizes["bias"] = TensorSize((out_f,))
-        return sizes
+        return linear_footprint(module, resolve_rank(self.rank, module.out_features, module.in_features, name),
+                                self.train_factors)
 
     def footprint_note(self) -> str | None:
         if self.allocation == "global":
@@ -278,21 +287,3 @@ class FisherSVD(Technique):
         layer = FisherSVDLinear(U.to(weight.dtype), sigma, V.to(weight.dtype),
                                 None if bias is None else bias.detach(), self.train_factors)
         return layer.to(weight.device)
-
-
-class FisherSVDRepair(DistillationModule):
-    """Sigma repair of Fisher/covariance-weighted SVD replacements (source 000, 2.1-2.2, 2.4).
-
-    Args:
-        targets: module name patterns, e.g. ``model.layers.15.mlp.down_proj``.
-        rank: int rank or float parameter ratio.
-        weighting: ``covariance``, ``diagonal``, ``fisher`` or ``none``.
-        alpha: exponent of the diagonal weighting.
-        train_factors: also train U and V.
-        allocation: ``uniform`` or ``global`` per-target ranks (see ``FisherSVD``).
-        **kwargs: the shared training options of ``DistillationModule`` (teacher, lr, ...).
-    """
-
-    def __init__(self, targets: str | list[str], rank: int | float = 64, weighting: str = "covariance",
-                 alpha: float = 0.5, train_factors: bool = False, allocation: str = "uniform", **kwargs):
-        super().__init__(parts=[FisherSVD(targets, rank, weighting, alpha, train_factors, allocation)], **kwargs)

@@ -1,12 +1,12 @@
 """LoRA fine-tuning with PEFT's own layers, and LoRA adapters in PEFT's on-disk format (source 001,
-sections 2.2 and 3.3: the delta bank; DESIGN.md, "Universal basis", step 1).
+sections 2.2 and 3.3: the delta bank, WIZORB step 1).
 
 - ``LoRA``: a technique spec whose replacement of a target is PEFT's ``lora.Linear`` around the frozen
   original: y = W x + (alpha / r) B A x (``alpha / sqrt(r)`` with rsLoRA). The layer is made by
   ``peft.inject_adapter_in_model``, so its initialization, dropout and scaling are PEFT's. ``adapter``
   loads an existing PEFT adapter into the layers instead of PEFT's initialization.
-- ``LoRAFineTune``: ``DistillationModule`` with that one spec and the plain next-token loss by default
-  (``objective="next_token"``; the batch's ``loss_mask`` makes it response-only for instruction data).
+- fine-tuning is ``DistillationModule(parts=[LoRA(...)], objective="next_token")`` (the batch's
+  ``loss_mask`` makes it response-only for instruction data); ``save_lora_adapter`` writes the result.
 - ``read_adapter`` / ``save_adapter``: PEFT adapter directories (``adapter_config.json`` +
   ``adapter_model.safetensors``) <-> per-module factors ``A [r, in]``, ``B [out, r]`` and scale, keyed by
   the base model's module names. What ``save_adapter`` writes, ``peft.PeftModel.from_pretrained``
@@ -29,9 +29,8 @@ from torch import nn
 
 from .core.errors import ZooError
 from .core.models import model_location
-from .core.module import DistillationModule
 from .core.surgery import replaced_modules
-from .core.technique import Technique
+from .core.technique import Technique, TensorSize
 from .export.spec import nested, register
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -207,8 +206,10 @@ def _single_adapter(layer: nn.Module) -> str:
 register("peft.tuners.lora.layer.Linear", peft_lora_spec, peft_lora_tensors)
 
 
+@dataclass(eq=False, repr=False)
 class LoRA(Technique):
-    """Spec: PEFT LoRA on each target (rank ``rank``, scaling ``alpha / rank``).
+    """Spec: PEFT LoRA on each target (rank ``rank``, scaling ``alpha / rank``). Fine-tuning with it is
+    ``DistillationModule(parts=[LoRA(...)], objective="next_token")``.
 
     Args:
         targets: module name patterns (see ``zoo.core.targets``); with ``adapter`` and no targets: the
@@ -220,26 +221,39 @@ class LoRA(Technique):
         adapter: a PEFT adapter directory whose A, B start the layers.
     """
 
-    def __init__(self, targets: str | list[str] | None = None, rank: int | None = None, alpha: float | None = None,
-                 dropout: float = 0.0, rslora: bool | None = None, adapter: str | None = None):
-        if targets is None and adapter is None:
+    targets: str | list[str] | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float = 0.0
+    rslora: bool | None = None
+    adapter: str | None = None
+
+    def __post_init__(self):
+        if self.targets is None and self.adapter is None:
             raise ZooError("LoRA needs targets (module name patterns) or an adapter to read them from")
         self._adapter: LoraAdapter | None = None
         defaults = {"r": 8, "lora_alpha": 16.0, "use_rslora": False}
-        if adapter is not None:
-            self._adapter = read_adapter(adapter)
+        if self.adapter is not None:
+            self._adapter = read_adapter(self.adapter)
             defaults = {k: self._adapter.config.get(k, v) for k, v in defaults.items()}
-            if targets is None:
-                targets = self._adapter.modules
-        rank = defaults["r"] if rank is None else rank
-        if rank < 1:
-            raise ZooError(f"LoRA rank={rank} must be at least 1")
-        if not 0 <= dropout < 1:
-            raise ZooError(f"LoRA dropout={dropout} must be in [0, 1)")
-        super().__init__(targets)
-        self.rank, self.dropout, self.adapter = rank, dropout, adapter
-        self.alpha = float(defaults["lora_alpha"] if alpha is None else alpha)
-        self.rslora = bool(defaults["use_rslora"] if rslora is None else rslora)
+            if self.targets is None:
+                self.targets = self._adapter.modules
+        self.rank = defaults["r"] if self.rank is None else self.rank
+        if self.rank < 1:
+            raise ZooError(f"LoRA rank={self.rank} must be at least 1")
+        if not 0 <= self.dropout < 1:
+            raise ZooError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+        super().__post_init__()
+        self.alpha = float(defaults["lora_alpha"] if self.alpha is None else self.alpha)
+        self.rslora = bool(defaults["use_rslora"] if self.rslora is None else self.rslora)
+
+    def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
+        """PEFT's layer: the frozen base layer it wraps, lora_A [r, in] and lora_B [out, r] (trainable)."""
+        sizes = {"base_layer.weight": TensorSize((module.out_features, module.in_features), "frozen")}
+        if getattr(module, "bias", None) is not None:
+            sizes["base_layer.bias"] = TensorSize((module.out_features,), "frozen")
+        return sizes | {"lora_A.default.weight": TensorSize((self.rank, module.in_features)),
+                        "lora_B.default.weight": TensorSize((module.out_features, self.rank))}
 
     def build(self, name: str, module: nn.Module, stats=None) -> nn.Module:
         layer = peft_lora_layer(module, self.rank, self.alpha, self.dropout, self.rslora)
@@ -267,42 +281,31 @@ class LoRA(Technique):
         return A, B
 
 
-class LoRAFineTune(DistillationModule):
-    """LoRA fine-tuning (PEFT layers) of the teacher; next-token loss by default (source 001, 3.3).
+def lora_part(module) -> LoRA | None:
+    """The LoRA spec of a training module whose one part is LoRA, else None."""
+    parts = getattr(module, "parts", [])
+    return parts[0] if len(parts) == 1 and isinstance(parts[0], LoRA) else None
 
-    Args:
-        targets: module name patterns, e.g. ``model.layers.*.{self_attn.{q,k,v,o}_proj,mlp.{gate,up,down}_proj}``.
-        rank: LoRA rank r (default: ``adapter``'s, else 8).
-        alpha: LoRA alpha, delta = alpha / r * B A (default: ``adapter``'s, else 16).
-        dropout: LoRA dropout.
-        rslora: rank-stabilized scaling (default: ``adapter``'s, else off).
-        adapter: start from this PEFT adapter (e.g. to evaluate one: ``zoo eval --recipe``).
-        objective: ``next_token`` (plain fine-tuning; response-only through the batch's loss_mask) or
-            ``distillation``.
-        **kwargs: the shared options of ``DistillationModule`` (teacher, lr, ...).
-    """
 
-    def __init__(self, targets: str | list[str] | None = None, rank: int | None = None, alpha: float | None = None,
-                 dropout: float = 0.0, rslora: bool | None = None, adapter: str | None = None,
-                 objective: str = "next_token", **kwargs):
-        super().__init__(parts=[LoRA(targets, rank, alpha, dropout, rslora, adapter)], objective=objective, **kwargs)
-
-    def save_adapter(self, path: str | Path, metadata: dict | None = None) -> Path:
-        """Write the trained LoRA as a PEFT adapter directory. Its ``base_model_name_or_path`` is where the
-        teacher's weights are (an embedded alias's converted directory), so ``AutoPeftModelForCausalLM``
-        resolves it offline; the teacher as the recipe names it goes into ``zoo_adapter.json`` and README.md."""
-        spec = self.parts[0]
-        A, B = spec.factors(self.model)
-        if not A:
-            raise ZooError("the student has no LoRA layers yet (build it first: trainer.fit or build_student)")
-        try:
-            base = model_location(self.teacher)
-        except ZooError:  # a random: or meta: teacher has no weights on disk; name it as given
-            base = self.teacher
-        path = save_adapter(path, A, B, spec.rank, spec.alpha, base, spec.rslora,
-                            {"teacher": self.teacher, **(metadata or {})})
-        (path / "README.md").write_text(
-            f"# LoRA adapter of {self.teacher}\n\nTrained by zoo (LoRAFineTune, rank {spec.rank}, alpha {spec.alpha:g}) on "
-            f"the teacher `{self.teacher}`, read from `{base}`.\n\n```python\nfrom peft import AutoPeftModelForCausalLM\n"
-            f"model = AutoPeftModelForCausalLM.from_pretrained({str(path)!r})\n```\n")
-        return path
+def save_lora_adapter(module, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write the trained LoRA of ``module`` (a ``DistillationModule`` whose one part is ``LoRA``) as a PEFT
+    adapter directory. Its ``base_model_name_or_path`` is where the teacher's weights are (an embedded
+    alias's converted directory), so ``AutoPeftModelForCausalLM`` resolves it offline; the teacher as the
+    recipe names it goes into ``zoo_adapter.json`` and README.md."""
+    spec = lora_part(module)
+    if spec is None:
+        raise ZooError("save_lora_adapter needs a module whose one part is zoo.LoRA")
+    A, B = spec.factors(module.model)
+    if not A:
+        raise ZooError("the student has no LoRA layers yet (build it first: trainer.fit or build_student)")
+    teacher = module.teacher
+    try:
+        base = model_location(teacher)
+    except ZooError:  # a random: or meta: teacher has no weights on disk; name it as given
+        base = teacher
+    path = save_adapter(path, A, B, spec.rank, spec.alpha, base, spec.rslora, {"teacher": teacher, **(metadata or {})})
+    (path / "README.md").write_text(
+        f"# LoRA adapter of {teacher}\n\nTrained by zoo (LoRA, rank {spec.rank}, alpha {spec.alpha:g}) on "
+        f"the teacher `{teacher}`, read from `{base}`.\n\n```python\nfrom peft import AutoPeftModelForCausalLM\n"
+        f"model = AutoPeftModelForCausalLM.from_pretrained({str(path)!r})\n```\n")
+    return path

@@ -1,5 +1,4 @@
-"""Blockwise PHD replacement with a trainable dense core (source 000, sections 2.3 and 4.5-4.6;
-DESIGN.md, "BlockwisePHDRepair").
+"""Blockwise PHD replacement with a trainable dense core (ZOMBORG, source 000, sections 2.3 and 4.5-4.6).
 
 A target W (out x in) becomes ``W ~ B^T C A``: A = T_in[I, :] and B = T_out[J, :] are r_in and r_out rows
 of structured orthogonal frames ``T = blockdiag_b(H) · P · D`` (``zoo.core.hadamard.PHDFrame``, fixed
@@ -23,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,8 +30,8 @@ from torch import nn
 from .core.calibration import ActivationStats
 from .core.errors import ZooError, check_choice
 from .core.hadamard import FITS, PHDFrame, fit_block
-from .core.linalg import FP32Params, rms, solve_psd_right
-from .core.module import DistillationModule
+from .core.linalg import rms, solve_psd_right
+from .core.replacement import Replacement
 from .core.technique import Technique, TensorSize
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class Subframe(nn.Module):
         return f"rank={self.rank}, width={self.width}, compute={self.compute}"
 
 
-class BlockwisePHDLinear(FP32Params):
+class BlockwisePHDLinear(Replacement):
     """y = B^T C A x + b: frozen frame rows A [r_in, in] and B [r_out, out] (``Subframe``s), a trainable
     dense core C [r_out, r_in] kept in fp32, and the original bias."""
 
@@ -265,6 +265,7 @@ def check_ranks(rank: int, rank_out: int | None) -> None:
             raise ZooError(f"{label} must be a positive int, got {value!r}")
 
 
+@dataclass(eq=False, repr=False)
 class BlockwisePHD(Technique):
     """Spec: replace each target by a ``BlockwisePHDLinear`` (structured frames, data-chosen rows,
     trainable dense core).
@@ -282,17 +283,22 @@ class BlockwisePHD(Technique):
         train_bias: train the bias (where the layer has one) along with the core.
     """
 
-    def __init__(self, targets: str | list[str], rank: int = 64, rank_out: int | None = None, block: int = 512,
-                 fit: str = "divide", seed: int = 0, core_init: str = "lstsq", compute: str = "auto",
-                 train_bias: bool = True):
-        super().__init__(targets)
-        check_ranks(rank, rank_out)
-        self.rank, self.rank_out, self.block = rank, rank_out, block
-        self.fit = check_choice("fit", fit, FITS)
-        self.seed = seed
-        self.core_init = check_choice("core_init", core_init, CORE_INITS)
-        self.compute = check_choice("compute", compute, COMPUTES)
-        self.train_bias = train_bias
+    targets: str | list[str]
+    rank: int = 64
+    rank_out: int | None = None
+    block: int = 512
+    fit: str = "divide"
+    seed: int = 0
+    core_init: str = "lstsq"
+    compute: str = "auto"
+    train_bias: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_ranks(self.rank, self.rank_out)
+        check_choice("fit", self.fit, FITS)
+        check_choice("core_init", self.core_init, CORE_INITS)
+        check_choice("compute", self.compute, COMPUTES)
 
     def needs(self) -> set[str]:
         return {"input"}
@@ -314,19 +320,3 @@ class BlockwisePHD(Technique):
         core = init_core(W, M, down.rows, up.rows, self.core_init)
         layer = BlockwisePHDLinear(down, core, up, getattr(module, "bias", None), self.train_bias)
         return layer.to(W.device, W.dtype)
-
-
-class BlockwisePHDRepair(DistillationModule):
-    """Core repair of blockwise PHD replacements (source 000, 4.5-4.6): only the cores (and biases) train.
-
-    Args:
-        targets: module name patterns, e.g. ``model.layers.15.mlp.down_proj``.
-        rank, rank_out, block, fit, seed, core_init, compute, train_bias: see ``BlockwisePHD``.
-        **kwargs: the shared training options of ``DistillationModule`` (teacher, lr, ...).
-    """
-
-    def __init__(self, targets: str | list[str], rank: int = 64, rank_out: int | None = None, block: int = 512,
-                 fit: str = "divide", seed: int = 0, core_init: str = "lstsq", compute: str = "auto",
-                 train_bias: bool = True, **kwargs):
-        super().__init__(parts=[BlockwisePHD(targets, rank, rank_out, block, fit, seed, core_init, compute,
-                                             train_bias)], **kwargs)

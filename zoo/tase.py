@@ -1,5 +1,5 @@
 """TASE: a top-k sparse expanded interface, and its near-identity diagnostic (source 000, section 4.9,
-phase 51, and the note after the abstract; DESIGN.md, "TASE interface").
+phase 51, and the note after the abstract).
 
 For an interface activation x (width d)::
 
@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +52,13 @@ from tqdm.auto import tqdm
 from .core.cache import Entry
 from .core.calibration import ActivationStats
 from .core.errors import ZooError, check_choice
-from .core.linalg import FP32Params, rms
+from .core.linalg import rms
 from .core.metrics import IdentityDeviation, token_deviation
-from .core.module import DistillationModule
+from .core.module import RepairModule
+from .core.replacement import Replacement
 from .core.spectrum import outlier_dims
 from .core.state import load_state
-from .core.technique import Technique
+from .core.technique import Technique, TensorSize
 from .coupled import CoupledCore
 from .export.spec import nested
 from .phd import BlockwisePHDLinear, frame_seed
@@ -108,7 +110,7 @@ def resolve_k(k: int | str, m: int) -> int:
     return k
 
 
-class TASEInterface(FP32Params):
+class TASEInterface(Replacement):
     """x -> W_d TopK_k(ReLU(W_e (x - b) + c)) + b, width d -> m -> d (parameters kept in fp32).
 
     Args:
@@ -285,7 +287,7 @@ VIEWS = ("raw", "bulk", "norm")
 METRICS = {f"d_id{'' if view == 'raw' else '_' + view}_{stat}": (view, stat) for view in VIEWS for stat in ("mean", "max")}
 
 
-class TASEDiagnostic(DistillationModule):
+class TASEDiagnostic(RepairModule):
     """Train a ``TASEInterface`` to reconstruct the residual stream after decoder layer ``layer`` and
     log its identity deviation every validation (source 000, 4.9, phase 51).
 
@@ -310,11 +312,9 @@ class TASEDiagnostic(DistillationModule):
         parts_state: a repair state of those parts (e.g. a ``zoo fit`` of ``configs/coupled_core.yaml``)
             to load into them before recording.
         seed: seeds the interface's random directions.
-        **kwargs: ``DistillationModule``'s options (teacher, dtype, lr, warmup_steps, repair_state, ...);
+        **kwargs: ``RepairModule``'s options (teacher, dtype, lr, warmup_steps, repair_state, ...);
             ``repair_state`` holds the interface's tensors.
     """
-
-    requires_parts = False
 
     def __init__(self, layer: int = 15, width: int | str = "4d", k: int | str = "m", init: str = "random",
                  loss: str = "relative", outlier_ratio: float = 100.0, parts: list[Technique] | None = None,
@@ -336,9 +336,6 @@ class TASEDiagnostic(DistillationModule):
         self.register_buffer("bulk", torch.arange(d), persistent=False)
         self.d_id = nn.ModuleDict({name: IdentityDeviation(stat) for name, (_, stat) in METRICS.items()})
         self.summary.update(d=d, m=m, k=self.interface.k, layer=layer, init=init)
-
-    def technique_name(self) -> str:
-        return type(self).__name__
 
     def header(self) -> dict:
         return {**super().header(), "interface": {"site": self.site, "d": self.interface.d, "m": self.interface.m,
@@ -481,7 +478,7 @@ class TASEDiagnostic(DistillationModule):
 
 # ---- composed use: TASE interfaces in a coupled PHD block instead of shims --------------------------
 
-class TASEConnectedLinear(nn.Module):
+class TASEConnectedLinear(Replacement):
     """A PHD core whose residual-side coordinates pass through a ``TASEInterface``: for the output side
     y = up(TASE(C down(x))) + bias, for the input side y = up(C TASE(down(x))) + bias. While
     ``tracking`` (validation epochs) it accumulates the interface's d_id on those coordinates."""
@@ -536,6 +533,7 @@ class TASEConnectedLinear(nn.Module):
         return self._export()[1]
 
 
+@dataclass(eq=False, repr=False)
 class TASECoupledCore(CoupledCore):
     """Spec: ``zoo.CoupledCore`` (no shims) with a TASE interface on each core's residual-side coordinates
     (the r coordinates of the shared frame): width ``expansion * r``, ``k`` active features, identity
@@ -549,18 +547,27 @@ class TASECoupledCore(CoupledCore):
         tase_init: ``identity`` or ``random``.
     """
 
-    def __init__(self, targets: str | list[str], rank: int = 64, rank_out: int | None = None,
-                 residual_side: str = "output", residual_frame: str = "pca", align: bool = False,
-                 expansion: int = 4, k: int | str = "m", tase_init: str = "identity", block: int = 512,
-                 fit: str = "divide", seed: int = 0, core_init: str = "lstsq", compute: str = "auto",
-                 train_bias: bool = True):
-        super().__init__(targets, rank, rank_out, residual_side, residual_frame, align, 0, "both", block, fit, seed,
-                         core_init, compute, train_bias)
-        if isinstance(expansion, bool) or not isinstance(expansion, int) or expansion < 1:
-            raise ZooError(f"expansion must be a positive int, got {expansion!r}")
-        self.expansion, self.k = expansion, k
-        self.tase_init = check_choice("tase_init", tase_init, INITS)
-        resolve_k(k, expansion * (rank_out or rank))  # a bad k fails here, not after calibration
+    shim_rank: int = field(default=0, init=False)  # the interface is the connector: no shims
+    shim_train: str = field(default="both", init=False)
+    expansion: int = 4
+    k: int | str = "m"
+    tase_init: str = "identity"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.expansion, bool) or not isinstance(self.expansion, int) or self.expansion < 1:
+            raise ZooError(f"expansion must be a positive int, got {self.expansion!r}")
+        check_choice("tase_init", self.tase_init, INITS)
+        resolve_k(self.k, self.expansion * (self.rank_out or self.rank))  # a bad k fails here, not after calibration
+
+    def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
+        """``CoupledCore``'s layer under ``layer.``, plus the interface's W_e [m, r], c [m], W_d [r, m] and
+        b [r] (fp32, trainable) under ``interface.``."""
+        r = self.rank_out or self.rank
+        m = self.expansion * r
+        sizes = {f"layer.{k}": v for k, v in super().footprint(name, module).items()}
+        return sizes | {f"interface.{k}": TensorSize(shape, "trainable", "float32") for k, shape in
+                        (("W_e", (m, r)), ("c", (m,)), ("W_d", (r, m)), ("b", (r,)))}
 
     def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
         layer = super().build(name, module, stats)
@@ -569,23 +576,3 @@ class TASECoupledCore(CoupledCore):
         interface = TASEInterface(r, m, resolve_k(self.k, m), self.tase_init, frame_seed(self.seed, name, "tase"),
                                   scale=rms(layer.core))
         return TASEConnectedLinear(layer, interface, self.residual_side).to(module.weight.device)
-
-
-class TASECoupledRepair(DistillationModule):
-    """Repair of a coupled PHD block with TASE interfaces instead of shims (source 000, 4.9: phase 47's
-    block with phase 51's expanded interface as the connector).
-
-    Args:
-        targets, rank, rank_out, residual_side, residual_frame, align, expansion, k, tase_init, block, fit,
-            seed, core_init, compute, train_bias: see ``TASECoupledCore``.
-        **kwargs: the shared training options of ``DistillationModule`` (teacher, lr, ...).
-    """
-
-    def __init__(self, targets: str | list[str], rank: int = 64, rank_out: int | None = None,
-                 residual_side: str = "output", residual_frame: str = "pca", align: bool = False,
-                 expansion: int = 4, k: int | str = "m", tase_init: str = "identity", block: int = 512,
-                 fit: str = "divide", seed: int = 0, core_init: str = "lstsq", compute: str = "auto",
-                 train_bias: bool = True, **kwargs):
-        super().__init__(parts=[TASECoupledCore(targets, rank, rank_out, residual_side, residual_frame, align,
-                                                expansion, k, tase_init, block, fit, seed, core_init, compute,
-                                                train_bias)], **kwargs)

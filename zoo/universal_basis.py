@@ -1,6 +1,5 @@
 """Universal basis from a LoRA delta bank: canonicalization, basis extraction, projection, controls, and
-coefficient-only adapters (WIZORB; source 001, sections 2.2, 4, 5, 6 phases 4-14; DESIGN.md,
-"Universal basis", steps 2-6).
+coefficient-only adapters (WIZORB; source 001, sections 2.2, 4, 5, 6 phases 4-14: steps 2-6 of the pipeline).
 
 Per module, with a bank of LoRA adapters (``zoo.lora``; step 1):
 
@@ -21,8 +20,8 @@ Per module, with a bank of LoRA adapters (``zoo.lora``; step 1):
    k..2k) and ``mean`` (mu alone, k = 0) — the replication finding that the uplift came from the bank's
    mean, not its directions, is why ``mean`` is a control.
 
-``UniversalBasisCoefficients`` is ``DistillationModule`` with the ``UniversalBasis`` spec: next-token loss by
-default, or distillation; repair states, targets and mixing work as for every technique.
+Coefficient-only training is ``DistillationModule(parts=[UniversalBasis(...)], objective="next_token")`` (or
+the distillation loss); repair states, targets and mixing work as for every technique.
 """
 from __future__ import annotations
 
@@ -40,8 +39,8 @@ from torch import nn
 
 from .core.cache import atomic_save
 from .core.errors import ZooError, check_choice
-from .core.module import DistillationModule
-from .core.technique import Technique
+from .core.replacement import Replacement
+from .core.technique import Technique, TensorSize
 from .export.spec import nested
 from .lora import LoraAdapter, lora_scale, read_adapter, save_adapter
 
@@ -433,10 +432,10 @@ def leave_out_errors(bank: DeltaBank, ks: Sequence[int], mode: str = "separate",
 
 
 # --------------------------------------------------------------------------------------------------
-# step 4: the coefficient-only layer, its spec and its LightningModule
+# step 4: the coefficient-only layer and its spec
 
 
-class UniversalBasisLoRA(nn.Module):
+class UniversalBasisLoRA(Replacement):
     """y = base(x) + dW x with dW = U^T V, V = mu_A + c^A C_A [r, in], U = mu_B + c^B C_B [r, out].
 
     Only the coefficients c^A, c^B ([r, k], fp32) train: 2 r k parameters (r k with ``tied``, the joint
@@ -499,6 +498,7 @@ class UniversalBasisLoRA(nn.Module):
                 f"tied={self.tied}")
 
 
+@dataclass(eq=False, repr=False)
 class UniversalBasis(Technique):
     """Spec: each target becomes ``UniversalBasisLoRA`` over the module's frozen basis from ``basis``.
 
@@ -513,20 +513,28 @@ class UniversalBasis(Technique):
         seed: seeds the random control's basis.
     """
 
-    def __init__(self, basis: str, k: int = 8, targets: str | list[str] | None = None, control: str = "universal",
-                 rank: int | None = None, init_adapter: str | None = None, seed: int = 0):
-        self.file = load_basis(basis)
-        super().__init__(list(self.file.modules) if targets is None else targets)
-        self.basis, self.k, self.control, self.seed = basis, k, check_choice("control", control, CONTROLS), seed
-        self.rank = self.file.rank if rank is None else rank
-        self.init_adapter = init_adapter
-        if k < 0:
-            raise ZooError(f"k={k} must be >= 0")
-        self._init: Projection | None = None
-        if init_adapter is not None:
-            self._init = project_adapter(self.file, init_adapter, self.k, control, seed)
+    basis: str
+    k: int = 8
+    targets: str | list[str] | None = None
+    control: str = "universal"
+    rank: int | None = None
+    init_adapter: str | None = None
+    seed: int = 0
 
-    def build(self, name: str, module: nn.Module, stats=None) -> UniversalBasisLoRA:
+    def __post_init__(self):
+        self.file = load_basis(self.basis)
+        if self.targets is None:
+            self.targets = list(self.file.modules)
+        super().__post_init__()
+        check_choice("control", self.control, CONTROLS)
+        self.rank = self.file.rank if self.rank is None else self.rank
+        if self.k < 0:
+            raise ZooError(f"k={self.k} must be >= 0")
+        self._init: Projection | None = None
+        if self.init_adapter is not None:
+            self._init = project_adapter(self.file, self.init_adapter, self.k, self.control, self.seed)
+
+    def _module_basis(self, name: str, module: nn.Module):
         if name not in self.file.modules:
             raise ZooError(f"basis {self.basis!r} has no module {name!r}; target only the modules it covers")
         mb = self.file.modules[name]
@@ -534,32 +542,28 @@ class UniversalBasis(Technique):
             raise ZooError(f"basis {self.basis!r}: {name} is {mb.out_features} x {mb.in_features}, the model's is "
                            f"{module.out_features} x {module.in_features}")
         k = 0 if self.control == "mean" else self.k
-        bases = mb.bases(k, self.control, self.seed, name)
+        return mb, mb.bases(k, self.control, self.seed, name)
+
+    def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
+        """The frozen base layer, the coefficients [r, k] (fp32; one set when joint) and the means and
+        components as rebuilt buffers (their k read from the basis file)."""
+        mb, bases = self._module_basis(name, module)
+        mean_A, C_A, mean_B, C_B = mb.layer_factors(bases)
+        k = C_A.shape[0]
+        sizes = {"base.weight": TensorSize((module.out_features, module.in_features), "frozen")}
+        if getattr(module, "bias", None) is not None:
+            sizes["base.bias"] = TensorSize((module.out_features,), "frozen")
+        sizes["coef_A"] = TensorSize((self.rank, k), "trainable", "float32")
+        if mb.mode != "joint":
+            sizes["coef_B"] = TensorSize((self.rank, k), "trainable", "float32")
+        return sizes | {n: TensorSize(tuple(t.shape), "buffer") for n, t in
+                        (("mean_A", mean_A), ("mean_B", mean_B), ("components_A", C_A), ("components_B", C_B))}
+
+    def build(self, name: str, module: nn.Module, stats=None) -> UniversalBasisLoRA:
+        mb, bases = self._module_basis(name, module)
         coef_A = coef_B = None
         if self._init is not None:
             coef = self._init.coefficients[name]
             coef_A, coef_B = (coef["AB"], None) if mb.mode == "joint" else (coef["A"], coef["B"])
         layer = UniversalBasisLoRA(module, *mb.layer_factors(bases), self.rank, coef_A, coef_B, tied=mb.mode == "joint")
         return layer.to(module.weight.device)
-
-
-class UniversalBasisCoefficients(DistillationModule):
-    """Coefficient-only training over a frozen universal basis (source 001, section 5; phases 4-6).
-
-    Args:
-        basis: a basis file written by ``zoo basis``.
-        k: components per half.
-        targets: module name patterns (default: all modules of the basis).
-        control: ``universal``, ``random``, ``secondary`` or ``mean`` (see ``UniversalBasis``).
-        rank: rows r (default: the bank's rank).
-        init_adapter: start from this PEFT adapter's projection.
-        seed: seeds the random control.
-        objective: ``next_token`` (plain fine-tuning loss) or ``distillation`` (KL to the teacher view).
-        **kwargs: the shared options of ``DistillationModule`` (teacher, lr, ...).
-    """
-
-    def __init__(self, basis: str, k: int = 8, targets: str | list[str] | None = None, control: str = "universal",
-                 rank: int | None = None, init_adapter: str | None = None, seed: int = 0,
-                 objective: str = "next_token", **kwargs):
-        super().__init__(parts=[UniversalBasis(basis, k, targets, control, rank, init_adapter, seed)],
-                         objective=objective, **kwargs)

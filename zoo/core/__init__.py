@@ -3,8 +3,10 @@ from .calibration import ActivationStats, collect
 from .errors import ZooError
 from .losses import token_kl
 from .models import DEFAULT_TEACHER, load_causal_lm, load_tokenizer
-from .module import Composite, DistillationModule
+from .module import Composite, DistillationModule, RepairModule
+from .replacement import Replaced, Replacement
 from .state import load_state, save_state
-from .surgery import Replaced, export_student, replace, teacher_view
+from .student import Student
+from .surgery import export_student, replace, teacher_view
 from .targets import find_targets
 from .technique import Technique

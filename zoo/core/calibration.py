@@ -1,5 +1,5 @@
-"""Calibration: activation statistics of the targets, collected once and cached (DESIGN.md, decision 3;
-source 000, section 2.2).
+"""Calibration: activation statistics of the targets, collected once and cached (ZOMBORG, source 000,
+section 2.2: the covariance/Fisher weights of the projection).
 
 For each target, ``collect`` accumulates over the real (attention-masked) tokens of a calibration
 loader: the token count, the input mean, and the uncentered input second moment E[x x^T] — the full
@@ -13,6 +13,12 @@ each stream's statistics are stored as ``"<module>:<stream>"`` (any leading dime
 [batch, seq] count as further samples, e.g. the query heads of one KV-head group). A stream may be a
 pair ``(tensor, keep)`` with ``keep`` a [batch, seq] bool mask that further restricts the tokens. The output of a
 linear module is ``output_tap``; EigenAttention taps the rotated queries and keys of an attention block.
+
+Statistics beyond the input moments come from **collectors** (``Collector``, ``register_collector``): a
+named statistic with its own hooks and fp64 sums, which a technique asks for by name in ``needs()``. The
+row Fisher above is the built-in ``fisher`` collector; a technique that needs another statistic (e.g.
+``zoo.kfac``'s output-gradient covariance) registers a collector in its own module, and ``build`` finds its
+tensors in ``stats.extra["<collector>.<key>"]``.
 
 Statistics are cached (``zoo.core.cache``: checked on every read) keyed by (model id, targets, data
 fingerprint, token budget, options), so a second run — or ``zoo validate`` rebuilding a student — reuses them.
@@ -91,7 +97,6 @@ class _Accumulator:
         self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.sq = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if full else None
-        self.fisher = None
 
     @staticmethod
     def nbytes(in_features: int, full: bool) -> int:
@@ -109,7 +114,7 @@ class _Accumulator:
     def all_reduce(self) -> None:
         """Sum the running sums of every process (they are plain sums, so the order does not matter)."""
         count = torch.tensor([float(self.count)], dtype=torch.float64)
-        for t in (count, self.sum, self.sq, self.gram, self.fisher):
+        for t in (count, self.sum, self.sq, self.gram):
             if t is not None:
                 all_reduce_sum_(t)
         self.count = int(count.item())
@@ -121,8 +126,78 @@ class _Accumulator:
             mean=self.sum.cpu() / n,
             diag=self.sq.cpu() / n,
             second_moment=None if self.gram is None else self.gram.cpu() / n,
-            fisher_rows=None if self.fisher is None else self.fisher.cpu(),
         )
+
+
+class Collector:
+    """One named statistic of one target, accumulated over the calibration tokens as fp64 sums.
+
+    ``attach`` registers the hooks that feed ``add``; with ``backward`` the calibration step also runs a
+    backward pass of the next-token loss (the target's weight requires grad during it) and calls
+    ``after_backward``. ``sums`` are all-reduced across processes before ``result``, which returns the
+    normalized tensors: each lands in ``stats.extra["<name>.<key>"]``, except the keys in ``fields``, which
+    fill those ``ActivationStats`` fields (the built-in ``fisher_rows``). ``version`` enters the
+    calibration cache key.
+    """
+
+    name = ""
+    version = "1"
+    backward = False
+    fields: tuple[str, ...] = ()
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        self.module, self.device = module, device
+        self.count = 0
+        self.mask: torch.Tensor | None = None  # the batch's real tokens, set by ``collect`` before each step
+
+    def attach(self) -> list:
+        return []
+
+    def after_backward(self) -> None:
+        pass
+
+    def sums(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class FisherRows(Collector):
+    """FWSVD's row Fisher: per weight row, the squared gradient of the next-token loss summed over batches."""
+
+    name, backward, fields = "fisher", True, ("fisher_rows",)
+
+    def __init__(self, module, device):
+        super().__init__(module, device)
+        self.fisher = torch.zeros(module.out_features, dtype=torch.float64, device=device)
+
+    def after_backward(self) -> None:
+        self.fisher += self.module.weight.grad.detach().double().pow(2).sum(1).to(self.fisher.device)
+
+    def sums(self):
+        return [self.fisher]
+
+    def result(self):
+        return {"fisher_rows": self.fisher.cpu()}
+
+
+#: collector name -> class; ``needs()`` names these (plus "input" and "taps")
+COLLECTORS: dict[str, type[Collector]] = {}
+
+
+def register_collector(cls: type[Collector]) -> type[Collector]:
+    """Make ``cls`` available to ``needs()`` under ``cls.name`` (usable as a class decorator)."""
+    if not cls.name:
+        raise ZooError(f"collector {cls.__qualname__} has no name")
+    known = COLLECTORS.get(cls.name)
+    if known is not None and known is not cls and known.__qualname__ != cls.__qualname__:
+        raise ZooError(f"a collector named {cls.name!r} is already registered ({known.__qualname__})")
+    COLLECTORS[cls.name] = cls
+    return cls
+
+
+register_collector(FisherRows)
 
 
 def stats_to_tensors(stats: dict[str, ActivationStats]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -201,6 +276,7 @@ def collect(
     progress: bool = True,
     distributed: bool = False,
     taps: dict[str, Callable] | None = None,
+    collectors: dict[str, list[str]] | None = None,
 ) -> dict[str, ActivationStats]:
     """Statistics of the inputs of each module in ``targets`` over the real tokens of ``loader``.
 
@@ -211,8 +287,16 @@ def collect(
     process's batches, and the sums are all-reduced (the Fisher sums too: they are per batch).
     ``taps`` maps module names to tap functions (see the module docstring); their streams come back
     as ``"<module>:<stream>"``, the full second moment when a stream is at most ``full_cov_max`` wide.
+    ``collectors`` maps registered collector names (``COLLECTORS``) to the targets they run on (each also
+    in ``targets``); ``fisher=True`` is ``collectors={"fisher": targets}``.
     """
     taps = dict(taps or {})
+    wanted = {k: list(v) for k, v in (collectors or {}).items()}
+    if fisher:
+        wanted.setdefault("fisher", list(targets))
+    unknown = sorted(set(wanted) - set(COLLECTORS))
+    if unknown:
+        raise ZooError(f"unknown calibration collector(s) {unknown}; registered: {sorted(COLLECTORS)}")
     if not targets and not taps:
         return {}
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -256,10 +340,10 @@ def collect(
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
     handles += [model.get_submodule(n).register_forward_hook(make_tap(n, t), with_kwargs=True) for n, t in taps.items()]
-    weights = {name: modules[name].weight for name in targets} if fisher else {}
-    if fisher:
-        for name, acc in accs.items():
-            acc.fisher = torch.zeros(modules[name].out_features, dtype=torch.float64, device=acc.sum.device)
+    extras = {(kind, name): COLLECTORS[kind](modules[name], accs[name].sum.device)
+              for kind in sorted(wanted) for name in wanted[kind]}
+    handles += [h for c in extras.values() for h in c.attach()]
+    weights = {name: modules[name].weight for (kind, name), c in extras.items() if c.backward}
     skip_head = _head_skippable(model, [*targets, *taps])
     rank, world = rank_world() if distributed else (0, 1)
     if world > 1 and hasattr(loader, "__len__") and len(loader) < world:
@@ -277,8 +361,10 @@ def collect(
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 mask = batch.get("attention_mask")
                 current_mask[0] = mask.bool() if mask is not None else None
-                if fisher:
-                    _fisher_step(model, batch, weights, accs)
+                for c in extras.values():
+                    c.mask = current_mask[0]
+                if weights:
+                    _backward_step(model, batch, weights, [c for c in extras.values() if c.backward])
                 else:
                     _forward(model, batch, skip_head)
             seen += n
@@ -294,10 +380,22 @@ def collect(
     if world > 1:
         for key in sorted(accs):  # the same order on every process
             accs[key].all_reduce()
-    return {name: acc.result() for name, acc in accs.items()}
+        for key in sorted(extras):
+            for t in extras[key].sums():
+                all_reduce_sum_(t)
+    stats = {name: acc.result() for name, acc in accs.items()}
+    for (kind, name), c in extras.items():
+        for key, value in c.result().items():
+            if key in c.fields:
+                setattr(stats[name], key, value)
+            else:
+                stats[name].extra[f"{kind}.{key}"] = value
+    return stats
 
 
-def _fisher_step(model, batch, weights, accs):
+def _backward_step(model, batch, weights: dict[str, nn.Parameter], collectors: list[Collector]) -> None:
+    """One forward and backward of the mean next-token loss with ``weights`` requiring grad; then each
+    collector reads what the pass left (gradients, or what its hooks saw)."""
     flags = {name: w.requires_grad for name, w in weights.items()}
     for w in weights.values():
         w.requires_grad_(True)
@@ -310,8 +408,8 @@ def _fisher_step(model, batch, weights, accs):
             valid = mask[:, 1:].bool() if mask is not None else torch.ones_like(labels, dtype=torch.bool)
             loss = F.cross_entropy(logits[:, :-1][valid].float(), labels[valid])
             loss.backward()
-        for name, w in weights.items():
-            accs[name].fisher += w.grad.detach().double().pow(2).sum(1).to(accs[name].fisher.device)
+        for c in collectors:
+            c.after_backward()
     finally:
         for name, w in weights.items():
             w.grad = None

@@ -254,3 +254,21 @@ def cached_token_kl(
     count = float(mask.sum().clamp_min(1.0))
     return _ChunkedTopKKL.apply(top_logp.float(), top_ids.long(), rest_logp.float(), student_logits[:, :-1],
                                 mask, float(temperature), int(chunk), count)
+
+
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed -log p(token t+1) over the counted predictions, their number), fp32 per sequence chunk.
+
+    The predictions counted are those ``token_kl`` counts (``prediction_mask``); exp(sum / count) is the
+    token-weighted perplexity.
+    """
+    mask = prediction_mask(attention_mask, loss_mask, input_ids.shape).to(logits.device)
+    targets = input_ids[:, 1:].to(logits.device)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, targets.shape[1], chunk):
+        sl = slice(start, start + chunk)
+        log_p = torch.log_softmax(logits[:, sl].float(), dim=-1)  # logits[:, t] predicts token t + 1
+        nll = -log_p.gather(-1, targets[:, sl, None]).squeeze(-1)
+        total += (nll * mask[:, sl]).sum()
+    return total, mask.sum()

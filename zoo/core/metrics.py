@@ -72,3 +72,43 @@ def token_deviation(x_hat: torch.Tensor, x: torch.Tensor, dims: torch.Tensor | N
     num = (x_hat - x).reshape(-1, x.shape[-1]).norm(dim=-1)
     den = x.reshape(-1, x.shape[-1]).norm(dim=-1)
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, float("nan")))
+
+
+class TokenPerplexity(torchmetrics.Metric):
+    """exp(summed NLL / counted tokens) over an epoch: token-weighted, summed across processes."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("nll", torch.zeros((), dtype=torch.float32), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float32), dist_reduce_fx="sum")
+
+    def update(self, nll: torch.Tensor, count: torch.Tensor) -> None:
+        self.nll += nll.detach().float()
+        self.count += count.float()
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(self.nll / self.count.clamp_min(1.0))
+
+
+class TokenMean(torchmetrics.Metric):
+    """Token-weighted mean of per-batch means over an epoch, summed across processes.
+
+    (``self.log(..., batch_size=n, sync_dist=True)`` would average the summed batch sizes over processes
+    in integer arithmetic under ddp, biasing the mean; this sums exact fp64 totals instead.)
+    """
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, mean: torch.Tensor, count: torch.Tensor) -> None:
+        self.total += mean.detach().double() * count.double()
+        self.count += count.double()
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count.clamp_min(1.0)).float()

@@ -1,10 +1,13 @@
-"""The LightningModule every technique shares (DESIGN.md, "The one path every technique shares";
-source 000, section 2.4 for the repair objective).
+"""The LightningModules of the zoo (ZOMBORG, source 000, section 2.4: the repair objective).
 
-``DistillationModule(parts=[spec, ...])`` loads the teacher once, calibrates the targets of all
-parts on the DataModule's calibration split (cached), replaces them in place, and trains only the
-tensors the specs mark trainable to minimize KL(teacher || student) on next-token predictions.
-The teacher's logits come from the same model object under ``teacher_view``.
+``RepairModule`` is what every zoo LightningModule shares: a ``zoo.core.student.Student`` (the teacher with
+its targets replaced), the trainable tensors, AdamW with the per-tensor learning-rate scales the
+replacements declare, checkpoints and repair states that hold only the trainable tensors.
+
+``DistillationModule(parts=[spec, ...])`` is the training side of every technique: it trains the tensors the
+specs mark trainable to minimize KL(teacher || student) on next-token predictions, the teacher's logits
+coming from the same model object under ``teacher_view``. A technique is a spec, not a LightningModule
+(``zoo.FisherSVD``, ``zoo.BlockwisePHD``, ...); mixing techniques is a longer list of parts.
 """
 from __future__ import annotations
 
@@ -15,18 +18,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torchmetrics
 from torch import nn
 
-from . import calibration as calib
-from .distributed import all_reduce_sum_, all_true, rank_world
-from .cache import Entry, check_free_space
+from .distributed import all_reduce_sum_, rank_world
 from .errors import ZooError, check_choice
-from .losses import cached_token_kl, hidden_token_kl, prediction_mask, token_kl
-from .models import DEFAULT_TEACHER, META_PREFIX, RANDOM_PREFIX, claim, load_causal_lm
+from .losses import cached_token_kl, hidden_token_kl, next_token_nll, prediction_mask, token_kl
+from .metrics import TokenMean, TokenPerplexity
+from .models import DEFAULT_TEACHER
 from .prefix import SUPPORTED_MODEL_TYPES, SharedPrefix, decoder_layers
-from .state import _short, check_header, load_state, save_state
-from .surgery import replace, replaced_modules, teacher_view
+from .state import _short, check_header, load_into, save_state
+from .student import Student, parts_header
+from .surgery import replaced_modules, teacher_view
 from .technique import Technique
 
 log = logging.getLogger(__name__)
@@ -34,82 +36,164 @@ log = logging.getLogger(__name__)
 #: training losses a DistillationModule offers
 OBJECTIVES = ("distillation", "next_token")
 
-
-def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None,
-                   attention_mask: torch.Tensor | None = None, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed -log p(token t+1) over the counted predictions, their number), fp32 per sequence chunk.
-
-    The predictions counted are those ``token_kl`` counts (``prediction_mask``); exp(sum / count) is the
-    token-weighted perplexity.
-    """
-    mask = prediction_mask(attention_mask, loss_mask, input_ids.shape).to(logits.device)
-    targets = input_ids[:, 1:].to(logits.device)
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    for start in range(0, targets.shape[1], chunk):
-        sl = slice(start, start + chunk)
-        log_p = torch.log_softmax(logits[:, sl].float(), dim=-1)  # logits[:, t] predicts token t + 1
-        nll = -log_p.gather(-1, targets[:, sl, None]).squeeze(-1)
-        total += (nll * mask[:, sl]).sum()
-    return total, mask.sum()
+__all__ = ["OBJECTIVES", "Composite", "DistillationModule", "RepairModule", "next_token_nll"]
 
 
-class TokenPerplexity(torchmetrics.Metric):
-    """exp(summed NLL / counted tokens) over an epoch: token-weighted, summed across processes."""
+class RepairModule(L.LightningModule):
+    """A LightningModule over a ``Student`` whose trainable tensors are the run's (see the module docstring).
 
-    full_state_update = False
+    Subclasses whose trainable tensors live outside the student's replacements (``zoo.TASEDiagnostic``'s
+    interface) override ``trainable_parameters``, ``lr_scales`` and ``header``.
 
-    def __init__(self):
-        super().__init__()
-        self.add_state("nll", torch.zeros((), dtype=torch.float32), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float32), dist_reduce_fx="sum")
-
-    def update(self, nll: torch.Tensor, count: torch.Tensor) -> None:
-        self.nll += nll.detach().float()
-        self.count += count.float()
-
-    def compute(self) -> torch.Tensor:
-        return torch.exp(self.nll / self.count.clamp_min(1.0))
-
-
-class TokenMean(torchmetrics.Metric):
-    """Token-weighted mean of per-batch means over an epoch, summed across processes.
-
-    (``self.log(..., batch_size=n, sync_dist=True)`` would average the summed batch sizes over processes
-    in integer arithmetic under ddp, biasing the mean; this sums exact fp64 totals instead.)
+    Args:
+        parts: technique specs applied to disjoint targets of the student (may be empty for a diagnostic).
+        teacher: embedded alias, ``.gguf`` file, local directory or hub id.
+        dtype: dtype the teacher's weights are loaded in (``float32``, ``bfloat16``, ``float16``).
+        lr: AdamW learning rate, times each tensor's ``lr_scales`` multiplier.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up steps.
+        calibration_tokens: cap on real tokens used for calibration (None: the whole split).
+        full_cov_max: widest input for which the full input covariance is collected.
+        repair_state: a repair state (safetensors) to load after building the student.
     """
 
-    full_state_update = False
-
-    def __init__(self):
+    def __init__(self, parts: list[Technique], teacher: str = DEFAULT_TEACHER, dtype: str = "float32",
+                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 calibration_tokens: int | None = None, full_cov_max: int = 8192, repair_state: str | None = None):
         super().__init__()
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        # NaN fails this too; lr 0 is allowed (a run that measures without changing anything)
+        if not 0 <= lr < math.inf:
+            raise ZooError(f"lr must be a finite number >= 0, got {lr}")
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.repair_state = repair_state
+        if repair_state:  # a missing or foreign state is reported before the weights load (in full at load)
+            check_header(repair_state, parts_header(list(parts), teacher))
+        self.student = Student(parts, teacher, dtype, calibration_tokens, full_cov_max)
+        self.model, self.tokenizer = self.student.model, self.student.tokenizer
+        self.save_hyperparameters(ignore=["parts"])
 
-    def update(self, mean: torch.Tensor, count: torch.Tensor) -> None:
-        self.total += mean.detach().double() * count.double()
-        self.count += count.double()
+    # the student's fields, as the callbacks, commands and exports read them
+    parts = property(lambda self: self.student.parts)
+    teacher = property(lambda self: self.student.teacher)
+    dtype_name = property(lambda self: self.student.dtype_name)
+    calibration_tokens = property(lambda self: self.student.calibration_tokens)
+    targets = property(lambda self: self.student.targets)
+    summary = property(lambda self: self.student.summary)  # run-level results (gates fill it; metrics.json)
 
-    def compute(self) -> torch.Tensor:
-        return (self.total / self.count.clamp_min(1.0)).float()
+    def technique_name(self) -> str:
+        return type(self).__name__
+
+    def header(self) -> dict:
+        """What a repair state records about the run that wrote it (checked again on load)."""
+        return self.student.header()
+
+    def resolve_targets(self, model: nn.Module | None = None) -> list[list[str]]:
+        return self.student.resolve_targets(model)
+
+    def build_student(self, calibration_loader=None, data_fingerprint: str = "", device=None) -> None:
+        """Calibrate (or read the cache), replace every target, and load ``repair_state`` if given."""
+        if not self.student.built:
+            self.student.build(calibration_loader, data_fingerprint, device)
+            self._after_build()
+
+    def build_student_from(self, datamodule=None, device=None) -> None:
+        if not self.student.built:
+            self.student.build_from(datamodule, device)
+            self._after_build()
+
+    def _after_build(self) -> None:
+        if self.repair_state:
+            self.load_repair_state(self.repair_state)
+        # this module's trainable tensors (a diagnostic's are not the student's)
+        self.summary["trainable_parameters"] = sum(p.numel() for p in self.trainable_parameters().values())
+
+    def setup(self, stage: str) -> None:
+        if self._trainer is None:
+            return self.build_student_from(None)
+        self.build_student_from(getattr(self.trainer, "datamodule", None), self.trainer.strategy.root_device)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return self.student.trainable_parameters()
+
+    def lr_scales(self) -> dict[str, float]:
+        """Per-tensor learning-rate multipliers (the replacements' ``lr_scales``), by parameter name."""
+        return self.student.lr_scales()
+
+    def save_repair_state(self, path: str | Path, extra: dict | None = None) -> Path:
+        return save_state(path, self.trainable_parameters(), {**self.header(), **(extra or {})})
+
+    def load_repair_state(self, path: str | Path) -> dict:
+        return load_into(path, self.trainable_parameters(), self.header())
+
+    def configure_optimizers(self):
+        scales = self.lr_scales()
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, p in self.trainable_parameters().items():
+            groups.setdefault(scales.get(name, 1.0), []).append(p)
+        optimizer = torch.optim.AdamW([{"params": ps, "lr": self.lr * s} for s, ps in groups.items()],
+                                      lr=self.lr, weight_decay=self.weight_decay)
+        if self.warmup_steps <= 0:
+            return optimizer
+        warm = self.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["zoo_header"] = self.header()
+        checkpoint["zoo_summary"] = dict(self.summary)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        have, want = checkpoint.get("zoo_header"), self.header()
+        if have != want:
+            raise ZooError(f"the resume checkpoint was written by another recipe: {_short(have)}; this run is "
+                           f"{_short(want)}")
+        self.summary.update(checkpoint.get("zoo_summary", {}))
+
+    def state_dict(self, *args, **kwargs):
+        """Only the trainable tensors: a Lightning checkpoint must not copy the whole teacher."""
+        return {k: v.detach() for k, v in self.trainable_parameters().items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        params = self.trainable_parameters()
+        with torch.no_grad():
+            for k, v in state_dict.items():
+                params[k].copy_(v)
+        return nn.modules.module._IncompatibleKeys([], [])
+
+    # ---- metrics that replacements declare (e.g. shim dominance) --------------------------------
+
+    def replacement_metrics(self) -> dict:
+        """{metric name: {target: metric}} the replacements update in their forward while tracking
+        (during validation epochs)."""
+        return self.student.replacement_metrics()
+
+    def on_validation_epoch_start(self) -> None:
+        for per_target in self.replacement_metrics().values():
+            for metric in per_target.values():
+                metric.reset()
+        self.student.track(True)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log each replacement metric as ``NAME/TARGET`` and its maximum over targets as ``NAME_max``."""
+        self.student.track(False)
+        for name, per_target in self.replacement_metrics().items():
+            values = {t: m.compute() for t, m in per_target.items() if m.update_called}
+            for target, value in values.items():
+                self.log(f"{name}/{target}", value.float())
+            if values:
+                self.log(f"{name}_max", torch.stack(list(values.values())).max().float(), prog_bar=True)
 
 
-class DistillationModule(L.LightningModule):
+class DistillationModule(RepairModule):
     """Teacher-distillation repair of a student made by one or more technique specs.
 
     Args:
         parts: technique specs applied to disjoint targets of one student.
-        teacher: embedded alias, ``.gguf`` file, local directory or hub id.
-        dtype: dtype the teacher's weights are loaded in (``float32``, ``bfloat16``, ``float16``).
-        lr: AdamW learning rate of the trainable tensors, times the per-tensor scale a replacement
-            declares in its ``lr_scales`` dict (e.g. ``FisherSVDLinear`` makes it relative to each
-            tensor's initial RMS, so one lr suits every layer and model).
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear learning-rate warm-up steps.
+        teacher, dtype, lr, weight_decay, warmup_steps, calibration_tokens, full_cov_max, repair_state: see
+            ``RepairModule`` (``lr`` is relative where a replacement declares ``lr_scales``: e.g.
+            ``FisherSVDLinear`` scales it by each tensor's initial RMS, so one lr suits every layer and model).
         temperature: distillation temperature (KL of softened distributions, times T^2).
         kl_chunk: sequence positions per chunk of the fp32 KL.
-        calibration_tokens: cap on real tokens used for calibration (None: the whole split).
-        full_cov_max: widest input for which the full input covariance is collected.
-        repair_state: a repair state (safetensors) to load after building the student.
         objective: the training loss: ``distillation`` (KL(teacher || student), the repair loss) or
             ``next_token`` (the student's plain next-token NLL on the counted tokens: fine-tuning, e.g.
             LoRA; response-only through the batch's ``loss_mask``). Validation logs both either way.
@@ -121,9 +205,6 @@ class DistillationModule(L.LightningModule):
             logits exist. Exact to float rounding; validation keeps the logits path (it needs them
             for perplexity). Off (or a model whose head is not a plain frozen linear map): ``token_kl``.
     """
-
-    #: False for modules whose trainable tensors live outside the parts (e.g. ``zoo.TASEDiagnostic``)
-    requires_parts = True
 
     def __init__(
         self,
@@ -142,172 +223,25 @@ class DistillationModule(L.LightningModule):
         shared_prefix: bool = True,
         fused_head: bool = True,
     ):
-        super().__init__()
-        if not parts and self.requires_parts:
+        if not parts:
             raise ZooError("a DistillationModule needs at least one technique part")
-        # NaN fails these too; lr 0 is allowed (a run that measures without changing anything)
-        if not 0 <= lr < math.inf:
-            raise ZooError(f"lr must be a finite number >= 0, got {lr}")
         if not 0 < temperature < math.inf:
             raise ZooError(f"temperature must be a positive finite number, got {temperature}")
-        self.parts = list(parts)
-        self.teacher = teacher
-        self.dtype_name = dtype
-        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        objective = check_choice("objective", objective, OBJECTIVES)
+        super().__init__(parts, teacher, dtype, lr, weight_decay, warmup_steps, calibration_tokens, full_cov_max,
+                         repair_state)
         self.temperature, self.kl_chunk = temperature, kl_chunk
-        self.calibration_tokens, self.full_cov_max = calibration_tokens, full_cov_max
-        self.repair_state = repair_state
-        self.objective = check_choice("objective", objective, OBJECTIVES)
+        self.objective = objective
         self.shared_prefix, self.fused_head = shared_prefix, fused_head
         self._prefix: SharedPrefix | None = None
         self._prefix_key: tuple | None = None  # the decoder layers ``_prefix`` was planned on
         self._head_reason: str | None = None  # why fused_head is off for this model (logged once)
-        if repair_state:  # a missing or foreign state is reported before the weights load (in full at load)
-            check_header(repair_state, DistillationModule.header(self))
-        if self.parts and not teacher.startswith(META_PREFIX):
-            # bad targets too: resolved on the architecture alone (meta device, no weights) first
-            self.resolve_targets(load_causal_lm(META_PREFIX + teacher.removeprefix(RANDOM_PREFIX), dtype)[0])
-        self.model, self.tokenizer = load_causal_lm(teacher, dtype)
-        self.targets: dict[str, list[str]] = {}  # part -> replaced names, after build
-        self.summary: dict[str, float] = {}  # run-level results (gates fill it; written to metrics.json)
         self.heldout_perplexity = nn.ModuleDict({"student": TokenPerplexity(), "teacher": TokenPerplexity()})
         self.epoch_kl = nn.ModuleDict({"heldout_kl": TokenMean(), "test_kl": TokenMean()})
-        self.save_hyperparameters(ignore=["parts"])
-
-    # ---- building the student -------------------------------------------------------------------
 
     def technique_name(self) -> str:
-        return type(self).__name__
-
-    def header(self) -> dict:
-        """What a repair state records about the run that wrote it (checked again on load)."""
-        return {"technique": self.technique_name(), "parts": [p.describe() for p in self.parts],
-                "teacher": self.teacher}
-
-    def resolve_targets(self, model: nn.Module | None = None) -> list[list[str]]:
-        """Targets of each part in ``model`` (default: the student's); overlapping parts are an error
-        naming the shared modules."""
-        owner: dict[str, int] = {}
-        resolved = []
-        for i, part in enumerate(self.parts):
-            names = part.resolve(self.model if model is None else model)
-            for n in names:
-                if n in owner:
-                    raise ZooError(
-                        f"parts {owner[n]} ({type(self.parts[owner[n]]).__name__}) and {i} "
-                        f"({type(part).__name__}) both target {n!r}; targets of parts must be disjoint"
-                    )
-                owner[n] = i
-            resolved.append(names)
-        # a target inside another part's target (an attention block and its o_proj) overlaps too
-        for inner, i in owner.items():
-            for outer, j in owner.items():
-                if i != j and inner.startswith(outer + "."):
-                    raise ZooError(f"part {i} ({type(self.parts[i]).__name__}) targets {inner!r}, inside "
-                                   f"{outer!r} that part {j} ({type(self.parts[j]).__name__}) replaces; "
-                                   "targets of parts must be disjoint")
-        return resolved
-
-    def build_student(self, calibration_loader=None, data_fingerprint: str = "", device=None) -> None:
-        """Calibrate (or read the cache), replace every target, and load ``repair_state`` if given."""
-        if replaced_modules(self.model):
-            return  # already built (setup runs once per stage)
-        resolved = self.resolve_targets()
-        stats = self._calibrate(resolved, calibration_loader, data_fingerprint, device)
-        claim(self.model)
-        for part, names in zip(self.parts, resolved):
-            part.plan({n: self.model.get_submodule(n) for n in names}, stats)
-        for i, (part, names) in enumerate(zip(self.parts, resolved)):
-            replace(self.model, names, lambda name, module, part=part: part.build(name, module, stats.get(name)),
-                    part.target_kind)
-            self.targets[f"{i}:{type(part).__name__}"] = names
-        if not self.trainable_parameters():
-            raise ZooError("the student has no trainable tensors; check the technique's options")
-        if self.repair_state:
-            self.load_repair_state(self.repair_state)
-        for part in self.parts:
-            self.summary.update(part.report(self.model))
-        n_train = sum(p.numel() for p in self.trainable_parameters().values())
-        self.summary["trainable_parameters"] = n_train
-        self.summary["targets"] = sum(map(len, resolved))
-        log.info("student built: %d targets, %d trainable parameters", sum(map(len, resolved)), n_train)
-
-    def _calibrate(self, resolved, loader, fingerprint, device) -> dict[str, calib.ActivationStats]:
-        wanted = {"input": [], "fisher": [], "taps": []}
-        taps = {}
-        for part, names in zip(self.parts, resolved):
-            for need in part.needs():
-                wanted[need].extend(names)
-            if "taps" in part.needs():
-                taps.update({n: part.tap for n in names})
-        names = sorted(set(wanted["input"]) | set(wanted["fisher"]))
-        if not names and not taps:
-            return {}
-        if loader is None:
-            raise ZooError(
-                f"{self.technique_name()} needs calibration statistics; give it a DataModule with a "
-                "calibration_dataloader() (e.g. recipes.DistillationDataModule)"
-            )
-        entry = Entry("calibration", teacher=self.teacher, dtype=self.dtype_name, targets=names,
-                      fisher=sorted(wanted["fisher"]), data=fingerprint,
-                      tokens=self.calibration_tokens, full_cov_max=self.full_cov_max,
-                      **({"taps": sorted(taps), "tap_versions": sorted({p.tap_version for p in self.parts
-                                                                        if "taps" in p.needs()})}
-                         if taps else {}))
-        # under ddp/fsdp every process runs setup: all read the cache, or all collect their share
-        hit = entry.load() if fingerprint else None
-        if all_true(hit is not None):
-            return calib.stats_from_tensors(*hit)
-        if fingerprint:  # the statistics will be stored: is there room for them? (known before collecting)
-            need = sum(calib.stats_bytes(w, w <= self.full_cov_max)
-                       for w in (self.model.get_submodule(n).in_features for n in names))
-            check_free_space(entry.path.parent, need, "the calibration statistics")
-        was = next(self.model.parameters()).device
-        if device is not None:
-            self.model.to(device)
-        stats = calib.collect(self.model, loader, names, full_cov_max=self.full_cov_max,
-                              max_tokens=self.calibration_tokens, fisher=bool(wanted["fisher"]),
-                              device=device, distributed=True, taps=taps)
-        self.model.to(was)
-        if fingerprint and rank_world()[0] == 0:  # only data with a fingerprint can be reused safely
-            entry.store(*calib.stats_to_tensors(stats))
-        return stats
-
-    def build_student_from(self, datamodule=None, device=None) -> None:
-        """``build_student`` with the calibration split and fingerprint of ``datamodule``."""
-        loader = fingerprint = None
-        if datamodule is not None and hasattr(datamodule, "calibration_dataloader"):
-            datamodule.setup("fit")
-            loader, fingerprint = datamodule.calibration_dataloader(), datamodule.fingerprint("calibration")
-        self.build_student(loader, fingerprint or "", device)
-
-    def setup(self, stage: str) -> None:
-        if self._trainer is None:
-            return self.build_student_from(None)
-        self.build_student_from(getattr(self.trainer, "datamodule", None), self.trainer.strategy.root_device)
-
-    # ---- repair state ---------------------------------------------------------------------------
-
-    def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def save_repair_state(self, path: str | Path, extra: dict | None = None) -> Path:
-        return save_state(path, self.trainable_parameters(), {**self.header(), **(extra or {})})
-
-    def load_repair_state(self, path: str | Path) -> dict:
-        tensors, header = load_state(path, expect=self.header())
-        params = self.trainable_parameters()
-        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        if missing or unexpected:
-            raise ZooError(f"repair state {str(path)!r} does not fit this student: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for name, p in params.items():
-                if tensors[name].shape != p.shape:
-                    raise ZooError(f"repair state {str(path)!r}: {name} has shape {tuple(tensors[name].shape)}, "
-                                   f"the student's is {tuple(p.shape)}")
-                p.copy_(tensors[name])
-        return header
+        """The parts' spec classes, e.g. ``FisherSVD`` or ``EigenAttention+FisherSVD``."""
+        return "+".join(dict.fromkeys(type(p).__name__ for p in self.parts))
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -457,87 +391,11 @@ class DistillationModule(L.LightningModule):
             metric.update(*next_token_nll(logits, ids, loss_mask, attn, self.kl_chunk))
             self.log(name, metric, metric_attribute=f"heldout_perplexity.{role}")
 
-    # ---- metrics that replacements declare (e.g. shim dominance) --------------------------------
-
-    def replacement_metrics(self) -> dict[str, dict[str, torchmetrics.Metric]]:
-        """{metric name: {target: metric}} over replacements with a ``metrics()`` method; they update
-        them in their forward while ``tracking`` is on (during validation epochs)."""
-        found: dict[str, dict[str, torchmetrics.Metric]] = {}
-        for target, wrapper in replaced_modules(self.model).items():
-            metrics = getattr(wrapper.replacement, "metrics", None)
-            for name, metric in (metrics() if metrics else {}).items():
-                found.setdefault(name, {})[target] = metric
-        return found
-
-    def _track_replacement_metrics(self, on: bool) -> None:
-        for wrapper in replaced_modules(self.model).values():
-            if hasattr(wrapper.replacement, "metrics"):
-                wrapper.replacement.tracking = on
-
-    def on_validation_epoch_start(self) -> None:
-        for per_target in self.replacement_metrics().values():
-            for metric in per_target.values():
-                metric.reset()
-        self._track_replacement_metrics(True)
-
-    def on_validation_epoch_end(self) -> None:
-        """Log each replacement metric as ``NAME/TARGET`` and its maximum over targets as ``NAME_max``."""
-        self._track_replacement_metrics(False)
-        for name, per_target in self.replacement_metrics().items():
-            values = {t: m.compute() for t, m in per_target.items() if m.update_called}
-            for target, value in values.items():
-                self.log(f"{name}/{target}", value.float())
-            if values:
-                self.log(f"{name}_max", torch.stack(list(values.values())).max().float(), prog_bar=True)
-
     def test_step(self, batch, batch_idx):
         kl, count = self.distillation_loss(batch)
         self.epoch_kl["test_kl"].update(kl, count)
         self.log("test_kl", self.epoch_kl["test_kl"], metric_attribute="epoch_kl.test_kl")
         return kl
-
-    def lr_scales(self) -> dict[str, float]:
-        """Per-tensor learning-rate multipliers declared by replacements (``module.lr_scales``)."""
-        scales = {}
-        for prefix, module in self.model.named_modules():
-            for name, scale in getattr(module, "lr_scales", {}).items():
-                scales[f"{prefix}.{name}" if prefix else name] = float(scale)
-        return scales
-
-    def configure_optimizers(self):
-        scales = self.lr_scales()
-        groups: dict[float, list[nn.Parameter]] = {}
-        for name, p in self.trainable_parameters().items():
-            groups.setdefault(scales.get(name, 1.0), []).append(p)
-        optimizer = torch.optim.AdamW([{"params": ps, "lr": self.lr * s} for s, ps in groups.items()],
-                                      lr=self.lr, weight_decay=self.weight_decay)
-        if self.warmup_steps <= 0:
-            return optimizer
-        warm = self.warmup_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["zoo_header"] = self.header()
-        checkpoint["zoo_summary"] = dict(self.summary)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        have, want = checkpoint.get("zoo_header"), self.header()
-        if have != want:
-            raise ZooError(f"the resume checkpoint was written by another recipe: {_short(have)}; this run is "
-                           f"{_short(want)}")
-        self.summary.update(checkpoint.get("zoo_summary", {}))
-
-    def state_dict(self, *args, **kwargs):
-        """Only the trainable tensors: a Lightning checkpoint must not copy the whole teacher."""
-        return {k: v.detach() for k, v in self.trainable_parameters().items()}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        params = self.trainable_parameters()
-        with torch.no_grad():
-            for k, v in state_dict.items():
-                params[k].copy_(v)
-        return nn.modules.module._IncompatibleKeys([], [])
 
 
 class Composite(DistillationModule):

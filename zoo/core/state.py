@@ -1,9 +1,10 @@
-"""Repair-state I/O: trainable tensors only, in safetensors, with a JSON header (DESIGN.md, decision 4;
-source 000, section 2.4: repair states shrink checkpoints from >10 GB to ~1 MB).
+"""Repair-state I/O: trainable tensors only, in safetensors, with a JSON header (ZOMBORG, source 000,
+section 2.4: repair states shrink checkpoints from >10 GB to ~1 MB).
 
-The header names the technique (the LightningModule class), each part's spec class and init args,
-and the teacher. Loading checks all of these against the running module, so a state written for
-another technique, rank or target set is refused with a message saying what differs.
+The header names each part's spec class and init args, and the teacher. Loading checks these against the
+running student, so a state written for another technique, rank or target set is refused with a message
+saying what differs. (States written before the header keyed on parts also name the LightningModule class
+under ``technique``; that entry is not checked, so they still load.)
 """
 from __future__ import annotations
 
@@ -67,6 +68,23 @@ def load_state(path: str | Path, expect: dict | None = None) -> tuple[dict[str, 
         return load_file(str(path)), header
     except (SafetensorError, OSError) as exc:
         raise ZooError(f"repair state {str(path)!r} is damaged: {exc}") from None
+
+
+def load_into(path: str | Path, params: dict[str, torch.Tensor], expect: dict) -> dict:
+    """Copy the tensors of the repair state ``path`` into ``params`` (same names and shapes, checked);
+    returns the header. ``expect``: as in ``load_state``."""
+    tensors, header = load_state(path, expect=expect)
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ZooError(f"repair state {str(path)!r} does not fit this student: missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tensors[name].shape != p.shape:
+                raise ZooError(f"repair state {str(path)!r}: {name} has shape {tuple(tensors[name].shape)}, "
+                               f"the student's is {tuple(p.shape)}")
+            p.copy_(tensors[name])
+    return header
 
 
 def _short(value) -> str:

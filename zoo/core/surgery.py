@@ -1,4 +1,5 @@
-"""Model surgery: one model in memory, two views (DESIGN.md, decision 1).
+"""Model surgery: one model in memory, two views (ZOMBORG, source 000, section 2.4: the student is the
+teacher with its targets replaced; the teacher's logits come from the same weights).
 
 The student is the teacher with each target wrapped in ``Replaced(original, replacement)``.
 ``teacher_view(model)`` routes every wrapper through its frozen original, so the teacher's forward
@@ -12,31 +13,8 @@ from collections.abc import Callable, Iterator
 from torch import nn
 
 from .errors import ZooError
+from .replacement import Replaced
 from .targets import find_targets
-
-
-class Replaced(nn.Module):
-    """A target module with its replacement. Forwards through the replacement unless in teacher view."""
-
-    def __init__(self, original: nn.Module, replacement: nn.Module):
-        super().__init__()
-        self.original = original
-        self.replacement = replacement
-        self.original.requires_grad_(False)
-        self.use_original = False
-        # keep the Linear interface so later pattern matching and shape queries still work
-        self.in_features = getattr(original, "in_features", None)
-        self.out_features = getattr(original, "out_features", None)
-
-    @property
-    def weight(self):  # transformers touches `.weight.dtype/.device` of some projections
-        return self.original.weight
-
-    def forward(self, *args, **kwargs):
-        return (self.original if self.use_original else self.replacement)(*args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return "teacher view" if self.use_original else "student view"
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

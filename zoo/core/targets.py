@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from .errors import ZooError, choices_hint
+from .replacement import Replaced
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
@@ -75,8 +76,6 @@ def is_linear_like(module: nn.Module) -> bool:
 
 def is_attention(module: nn.Module) -> bool:
     """A self-attention block (any family; whether a technique supports it is the technique's check)."""
-    from .surgery import Replaced  # a replaced attention block is still targeted by its name
-
     inner = module.original if isinstance(module, Replaced) else module
     return type(inner).__name__.endswith("Attention")
 

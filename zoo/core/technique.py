@@ -1,10 +1,14 @@
-"""The technique spec: what every technique plugs into (DESIGN.md, "The techniques").
+"""The technique spec: what every technique plugs into (ZOMBORG, source 000, section 2: a projection of
+chosen maps, then a repair of the few tensors it leaves trainable).
 
-A ``Technique`` is a small plain object: its target patterns, its hyper-parameters (its ``__init__``
-arguments, stored under the same names), which calibration statistics it needs, and how to build a
-replacement for one target from the original module and that target's statistics. The
-LightningModule side (``DistillationModule``) is the same for every technique; mixing techniques is
-a list of specs (``zoo.Composite``).
+A technique is a typed dataclass subclassing ``Technique``: its target patterns, its hyper-parameters
+(validated in ``__post_init__``), which calibration statistics it needs, and how to build a replacement
+(a ``zoo.core.replacement.Replacement``) for one target from the original module and that target's
+statistics. The LightningModule is the same for every technique (``DistillationModule(parts=[spec])``);
+mixing techniques is a longer list of specs.
+
+``Technique`` itself is not a dataclass, so that LightningCLI/jsonargparse read ``parts: list[Technique]``
+as subclasses named by ``class_path``.
 
 ``footprint`` sizes a replacement from shapes alone (no weights, no statistics): ``zoo plan`` uses it
 to count parameters and memory of a recipe on a model it never loads.
@@ -21,7 +25,9 @@ from .calibration import ActivationStats
 from .errors import ZooError
 from .targets import find_targets
 
-#: statistics a technique may ask calibration for; "taps": the streams of ``Technique.tap``
+#: statistics every calibration offers: "input" moments, the built-in "fisher" collector, and "taps" (the
+#: streams of ``Technique.tap``); a technique may also name any collector registered in
+#: ``zoo.core.calibration.COLLECTORS``
 NEEDS = ("input", "fisher", "taps")
 
 #: what a tensor of a replacement is: trained, stored but frozen, or a buffer rebuilt from the config
@@ -49,7 +55,8 @@ class TensorSize:
 
 
 class Technique:
-    """Base class of technique specs. Subclasses store every ``__init__`` argument as an attribute.
+    """Base class of technique specs; subclasses are ``@dataclass(eq=False)`` whose first field is
+    ``targets`` and whose ``__post_init__`` calls ``super().__post_init__()``.
 
     ``target_kind`` is what the spec's patterns match (``zoo.core.targets.TARGET_KINDS``).
     """
@@ -57,7 +64,12 @@ class Technique:
     target_kind = "linear"
 
     def __init__(self, targets: str | list[str]):
-        self.targets = [targets] if isinstance(targets, str) else list(targets)
+        self.targets = targets
+        self.__post_init__()
+
+    def __post_init__(self):
+        if self.targets is not None:
+            self.targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
 
     def needs(self) -> set[str]:
         """The calibration statistics ``build`` uses: a subset of ``NEEDS`` (may depend on options)."""

@@ -1,0 +1,167 @@
+"""The contract every technique keeps, run over all of them (a matrix like PEFT's TEST_CASES).
+
+For each technique: the built replacements hold exactly the tensors ``footprint`` names (shape, role, dtype
+kind) and ``zoo plan``'s counts equal the built student's; a full-rank / identity setting reproduces the
+teacher's logits; a repair state round-trips bit-exactly; and the spec works as one part of a mix.
+
+A new technique adds one row to ``TECHNIQUES`` (see docs/guides/new-technique.md).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zoo
+from zoo import (BlockwisePHD, CoupledCore, DistillationModule, EigenAttention, FisherSVD, KFACSVD, LoRA,
+                 TASECoupledCore, UniversalBasis)
+from zoo.core.models import META_PREFIX, load_causal_lm
+from zoo.core.plan import plan_student
+from zoo.core.surgery import export_student, replaced_modules
+
+DOWN = "model.layers.{0..1}.mlp.down_proj"
+ATTN = "model.layers.*.self_attn"
+
+
+def _zero_deltas(module):
+    """UniversalBasis's identity setting: zero means and coefficients, so dW = 0."""
+    with torch.no_grad():
+        for wrapper in replaced_modules(module.model).values():
+            for t in [*wrapper.replacement.parameters(recurse=False), *wrapper.replacement.buffers(recurse=False)]:
+                t.zero_()
+
+
+#: name -> (spec options, full-rank/identity options or None to reuse them, hook making the identity setting)
+TECHNIQUES = {
+    "fisher_svd": (FisherSVD, dict(targets=DOWN, rank=8), dict(targets=DOWN, rank=64, weighting="none"), None),
+    "fisher_svd_ratio_factors": (FisherSVD, dict(targets="model.layers.*.self_attn.{q,o}_proj", rank=0.25,
+                                                 train_factors=True, weighting="diagonal"), None, None),
+    "kfac_svd": (KFACSVD, dict(targets=DOWN, rank=8), dict(targets=DOWN, rank=64), None),
+    "blockwise_phd": (BlockwisePHD, dict(targets=DOWN, rank=8, block=16),
+                      dict(targets=DOWN, rank=128, rank_out=64, block=16), None),
+    "blockwise_phd_transform": (BlockwisePHD, dict(targets="model.layers.1.mlp.up_proj", rank=16, rank_out=24,
+                                                   block=32, compute="transform"), None, None),
+    "coupled_core_shims": (CoupledCore, dict(targets=DOWN, rank=8, shim_rank=2, block=16),
+                           dict(targets=DOWN, rank=128, rank_out=64, shim_rank=2, block=16), None),
+    "coupled_core_phd_input": (CoupledCore, dict(targets="model.layers.{0..1}.mlp.up_proj", rank=16,
+                                                 residual_side="input", residual_frame="phd", block=16), None, None),
+    "tase_coupled_core": (TASECoupledCore, dict(targets=DOWN, rank=8, block=16, expansion=2, k=8),
+                          dict(targets=DOWN, rank=128, rank_out=64, block=16, expansion=2), None),
+    "eigen_attention": (EigenAttention, dict(targets=ATTN, k_keys=8, k_values=12), dict(targets=ATTN, k=16), None),
+    "lora": (LoRA, dict(targets="model.layers.*.self_attn.{q,v}_proj", rank=4), None, None),
+    "universal_basis": (UniversalBasis, dict(basis="{basis}", k=2), None, _zero_deltas),
+}
+#: a second part on targets no row above uses, for the mixing check
+OTHER = FisherSVD("model.layers.0.mlp.gate_proj", rank=4, weighting="none")
+
+
+def batches(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(3, 380, (2, 32), generator=g), "attention_mask": torch.ones(2, 32, dtype=torch.long),
+             "loss_mask": torch.ones(2, 32, dtype=torch.long)} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def basis_file(tmp_path_factory, tiny_teacher_dir):
+    from test_universal_basis import random_adapter
+    from zoo.universal_basis import DeltaBank, extract_basis
+
+    tmp = tmp_path_factory.mktemp("contract_basis")
+    model = load_causal_lm(tiny_teacher_dir)[0]
+    names = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in ("q", "v")]
+    shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in names}
+    bank = DeltaBank([random_adapter(tmp / f"a{i}", shapes, seed=i) for i in range(3)])
+    return str(extract_basis(bank, "separate").save(tmp / "basis.safetensors"))
+
+
+def spec(name, basis_file, full=False):
+    cls, options, full_options, _ = TECHNIQUES[name]
+    chosen = dict(full_options if full and full_options is not None else options)
+    return cls(**{k: basis_file if v == "{basis}" else v for k, v in chosen.items()})
+
+
+def built(parts, teacher, dtype="float32"):
+    module = DistillationModule(parts=parts, teacher=teacher, dtype=dtype)
+    module.build_student(batches(), data_fingerprint="contract")
+    return module
+
+
+def logits(module, ids):
+    with torch.no_grad():
+        return module(ids).float()
+
+
+def kind(t: torch.Tensor, model_dtype: torch.dtype) -> str:
+    return {model_dtype: "model", torch.float32: "float32", torch.int64: "int64"}[t.dtype]
+
+
+@pytest.mark.parametrize("name", list(TECHNIQUES))
+def test_build_matches_footprint_and_plan(name, basis_file, tiny_teacher_dir):
+    """bf16 weights, so tensors following the model's dtype and those kept in fp32 differ."""
+    part = spec(name, basis_file)
+    module = built([part], tiny_teacher_dir, dtype="bfloat16")
+    for target, wrapper in replaced_modules(module.model).items():
+        real = {n: (tuple(p.shape), "trainable" if p.requires_grad else "frozen", kind(p, torch.bfloat16))
+                for n, p in wrapper.replacement.named_parameters()}
+        real |= {n: (tuple(b.shape), "buffer", kind(b, torch.bfloat16)) for n, b in wrapper.replacement.named_buffers()}
+        sized = {n: (s.shape, s.role, s.kind) for n, s in part.footprint(target, wrapper.original).items()}
+        assert sized == real, target
+    meta = load_causal_lm(META_PREFIX + tiny_teacher_dir, "bfloat16")[0]
+    plan = plan_student(meta, [part], [part.resolve(meta)], torch.bfloat16)
+    trainable = module.trainable_parameters()
+    assert plan.trainable == sum(p.numel() for p in trainable.values()) > 0
+    assert plan.repair_state_bytes == sum(p.numel() * p.element_size() for p in trainable.values())
+    assert plan.student_parameters == sum(p.numel() for p in export_student(module.model).parameters())
+
+
+@pytest.mark.parametrize("name", list(TECHNIQUES))
+def test_full_rank_or_identity_setting_reproduces_the_teacher(name, basis_file, tiny_teacher_dir):
+    module = built([spec(name, basis_file, full=True)], tiny_teacher_dir)
+    hook = TECHNIQUES[name][3]
+    if hook is not None:
+        hook(module)
+    ids = batches(1, seed=3)[0]["input_ids"]
+    student = logits(module, ids)
+    with zoo.teacher_view(module.model):
+        teacher = logits(module, ids)
+    if TECHNIQUES[name][2] is None and hook is None and name != "lora":  # a compressed setting only
+        assert not torch.allclose(student, teacher, atol=1e-3), "a compressed student should differ"
+        return
+    torch.testing.assert_close(student, teacher, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(TECHNIQUES))
+def test_repair_state_round_trips(name, basis_file, tiny_teacher_dir, tmp_path):
+    a = built([spec(name, basis_file)], tiny_teacher_dir)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in a.trainable_parameters().values():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
+    path = a.save_repair_state(tmp_path / "state.safetensors")
+    b = built([spec(name, basis_file)], tiny_teacher_dir)
+    b.load_repair_state(path)
+    for n, p in a.trainable_parameters().items():
+        assert torch.equal(p, b.trainable_parameters()[n]), n
+    ids = batches(1, seed=4)[0]["input_ids"]
+    assert torch.equal(logits(a, ids), logits(b, ids))
+
+
+@pytest.mark.parametrize("name", list(TECHNIQUES))
+def test_works_as_one_part_of_a_mix(name, basis_file, tiny_teacher_dir):
+    part = spec(name, basis_file)
+    other = OTHER
+    alone = built([spec(name, basis_file)], tiny_teacher_dir)
+    mixed = built([part, other], tiny_teacher_dir)
+    own = set(alone.trainable_parameters())
+    assert own < set(mixed.trainable_parameters())
+    assert set(mixed.trainable_parameters()) - own == set(built([other], tiny_teacher_dir).trainable_parameters())
+    assert sorted(replaced_modules(mixed.model)) == sorted([*part.resolve(mixed.model), *other.resolve(mixed.model)])
+    ids = batches(1, seed=5)[0]["input_ids"]
+    assert torch.isfinite(logits(mixed, ids)).all()
+
+
+def test_every_exported_technique_is_in_the_matrix():
+    """A technique spec exported by ``zoo`` without a row here would skip the contract."""
+    specs = {getattr(zoo, n) for n in zoo.__all__
+             if isinstance(getattr(zoo, n), type) and issubclass(getattr(zoo, n), zoo.Technique)
+             and getattr(zoo, n) is not zoo.Technique}
+    assert specs == {row[0] for row in TECHNIQUES.values()}

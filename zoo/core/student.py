@@ -1,0 +1,216 @@
+"""The student: the teacher with its targets replaced by one or more technique specs (ZOMBORG, source 000,
+sections 2.1-2.4: project, then repair; the repair's trainable tensors are all a state holds).
+
+``Student(parts, teacher)`` loads the teacher once (after checking every part's targets on the weightless
+architecture), resolves each part's targets (disjoint across parts), calibrates them (cached: one
+``zoo.core.cache`` entry per target set and data), lets each part plan across its targets, builds and
+installs the replacements, and reads and writes repair states. No Lightning here: the training side
+(``zoo.core.module``) and the diagnostics hold a ``Student``; ``zoo plan`` and ``zoo export`` use it too.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import nn
+
+from . import calibration as calib
+from .cache import Entry, check_free_space
+from .distributed import all_true, rank_world
+from .errors import ZooError
+from .models import META_PREFIX, RANDOM_PREFIX, claim, load_causal_lm
+from .replacement import lr_scales_of, metrics_of, set_tracking
+from .state import load_into, save_state
+from .surgery import replace, replaced_modules
+from .technique import NEEDS, Technique
+
+log = logging.getLogger(__name__)
+
+
+def parts_header(parts: list[Technique], teacher: str) -> dict:
+    """What a repair state records about the student that wrote it (and is checked on load)."""
+    return {"parts": [p.describe() for p in parts], "teacher": teacher}
+
+
+class Student:
+    """The teacher model with ``parts`` (technique specs on disjoint targets) applied.
+
+    Args:
+        parts: technique specs.
+        teacher: embedded alias, ``.gguf`` file, local directory or hub id (or ``random:``/``meta:`` one).
+        dtype: dtype the teacher's weights are loaded in.
+        calibration_tokens: cap on real tokens used for calibration (None: the whole split).
+        full_cov_max: widest input for which the full input covariance is collected.
+    """
+
+    def __init__(self, parts: list[Technique], teacher: str, dtype: str = "float32",
+                 calibration_tokens: int | None = None, full_cov_max: int = 8192):
+        self.parts = list(parts)
+        for i, part in enumerate(self.parts):
+            if not isinstance(part, Technique):
+                raise ZooError(f"part {i} is a {type(part).__name__}, not a technique spec (zoo.Technique)")
+        self.teacher, self.dtype_name = teacher, dtype
+        self.calibration_tokens, self.full_cov_max = calibration_tokens, full_cov_max
+        if self.parts and not teacher.startswith(META_PREFIX):
+            # bad targets are reported from the architecture alone (meta device), before any weights load
+            self.resolve_targets(load_causal_lm(META_PREFIX + teacher.removeprefix(RANDOM_PREFIX), dtype)[0])
+        self.model, self.tokenizer = load_causal_lm(teacher, dtype)
+        self.targets: dict[str, list[str]] = {}  # "<index>:<spec class>" -> replaced names, once built
+        self.summary: dict[str, float] = {}
+
+    def header(self) -> dict:
+        return parts_header(self.parts, self.teacher)
+
+    @property
+    def built(self) -> bool:
+        return bool(replaced_modules(self.model))
+
+    def resolve_targets(self, model: nn.Module | None = None) -> list[list[str]]:
+        """Targets of each part in ``model`` (default: the student's); overlapping parts are an error
+        naming the shared modules."""
+        owner: dict[str, int] = {}
+        resolved = []
+        for i, part in enumerate(self.parts):
+            names = part.resolve(model if model is not None else self.model)
+            for n in names:
+                if n in owner:
+                    raise ZooError(
+                        f"parts {owner[n]} ({type(self.parts[owner[n]]).__name__}) and {i} "
+                        f"({type(part).__name__}) both target {n!r}; targets of parts must be disjoint"
+                    )
+                owner[n] = i
+            resolved.append(names)
+        # a target inside another part's target (an attention block and its o_proj) overlaps too
+        for inner, i in owner.items():
+            for outer, j in owner.items():
+                if i != j and inner.startswith(outer + "."):
+                    raise ZooError(f"part {i} ({type(self.parts[i]).__name__}) targets {inner!r}, inside "
+                                   f"{outer!r} that part {j} ({type(self.parts[j]).__name__}) replaces; "
+                                   "targets of parts must be disjoint")
+        return resolved
+
+    # ---- building ------------------------------------------------------------------------------
+
+    def build(self, calibration_loader=None, data_fingerprint: str = "", device=None,
+              repair_state: str | Path | None = None) -> None:
+        """Calibrate (or read the cache), replace every target, and load ``repair_state`` if given."""
+        if self.built:
+            return  # already built (Lightning's setup runs once per stage)
+        resolved = self.resolve_targets()
+        stats = self.calibrate(resolved, calibration_loader, data_fingerprint, device)
+        claim(self.model)
+        for part, names in zip(self.parts, resolved):
+            part.plan({n: self.model.get_submodule(n) for n in names}, stats)
+        for i, (part, names) in enumerate(zip(self.parts, resolved)):
+            replace(self.model, names, lambda name, module, part=part: part.build(name, module, stats.get(name)),
+                    part.target_kind)
+            self.targets[f"{i}:{type(part).__name__}"] = names
+        if self.parts and not self.trainable_parameters():
+            raise ZooError("the student has no trainable tensors; check the technique's options")
+        if repair_state:
+            self.load_state(repair_state)
+        for part in self.parts:
+            self.summary.update(part.report(self.model))
+        n_train = sum(p.numel() for p in self.trainable_parameters().values())
+        self.summary["trainable_parameters"] = n_train
+        self.summary["targets"] = sum(map(len, resolved))
+        log.info("student built: %d targets, %d trainable parameters", sum(map(len, resolved)), n_train)
+
+    def build_from(self, datamodule=None, device=None, repair_state: str | Path | None = None) -> None:
+        """``build`` with the calibration split and fingerprint of ``datamodule``."""
+        loader = fingerprint = None
+        if datamodule is not None and hasattr(datamodule, "calibration_dataloader"):
+            datamodule.setup("fit")
+            loader, fingerprint = datamodule.calibration_dataloader(), datamodule.fingerprint("calibration")
+        self.build(loader, fingerprint or "", device, repair_state)
+
+    def needs(self, resolved: list[list[str]]) -> tuple[dict[str, list[str]], dict]:
+        """({statistic: targets needing it}, {target: tap}) over all parts; an unknown statistic is an error."""
+        valid = (*NEEDS, *(k for k in calib.COLLECTORS if k not in NEEDS))
+        wanted: dict[str, list[str]] = {}
+        taps = {}
+        for part, names in zip(self.parts, resolved):
+            for need in sorted(part.needs()):
+                if need not in valid:
+                    raise ZooError(f"{type(part).__name__}.needs() asks for {need!r}, which no calibration "
+                                   f"collector provides; valid: {', '.join(valid)} (a new statistic is a "
+                                   "zoo.core.calibration.Collector registered with register_collector)")
+                if need == "taps":
+                    taps.update({n: part.tap for n in names})
+                else:
+                    wanted.setdefault(need, []).extend(names)
+        return wanted, taps
+
+    def calibrate(self, resolved, loader, fingerprint: str, device) -> dict[str, calib.ActivationStats]:
+        wanted, taps = self.needs(resolved)
+        names = sorted({n for ns in wanted.values() for n in ns})
+        if not names and not taps:
+            return {}
+        if loader is None:
+            raise ZooError(
+                f"{', '.join(type(p).__name__ for p in self.parts)} needs calibration statistics; give it a "
+                "DataModule with a calibration_dataloader() (e.g. recipes.DistillationDataModule)"
+            )
+        collectors = {k: sorted(v) for k, v in wanted.items() if k != "input"}
+        others = {k: v for k, v in collectors.items() if k != "fisher"}  # keys of older entries stay as they were
+        entry = Entry("calibration", teacher=self.teacher, dtype=self.dtype_name, targets=names,
+                      fisher=collectors.get("fisher", []), data=fingerprint,
+                      tokens=self.calibration_tokens, full_cov_max=self.full_cov_max,
+                      **({"taps": sorted(taps), "tap_versions": sorted({p.tap_version for p in self.parts
+                                                                        if "taps" in p.needs()})}
+                         if taps else {}),
+                      **({"collectors": others, "collector_versions": {k: calib.COLLECTORS[k].version for k in others}}
+                         if others else {}))
+        # under ddp/fsdp every process runs setup: all read the cache, or all collect their share
+        hit = entry.load() if fingerprint else None
+        if all_true(hit is not None):
+            return calib.stats_from_tensors(*hit)
+        if fingerprint:  # the statistics will be stored: is there room for them? (known before collecting)
+            need = sum(calib.stats_bytes(w, w <= self.full_cov_max)
+                       for w in (self.model.get_submodule(n).in_features for n in names))
+            check_free_space(entry.path.parent, need, "the calibration statistics")
+        was = next(self.model.parameters()).device
+        if device is not None:
+            self.model.to(device)
+        stats = calib.collect(self.model, loader, names, full_cov_max=self.full_cov_max,
+                              max_tokens=self.calibration_tokens, device=device, distributed=True, taps=taps,
+                              collectors=collectors)
+        self.model.to(was)
+        if fingerprint and rank_world()[0] == 0:  # only data with a fingerprint can be reused safely
+            entry.store(*calib.stats_to_tensors(stats))
+        return stats
+
+    # ---- the replacements' protocol, over the whole student ------------------------------------
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def lr_scales(self) -> dict[str, float]:
+        """Per-tensor learning-rate multipliers the replacements declare, by full parameter name."""
+        scales = {}
+        for target, wrapper in replaced_modules(self.model).items():
+            for prefix, module in wrapper.replacement.named_modules():
+                for name, scale in lr_scales_of(module).items():
+                    scales[".".join(p for p in (target, "replacement", prefix, name) if p)] = float(scale)
+        return scales
+
+    def replacement_metrics(self) -> dict[str, dict]:
+        """{metric name: {target: metric}} that the replacements update while tracking."""
+        found: dict[str, dict] = {}
+        for target, wrapper in replaced_modules(self.model).items():
+            for name, metric in metrics_of(wrapper.replacement).items():
+                found.setdefault(name, {})[target] = metric
+        return found
+
+    def track(self, on: bool) -> None:
+        for wrapper in replaced_modules(self.model).values():
+            set_tracking(wrapper.replacement, on)
+
+    # ---- repair states -------------------------------------------------------------------------
+
+    def save_state(self, path: str | Path, extra: dict | None = None) -> Path:
+        return save_state(path, self.trainable_parameters(), {**self.header(), **(extra or {})})
+
+    def load_state(self, path: str | Path) -> dict:
+        """Load a repair state into the trainable tensors (see ``zoo.core.state.load_into``)."""
+        return load_into(path, self.trainable_parameters(), self.header())

@@ -1,0 +1,120 @@
+"""K-FAC-weighted SVD: a low-rank factorization weighted on both sides by the Kronecker-factored Fisher
+(ZOMBORG, source 000, section 2.2, "Fisher-weighted SVD", taken from FWSVD's per-row Fisher to the K-FAC
+approximation of Martens & Grosse, 2015, as LLM Surgeon, van der Ouderaa et al., 2023, uses it for
+structured compression).
+
+For a linear target y = W x inside the model, the Fisher of the next-token loss w.r.t. W is approximated
+by A (x) G, with A = E[x x^T] (the input second moment) and G = E[g g^T], g = dL/dy the gradient at the
+target's output. The loss increase of replacing W by W_r is then about
+
+    tr(dW^T G dW A) = || L_G^T (W - W_r) R_A ||_F^2,    G = L_G L_G^T,  A = R_A R_A^T
+
+so the rank-r optimum is the truncated SVD of ``M = L_G^T W R_A`` mapped back:
+``U = L_G^-T P_r``, ``sigma = S_r``, ``V = R_A^-T Q_r``. With G = I this is SVD-LLM's whitening
+(``FisherSVD(weighting="covariance")``); with A = I and a diagonal G it is close to FWSVD.
+
+G is a statistic the core calibration does not collect: this module registers the ``grad_output``
+collector (``zoo.core.calibration.Collector``) and the spec asks for it in ``needs()``. The replacement is
+``FisherSVDLinear`` (sigma repair, optionally the factors), so training, export and repair states are
+those of Fisher-SVD.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .core.calibration import ActivationStats, Collector, register_collector
+from .core.errors import ZooError
+from .core.linalg import cholesky_jittered
+from .core.technique import Technique, TensorSize
+from .fisher_svd import FisherSVDLinear, linear_footprint, resolve_rank
+
+
+@register_collector
+class GradOutputCovariance(Collector):
+    """G = E[g g^T] over the real tokens, g = dL/dy at the target's output (the mean next-token loss of
+    each calibration batch, so g carries that batch's 1 / tokens factor; a common scale does not move the
+    weighted SVD)."""
+
+    name, version, backward = "grad_output", "1", True
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        super().__init__(module, device)
+        self.gram = torch.zeros(module.out_features, module.out_features, dtype=torch.float64, device=device)
+        self.tokens = torch.zeros(1, dtype=torch.float64)
+
+    def attach(self) -> list:
+        def on_output(_module, _args, output):
+            if output.requires_grad:
+                mask = self.mask
+                output.register_hook(lambda g: self._add(g, mask))
+
+        return [self.module.register_forward_hook(on_output)]
+
+    def _add(self, grad: torch.Tensor, mask: torch.Tensor | None) -> None:
+        g = grad[mask] if mask is not None else grad.reshape(-1, grad.shape[-1])
+        g = g.detach().double().to(self.gram.device)
+        self.gram += g.T @ g
+        self.tokens += len(g)
+
+    def sums(self) -> list[torch.Tensor]:
+        return [self.gram, self.tokens]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {"second_moment": (self.gram / self.tokens.clamp_min(1).to(self.gram.device)).cpu()}
+
+
+def kfac_svd(weight: torch.Tensor, rank: int, stats: ActivationStats, name: str = ""
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U [out, r], sigma [r], V [in, r]) minimizing ||L_G^T (W - U diag(sigma) V^T) R_A||_F, in fp64."""
+    G = stats.extra.get("grad_output.second_moment")
+    if G is None:
+        raise ZooError(f"K-FAC weighting of {name} needs the grad_output statistic (calibration)")
+    A = stats.second_moment if stats.second_moment is not None else torch.diag(stats.diag)
+    W = weight.detach().double()
+    L_G = cholesky_jittered(G.to(W.device, torch.float64))
+    R_A = cholesky_jittered(A.to(W.device, torch.float64))
+    P, s, Qh = torch.linalg.svd(L_G.T @ W @ R_A, full_matrices=False)
+    U = torch.linalg.solve_triangular(L_G.T, P[:, :rank], upper=True)
+    V = torch.linalg.solve_triangular(R_A.T, Qh[:rank].T, upper=True)
+    return U, s[:rank], V
+
+
+@dataclass(eq=False, repr=False)
+class KFACSVD(Technique):
+    """Spec: replace each target by a rank-r ``FisherSVDLinear`` from the K-FAC-weighted SVD.
+
+    Args:
+        targets: module name patterns (see ``zoo.core.targets``).
+        rank: an int rank, or a float parameter ratio in (0, 1] (as ``zoo.FisherSVD``).
+        train_factors: also train U and V (default: sigma and bias only).
+    """
+
+    targets: str | list[str]
+    rank: int | float = 64
+    train_factors: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, float)):
+            raise ZooError(f"rank must be an int or a parameter-ratio float, got {self.rank!r}")
+
+    def needs(self) -> set[str]:
+        return {"input", "grad_output"}
+
+    def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
+        return linear_footprint(module, resolve_rank(self.rank, module.out_features, module.in_features, name),
+                                self.train_factors)
+
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> FisherSVDLinear:
+        if stats is None:
+            raise ZooError(f"K-FAC weighting of {name} needs calibration statistics")
+        weight = module.weight
+        U, sigma, V = kfac_svd(weight, resolve_rank(self.rank, module.out_features, module.in_features, name),
+                               stats, name)
+        bias = getattr(module, "bias", None)
+        layer = FisherSVDLinear(U.to(weight.dtype), sigma, V.to(weight.dtype),
+                                None if bias is None else bias.detach(), self.train_factors)
+        return layer.to(weight.device)
