@@ -1,6 +1,6 @@
 """The ``zoo`` command: LightningCLI for fit/validate/test, plus the multi-stage subcommands.
 
-``zoo fit --config configs/fisher_svd_repair.yaml`` builds the model (any ``DistillationModule``,
+``zoo fit --config configs/recipes/fisher_svd_repair.yaml`` builds the model (any ``DistillationModule``,
 subclass mode) and the data (any ``TokenDataModule``) from YAML, links the teacher from the model to
 the data, logs to W&B (offline unless ``WANDB_MODE=online`` or the logger's ``offline: false``), and
 always writes ``metrics.json`` next to the repair state. ``--ckpt_path`` accepts a repair state
