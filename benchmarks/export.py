@@ -41,12 +41,13 @@ from zoo.core.models import load_tokenizer, parse_dtype  # noqa: E402
 from zoo.export import export_model, from_pretrained  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SVDLLM, PHD = str(ROOT / "configs/compress_svdllm.yaml"), str(ROOT / "configs/compress_phd.yaml")
+SVDLLM, PHD = str(ROOT / "configs/recipes/compress_svdllm.yaml"), str(ROOT / "configs/recipes/compress_phd.yaml")
 #: name -> (recipe, overrides)
 STUDENTS = {
     "svdllm-0.8": (SVDLLM, ["--model.init_args.parts.rank", "0.8"]),
     "svdllm-0.5": (SVDLLM, ["--model.init_args.parts.rank", "0.5"]),
-    # every MLP map of every layer, blockwise PHD rank 128 (configs/phd_repair.yaml's one layer is too little to measure)
+    # every MLP map of every layer, blockwise PHD rank 128 (configs/recipes/phd_repair.yaml's
+    # one layer is too little to measure)
     "phd-mlp": (PHD, []),
 }
 QUIET = ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1",

@@ -1,6 +1,6 @@
 """The heldout KL of an exported student, measured where the zoo cannot be imported (issue 15, acceptance).
 
-    python benchmarks/export_kl.py --recipe configs/fisher_svd_repair.yaml --export runs/fisher_svd_repair/export \\
+    python benchmarks/export_kl.py --recipe configs/recipes/fisher_svd_repair.yaml --export runs/fisher_svd_repair/export \\
         --metrics runs/fisher_svd_repair/metrics.json
 
 This process (with the zoo) writes the recipe's heldout split - the batches ``zoo validate`` measures:

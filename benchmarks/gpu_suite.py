@@ -18,8 +18,8 @@ or an OOM in one step loses that step only:
   export      benchmarks/export.py, when that file exists (skipped with the reason otherwise), with
               those of --device cuda, --build-device cuda, --dtype bfloat16, --teacher, --json (or in a
               dry run its --tiny / --dry-run) that its source declares
-  fit-fisher  zoo fit of configs/fisher_svd_repair.yaml, bf16-mixed, strategy fsdp (world size 1)
-  fit-coupled zoo fit of configs/coupled_core.yaml, likewise
+  fit-fisher  zoo fit of configs/recipes/fisher_svd_repair.yaml, bf16-mixed, strategy fsdp (world size 1)
+  fit-coupled zoo fit of configs/recipes/coupled_core.yaml, likewise
 
 Writes results/gpu/<device>-<date>.json (each figure, its target, pass/fail, the torch and CUDA
 versions, the device name) and prints a table. Exit status 1 when a step failed or ran out of time (a
@@ -94,9 +94,9 @@ TARGETS = [
     ("eigen_kv_ratio", "eigen", "EigenAttention / original attention, KV-cache bytes at 16k context", "<=", 0.5),
     ("eigen_decode_ratio", "eigen", "EigenAttention / original attention, decode time at 16k context", "<=", 0.7),
     ("export_exit_code", "export", "benchmarks/export.py exit code", "==", 0),
-    ("fit_fisher_heldout_kl", "fit-fisher", "zoo fit configs/fisher_svd_repair.yaml, bf16-mixed, fsdp: heldout "
+    ("fit_fisher_heldout_kl", "fit-fisher", "zoo fit configs/recipes/fisher_svd_repair.yaml, bf16-mixed, fsdp: heldout "
      "KL after repair (finite, trainables saved fp32)", "finite", None),
-    ("fit_coupled_heldout_kl", "fit-coupled", "zoo fit configs/coupled_core.yaml, bf16-mixed, fsdp: heldout KL "
+    ("fit_coupled_heldout_kl", "fit-coupled", "zoo fit configs/recipes/coupled_core.yaml, bf16-mixed, fsdp: heldout KL "
      "after repair (finite, trainables saved fp32)", "finite", None),
 ]
 
@@ -407,7 +407,8 @@ def plan(dry: bool, work: Path, teacher: str | None, teacher_reason: str | None)
                       lambda w, r: {"export_exit_code": (r["rc"], load(w / "export.json") or {})}))
     else:
         steps.append(("export", None, "benchmarks/export.py does not exist", None))
-    for key, recipe in (("fisher", "configs/fisher_svd_repair.yaml"), ("coupled", "configs/coupled_core.yaml")):
+    for key, recipe in (("fisher", "configs/recipes/fisher_svd_repair.yaml"),
+                        ("coupled", "configs/recipes/coupled_core.yaml")):
         argv = teacher and [py, "-m", "recipes.cli", "fit", "--config", str(fit_config(recipe, key, teacher, work, s))]
         steps.append((f"fit-{key}", argv, no_teacher, extract_fit(key)))
     return steps

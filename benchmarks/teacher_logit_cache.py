@@ -1,7 +1,7 @@
 """Error of the teacher-logit cache's KL (top-k + rest bucket, ``zoo.core.losses.cached_token_kl``) against
 the exact KL, on a recipe's heldout split with its freshly built student (issue 9, "Teacher-logit cache").
 
-    python benchmarks/teacher_logit_cache.py --config configs/fisher_svd_repair.yaml --k 16 64 256
+    python benchmarks/teacher_logit_cache.py --config configs/recipes/fisher_svd_repair.yaml --k 16 64 256
 
 For each k it prints the token-weighted mean KL of the cached approximation, its relative error against
 the exact KL, the mean teacher mass outside the top-k, and the cosine similarity between the gradient
@@ -22,7 +22,7 @@ from zoo.core.surgery import teacher_view
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/fisher_svd_repair.yaml")
+    parser.add_argument("--config", default="configs/recipes/fisher_svd_repair.yaml")
     parser.add_argument("--k", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--repair_state", default=None)
     parser.add_argument("--split", default="heldout", choices=["heldout", "calibration", "train"])

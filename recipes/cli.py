@@ -1,6 +1,6 @@
 """The ``zoo`` command: LightningCLI for fit/validate/test, plus the multi-stage subcommands.
 
-``zoo fit --config configs/fisher_svd_repair.yaml`` builds the model (any ``RepairModule``,
+``zoo fit --config configs/recipes/fisher_svd_repair.yaml`` builds the model (any ``RepairModule``,
 subclass mode) and the data (any ``TokenDataModule``) from YAML, links the teacher from the model to
 the data, logs to W&B (offline unless ``WANDB_MODE=online`` or the logger's ``offline: false``), and
 always writes ``metrics.json`` next to the repair state. ``--ckpt_path`` accepts a repair state
@@ -47,7 +47,27 @@ COMMANDS: dict[str, str] = {
 
 
 def default_logger() -> dict:
+    """The logger of a run whose recipe names none: W&B (offline unless ``WANDB_MODE=online``) in ``runs/``;
+    ``name_default_logger`` names it after the run."""
     return wandb_config(None, "runs")
+
+
+def name_default_logger(config) -> None:
+    """Name the default logger of a parsed fit/validate/test ``config`` after the run: the W&B run is called
+    after the (first) ``--config`` file (``configs/recipes/X.yaml`` logs run ``X``) and saved in the run's
+    ``trainer.default_root_dir``. A logger the recipe or the command line names (or sets a save_dir for) is
+    left as it is."""
+    logger, default = config["trainer"].get("logger"), default_logger()
+    init = getattr(logger, "init_args", None)
+    if getattr(logger, "class_path", None) != default["class_path"] or init is None:
+        return
+    if init.get("name") is not None or str(init.get("save_dir")) != default["init_args"]["save_dir"]:
+        return
+    files = config.get("config") or []
+    if files:
+        init["name"] = Path(str(files[0])).stem
+    if config["trainer"].get("default_root_dir"):
+        init["save_dir"] = str(config["trainer"]["default_root_dir"])
 
 
 class SaveConfigOnStart(SaveConfigCallback):
@@ -88,6 +108,7 @@ class ZooCLI(LightningCLI):
             path = Path(resume) / RESUME_FILE
             check_resume(path)
             config["trainer"]["default_root_dir"] = str(Path(resume))
+        name_default_logger(config)
         check_output_dirs(config)
         self._parse_ckpt_path()
         if resume:

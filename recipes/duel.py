@@ -4,7 +4,7 @@ command: teacher, data (a recipe DataModule: its calibration split trains, its h
 measures), the activation cache, and the outputs (table on stdout, ``duel.json``, ``duel.png``, and the
 same to the run's logger: W&B offline by default).
 
-    zoo duel --config configs/basis_duel.yaml [--rank 32] [--bases '[covariance, hadamard]'] ...
+    zoo duel --config configs/commands/basis_duel.yaml [--rank 32] [--bases '[covariance, hadamard]'] ...
 """
 from __future__ import annotations
 

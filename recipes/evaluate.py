@@ -4,7 +4,7 @@ phases 11-14: paired per-task comparison with the exact McNemar test). The machi
 ``zoo.evaluation``; this file is the commands.
 
     zoo eval --model smollm2-135m-instruct --dataset humaneval --subset HE10
-    zoo eval --recipe configs/fisher_svd_repair.yaml --repair_state runs/fisher_svd_repair/repair_state.safetensors
+    zoo eval --recipe configs/recipes/fisher_svd_repair.yaml --repair_state runs/fisher_svd_repair/repair_state.safetensors
     zoo compare runs/eval/teacher.json runs/eval/student.json
 """
 from __future__ import annotations

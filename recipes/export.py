@@ -5,9 +5,9 @@ data, cached), or from a finished run directory (its ``config.yaml`` and ``repai
 its ``metrics.json`` for the model card), then written by ``zoo.export.export_model``:
 
     zoo export --run runs/fisher_svd_repair --output runs/fisher_svd_repair/export
-    zoo export --recipe configs/compress_svdllm.yaml --repair_state runs/compress_svdllm/repair_state.safetensors \\
+    zoo export --recipe configs/recipes/compress_svdllm.yaml --repair_state runs/compress_svdllm/repair_state.safetensors \\
         --output exports/svdllm --dtype bfloat16
-    zoo export --config configs/export.yaml
+    zoo export --config configs/commands/export.yaml
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ model in memory (``zoo.evaluation.lm_harness``). ``--view teacher`` evaluates th
 student: one model in memory.
 
     zoo lm-eval --model smollm2-135m-instruct --tasks arc_easy,piqa
-    zoo lm-eval --recipe configs/compress_svdllm.yaml --tasks my_task.yaml --log_samples true
+    zoo lm-eval --recipe configs/recipes/compress_svdllm.yaml --tasks my_task.yaml --log_samples true
     zoo compare runs/lm_eval/A/results_<time>.json runs/lm_eval/B/results_<time>.json   # paired, McNemar
 """
 from __future__ import annotations

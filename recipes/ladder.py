@@ -8,8 +8,8 @@ Output: one table (stdout, ``ladder.md``, ``ladder.json``), a chart (``ladder.pn
 after repair per rung), and the same to a W&B run (offline by default). With ``eval_subset`` each
 repaired student (and the teacher, once) is also scored by ``zoo eval`` (greedy pass@1).
 
-    zoo ladder --config configs/ladder.yaml
-    zoo ladder --config configs/ladder.yaml --overrides '[--trainer.max_steps, "200"]' --eval_subset HE10
+    zoo ladder --config configs/commands/ladder.yaml
+    zoo ladder --config configs/commands/ladder.yaml --overrides '[--trainer.max_steps, "200"]' --eval_subset HE10
 """
 from __future__ import annotations
 

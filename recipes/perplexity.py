@@ -4,7 +4,7 @@ recipe's student and its teacher side by side from one model in memory (the teac
 under ``teacher_view``).
 
     zoo ppl --model smollm2-135m-instruct                               # offline default: pydoc-topics
-    zoo ppl --recipe configs/compress_svdllm.yaml                       # student and teacher
+    zoo ppl --recipe configs/recipes/compress_svdllm.yaml                       # student and teacher
     zoo ppl --model meta-llama/Llama-3.1-8B --source wikitext --dataset_config wikitext-2-raw-v1
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ teacher replaced by ``meta:<model>``: the model is built from its config on the 
 (``Technique.footprint``); ``zoo.core.plan`` counts parameters and estimates the peak memory per GPU of
 one repair step (its docstring gives the formula). Output: a table on stdout and a JSON.
 
-    zoo plan --recipe configs/coupled_core.yaml --model meta-llama/Llama-3.1-8B --dtype bfloat16 \\
+    zoo plan --recipe configs/recipes/coupled_core.yaml --model meta-llama/Llama-3.1-8B --dtype bfloat16 \\
         --batch_size 4 --seq_len 2048 --strategy '[ddp, fsdp]' --devices '[1, 8]'
 """
 from __future__ import annotations

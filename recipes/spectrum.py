@@ -21,7 +21,7 @@ EigenAttention's projectors use). Outputs: a markdown table on stdout and in ``s
 ``spectrum.json`` (every number per layer and group), ``spectrum.safetensors`` (every eigenvalue),
 ``spectrum.png`` (Df and k per layer; cumulative variance curves), and the same to the logger.
 
-    zoo spectrum --config configs/spectrum.yaml [--variance 0.9] [--layers '[0, 15, 29]']
+    zoo spectrum --config configs/commands/spectrum.yaml [--variance 0.9] [--layers '[0, 15, 29]']
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ Output: one table (stdout, ``tase_sweep.md``, ``tase_sweep.json``), ``tase_sweep
 with the outlier dimensions set apart and after the RMSNorm, with the source's points for reference), and
 the same to a W&B run (offline unless ``WANDB_MODE=online``).
 
-    zoo tase-sweep --config configs/tase_sweep.yaml
-    zoo tase-sweep --config configs/tase_sweep.yaml --overrides '[--model.init_args.init, identity]' \\
+    zoo tase-sweep --config configs/commands/tase_sweep.yaml
+    zoo tase-sweep --config configs/commands/tase_sweep.yaml --overrides '[--model.init_args.init, identity]' \\
         --output_dir runs/tase_sweep_identity
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ def plot(rows: list[dict], path: Path, threshold: float | None = None) -> Path:
 
 
 def run_sweep(
-    recipe: str = "configs/tase_diagnostic.yaml",
+    recipe: str = "configs/recipes/tase_diagnostic.yaml",
     ks: list[int | str] = DEFAULT_KS,
     overrides: list[str] = [],
     output_dir: str = "runs/tase_sweep",

@@ -3,9 +3,9 @@ DESIGN.md, "Universal basis"). The math is ``zoo.universal_basis`` and ``zoo.lor
 commands, their files (PEFT adapters, safetensors bases, JSON/Markdown tables, PNG charts) and logging
 (W&B offline by default, as every run).
 
-    zoo bank    --config configs/wizorb_bank.yaml      # N LoRA adapters on N disjoint code shards (resumable)
-    zoo basis   --config configs/wizorb_basis.yaml     # per-module bases; train/holdout error vs k
-    zoo project --config configs/wizorb_project.yaml   # an adapter projected into the basis (+ controls)
+    zoo bank    --config configs/commands/wizorb_bank.yaml      # N LoRA adapters on N disjoint code shards (resumable)
+    zoo basis   --config configs/commands/wizorb_basis.yaml     # per-module bases; train/holdout error vs k
+    zoo project --config configs/commands/wizorb_project.yaml   # an adapter projected into the basis (+ controls)
 """
 from __future__ import annotations
 

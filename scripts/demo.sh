@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export WANDB_MODE=${WANDB_MODE:-offline}
-zoo fit --config configs/fisher_svd_repair.yaml "$@"
+zoo fit --config configs/recipes/fisher_svd_repair.yaml "$@"

@@ -112,6 +112,34 @@ def test_default_logger_is_wandb_offline_and_writes_a_local_run(tmp_path, tiny_t
     assert wandb.run is None  # finished: a later W&B logger in this process must start its own run
 
 
+def test_the_default_logger_is_named_after_the_recipe_and_saved_in_the_run(tmp_path, monkeypatch):
+    from jsonargparse import dict_to_namespace
+
+    from recipes.cli import default_logger, name_default_logger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+    def resolved(logger, root="runs/my_run", files=("configs/recipes/my_recipe.yaml", "tweaks.yaml")):
+        config = dict_to_namespace({"config": list(files), "trainer": {"logger": logger, "default_root_dir": root}})
+        name_default_logger(config)
+        logger = config.trainer.logger
+        return logger.as_dict() if hasattr(logger, "as_dict") else logger
+
+    # the recipes name no logger: the run is named after the (first) config file, saved in the run directory
+    assert resolved(default_logger()) == {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {
+        "project": "zoo", "name": "my_recipe", "save_dir": "runs/my_run", "offline": True}}
+    assert resolved(default_logger(), root=None)["init_args"]["save_dir"] == "runs"
+    assert resolved(default_logger(), files=())["init_args"]["name"] is None
+    # a logger the recipe or the command line sets up is left alone
+    named = {**default_logger(), "init_args": {**default_logger()["init_args"], "name": "mine"}}
+    assert resolved(named)["init_args"] == {**default_logger()["init_args"], "name": "mine"}
+    elsewhere = {**default_logger(), "init_args": {**default_logger()["init_args"], "save_dir": str(tmp_path)}}
+    assert resolved(elsewhere)["init_args"] == {**default_logger()["init_args"], "save_dir": str(tmp_path)}
+    assert resolved(False) is False
+    csv = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}}
+    assert resolved(csv) == csv
+
+
 def test_wandb_run_holds_the_whole_config_and_what_was_built(tmp_path, tiny_teacher_dir, monkeypatch):
     from recipes.cli import _lightning_cli, end_wandb_run
 

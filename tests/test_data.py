@@ -216,7 +216,7 @@ def test_hologram_generation_resumes_after_interruption(tmp_path, tiny_teacher_d
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(data, "generate_shard", interrupted_after_one)
+    monkeypatch.setattr(data.hologram, "generate_shard", interrupted_after_one)
     with pytest.raises(KeyboardInterrupt):
         hologram_samples(cfg, tiny_teacher_dir, 0, tmp_path / "resume")
     model, _ = load_causal_lm(tiny_teacher_dir)
@@ -225,7 +225,7 @@ def test_hologram_generation_resumes_after_interruption(tmp_path, tiny_teacher_d
     assert sorted(p.name for p in root.glob("shard-*")) == ["shard-00000"]
 
     resumed_calls = []
-    monkeypatch.setattr(data, "generate_shard", lambda *a, **k: resumed_calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(data.hologram, "generate_shard", lambda *a, **k: resumed_calls.append(1) or real(*a, **k))
     resumed = hologram_samples(cfg, tiny_teacher_dir, 0, tmp_path / "resume")
     assert len(resumed_calls) == 2  # only the missing shards
     assert resumed.to_dict() == uninterrupted.to_dict()
@@ -248,7 +248,7 @@ def test_generation_runs_on_the_trainers_root_device(tmp_path, tiny_teacher_dir,
 
     seen = []
     real = data.hologram_documents
-    monkeypatch.setattr(data, "hologram_documents", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
+    monkeypatch.setattr(data.modules, "hologram_documents", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
     dm = HologramDataModule(hologram=HologramConfig(n_samples=12, max_new_tokens=8, gen_batch_size=6),
                             **small(tiny_teacher_dir) | {"seq_len": 16, "n_train": 4})
     assert dm.generation_device() == torch.device("cpu")  # no trainer attached

@@ -255,7 +255,7 @@ def test_zoo_fit_repairs_projectors_and_validate_rebuilds(tmp_path, tiny_teacher
     assert abs(validated["final"]["heldout_kl"] - summary["heldout_kl_after"]) < 1e-5
 
 
-@pytest.mark.parametrize("config", ["configs/eigen_attention.yaml", "configs/mixed_eigen_fisher.yaml"])
+@pytest.mark.parametrize("config", ["configs/recipes/eigen_attention.yaml", "configs/recipes/mixed_eigen_fisher.yaml"])
 def test_shipped_configs_parse(config, capsys):
     from pathlib import Path
 

@@ -94,7 +94,7 @@ def test_llama_31_8b_from_a_config_file(tmp_path, capsys):
     path = tmp_path / "llama-3.1-8b" / "config.json"
     path.parent.mkdir()
     path.write_text(json.dumps(LLAMA_31_8B))
-    planned, table = plan(["--recipe", "configs/coupled_core.yaml", "--model", str(path), "--dtype", "bfloat16",
+    planned, table = plan(["--recipe", "configs/recipes/coupled_core.yaml", "--model", str(path), "--dtype", "bfloat16",
                            "--batch_size", "4", "--seq_len", "2048", "--strategy", "[ddp, fsdp]",
                            "--devices", "[1, 8]"], tmp_path, capsys)
     counts = planned["parameters"]

@@ -309,7 +309,7 @@ class TASEDiagnostic(RepairModule):
         parts: composed mode: technique specs whose replacements are built (calibrated on the
             DataModule's calibration split) and frozen, so the interface sees the student's residual
             stream (e.g. ``zoo.CoupledCore`` over layers 14-21 with the interface after layer 17).
-        parts_state: a repair state of those parts (e.g. a ``zoo fit`` of ``configs/coupled_core.yaml``)
+        parts_state: a repair state of those parts (e.g. a ``zoo fit`` of ``configs/recipes/coupled_core.yaml``)
             to load into them before recording.
         seed: seeds the interface's random directions.
         **kwargs: ``RepairModule``'s options (teacher, dtype, lr, warmup_steps, repair_state, ...);
