@@ -19,7 +19,7 @@ import yaml
 from zoo.core.errors import ZooError
 from zoo.export import export_model
 
-from .command import command_parser, run_command
+from .command import load_recipe
 
 RUN_CONFIG, RUN_STATE, RUN_METRICS = "config.yaml", "repair_state.safetensors", "metrics.json"
 #: keys `zoo fit` writes into a run's config.yaml that a recipe (``load_recipe``) does not take
@@ -51,8 +51,6 @@ def export_run(
             for repairs that keep the architecture's size (LoRA, coefficient adapters, full-rank students).
         overwrite: replace an existing ``output``.
     """
-    from .cli import load_recipe  # the CLI imports this module lazily; import it back the same way
-
     metrics = None
     if run is not None:
         run_dir = Path(run)
@@ -100,10 +98,3 @@ def _need(path: Path, what: str) -> str:
     if not path.is_file():
         raise ZooError(f"run directory {str(path.parent)!r} has no {path.name} ({what})")
     return str(path)
-
-
-def export_main(argv: list[str]) -> Path:
-    """Entry point of ``zoo export`` (see ``recipes.cli.COMMANDS``)."""
-    parser = command_parser(export_run, "zoo export", "zoo export: write a compressed student as a transformers "
-                            "directory that loads without the teacher (trust_remote_code, or zoo.from_pretrained)")
-    return run_command(export_run, parser, argv)

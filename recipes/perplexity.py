@@ -9,7 +9,6 @@ under ``teacher_view``).
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -18,8 +17,8 @@ from lightning.pytorch.loggers import Logger
 from zoo.core.surgery import teacher_view
 from zoo.evaluation.perplexity import PYDOC_TOPICS, load_texts, perplexity, token_windows
 
-from .command import command_parser, finish_logger, run_command
 from .evaluate import _device, load_subject
+from .report import Outputs, log_outputs
 
 
 def ppl(
@@ -86,23 +85,15 @@ def ppl(
               "repair_state": repair_state, "overrides": list(overrides), "source": texts.describe(),
               "seq_len": seq_len, "n_windows": n_windows, "ppl": {k: v.to_dict() for k, v in figures.items()}}
     path = Path(output or Path(output_dir) / default_output(name, source, seq_len))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
-    if logger is not None:
-        logger.log_hyperparams({k: result[k] for k in ("name", "teacher", "dtype", "recipe", "repair_state", "seq_len")})
-        logger.log_metrics({f"ppl/{k}": v.ppl for k, v in figures.items()} | {"ppl/n_windows": n_windows})
-        finish_logger(logger)
+    outputs = Outputs(path.parent, path.stem)
+    outputs.json(result, name=path.name, indent=1)
+    print(outputs.wrote())
+    log_outputs(logger, hyperparams={k: result[k] for k in ("name", "teacher", "dtype", "recipe", "repair_state",
+                                                            "seq_len")},
+                metrics={f"ppl/{k}": v.ppl for k, v in figures.items()} | {"ppl/n_windows": n_windows})
     return result
 
 
 def default_output(name: str, source: str, seq_len: int) -> str:
     slug = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{name}-{Path(source).name or source}-{seq_len}").strip("_")
     return f"{slug[:120]}.json"
-
-
-def ppl_main(argv: list[str]) -> dict:
-    """Entry point of ``zoo ppl`` (see ``recipes.cli.COMMANDS``)."""
-    parser = command_parser(ppl, "zoo ppl", "zoo ppl: perplexity in non-overlapping windows (default 2048 tokens)",
-                            logger=True)
-    return run_command(ppl, parser, argv, logger_name="ppl")
