@@ -104,12 +104,17 @@ class ZooCLI(LightningCLI):
         self._log_run_summary()
 
     def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
-        for kind in (MetricsJSON, Resume):
-            if not any(isinstance(c, kind) for c in trainer.callbacks):
-                trainer.callbacks.append(kind())
-        trainer.strategy.checkpoint_io = SafetensorsCheckpointIO()
-        return trainer
+        return equip_trainer(super().instantiate_trainer(**kwargs))
+
+
+def equip_trainer(trainer, resume: bool = True):
+    """What every zoo fit's trainer has: ``metrics.json`` (``MetricsJSON``), the resume checkpoint
+    (``Resume``, unless ``resume`` is false) and safetensors checkpoints instead of pickles."""
+    for kind in (MetricsJSON, Resume) if resume else (MetricsJSON,):
+        if not any(isinstance(c, kind) for c in trainer.callbacks):
+            trainer.callbacks.append(kind())
+    trainer.strategy.checkpoint_io = SafetensorsCheckpointIO()
+    return trainer
 
 
 def git_commit() -> str | None:

@@ -145,17 +145,17 @@ def fit_subprocess(config: str, overrides: list[str], run_dir: Path, logger_name
 
 
 def fit_in_process(module, datamodule, run_dir: Path, logger_name: str | None, **trainer_options) -> dict:
-    """``trainer.fit`` of ``module`` on ``datamodule`` in this process, into ``run_dir`` (``metrics.json``
-    there, as every fit), its own W&B run under ``logger_name`` (None: none); the final scalar metrics."""
+    """``trainer.fit`` of ``module`` on ``datamodule`` in this process, into ``run_dir``, with the trainer of
+    ``zoo fit`` (``equip_trainer``: ``metrics.json`` there; no resume checkpoint, the series keeps finished
+    runs) and its own W&B run under ``logger_name`` (None: none); the final scalar metrics."""
     import lightning as L
     import torch
 
-    from callbacks import MetricsJSON
+    from .lightning_cli import equip_trainer
 
     logger = wandb_logger(logger_name, run_dir) if logger_name else False
-    trainer = L.Trainer(logger=logger, enable_checkpointing=False, default_root_dir=str(run_dir),
-                        callbacks=[MetricsJSON(dirpath=str(run_dir))], **trainer_options)
-    trainer.fit(module, datamodule=datamodule)
+    trainer = L.Trainer(logger=logger, enable_checkpointing=False, default_root_dir=str(run_dir), **trainer_options)
+    equip_trainer(trainer, resume=False).fit(module, datamodule=datamodule)
     if logger:
         finish_logger(logger)  # each run its own W&B run
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
