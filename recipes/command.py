@@ -43,6 +43,8 @@ class Command:
     positional: bool = False
 
     def function(self):
+        if self.target is None:
+            raise ValueError("fit/validate/test are LightningCLI's (recipes.cli.lightning_main), not functions")
         module, _, name = self.target.partition(":")
         return getattr(importlib.import_module(module), name)
 
