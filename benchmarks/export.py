@@ -70,7 +70,7 @@ def tiny_teacher(root: Path) -> str:
 
 
 def build_exports(args, root: Path) -> dict[str, Path]:
-    from recipes.cli import load_recipe
+    from recipes.command import load_recipe
 
     dirs = {}
     extra = list(QUIET) + (["--model.init_args.teacher", args.teacher] if args.teacher else [])

@@ -60,7 +60,7 @@ def dump_heldout(recipe: str, overrides: list[str], path: Path) -> str:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
-    from recipes.cli import load_recipe
+    from recipes.command import load_recipe
     from zoo.core.models import model_location
 
     module, data, _ = load_recipe(recipe, [*overrides, "--trainer.logger", "false"], build=False)

@@ -15,7 +15,8 @@ import argparse
 
 import torch
 
-from recipes.cli import _quiet, load_recipe
+from recipes.cli import _quiet
+from recipes.command import load_recipe
 from zoo.core.losses import cached_token_kl, prediction_mask, teacher_top_k, token_kl
 from zoo.core.surgery import teacher_view
 

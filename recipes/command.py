@@ -1,19 +1,157 @@
-"""What the multi-stage ``zoo`` commands (``zoo duel``, ``zoo spectrum``, ``zoo bank``, ...) share: a
-jsonargparse parser over the command's function (with ``--config``, optionally a recipe DataModule whose
-teacher is linked to the command's, and a Lightning logger), running it, and the W&B logger every run uses
-(offline unless ``WANDB_MODE=online``)."""
+"""The command layer of ``zoo``: one registry of subcommands, one parser builder, one runner.
+
+Every subcommand beside LightningCLI's ``fit``/``validate``/``test`` is a typed function (its options are
+its parameters, their help its docstring's ``Args:`` section). ``COMMANDS`` names each one with a one-line
+description; ``command_parser`` builds its jsonargparse parser (``--config``, optionally ``--data``, a
+recipe DataModule whose teacher follows the command's, and ``--logger``); ``run_command`` parses,
+instantiates and calls it. ``load_recipe`` builds a recipe's model and data as ``zoo fit`` would, without
+running: how the commands that measure or export a student rebuild it. Logging is W&B, offline unless
+``WANDB_MODE=online``.
+"""
 from __future__ import annotations
 
-import json
+import importlib
 import os
-import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.loggers import Logger
 
-from .data import TokenDataModule
+
+@dataclass(frozen=True)
+class Command:
+    """A ``zoo`` subcommand.
+
+    Args:
+        target: ``module:function`` of its typed function (imported only when the command runs); None:
+            a LightningCLI subcommand.
+        help: its one-line description (``zoo --help``, and the head of its own ``--help``).
+        data: ``required`` or ``optional``: a ``--data`` recipe DataModule, its teacher linked to the
+            function's ``teacher``.
+        logger: a ``--logger`` option (a Lightning logger; true: W&B offline in ``output_dir``; false: none).
+        logger_name: the W&B run name of ``--logger true``.
+        positional: required options may be given without their ``--name`` (``zoo compare A B``).
+    """
+
+    target: str | None
+    help: str
+    data: str | None = None
+    logger: bool = False
+    logger_name: str | None = None
+    positional: bool = False
+
+    def function(self):
+        if self.target is None:
+            raise ValueError("fit/validate/test are LightningCLI's (recipes.cli.lightning_main), not functions")
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+#: every ``zoo`` subcommand, in ``zoo --help`` order
+COMMANDS: dict[str, Command] = {
+    "fit": Command(None, "repair a student: build it from a recipe YAML and distill it from its teacher"),
+    "validate": Command(None, "the heldout metrics of a recipe's student (--ckpt_path: a repair state)"),
+    "test": Command(None, "the test loop of a recipe's student (--ckpt_path: a repair state)"),
+    "plan": Command("recipes.plan:plan_recipe", "parameter counts and a peak-memory estimate of a recipe on a "
+                    "model, without loading its weights"),
+    "export": Command("recipes.export:export_run", "write a compressed student as a transformers directory that "
+                      "loads without the teacher"),
+    "eval": Command("recipes.evaluate:eval_model", "greedy pass@1 on HumanEval+/MBPP+ through evalplus",
+                    positional=True),
+    "compare": Command("recipes.evaluate:compare_results", "paired table and exact McNemar test of two "
+                       "evaluation results", positional=True),
+    "lm-eval": Command("recipes.harness:lm_eval_model", "lm-eval-harness tasks on a teacher or a student, "
+                       "through lm-eval's HFLM on the model in memory", logger=True, logger_name="lm_eval"),
+    "ppl": Command("recipes.perplexity:ppl", "perplexity in non-overlapping windows (default 2048 tokens)",
+                   logger=True, logger_name="ppl"),
+    "duel": Command("recipes.duel:basis_duel", "compare bases of one layer at one rank (source 000, 4.2)",
+                    data="required", logger=True, logger_name="basis_duel"),
+    "spectrum": Command("recipes.spectrum:spectrum_report", "per-layer eigen-spectra of hidden states, Q, K, V "
+                        "and their weights (source 004)", data="required", logger=True, logger_name="spectrum"),
+    "ladder": Command("recipes.ladder:run_ladder", "the scaling ladder of structured replacements, one fit per "
+                      "rung (source 000, 4.5-4.9)"),
+    "tase-sweep": Command("recipes.tase_sweep:run_sweep", "TASE identity deviation over k, one fit per k "
+                          "(source 000, 4.9, phase 51)"),
+    "bank": Command("recipes.wizorb:train_bank", "a delta bank of LoRA adapters on disjoint code shards "
+                    "(source 001, 3.3)", data="optional"),
+    "basis": Command("recipes.wizorb:build_basis", "per-module universal bases of a delta bank, train/holdout "
+                     "reconstruction error vs k (source 001, 4)"),
+    "project": Command("recipes.wizorb:project", "an adapter projected into a universal basis, with "
+                       "random/secondary/mean controls (source 001, phases 9-14)"),
+}
+LIGHTNING_COMMANDS = tuple(name for name, command in COMMANDS.items() if command.target is None)
+
+
+def usage() -> str:
+    """``zoo --help``: every subcommand with its one-line description."""
+    width = max(map(len, COMMANDS))
+    lines = ["usage: zoo COMMAND [--config CONFIG.yaml] [--option value ...]",
+             "       zoo COMMAND --help   for a command's options", "", "commands:"]
+    lines += [f"  {name:<{width}}  {command.help}" for name, command in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def command_parser(name: str) -> ArgumentParser:
+    """The parser of subcommand ``name``: its function's typed signature plus ``--config`` (and ``--data``,
+    ``--logger`` where the registry says)."""
+    from .data import TokenDataModule
+
+    command = COMMANDS[name]
+    parser = ArgumentParser(prog=f"zoo {name}", exit_on_error=False, description=f"zoo {name}: {command.help}")
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
+    skip = ({"data"} if command.data else set()) | ({"logger"} if command.logger else set())
+    parser.add_function_arguments(command.function(), skip=skip, as_positional=command.positional)
+    if command.data:
+        parser.add_subclass_arguments(TokenDataModule, "data", required=command.data == "required")
+        parser.link_arguments("teacher", "data.init_args.teacher")
+    if command.logger:
+        parser.add_argument("--logger", type=Logger | bool | None, default=True,
+                            help="a Lightning logger (class_path/init_args); true: W&B offline in output_dir; "
+                                 "false/null: none")
+    return parser
+
+
+def run_command(name: str, argv: list[str]):
+    """Parse ``argv`` for subcommand ``name``, build the objects it names, and call its function."""
+    command = COMMANDS[name]
+    parser = command_parser(name)
+    init = parser.instantiate_classes(parser.parse_args(argv))
+    kwargs = {k: v for k, v in vars(init).items() if k not in ("config", "__path__")}
+    if command.logger and isinstance(kwargs.get("logger"), bool | None):
+        kwargs["logger"] = command_logger(kwargs["logger"], command.logger_name or name, kwargs["output_dir"])
+    return command.function()(**kwargs)
+
+
+def load_recipe(config: str, overrides: list[str] | tuple[str, ...] = (), repair_state: str | None = None,
+                build: bool = True, device: str | None = None, meta: bool = False):
+    """(model, datamodule, trainer) of a recipe YAML, as ``zoo fit --config`` would build them.
+
+    With ``build`` the student is built (calibration from the recipe's data, cached) and
+    ``repair_state`` loaded into it: this is how multi-stage commands (``zoo eval``, ...) rebuild a
+    student from (config, repair state). With ``meta`` the teacher is its architecture alone on the
+    meta device (``meta:<teacher>``; no weights, no tokenizer): what ``zoo plan`` sizes.
+    """
+    from zoo.core.module import RepairModule
+
+    from .data import TokenDataModule
+    from .lightning_cli import ZooCLI
+
+    args = ["--config", str(config), *overrides]
+    if repair_state:
+        args += ["--model.init_args.repair_state", str(repair_state)]
+    cli = ZooCLI(RepairModule, TokenDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                 args=args, run=False, meta=meta, auto_configure_optimizers=False, save_config_callback=None,
+                 trainer_defaults={"logger": False, "enable_checkpointing": False},
+                 parser_kwargs={"prog": "zoo", "exit_on_error": False})
+    if build:
+        cli.model.build_student_from(cli.datamodule, device)
+    return cli.model, cli.datamodule, cli.trainer
+
+
+# --------------------------------------------------------------------------------------------------
+# the W&B logger of every run
 
 
 def wandb_init_args(name: str | None, save_dir: str | Path) -> dict:
@@ -34,6 +172,11 @@ def wandb_logger(name: str, save_dir: str | Path) -> Logger:
     return WandbLogger(**wandb_init_args(name, save_dir))
 
 
+def command_logger(enabled: bool | None, name: str, save_dir: str | Path) -> Logger | None:
+    """A command's W&B logger (``--logger true``), or None."""
+    return wandb_logger(name, save_dir) if enabled else None
+
+
 def end_wandb_run(failed: bool = False) -> None:
     """Finish the W&B run in progress, if any. Lightning's ``finalize`` leaves a W&B run open, and the next W&B
     logger in the same process would then log into it (wandb reuses a run in progress)."""
@@ -49,72 +192,3 @@ def finish_logger(logger: Logger) -> None:
 
     if isinstance(logger, WandbLogger):
         end_wandb_run()
-
-
-def command_parser(function, prog: str, description: str, *, data: str | None = None,
-                   logger: bool = False, positional: bool = False) -> ArgumentParser:
-    """A parser of ``function``'s typed signature plus ``--config``.
-
-    ``data``: ``required`` or ``optional`` adds ``--data`` (any recipe DataModule; its teacher follows the
-    command's ``teacher``). ``logger`` adds ``--logger`` (a Lightning logger, or true: W&B offline in the
-    command's ``output_dir``, or false). ``positional``: required arguments may be given without their
-    ``--name`` (``zoo compare A.json B.json``).
-    """
-    parser = ArgumentParser(prog=prog, exit_on_error=False, description=description)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
-    skip = ({"data"} if data else set()) | ({"logger"} if logger else set())
-    parser.add_function_arguments(function, skip=skip, as_positional=positional)
-    if data:
-        parser.add_subclass_arguments(TokenDataModule, "data", required=data == "required")
-        parser.link_arguments("teacher", "data.init_args.teacher")
-    if logger:
-        parser.add_argument("--logger", type=Logger | bool | None, default=True,
-                            help="a Lightning logger (class_path/init_args); true: W&B offline in output_dir; "
-                                 "false/null: none")
-    return parser
-
-
-def run_command(function, parser: ArgumentParser, argv: list[str], logger_name: str | None = None):
-    """Parse ``argv``, build the objects it names, and call ``function`` with them."""
-    cfg = parser.parse_args(argv)
-    init = parser.instantiate_classes(cfg)
-    kwargs = {k: v for k, v in vars(init).items() if k not in ("config", "__path__")}
-    if logger_name is not None and "logger" in kwargs and isinstance(kwargs["logger"], bool | None):
-        kwargs["logger"] = wandb_logger(logger_name, kwargs["output_dir"]) if kwargs["logger"] else None
-    return function(**kwargs)
-
-
-def run_streaming(args: list[str], log_path: Path) -> tuple[int, str]:
-    """Run a command, streaming its output to the terminal and to ``log_path``; (exit code, last line of stderr)."""
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        last = ""
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log_file.write(line)
-            if line.strip():
-                last = line.strip()
-        return proc.wait(), last
-
-
-def fit_args(config: str, overrides: list[str], run_dir: Path, logger_name: str | None) -> list[str]:
-    """``zoo fit`` of ``config`` with ``overrides`` as a subprocess argv, run in ``run_dir``, logging to W&B
-    under ``logger_name`` (None: no logger). Series of runs (``zoo ladder``, ``zoo tase-sweep``) use it."""
-    logger = json.dumps(wandb_config(logger_name, run_dir)) if logger_name else "false"
-    return [sys.executable, "-m", "recipes.cli", "fit", "--config", config, *overrides,
-            "--trainer.default_root_dir", str(run_dir), "--trainer.logger", logger]
-
-
-def finished_metrics(run_dir: Path, summary_key: str) -> dict | None:
-    """The ``metrics.json`` of a run in ``run_dir`` whose summary has ``summary_key`` (its end-of-run result),
-    else None: how a series of runs knows which ones it need not run again."""
-    path = Path(run_dir) / "metrics.json"
-    if not path.is_file():
-        return None
-    metrics = json.loads(path.read_text())
-    return metrics if summary_key in metrics.get("summary", {}) else None
-
-
-def fmt(value, spec: str) -> str:
-    """A table cell: ``value`` formatted, or "-" when missing."""
-    return "-" if value is None else format(value, spec)

@@ -8,7 +8,6 @@ same to the run's logger: W&B offline by default).
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -21,8 +20,8 @@ from zoo.core.errors import ZooError, check_choice
 from zoo.core.models import DEFAULT_TEACHER, load_causal_lm
 from zoo.core.targets import find_targets
 
-from .command import command_parser, finish_logger, run_command
 from .data import TokenDataModule
+from .report import Outputs, log_outputs
 
 log = logging.getLogger("zoo.duel")
 
@@ -97,41 +96,26 @@ def basis_duel(
                          steps, lr, batch_tokens, seed, alpha, target=name)
     result.config.update(teacher=teacher, dtype=dtype, data=type(data).__name__)
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    outputs = Outputs(output_dir, "duel")
     table = bd.format_table(result)
     print(table)
-    (out / "duel.json").write_text(json.dumps(result.to_dict(), indent=2))
-    (out / "duel.md").write_text(table + "\n")
-    chart = bd.plot(result, out / "duel.png")
-    print(f"\nwrote {out / 'duel.json'}, {out / 'duel.md'} and {chart}")
-    if logger is not None:
-        log_result(logger, result, chart)
+    outputs.json(result.to_dict())
+    outputs.markdown(table)
+    chart = outputs.chart(bd.plot, result)
+    print(f"\n{outputs.wrote()}")
+    log_result(logger, result, chart)
     return result
 
 
-def log_result(logger: Logger, result: bd.DuelResult, chart: Path) -> None:
-    """Metrics to any Lightning logger; the table and the chart too where the logger takes them (W&B)."""
-    logger.log_hyperparams({"target": result.target, "rank": result.rank, "steps": result.steps, **result.config})
+def log_result(logger: Logger | None, result: bd.DuelResult, chart: Path) -> None:
+    """Metrics to any Lightning logger (None: nothing); the table and the chart too where it takes them (W&B)."""
     metrics = {}
     for basis, row in result.rows.items():
         for step, values in row["steps"].items():
             for metric, value in values.items():
                 metrics[f"duel/{basis}/{metric}@{step}"] = value
         metrics[f"duel/{basis}/heldout_rel_mse@sigma_opt"] = row["sigma_optimum"]["heldout_rel_mse"]
-    logger.log_metrics(metrics, step=0)
-    if hasattr(logger, "log_table"):
-        columns, rows = bd.table_rows(result)
-        logger.log_table(key="basis_duel", columns=columns, data=rows)
-        logger.log_text(key="basis_duel_findings", columns=["finding"],
-                        data=[[line] for line in bd.findings_text(result)])
-    if hasattr(logger, "log_image"):
-        logger.log_image(key="basis_duel_chart", images=[str(chart)])
-    finish_logger(logger)
-
-
-def duel_main(argv: list[str]) -> bd.DuelResult:
-    """Entry point of ``zoo duel`` (see ``recipes.cli.COMMANDS``)."""
-    parser = command_parser(basis_duel, "zoo duel", "zoo duel: compare bases of one layer at one rank (source 000, 4.2)",
-                            data="required", logger=True)
-    return run_command(basis_duel, parser, argv, logger_name="basis_duel")
+    log_outputs(logger, hyperparams={"target": result.target, "rank": result.rank, "steps": result.steps,
+                                     **result.config},
+                metrics=metrics, step=0, tables={"basis_duel": bd.table_rows(result)},
+                texts={"basis_duel_findings": bd.findings_text(result)}, images={"basis_duel_chart": chart})

@@ -21,7 +21,7 @@ from zoo.core.surgery import teacher_view
 from zoo.evaluation import (PROMPT_STYLES, EvalResult, Limits, compare, evaluate, load_problems, load_result,
                             parse_teacher_solved, samples_path, select, teacher_solved)
 
-from .command import command_parser, run_command
+from .command import load_recipe
 
 log = logging.getLogger("zoo.eval")
 VIEWS = ("student", "teacher")
@@ -63,7 +63,7 @@ def eval_model(
             teacher passes), or comma-separated task ids (``HumanEval/0,HumanEval/7`` or ``0,7``).
         recipe: a recipe YAML (as for ``zoo fit``): evaluate its student.
         repair_state: the repair state (safetensors) loaded into the recipe's student.
-        overrides: extra recipe options, e.g. ``['--model.init_args.rank', '32']``.
+        overrides: extra recipe options, e.g. ``['--model.init_args.parts.rank', '32']``.
         view: with ``recipe``: ``student`` (the replacements) or ``teacher`` (the originals).
         dtype: weight dtype (float32, bfloat16, float16); default float32, or the recipe's.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``, ...
@@ -122,8 +122,6 @@ def load_subject(model: str | None, recipe: str | None, repair_state: str | None
     if repair_state and not recipe:
         raise ZooError("--repair_state needs --recipe (the recipe that built the student it belongs to)")
     if recipe:
-        from .cli import load_recipe
-
         extra = list(overrides)
         if model:
             extra += ["--model.init_args.teacher", model]
@@ -168,17 +166,3 @@ def compare_results(a: str, b: str, metric: str = "acc") -> None:
                   "they are left out of the pairing")
     print(paired.table(a, b))
     return paired
-
-
-def eval_main(argv: list[str]) -> EvalResult:
-    """Entry point of ``zoo eval`` (see ``recipes.cli.COMMANDS``)."""
-    parser = command_parser(eval_model, "zoo eval", "zoo eval: greedy pass@1 on HumanEval+/MBPP+ through evalplus",
-                            positional=True)
-    return run_command(eval_model, parser, argv)
-
-
-def compare_main(argv: list[str]):
-    """Entry point of ``zoo compare``."""
-    parser = command_parser(compare_results, "zoo compare", "zoo compare: paired table and exact McNemar test",
-                            positional=True)
-    return run_command(compare_results, parser, argv)

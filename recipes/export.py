@@ -19,7 +19,7 @@ import yaml
 from zoo.core.errors import ZooError
 from zoo.export import export_model
 
-from .command import command_parser, run_command
+from .command import load_recipe
 
 RUN_CONFIG, RUN_STATE, RUN_METRICS = "config.yaml", "repair_state.safetensors", "metrics.json"
 #: keys `zoo fit` writes into a run's config.yaml that a recipe (``load_recipe``) does not take
@@ -44,15 +44,13 @@ def export_run(
             writes both); its ``metrics.json`` gives the model card's heldout KL / perplexity.
         recipe: a recipe YAML (instead of ``run``; default with ``run``: the run's ``config.yaml``).
         repair_state: the repair state to load (default with ``run``: the run's); none: the unrepaired student.
-        overrides: extra recipe options, e.g. ``['--model.init_args.rank', '0.5']`` (as given to the run).
+        overrides: extra recipe options, e.g. ``['--model.init_args.parts.rank', '0.5']`` (as given to the run).
         dtype: dtype of the stored tensors: ``float32``, ``bfloat16`` or ``float16`` (default: the recipe's);
             tensors a replacement keeps in fp32 (sigma, cores) stay fp32.
         merge: fold every replacement into dense weights and write a plain checkpoint (no remote code); only
             for repairs that keep the architecture's size (LoRA, coefficient adapters, full-rank students).
         overwrite: replace an existing ``output``.
     """
-    from .cli import load_recipe  # the CLI imports this module lazily; import it back the same way
-
     metrics = None
     if run is not None:
         run_dir = Path(run)
@@ -100,10 +98,3 @@ def _need(path: Path, what: str) -> str:
     if not path.is_file():
         raise ZooError(f"run directory {str(path.parent)!r} has no {path.name} ({what})")
     return str(path)
-
-
-def export_main(argv: list[str]) -> Path:
-    """Entry point of ``zoo export`` (see ``recipes.cli.COMMANDS``)."""
-    parser = command_parser(export_run, "zoo export", "zoo export: write a compressed student as a transformers "
-                            "directory that loads without the teacher (trust_remote_code, or zoo.from_pretrained)")
-    return run_command(export_run, parser, argv)

@@ -19,8 +19,8 @@ from zoo.core.surgery import teacher_view
 from zoo.evaluation.lm_harness import (dense_copy, flat_metrics, run_lm_eval, split_tasks, summary_lines,
                                        task_manager)
 
-from .command import command_parser, finish_logger, run_command
 from .evaluate import VIEWS, _device, load_subject
+from .report import log_outputs
 
 
 def lm_eval_model(
@@ -52,7 +52,7 @@ def lm_eval_model(
             smollm2-135m-instruct; with ``recipe``: overrides the recipe's teacher).
         recipe: a recipe YAML (as for ``zoo fit``): evaluate its student.
         repair_state: the repair state (safetensors) loaded into the recipe's student.
-        overrides: extra recipe options, e.g. ``['--model.init_args.rank', '0.6']``.
+        overrides: extra recipe options, e.g. ``['--model.init_args.parts.rank', '0.6']``.
         view: with ``recipe``: ``student`` (the replacements) or ``teacher`` (the originals).
         include_path: folders of extra task YAML files, comma-separated (lm-eval's ``--include_path``).
         num_fewshot: few-shot examples (default: each task's own, else 0).
@@ -88,18 +88,9 @@ def lm_eval_model(
     for line in summary_lines(results):
         print("  " + line)
     print(f"wrote {path}" + (" and the per-sample files next to it" if log_samples else ""))
-    if logger is not None:
-        logger.log_hyperparams({"name": name, "teacher": teacher, "dtype": dtype, "recipe": recipe,
-                                "repair_state": repair_state, "view": view if recipe else "teacher",
-                                "tasks": ",".join(names), "num_fewshot": num_fewshot, "limit": limit})
-        logger.log_metrics(flat_metrics(results))
-        finish_logger(logger)
+    log_outputs(logger, hyperparams={"name": name, "teacher": teacher, "dtype": dtype, "recipe": recipe,
+                                     "repair_state": repair_state, "view": view if recipe else "teacher",
+                                     "tasks": ",".join(names), "num_fewshot": num_fewshot, "limit": limit},
+                metrics=flat_metrics(results))
     results["zoo"] = {"results_file": str(path) if path else None, "name": name}
     return results
-
-
-def lm_eval_main(argv: list[str]) -> dict:
-    """Entry point of ``zoo lm-eval`` (see ``recipes.cli.COMMANDS``)."""
-    parser = command_parser(lm_eval_model, "zoo lm-eval", "zoo lm-eval: lm-eval-harness tasks on a teacher or a "
-                            "student, through lm-eval's HFLM on the model in memory", logger=True)
-    return run_command(lm_eval_model, parser, argv, logger_name="lm_eval")

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from zoo.core.errors import ZooError
 
-from .command import (command_parser, finish_logger, finished_metrics, fit_args, fmt, run_command, run_streaming,
-                      wandb_logger)
+from .command import command_logger
+from .report import fmt, log_outputs, markdown_table, row_table
+from .series import Item, Series, check_configs, check_unique, run_streaming
 
 log = logging.getLogger("zoo.ladder")
 
@@ -36,18 +36,13 @@ class Rung:
         name: the rung's name (its run directory under the ladder's output_dir).
         config: the recipe YAML (as for ``zoo fit --config``).
         method: what the table shows as the method.
-        overrides: extra ``zoo fit`` options, e.g. ``['--model.init_args.targets', 'model.layers.{14..17}.mlp.down_proj']``.
+        overrides: extra ``zoo fit`` options, e.g. ``['--model.init_args.parts.targets', 'model.layers.{14..17}.mlp.down_proj']``.
     """
 
     name: str
     config: str
     method: str = ""
     overrides: list[str] = field(default_factory=list)
-
-
-def complete(run_dir: Path) -> dict | None:
-    """The metrics of a finished rung (None if it has not run or did not finish)."""
-    return finished_metrics(run_dir, "heldout_kl_after")
 
 
 def row_of(rung: Rung, metrics: dict | None, status: str) -> dict:
@@ -64,15 +59,10 @@ def format_table(rows: list[dict], eval_label: str | None) -> str:
     head = ["rung", "layers", "method", "heldout KL before", "after", "max shim dominance", "trainable params"]
     if eval_label:
         head.append(f"pass@1 ({eval_label})")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["rung"] + ("" if r["status"] == "ok" else f" ({r['status']})"), fmt(r["layers"], "d"), r["method"],
-                 fmt(r["kl_before"], ".4f"), fmt(r["kl_after"], ".4f"), fmt(r["shim_dominance_max"], ".3f"),
-                 fmt(r["trainable_parameters"], ",d")]
-        if eval_label:
-            cells.append(fmt(r["pass@1"], ".1%"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = [[r["rung"] + ("" if r["status"] == "ok" else f" ({r['status']})"), fmt(r["layers"], "d"), r["method"],
+              fmt(r["kl_before"], ".4f"), fmt(r["kl_after"], ".4f"), fmt(r["shim_dominance_max"], ".3f"),
+              fmt(r["trainable_parameters"], ",d"), *([fmt(r["pass@1"], ".1%")] if eval_label else [])] for r in rows]
+    return markdown_table(head, cells)
 
 
 def plot(rows: list[dict], path: Path) -> Path:
@@ -112,6 +102,30 @@ def _eval(config: str, overrides: list[str], repair_state: Path | None, subset: 
     return json.loads(output.read_text())["pass_at_1"]
 
 
+class Ladder(Series):
+    title, noun, summary_key = "ladder rung", "rung(s)", "heldout_kl_after"
+
+    def __init__(self, rungs: list[Rung], overrides: list[str], output_dir: str, eval_subset: str | None,
+                 eval_dataset: str, only: list[str] | None, rerun: bool, logger: bool):
+        self.rungs = {r.name: r for r in rungs}
+        self.overrides, self.eval_subset, self.eval_dataset = list(overrides), eval_subset, eval_dataset
+        self.eval_label = f"{eval_dataset} {eval_subset}" if eval_subset else None
+        self.teacher_pass = None
+        items = [Item(r.name, config=r.config, overrides=[*overrides, *r.overrides]) for r in rungs]
+        super().__init__(items, output_dir, "ladder", only, rerun, logger)
+
+    def row(self, item: Item, metrics: dict | None, status: str, run_dir: Path) -> dict:
+        row = row_of(self.rungs[item.name], metrics, status)
+        if self.eval_subset and metrics is not None and status == "ok":
+            row["pass@1"] = _eval(item.config, item.overrides, run_dir / "repair_state.safetensors", self.eval_subset,
+                                  self.eval_dataset, run_dir / "eval.json", run_dir / "eval.log")
+        return row
+
+    def payload(self, rows: list[dict]) -> dict:
+        return {"rungs": [asdict(r) for r in self.rungs.values()], "overrides": self.overrides, "rows": rows,
+                "eval": self.eval_label, "teacher_pass@1": self.teacher_pass}
+
+
 def run_ladder(
     rungs: list[Rung],
     overrides: list[str] = [],
@@ -137,71 +151,22 @@ def run_ladder(
     """
     if not rungs:
         raise ZooError("the ladder has no rungs")
-    names = [r.name for r in rungs]
-    if len(set(names)) != len(names):
-        raise ZooError(f"rung names must be unique, got {names}")
-    unknown = sorted(set(only or []) - set(names))
-    if unknown:
-        raise ZooError(f"unknown rung(s) {unknown}; valid: {', '.join(names)}")
-    for rung in rungs:
-        if not Path(rung.config).is_file():
-            raise ZooError(f"rung {rung.name!r}: config {rung.config!r} does not exist")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    eval_label = f"{eval_dataset} {eval_subset}" if eval_subset else None
-    teacher_pass = None
-    for i, rung in enumerate(rungs, 1):
-        run_dir = out / rung.name
-        metrics = complete(run_dir)
-        selected = only is None or rung.name in only
-        status = "ok"
-        if selected and (metrics is None or rerun):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            args = fit_args(rung.config, [*overrides, *rung.overrides], run_dir, f"ladder/{rung.name}" if logger else None)
-            print(f"\n=== ladder rung {i}/{len(rungs)}: {rung.name}\n$ {shlex.join(args[1:])}", flush=True)
-            code, last = run_streaming(args, run_dir / "fit.log")
-            metrics = complete(run_dir)
-            if code != 0:
-                status = f"failed: {last[:120]}"
-        elif metrics is None:
-            status = "not run"
-        else:
-            print(f"=== ladder rung {i}/{len(rungs)}: {rung.name}: finished earlier ({run_dir / 'metrics.json'})")
-        row = row_of(rung, metrics, status)
-        if eval_subset and metrics is not None and status == "ok":
-            state = run_dir / "repair_state.safetensors"
-            row["pass@1"] = _eval(rung.config, [*overrides, *rung.overrides], state, eval_subset, eval_dataset,
-                                  run_dir / "eval.json", run_dir / "eval.log")
-        rows.append(row)
+    check_unique([r.name for r in rungs], "rung names")
+    ladder = Ladder(rungs, overrides, output_dir, eval_subset, eval_dataset, only, rerun, logger)
+    check_configs(ladder.items, "rung")
+    rows = ladder.run()
+    out = ladder.outputs
     if eval_subset:
-        teacher_pass = _eval("", [], None, eval_subset, eval_dataset, out / "teacher_eval.json", out / "teacher_eval.log")
-
-    table = format_table(rows, eval_label)
-    if teacher_pass is not None:
-        table += f"\n\nteacher pass@1 ({eval_label}): {teacher_pass:.1%}"
+        ladder.teacher_pass = _eval("", [], None, eval_subset, eval_dataset, out.dir / "teacher_eval.json",
+                                    out.dir / "teacher_eval.log")
+    table = format_table(rows, ladder.eval_label)
+    if ladder.teacher_pass is not None:
+        table += f"\n\nteacher pass@1 ({ladder.eval_label}): {ladder.teacher_pass:.1%}"
     print("\n" + table)
-    (out / "ladder.md").write_text(table + "\n")
-    payload = {"rungs": [asdict(r) for r in rungs], "overrides": list(overrides), "rows": rows,
-               "eval": eval_label, "teacher_pass@1": teacher_pass}
-    (out / "ladder.json").write_text(json.dumps(payload, indent=2))
-    chart = plot(rows, out / "ladder.png")
-    print(f"\nwrote {out / 'ladder.md'}, {out / 'ladder.json'} and {chart}")
-    if logger:
-        log_ladder(rows, chart, out)
+    out.markdown(table)
+    out.add(ladder.save(rows))
+    chart = out.chart(plot, rows)
+    print(f"\n{out.wrote()}")
+    log_outputs(command_logger(logger, "ladder", out.dir), tables={"ladder": row_table(rows)},
+                images={"ladder_chart": chart})
     return rows
-
-
-def log_ladder(rows: list[dict], chart: Path, out: Path) -> None:
-    logger = wandb_logger("ladder", out)
-    columns = list(rows[0])
-    logger.log_table(key="ladder", columns=columns, data=[[r[c] for c in columns] for r in rows])
-    logger.log_image(key="ladder_chart", images=[str(chart)])
-    finish_logger(logger)
-
-
-def ladder_main(argv: list[str]) -> list[dict]:
-    """Entry point of ``zoo ladder`` (see ``recipes.cli.COMMANDS``)."""
-    parser = command_parser(run_ladder, "zoo ladder", "zoo ladder: the scaling ladder of structured replacements "
-                            "(source 000, 4.5-4.9)")
-    return run_command(run_ladder, parser, argv)

@@ -9,7 +9,6 @@ under ``teacher_view``).
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -18,8 +17,8 @@ from lightning.pytorch.loggers import Logger
 from zoo.core.surgery import teacher_view
 from zoo.evaluation.perplexity import PYDOC_TOPICS, load_texts, perplexity, token_windows
 
-from .command import command_parser, finish_logger, run_command
 from .evaluate import _device, load_subject
+from .report import Outputs, log_outputs
 
 
 def ppl(
@@ -47,7 +46,7 @@ def ppl(
             smollm2-135m-instruct; with ``recipe``: overrides the recipe's teacher).
         recipe: a recipe YAML: measure its student and its teacher (the originals) in one run.
         repair_state: the repair state (safetensors) loaded into the recipe's student.
-        overrides: extra recipe options, e.g. ``['--model.init_args.rank', '0.6']``.
+        overrides: extra recipe options, e.g. ``['--model.init_args.parts.rank', '0.6']``.
         source: ``pydoc-topics`` (CPython's language-reference topics, offline), a local .txt/.md/.jsonl file
             or a directory of them, or a ``datasets`` name (``wikitext``).
         dataset_config: the ``datasets`` config (``wikitext-2-raw-v1``).
@@ -86,23 +85,15 @@ def ppl(
               "repair_state": repair_state, "overrides": list(overrides), "source": texts.describe(),
               "seq_len": seq_len, "n_windows": n_windows, "ppl": {k: v.to_dict() for k, v in figures.items()}}
     path = Path(output or Path(output_dir) / default_output(name, source, seq_len))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
-    if logger is not None:
-        logger.log_hyperparams({k: result[k] for k in ("name", "teacher", "dtype", "recipe", "repair_state", "seq_len")})
-        logger.log_metrics({f"ppl/{k}": v.ppl for k, v in figures.items()} | {"ppl/n_windows": n_windows})
-        finish_logger(logger)
+    outputs = Outputs(path.parent, path.stem)
+    outputs.json(result, name=path.name, indent=1)
+    print(outputs.wrote())
+    log_outputs(logger, hyperparams={k: result[k] for k in ("name", "teacher", "dtype", "recipe", "repair_state",
+                                                            "seq_len")},
+                metrics={f"ppl/{k}": v.ppl for k, v in figures.items()} | {"ppl/n_windows": n_windows})
     return result
 
 
 def default_output(name: str, source: str, seq_len: int) -> str:
     slug = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{name}-{Path(source).name or source}-{seq_len}").strip("_")
     return f"{slug[:120]}.json"
-
-
-def ppl_main(argv: list[str]) -> dict:
-    """Entry point of ``zoo ppl`` (see ``recipes.cli.COMMANDS``)."""
-    parser = command_parser(ppl, "zoo ppl", "zoo ppl: perplexity in non-overlapping windows (default 2048 tokens)",
-                            logger=True)
-    return run_command(ppl, parser, argv, logger_name="ppl")

@@ -11,7 +11,6 @@ one repair step (its docstring gives the formula). Output: a table on stdout and
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from zoo.core import plan as zp
 from zoo.core.errors import ZooError
 from zoo.core.models import META_PREFIX, parse_dtype
 
-from .command import command_parser, run_command
+from .command import load_recipe
+from .report import Outputs
 
 
 def plan_recipe(
@@ -47,13 +47,9 @@ def plan_recipe(
         precision: Lightning precision: ``bf16-mixed``, ``bf16-true``, ``16-mixed``, ``16-true``, ``32-true``.
         strategy: ``ddp`` or ``fsdp`` (one decoder layer per FSDP unit), or a list of them.
         devices: GPUs (one or a list): each (strategy, devices) pair gets a column.
-        overrides: extra recipe options, e.g. ``['--model.init_args.rank', '32']``.
+        overrides: extra recipe options, e.g. ``['--model.init_args.parts.rank', '32']``.
         output: the JSON path (default: ``runs/plan/<recipe>-<model>.json``).
     """
-    from .cli import (
-        load_recipe,  # the CLI imports this module lazily; import it back the same way
-    )
-
     extra = list(overrides or [])
     if model:
         extra += ["--model.init_args.teacher", model]
@@ -103,9 +99,9 @@ def plan_recipe(
     }
     print(format_table(result))
     path = Path(output) if output else default_output(recipe, result["model"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {path}")
+    outputs = Outputs(path.parent, path.stem)
+    outputs.json(result, name=path.name)
+    print(f"\n{outputs.wrote()}")
     return result
 
 
@@ -169,10 +165,3 @@ def format_table(result: dict) -> str:
         lines.append(f"  {label:<{width}}" + "".join(f"{_b(m[key]):>13}" for m in mem))
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
-
-
-def plan_main(argv: list[str]) -> dict:
-    """Entry point of ``zoo plan`` (see ``recipes.cli.COMMANDS``)."""
-    parser = command_parser(plan_recipe, "zoo plan", "zoo plan: parameter counts and a peak-memory estimate of a "
-                            "recipe on a model, without loading its weights")
-    return run_command(plan_recipe, parser, argv)

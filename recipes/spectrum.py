@@ -25,7 +25,6 @@ EigenAttention's projectors use). Outputs: a markdown table on stdout and in ``s
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -41,8 +40,8 @@ from zoo.core.models import DEFAULT_TEACHER, load_causal_lm
 from zoo.core.targets import find_targets
 from zoo.eigen_attention import attention_streams, check_supported
 
-from .command import command_parser, finish_logger, run_command
 from .data import TokenDataModule
+from .report import Outputs, log_outputs
 
 log = logging.getLogger("zoo.spectrum")
 
@@ -182,17 +181,15 @@ def spectrum_report(
                 eigenvalue_tensors[f"{name}.{stream}.{g}"] = e.contiguous()
         result["layers"][name] = entry
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    outputs = Outputs(output_dir, "spectrum")
     table = format_table(result)
     print(table)
-    (out / "spectrum.json").write_text(json.dumps(result, indent=2))
-    (out / "spectrum.md").write_text(table + "\n")
-    atomic_save(eigenvalue_tensors, out / "spectrum.safetensors", {"zoo_format": "spectrum/1"})
-    chart = plot(result, eigenvalue_tensors, out / "spectrum.png")
-    print(f"\nwrote {out / 'spectrum.json'}, {out / 'spectrum.md'}, {out / 'spectrum.safetensors'} and {chart}")
-    if logger is not None:
-        log_result(logger, result, chart)
+    outputs.json(result)
+    outputs.markdown(table)
+    outputs.add(atomic_save(eigenvalue_tensors, outputs.path("safetensors"), {"zoo_format": "spectrum/1"}))
+    chart = outputs.chart(plot, result, eigenvalue_tensors)
+    print(f"\n{outputs.wrote()}")
+    log_result(logger, result, chart)
     return result
 
 
@@ -276,22 +273,10 @@ def plot(result: dict, eigs: dict[str, torch.Tensor], path: str | Path) -> Path:
     return path
 
 
-def log_result(logger: Logger, result: dict, chart: Path) -> None:
-    """Metrics per layer to any Lightning logger; the table and the chart too where it takes them (W&B)."""
-    logger.log_hyperparams(result["config"])
-    for step, (name, entry) in enumerate(result["layers"].items()):
-        logger.log_metrics({f"spectrum/{s}/{f}": v[f] for s, v in entry["streams"].items() for f in ("df", "k")},
-                           step=step)
-    if hasattr(logger, "log_table"):
-        columns, rows = table_rows(result)
-        logger.log_table(key="spectrum", columns=columns, data=rows)
-    if hasattr(logger, "log_image"):
-        logger.log_image(key="spectrum_chart", images=[str(chart)])
-    finish_logger(logger)
-
-
-def spectrum_main(argv: list[str]) -> dict:
-    """Entry point of ``zoo spectrum`` (see ``recipes.cli.COMMANDS``)."""
-    parser = command_parser(spectrum_report, "zoo spectrum", "zoo spectrum: per-layer eigen-spectra of hidden states, "
-                            "Q, K, V and their weights (source 004)", data="required", logger=True)
-    return run_command(spectrum_report, parser, argv, logger_name="spectrum")
+def log_result(logger: Logger | None, result: dict, chart: Path) -> None:
+    """Metrics per layer to any Lightning logger (None: nothing); the table and the chart too where it takes
+    them (W&B)."""
+    steps = [(step, {f"spectrum/{s}/{f}": v[f] for s, v in entry["streams"].items() for f in ("df", "k")})
+             for step, entry in enumerate(result["layers"].values())]
+    log_outputs(logger, hyperparams=result["config"], steps=steps, tables={"spectrum": table_rows(result)},
+                images={"spectrum_chart": chart})

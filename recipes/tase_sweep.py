@@ -15,14 +15,14 @@ the same to a W&B run (offline unless ``WANDB_MODE=online``).
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from zoo.core.errors import ZooError
 
-from .command import (command_parser, finish_logger, finished_metrics, fit_args, fmt, run_command, run_streaming,
-                      wandb_logger)
+from .command import command_logger
+from .report import fmt, log_outputs, markdown_table, row_table
+from .series import Item, Series, check_unique
 
 log = logging.getLogger("zoo.tase_sweep")
 
@@ -34,11 +34,6 @@ COLUMNS = ["d_id_mean", "d_id_max", "d_id_bulk_mean", "d_id_bulk_max", "d_id_nor
 
 def run_name(k: str) -> str:
     return "k_" + str(k).replace("/", "_").replace(" ", "")
-
-
-def complete(run_dir: Path) -> dict | None:
-    """The metrics of a finished k (its IdentityGate gave a verdict), else None."""
-    return finished_metrics(run_dir, "identity_gate")
 
 
 def row_of(k: str, metrics: dict | None, status: str) -> dict:
@@ -55,14 +50,13 @@ def row_of(k: str, metrics: dict | None, status: str) -> dict:
 def format_table(rows: list[dict]) -> str:
     head = ["k", "k / m", "d_id mean", "d_id max", "outliers apart: mean", "max", "post-RMSNorm: mean", "max",
             "active / token", "gate", "passed at step", "steps"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for r in rows:
         k = f"{r['k']} = {r['k_value']}" if r["k_value"] is not None else r["k"]
-        cells = [k + ("" if r["status"] == "ok" else f" ({r['status']})"), fmt(r["k_over_m"], ".4g"),
-                 *(fmt(r[c], ".4f") for c in COLUMNS), fmt(r["active_features"], ".0f"), r["gate"] or "-",
-                 fmt(r["passed_at_step"], "d"), fmt(r["steps"], "d")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells.append([k + ("" if r["status"] == "ok" else f" ({r['status']})"), fmt(r["k_over_m"], ".4g"),
+                      *(fmt(r[c], ".4f") for c in COLUMNS), fmt(r["active_features"], ".0f"), r["gate"] or "-",
+                      fmt(r["passed_at_step"], "d"), fmt(r["steps"], "d")])
+    return markdown_table(head, cells)
 
 
 def monotone(rows: list[dict], column: str = "d_id_mean") -> bool | None:
@@ -116,6 +110,40 @@ def plot(rows: list[dict], path: Path, threshold: float | None = None) -> Path:
     return path
 
 
+class Sweep(Series):
+    title, noun, summary_key = "TASE sweep", "k", "identity_gate"
+
+    def __init__(self, recipe: str, ks: list[str], overrides: list[str], output_dir: str, only: list[str] | None,
+                 rerun: bool, logger: bool):
+        self.recipe, self.ks, self.overrides = recipe, ks, list(overrides)
+        items = [Item(k, run_name(k), recipe, [*overrides, "--model.init_args.k", k]) for k in ks]
+        super().__init__(items, output_dir, "tase_sweep", only, rerun, logger)
+
+    def label(self, item: Item) -> str:
+        return f"k = {item.name}"
+
+    def status(self, code: int, last: str, metrics: dict | None) -> str:
+        # a k that fails the gate is a result, not an error
+        if metrics is None:
+            return f"failed: {last[:120]}"
+        if code != 0 and metrics["summary"].get("identity_gate") != "fail":
+            return f"exit {code}: {last[:120]}"
+        return "ok"
+
+    def row(self, item: Item, metrics: dict | None, status: str, run_dir: Path) -> dict:
+        return row_of(item.name, metrics, status)
+
+    def payload(self, rows: list[dict]) -> dict:
+        return {"recipe": self.recipe, "ks": self.ks, "overrides": self.overrides, "rows": rows,
+                "findings": findings(rows), "monotone_d_id_mean": monotone(rows),
+                "source": {str(k): v for k, v in SOURCE.items()}}
+
+    def threshold(self) -> float | None:
+        """The gate's threshold, from the first finished k."""
+        return next((r["summary"].get("identity_gate_threshold") for r in
+                     (self.done(i, self.out / i.dir_name) for i in self.items) if r), None)
+
+
 def run_sweep(
     recipe: str = "configs/recipes/tase_diagnostic.yaml",
     ks: list[int | str] = DEFAULT_KS,
@@ -139,68 +167,20 @@ def run_sweep(
     ks = [str(k) for k in ks]
     if not ks:
         raise ZooError("the sweep has no k values")
-    if len(set(map(run_name, ks))) != len(ks):
-        raise ZooError(f"k values must be distinct, got {ks}")
-    unknown = sorted(set(map(str, only or [])) - set(ks))
-    if unknown:
-        raise ZooError(f"unknown k {unknown} in only; valid: {', '.join(ks)}")
+    check_unique(list(map(run_name, ks)), "k values")
+    sweep = Sweep(recipe, ks, overrides, output_dir, only, rerun, logger)
     if not Path(recipe).is_file():
         raise ZooError(f"recipe {recipe!r} does not exist")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, k in enumerate(ks, 1):
-        run_dir = out / run_name(k)
-        metrics = complete(run_dir)
-        selected = only is None or k in map(str, only)
-        status = "ok"
-        if selected and (metrics is None or rerun):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            args = fit_args(recipe, [*overrides, "--model.init_args.k", str(k)], run_dir,
-                            f"tase_sweep/{run_name(k)}" if logger else None)
-            print(f"\n=== TASE sweep {i}/{len(ks)}: k = {k}\n$ {' '.join(args[1:])}", flush=True)
-            code, last = run_streaming(args, run_dir / "fit.log")
-            metrics = complete(run_dir)
-            if metrics is None:
-                status = f"failed: {last[:120]}"
-            elif code != 0 and metrics["summary"].get("identity_gate") != "fail":
-                status = f"exit {code}: {last[:120]}"
-        elif metrics is None:
-            status = "not run"
-        else:
-            print(f"=== TASE sweep {i}/{len(ks)}: k = {k}: finished earlier ({run_dir / 'metrics.json'})")
-        rows.append(row_of(k, metrics, status))
-
-    threshold = next((r["summary"].get("identity_gate_threshold") for r in
-                      (complete(out / run_name(k)) for k in ks) if r), None)
-    table = format_table(rows)
-    notes = findings(rows)
+    rows = sweep.run()
+    table, notes = format_table(rows), findings(rows)
     print("\n" + table + "\n\n" + "\n".join(notes))
-    (out / "tase_sweep.md").write_text(table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-    payload = {"recipe": recipe, "ks": ks, "overrides": list(overrides), "rows": rows, "findings": notes,
-               "monotone_d_id_mean": monotone(rows), "source": {str(k): v for k, v in SOURCE.items()}}
-    (out / "tase_sweep.json").write_text(json.dumps(payload, indent=2))
-    chart = plot(rows, out / "tase_sweep.png", threshold)
-    print(f"\nwrote {out / 'tase_sweep.md'}, {out / 'tase_sweep.json'} and {chart}")
-    if logger:
-        log_sweep(rows, notes, chart, out)
+    out = sweep.outputs
+    out.markdown(table + "\n\n" + "\n".join(f"- {n}" for n in notes))
+    out.add(sweep.save(rows))
+    chart = out.chart(plot, rows, threshold=sweep.threshold())
+    print(f"\n{out.wrote()}")
+    steps = [(int(r["k_value"]), {f"tase_sweep/{c}": r[c] for c in COLUMNS if r[c] is not None})
+             for r in rows if r["k_value"] is not None and r["d_id_mean"] is not None]
+    log_outputs(command_logger(logger, "tase_sweep", out.dir), tables={"tase_sweep": row_table(rows)},
+                texts={"tase_sweep_findings": notes}, images={"tase_sweep_chart": chart}, steps=steps)
     return rows
-
-
-def log_sweep(rows: list[dict], notes: list[str], chart: Path, out: Path) -> None:
-    logger = wandb_logger("tase_sweep", out)
-    columns = list(rows[0])
-    logger.log_table(key="tase_sweep", columns=columns, data=[[r[c] for c in columns] for r in rows])
-    logger.log_text(key="tase_sweep_findings", columns=["finding"], data=[[n] for n in notes])
-    logger.log_image(key="tase_sweep_chart", images=[str(chart)])
-    for r in rows:
-        if r["k_value"] is not None and r["d_id_mean"] is not None:
-            logger.log_metrics({f"tase_sweep/{c}": r[c] for c in COLUMNS if r[c] is not None}, step=int(r["k_value"]))
-    finish_logger(logger)
-
-
-def tase_sweep_main(argv: list[str]) -> list[dict]:
-    """Entry point of ``zoo tase-sweep`` (see ``recipes.cli.COMMANDS``)."""
-    parser = command_parser(run_sweep, "zoo tase-sweep", "zoo tase-sweep: TASE identity deviation over k "
-                            "(source 000, 4.9, phase 51)")
-    return run_command(run_sweep, parser, argv)

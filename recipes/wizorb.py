@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from lightning.pytorch.loggers import Logger
 
 from zoo.core.errors import ZooError, check_choice
 from zoo.core.models import DEFAULT_TEACHER
@@ -28,43 +27,15 @@ from zoo.lora import is_adapter_dir, read_adapter
 from zoo.universal_basis import (CONTROLS, MODES, DeltaBank, extract_basis, leave_out_errors, load_basis,
                                  project_adapter, save_projection)
 
-from .command import command_parser, finish_logger, run_command, wandb_logger
+from .command import command_logger
 from .data import TokenDataModule
+from .report import Outputs, log_outputs, markdown_table
+from .series import Item, Series, fit_in_process
 
 log = logging.getLogger("zoo.wizorb")
 
 #: the source's targets (001, section 3.2): the attention and MLP projections of every layer
 DEFAULT_TARGETS = "model.layers.*.{self_attn.{q,k,v,o}_proj,mlp.{gate,up,down}_proj}"
-
-
-def _md_table(columns: list[str], rows: list[list]) -> str:
-    def cell(v):
-        if isinstance(v, float):
-            return "-" if math.isnan(v) else f"{v:.4f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def _log_table(logger: Logger | None, key: str, columns: list[str], rows: list[list], metrics: dict,
-               images: list[Path] = ()) -> None:
-    if logger is None:
-        return
-    logger.log_metrics(metrics, step=0)
-    if hasattr(logger, "log_table"):
-        logger.log_table(key=key, columns=columns, data=[[str(v) for v in r] for r in rows])
-    if hasattr(logger, "log_image"):
-        for image in images:
-            logger.log_image(key=f"{key}_{Path(image).stem}", images=[str(image)])
-    finish_logger(logger)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,16 +120,15 @@ def train_bank(
             already saved there is kept (resumable).
         logger: log each adapter's training to W&B (offline unless ``WANDB_MODE=online``).
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if adapters is not None:
         paths = bank_members(adapters)
         bank = DeltaBank(paths)  # consistency: same modules and shapes
         entries = [{"name": Path(p).name, "path": str(Path(p).resolve()), "trained": False} for p in paths]
         manifest = {"source": str(adapters), "rank": bank.rank, "modules": len(bank.modules), "adapters": entries}
-        _write_json(out / "bank.json", manifest)
+        outputs = Outputs(output_dir, "bank")
+        outputs.json(manifest, default=str)
         print(f"bank of {len(paths)} existing adapters ({len(bank.modules)} modules, rank {bank.rank}); "
-              f"wrote {out / 'bank.json'}")
+              f"{outputs.wrote()}")
         return manifest
     if data is None:
         raise ZooError("zoo bank needs --data (to train adapters) or --adapters (a directory of PEFT adapters)")
@@ -167,60 +137,75 @@ def train_bank(
         raise ZooError(f"n_adapters={n_adapters} must be >= 2 and num_shards={num_shards} >= n_adapters")
     if steps < 1:
         raise ZooError(f"steps={steps} must be at least 1")
-    import lightning as L
-
-    from callbacks import MetricsJSON
-    from zoo.lora import LoRAFineTune
-
-    entries = []
-    for i in range(n_adapters):
-        name = f"adapter_{i:02d}"
-        path = out / name
-        info_path = path / "zoo_adapter.json"
-        if is_adapter_dir(path) and info_path.is_file():
-            info = json.loads(info_path.read_text())
-            print(f"{name}: already trained ({path}), kept")
-            entries.append(info)
-            continue
-        t0 = time.perf_counter()
-        L.seed_everything(seed if same_init else seed + i, verbose=False)
-        module = LoRAFineTune(targets=targets, rank=rank, alpha=alpha, dropout=dropout, teacher=teacher,
-                              dtype=dtype, lr=lr)
-        shard = shard_data(data, i, num_shards)
-        run_dir = out / "runs" / name
-        run_logger = wandb_logger(f"bank-{name}", run_dir) if logger else False
-        trainer = L.Trainer(
-            max_steps=steps, accelerator=accelerator, logger=run_logger,
-            enable_checkpointing=False, default_root_dir=str(run_dir), num_sanity_val_steps=0,
-            check_val_every_n_epoch=None, val_check_interval=steps, log_every_n_steps=max(1, min(5, steps)),
-            callbacks=[MetricsJSON(dirpath=str(run_dir))], **({"precision": precision} if precision else {}))
-        trainer.fit(module, datamodule=shard)
-        if run_logger:
-            finish_logger(run_logger)  # each adapter its own W&B run
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-        info = {"name": name, "path": name, "trained": True, "shard": i, "num_shards": num_shards, "steps": steps,
-                "rank": rank, "alpha": alpha, "lr": lr, "teacher": teacher, "targets": targets,
-                "seed": seed if same_init else seed + i, "seconds": round(time.perf_counter() - t0, 1),
-                "metrics": metrics}
-        module.save_adapter(path, metadata=info)
-        entries.append(info)
-        print(f"{name}: shard {i}/{num_shards}, {steps} steps, heldout ppl {metrics.get('heldout_ppl', float('nan')):.3f} "
-              f"(base {metrics.get('heldout_ppl_teacher', float('nan')):.3f}), {info['seconds']:.0f} s")
-        del module, trainer
-
+    lora = dict(targets=targets, rank=rank, alpha=alpha, dropout=dropout, teacher=teacher, dtype=dtype, lr=lr)
+    bank = Bank(data, lora, n_adapters, num_shards, steps, same_init, seed, accelerator, precision, output_dir, logger)
+    entries = bank.run()
     columns = ["adapter", "shard", "steps", "train nll (last)", "heldout ppl base", "heldout ppl LoRA", "heldout KL",
                "seconds"]
     rows = [[e["name"], e["shard"], e["steps"], e["metrics"].get("train_nll", math.nan),
              e["metrics"].get("heldout_ppl_teacher", math.nan), e["metrics"].get("heldout_ppl", math.nan),
              e["metrics"].get("heldout_kl", math.nan), f"{e['seconds']:.0f}"] for e in entries]
-    table = _md_table(columns, rows)
+    table = markdown_table(columns, rows, compact=False)
     print(table)
-    manifest = {"teacher": teacher, "rank": rank, "alpha": alpha, "targets": targets, "num_shards": num_shards,
-                "adapters": entries}
-    _write_json(out / "bank.json", manifest)
-    (out / "bank.md").write_text(table + "\n")
-    print(f"\nwrote {len(entries)} adapters, {out / 'bank.json'} and {out / 'bank.md'}")
-    return manifest
+    bank.outputs.add(bank.save(entries))
+    bank.outputs.markdown(table)
+    print(f"\n{len(entries)} adapters; {bank.outputs.wrote()}")
+    return bank.payload(entries)
+
+
+class Bank(Series):
+    """The bank as a series: adapter i (``adapter_XX/``, kept once saved) is a LoRA fine-tune on code shard i,
+    fitted in this process (the series holds the DataModule)."""
+
+    title = "bank"
+
+    def __init__(self, data: TokenDataModule, lora: dict, n_adapters: int, num_shards: int, steps: int,
+                 same_init: bool, seed: int, accelerator: str, precision: str | None, output_dir: str, logger: bool):
+        self.data, self.lora, self.num_shards, self.steps = data, lora, num_shards, steps
+        self.same_init, self.seed, self.accelerator, self.precision = same_init, seed, accelerator, precision
+        super().__init__([Item(f"adapter_{i:02d}") for i in range(n_adapters)], output_dir, "bank", logger=logger)
+
+    def done(self, item: Item, run_dir: Path) -> dict | None:
+        info_path = run_dir / "zoo_adapter.json"
+        return json.loads(info_path.read_text()) if is_adapter_dir(run_dir) and info_path.is_file() else None
+
+    def kept(self, item: Item, run_dir: Path) -> str:
+        return f"already trained ({run_dir}), kept"
+
+    def execute(self, item: Item, run_dir: Path) -> str:
+        import lightning as L
+
+        from zoo import DistillationModule, LoRA
+        from zoo.lora import save_lora_adapter
+
+        i, steps = self.items.index(item), self.steps
+        seed = self.seed if self.same_init else self.seed + i
+        t0 = time.perf_counter()
+        L.seed_everything(seed, verbose=False)
+        lora = self.lora
+        module = DistillationModule(parts=[LoRA(lora["targets"], lora["rank"], lora["alpha"], lora["dropout"])],
+                                    teacher=lora["teacher"], dtype=lora["dtype"], lr=lora["lr"], objective="next_token")
+        metrics = fit_in_process(
+            module, shard_data(self.data, i, self.num_shards), self.out / "runs" / item.name,
+            f"bank-{item.name}" if self.logger else None, max_steps=steps, accelerator=self.accelerator,
+            num_sanity_val_steps=0, check_val_every_n_epoch=None, val_check_interval=steps,
+            log_every_n_steps=max(1, min(5, steps)), **({"precision": self.precision} if self.precision else {}))
+        info = {"name": item.name, "path": item.name, "trained": True, "shard": i, "num_shards": self.num_shards,
+                "steps": steps, "rank": self.lora["rank"], "alpha": self.lora["alpha"], "lr": self.lora["lr"],
+                "teacher": self.lora["teacher"], "targets": self.lora["targets"], "seed": seed,
+                "seconds": round(time.perf_counter() - t0, 1), "metrics": metrics}
+        save_lora_adapter(module, run_dir, metadata=info)
+        print(f"{item.name}: shard {i}/{self.num_shards}, {steps} steps, heldout ppl "
+              f"{metrics.get('heldout_ppl', float('nan')):.3f} (base {metrics.get('heldout_ppl_teacher', float('nan')):.3f}), "
+              f"{info['seconds']:.0f} s")
+        return "ok"
+
+    def row(self, item: Item, info: dict | None, status: str, run_dir: Path) -> dict:
+        return info
+
+    def payload(self, rows: list[dict]) -> dict:
+        return {"teacher": self.lora["teacher"], "rank": self.lora["rank"], "alpha": self.lora["alpha"],
+                "targets": self.lora["targets"], "num_shards": self.num_shards, "adapters": rows}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,9 +261,8 @@ def build_basis(
     delta_bank = DeltaBank(paths)
     progress = os.isatty(2)
     full = extract_basis(delta_bank, mode, progress=progress)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    basis_path = full.save(out / "basis.safetensors")
+    outputs = Outputs(output_dir, "basis")
+    basis_path = outputs.add(full.save(outputs.path("safetensors")))
     max_k = (len(paths) - holdout) * delta_bank.rank - 1
     ks = default_ks(max_k) if ks is None else sorted(set(ks))
     result = leave_out_errors(delta_bank, ks, mode, holdout, controls, seed, progress=progress)
@@ -302,7 +286,7 @@ def build_basis(
                                   "holdout_std": statistics.pstdev(result[c][k]["holdout"]),
                                   "train": result[c][k]["train"], "holdout": result[c][k]["holdout"],
                                   "k_effective": result[c][k]["k_effective"]} for c in controls}})
-    table = _md_table(columns, rows)
+    table = markdown_table(columns, rows, compact=False)
     header = (f"bank: {len(paths)} adapters x rank {delta_bank.rank}, {len(delta_bank.modules)} modules, mode {mode}; "
               f"holdout {holdout} adapter(s) per fold ({math.ceil(len(paths) / holdout)} folds); relative L2 error "
               f"of dW over all modules, mean over adapters; k capped at each basis's rank ({max_k} for the leave-out "
@@ -312,13 +296,12 @@ def build_basis(
     payload = {"bank": paths, "mode": mode, "holdout": holdout, "controls": controls, "seed": seed,
                "rank": delta_bank.rank, "modules": len(delta_bank.modules), "basis": str(basis_path),
                "full_rank": full_rank(full), "seconds": round(time.perf_counter() - t0, 1), "rows": table_data}
-    _write_json(out / "basis.json", payload)
-    (out / "basis.md").write_text(header + "\n\n" + table + "\n")
-    chart = plot_basis(payload, full, out / "basis.png")
-    print(f"\nwrote {basis_path}, {out / 'basis.json'}, {out / 'basis.md'} and {chart} "
-          f"({payload['seconds']:.0f} s)")
-    _log_table(wandb_logger("wizorb-basis", out) if logger else None, "wizorb_basis", columns, rows,
-               {f"basis/holdout_rel_err@{r[0]}": r[3] for r in rows}, [chart])
+    outputs.json(payload, default=str)
+    outputs.markdown(header + "\n\n" + table)
+    chart = outputs.chart(plot_basis, payload, full)
+    print(f"\n{outputs.wrote()} ({payload['seconds']:.0f} s)")
+    log_wizorb(command_logger(logger, "wizorb-basis", outputs.dir), "wizorb_basis", columns, rows,
+               {f"basis/holdout_rel_err@{r[0]}": r[3] for r in rows}, chart)
     return payload
 
 
@@ -400,19 +383,18 @@ def project(
     ranks = {source.rank(m) for m in source.modules}
     alpha = float(source.config.get("lora_alpha", 1.0)) if len(ranks) == 1 and not source.config.get("use_rslora") \
         and not source.config.get("alpha_pattern") else None
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    outputs = Outputs(output_dir, "projection")
     summary, per_module = [], {}
     for c in controls:
         proj = project_adapter(ubasis, source, k, c, seed)
         k_used = 0 if c == "mean" else k
         errors = {m: proj.relative_error(m) for m in proj.error_sq}
-        target = out / f"{c}-k{k_used}"
+        target = outputs.dir / f"{c}-k{k_used}"
         info = {"source_adapter": str(adapter), "basis": str(basis), "control": c, "k": k_used, "seed": seed,
                 "relative_error": proj.relative_error(), "mean_module_error": proj.mean_module_error(),
                 "module_errors": errors}
         save_projection(target, proj, alpha, source.base_model, metadata=info)
-        _write_json(target / "projection.json", info)
+        Outputs(target, "projection").json(info, default=str)
         per_module[c] = errors
         kinds = {}
         for m, e in errors.items():
@@ -424,17 +406,19 @@ def project(
     columns = ["control", "k", "overall rel err", "mean module rel err", "max module rel err"] + kinds + ["adapter"]
     rows = [[s["control"], s["k"], s["overall"], s["mean_module"], s["max_module"],
              *[s["by_kind"][kk] for kk in kinds], s["adapter"]] for s in summary]
-    table = _md_table(columns, rows)
+    table = markdown_table(columns, rows, compact=False)
     print(f"{adapter} projected into {basis} ({ubasis.mode}, rank-{ubasis.rank} bank); relative L2 error of dW:")
     print(table)
     payload = {"adapter": str(adapter), "basis": str(basis), "k": k, "seed": seed, "summary": summary,
                "module_errors": per_module}
-    _write_json(out / "projection.json", payload)
-    (out / "projection.md").write_text(table + "\n")
-    chart = plot_projection(per_module, k, out / "projection.png")
-    print(f"\nwrote {', '.join(s['adapter'] for s in summary)}, {out / 'projection.json'} and {chart}")
-    _log_table(wandb_logger("wizorb-project", out) if logger else None, "wizorb_projection", columns, rows,
-               {f"project/{s['control']}/rel_err": s["overall"] for s in summary}, [chart])
+    for s in summary:
+        outputs.add(s["adapter"])
+    outputs.json(payload, default=str)
+    outputs.markdown(table)
+    chart = outputs.chart(plot_projection, per_module, k)
+    print(f"\n{outputs.wrote()}")
+    log_wizorb(command_logger(logger, "wizorb-project", outputs.dir), "wizorb_projection", columns, rows,
+               {f"project/{s['control']}/rel_err": s["overall"] for s in summary}, chart)
     return payload
 
 
@@ -458,26 +442,7 @@ def plot_projection(per_module: dict[str, dict[str, float]], k: int, path: Path)
     return path
 
 
-# --------------------------------------------------------------------------------------------------
-# entry points
-
-
-def bank_main(argv: list[str]) -> dict:
-    """Entry point of ``zoo bank``."""
-    parser = command_parser(train_bank, "zoo bank", "zoo bank: a delta bank of LoRA adapters on disjoint code "
-                            "shards (source 001, 3.3)", data="optional")
-    return run_command(train_bank, parser, argv)
-
-
-def basis_main(argv: list[str]) -> dict:
-    """Entry point of ``zoo basis``."""
-    parser = command_parser(build_basis, "zoo basis", "zoo basis: per-module universal bases of a delta bank, "
-                            "train/holdout reconstruction error vs k (source 001, 4 and phases 4-8)")
-    return run_command(build_basis, parser, argv)
-
-
-def project_main(argv: list[str]) -> dict:
-    """Entry point of ``zoo project``."""
-    parser = command_parser(project, "zoo project", "zoo project: an adapter projected into a universal basis, "
-                            "with random/secondary/mean controls (source 001, phases 9-14)")
-    return run_command(project, parser, argv)
+def log_wizorb(logger, key: str, columns: list[str], rows: list[list], metrics: dict, chart: Path) -> None:
+    """A WIZORB table (cells as text), its headline metrics and its chart to the logger (None: nothing)."""
+    log_outputs(logger, metrics=metrics, step=0, tables={key: (columns, [[str(v) for v in r] for r in rows])},
+                images={f"{key}_{chart.stem}": chart})

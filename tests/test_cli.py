@@ -158,3 +158,43 @@ def test_wandb_run_holds_the_whole_config_and_what_was_built(tmp_path, tiny_teac
         assert run.summary["heldout_kl_after"] == cli.model.summary["heldout_kl_after"]
     finally:
         end_wandb_run()
+
+
+def help_entries(text: str) -> list[tuple[str, str]]:
+    """(option, description) of every option and positional argument of an argparse help text: an entry starts
+    at two spaces of indent, its description follows on that line or on the deeper-indented lines below."""
+    import re
+
+    entries = []
+    for line in text.splitlines():
+        found = re.match(r"^  (\S.*?)(?:\s{2,}(.*))?$", line)
+        if found and not line.startswith("   "):
+            entries.append([found[1], found[2] or ""])
+        elif entries and entries[-1] is not None and line.startswith("    ") and line.strip():
+            entries[-1][1] += " " + line.strip()
+        elif not line.strip() or not line.startswith(" "):
+            entries.append(None)  # a blank line or a section title ends the entry
+    return [tuple(e) for e in entries if e is not None]
+
+
+def test_every_command_and_every_option_has_a_one_line_description(capsys, monkeypatch):
+    import re
+
+    from recipes.command import COMMANDS
+
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = zoo_cli(["--help"], capsys)
+    assert code == 0, err
+    listed = dict(re.findall(r"^  (\S+)\s{2,}(\S.*)$", out, re.M))
+    assert set(listed) == set(COMMANDS) >= {"fit", "validate", "test", "ladder", "tase-sweep", "bank", "compare"}
+    for name in COMMANDS:
+        code, out, err = zoo_cli([name, "--help"], capsys)
+        assert code == 0, (name, err)
+        entries = help_entries(out)
+        assert len(entries) > 3, (name, out)
+        for option, description in entries:
+            # jsonargparse appends "(type: ..., default: ...)" by itself: a description is more than that
+            text = re.sub(r"\((required, )?(type|default): .*\)\s*$", "", description, flags=re.S).strip()
+            assert text, f"zoo {name} --help: {option!r} has no description"
+    code, out, _ = zoo_cli(["compare", "--help"], capsys)
+    assert ("a", "results file of model A. (required, type: str)") in help_entries(out)  # positional, with its help

@@ -7,7 +7,7 @@ import json
 import torch
 
 import zoo
-from recipes.cli import load_recipe
+from recipes.command import load_recipe
 from zoo.core.losses import token_kl
 from zoo.core.surgery import teacher_view
 from zoo_cli import repair_model, write_config, zoo_cli

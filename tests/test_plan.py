@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from zoo_cli import repair_model, write_config, zoo_cli
 
-from recipes.cli import load_recipe
+from recipes.command import load_recipe
 from zoo.core import plan as zp
 from zoo.core.models import load_causal_lm
 from zoo.core.surgery import export_student, replaced_modules

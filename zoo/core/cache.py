@@ -50,17 +50,29 @@ def tensor_digest(tensors: Tensors) -> str:
     return h.hexdigest()
 
 
-def atomic_save(tensors: Tensors, path: str | Path, metadata: dict[str, str]) -> Path:
-    """safetensors save through a temp file and rename: an interruption never leaves a torn file."""
+def _atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` to a temp file beside ``path``, then rename it onto ``path``: an interruption never
+    leaves a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def atomic_save(tensors: Tensors, path: str | Path, metadata: dict[str, str]) -> Path:
+    """safetensors save through a temp file and rename: an interruption never leaves a torn file."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """A text file (JSON, Markdown) written through a temp file and rename, as ``atomic_save``."""
+    return _atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 class Entry:
