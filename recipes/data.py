@@ -1,7 +1,7 @@
-"""Teacher-distillation data: code, hologram and their mixture (DESIGN.md, "Data (recipes/)").
+"""Teacher-distillation data: code, hologram and their mixture (source 000, section 2.5 "The Dreamer/Hologram dataset").
 
 Every technique trains on the same batches — ``input_ids``, ``attention_mask``, ``loss_mask`` — with a
-calibration, a train and a heldout split (DESIGN.md, "The one path every technique shares").
+calibration, a train and a heldout split (source 000, section 2.4 "Repair training (distillation)").
 
 * ``code_documents``: code from a local source tree (default: the running interpreter's standard
   library, real code that needs no network), or an instruction / text dataset from the hub or a local
@@ -826,7 +826,7 @@ def _together(step, what: str) -> None:
 
 
 class TokenDataModule(L.LightningDataModule):
-    """Packed token blocks for distillation, split into calibration / train / heldout (DESIGN.md, Data).
+    """Packed token blocks for distillation, split into calibration / train / heldout (source 000, section 2.5).
 
     Subclasses say which documents to draw (``_sources``) and what identifies them
     (``_config``, ``_source_fingerprints``); splitting, packing, caching and loaders live here. The packed
@@ -1110,7 +1110,7 @@ _HOLOGRAM_HINT = "generate more: raise hologram.n_samples or hologram.max_new_to
 
 
 class CodeDataModule(TokenDataModule):
-    """Code (or instruction data, response-only) for distillation (DESIGN.md, Data; source 000, 2.5).
+    """Code (or instruction data, response-only) for distillation (source 000, section 2.5).
 
     Args:
         code: where the documents come from (see ``CodeConfig``); default: the Python standard library.
