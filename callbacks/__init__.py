@@ -1,4 +1,4 @@
-"""Lightning callbacks that gate and checkpoint repair runs (DESIGN.md, "Callbacks")."""
+"""Lightning callbacks that gate and checkpoint repair runs (source 000, section 3.2 "Gates")."""
 from .checkpoint import MetricsJSON, RepairStateCheckpoint
 from .evalplus_gate import EvalPlusGate
 from .gates import GateFailed, HeldoutKLGate, IdentityGate, ShimDominanceGate

@@ -1,5 +1,4 @@
-"""EvalPlusGate: non-zero pass@1 on a code smoke set before long runs (source 000, section 3.2 "Gates";
-DESIGN.md, "Callbacks").
+"""EvalPlusGate: non-zero pass@1 on a code smoke set before long runs (source 000, section 3.2 "Gates").
 
 At the end of fit (and, optionally, every N validations) the student generates greedily on a smoke
 subset (HE10, MBPP20, ...; offline: "HumanEval (base tests)") and is scored through evalplus. The run

@@ -197,8 +197,8 @@ class ShimDominanceGate(L.Callback):
 
 
 class IdentityGate(L.Callback):
-    """The near-identity gate of an expanded interface (source 000, 4.9, phase 51; DESIGN.md, "TASE
-    interface"): the identity deviation ``metric`` (d_id_mean of ``zoo.TASEDiagnostic`` by default; for
+    """The near-identity gate of an expanded interface (source 000, 4.9, phase 51, and
+    the note after the abstract): the identity deviation ``metric`` (d_id_mean of ``zoo.TASEDiagnostic`` by default; for
     TASE interfaces inside a student, ``tase_d_id_max``) must end at or below ``threshold``.
 
     Every validation is recorded; the first step at which the metric was at or below the threshold goes

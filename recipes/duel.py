@@ -1,5 +1,5 @@
 """``zoo duel``: the basis duel on one layer of a teacher (source 000, section 4.2 and section 6 items 1-2;
-DESIGN.md, "Basis duel"). The bases, tuning and metrics are ``zoo.basis_duel``; this file is the
+"Phase 1.5: Structured Basis Duel"). The bases, tuning and metrics are ``zoo.basis_duel``; this file is the
 command: teacher, data (a recipe DataModule: its calibration split trains, its heldout split
 measures), the activation cache, and the outputs (table on stdout, ``duel.json``, ``duel.png``, and the
 same to the run's logger: W&B offline by default).

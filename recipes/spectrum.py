@@ -1,5 +1,5 @@
 """``zoo spectrum``: per-layer eigen-spectra of a teacher's activations and weights (source 004,
-"Experimental Results" 1-2; DESIGN.md, "EigenAttention" and its massive-activation caveat).
+"Experimental Results" 1-2; the massive-activation caveat in docs/techniques/eigen-attention.md).
 
 For every attention layer, over the real tokens of a recipe DataModule's calibration split
 (``zoo.core.calibration.collect`` with taps, cached under ``~/.cache/zoo/spectrum``):

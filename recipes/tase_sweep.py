@@ -1,6 +1,6 @@
 """``zoo tase-sweep``: the TASE identity-deviation sweep over k (source 000, section 4.9, phase 51: k = 512,
-1024, 4096, 8192 of m = 16384 gave d_id_mean 0.58, 0.44, 0.27, 0.17 on Llama-3.1-8B; DESIGN.md, "TASE
-interface"). Each k is a ``zoo fit`` of the diagnostic config (``zoo.TASEDiagnostic`` with a
+1024, 4096, 8192 of m = 16384 gave d_id_mean 0.58, 0.44, 0.27, 0.17 on Llama-3.1-8B; source 000, the
+note after the abstract). Each k is a ``zoo fit`` of the diagnostic config (``zoo.TASEDiagnostic`` with a
 ``callbacks.IdentityGate``) with ``--model.init_args.k K``, run in its own process into
 ``OUTPUT_DIR/k_<K>``; a k whose ``metrics.json`` carries the gate's verdict is finished and not run again, so
 an interrupted sweep resumes where it stopped. A k that fails the gate is a result, not an error.

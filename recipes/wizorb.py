@@ -1,5 +1,5 @@
 """``zoo bank``, ``zoo basis``, ``zoo project``: the WIZORB pipeline (source 001, sections 3.3, 4, 6;
-DESIGN.md, "Universal basis"). The math is ``zoo.universal_basis`` and ``zoo.lora``; this file is the
+phases 4-14). The math is ``zoo.universal_basis`` and ``zoo.lora``; this file is the
 commands, their files (PEFT adapters, safetensors bases, JSON/Markdown tables, PNG charts) and logging
 (W&B offline by default, as every run).
 

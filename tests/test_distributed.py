@@ -1,7 +1,7 @@
 """The demo recipe under Lightning's DDP (2 CPU processes, gloo) equals the single-process run on the same
 global batches: calibration statistics, the packed data (hologram generation split across the two
-processes) and the final repair state (issue 9, "Distributed"; DESIGN.md, "The one path every technique
-shares").
+processes) and the final repair state (issue 9, "Distributed"; source 000, section 2.4 "Repair
+training (distillation)").
 
 The single process trains with batch 4; each DDP process with batch 2. The train sampler gives both the
 same order (epoch e is one permutation seeded with seed + e, split round-robin over processes), and the

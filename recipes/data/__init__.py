@@ -1,7 +1,7 @@
-"""Teacher-distillation data: code, hologram and their mixture (DESIGN.md, "Data (recipes/)").
+"""Teacher-distillation data: code, hologram and their mixture (source 000, section 2.5 "The Dreamer/Hologram dataset").
 
 Every technique trains on the same batches — ``input_ids``, ``attention_mask``, ``loss_mask`` — with a
-calibration, a train and a heldout split (DESIGN.md, "The one path every technique shares").
+calibration, a train and a heldout split (source 000, section 2.4 "Repair training (distillation)").
 
 * ``config``: the split names, the cache format and the settings (``CodeConfig``, ``HologramConfig``,
   ``TeacherLogitsConfig``) with their checks.

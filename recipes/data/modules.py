@@ -36,7 +36,7 @@ from .teacher_cache import TeacherLogitCache
 
 
 class TokenDataModule(TeacherLogitCache, L.LightningDataModule):
-    """Packed token blocks for distillation, split into calibration / train / heldout (DESIGN.md, Data).
+    """Packed token blocks for distillation, split into calibration / train / heldout (source 000, section 2.5).
 
     Subclasses say which documents to draw (``_sources``) and what identifies them
     (``_config``, ``_source_fingerprints``); splitting, packing, caching and loaders live here. The packed
@@ -247,7 +247,7 @@ _HOLOGRAM_HINT = "generate more: raise hologram.n_samples or hologram.max_new_to
 
 
 class CodeDataModule(TokenDataModule):
-    """Code (or instruction data, response-only) for distillation (DESIGN.md, Data; source 000, 2.5).
+    """Code (or instruction data, response-only) for distillation (source 000, section 2.5).
 
     Args:
         code: where the documents come from (see ``CodeConfig``); default: the Python standard library.
