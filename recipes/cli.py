@@ -137,6 +137,21 @@ def _options(cls) -> set[str]:
     return names
 
 
+def _takes_parts(cls) -> bool:
+    from zoo.core.module import RepairModule
+
+    return isinstance(cls, type) and issubclass(cls, RepairModule)
+
+
+def _specs_with_option(option: str) -> list[str]:
+    """The zoo's technique specs that take ``option``."""
+    import zoo
+
+    specs = [getattr(zoo, n) for n in zoo.__all__]
+    return [f"zoo.{s.__name__}" for s in specs if isinstance(s, type) and issubclass(s, zoo.Technique)
+            and s is not zoo.Technique and option in _options(s)]
+
+
 def did_you_mean(message: str) -> str:
     """jsonargparse's answer to a mistyped option (a Union of subtypes, or a bare "unrecognized") made into one
     line with the closest valid names."""
@@ -148,9 +163,14 @@ def did_you_mean(message: str) -> str:
     if found:
         module, _, name = found[1].rpartition(".")
         try:
-            options = _options(getattr(importlib.import_module(module), name))
+            cls = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
             return message
+        options = _options(cls)
+        specs = _specs_with_option(found[2]) if found[2] not in options and _takes_parts(cls) else []
+        if specs:  # a technique's option given to the training module: it belongs to a part
+            return (f"{found[1]} has no option {found[2]!r}: it is an option of the technique "
+                    f"({', '.join(specs)}); give it as --model.init_args.parts.{found[2]} (it sets the last part)")
         return (f"{found[1]} has no option {found[2]!r}{choices_hint(found[2], options)}; its options: "
                 f"{', '.join(sorted(options))}")
     found = re.search(r"unrecognized arguments: --trainer\.(\w+)", message)

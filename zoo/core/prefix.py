@@ -1,4 +1,4 @@
-"""The shared prefix of a repair step (issue 9, "Speed"; DESIGN.md, decision 1: one model, two views).
+"""The shared prefix of a repair step (issue 9, "Speed"; source 000, section 2.4: one model, two views).
 
 Teacher and student are one model object that differ only inside the ``Replaced`` modules, so every
 decoder layer below the first replaced one computes the same thing in both views. ``SharedPrefix``

@@ -1,10 +1,10 @@
 """Eigen-spectra of covariances: participation ratio, rank for a variance target, outlier dimensions
-(DESIGN.md, "Core: spectrum" and "EigenAttention"; source 004, "Experimental Results" 1-2).
+(source 004, "Experimental Results" 1-2).
 
 - ``participation_ratio(eigs) = (sum l)^2 / sum l^2`` (Df): the effective number of dimensions. It is
   d for an isotropic spectrum of d equal eigenvalues and 1 for a rank-1 spectrum.
 - ``rank_for_variance(eigs, 0.95)``: the smallest k whose top-k eigenvalues hold 95% of the trace.
-- ``outlier_dims`` / ``drop_dims``: DESIGN.md's caveat. In the middle layers of an LLM a few
+- ``outlier_dims`` / ``drop_dims``: the massive-activation caveat. In the middle layers of an LLM a few
   "massive activation" dimensions of the residual stream carry almost all of ||x||^2, so the raw
   spectrum collapses to Df ~ 1 - an artifact of those few coordinates, not low-dimensional structure.
   Report the spectrum with those dimensions set apart too (and on the normalized inputs that the

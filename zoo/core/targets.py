@@ -1,4 +1,4 @@
-"""Targets by name pattern, shared by every technique (DESIGN.md, decision 2; PEFT's target_modules).
+"""Targets by name pattern, shared by every technique (source 000, section 2.4: which maps are replaced; PEFT's target_modules).
 
 A pattern is matched against the full names of ``model.named_modules()``:
 

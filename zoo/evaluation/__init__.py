@@ -1,6 +1,6 @@
 """Code-benchmark evaluation on evalplus: greedy pass@1 on HumanEval+/MBPP+ subsets, results files, and
 paired McNemar comparisons (source 000, section 3 "Metrics and Experimental Gates"; source 001,
-phases 11-14; DESIGN.md, "Callbacks": EvalPlusGate).
+phases 11-14).
 
     from zoo.evaluation import evaluate
     result = evaluate(model, tokenizer, "humaneval", "HE10")

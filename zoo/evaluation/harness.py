@@ -1,5 +1,5 @@
 """Greedy pass@1 of a model on a code benchmark, and the teacher's cached scores (source 000, sections
-3.1-3.2: "EvalPlus pass@1 ... non-zero pass@1 on smoke sets before long runs"; DESIGN.md, EvalPlusGate).
+3.1-3.2: "EvalPlus pass@1 ... non-zero pass@1 on smoke sets before long runs").
 
 ``evaluate`` = prompts -> batched greedy generation (in this process) -> evalplus sanitize -> scoring
 in the sandboxed worker -> ``EvalResult``. ``teacher_outcomes`` evaluates the teacher (the student

