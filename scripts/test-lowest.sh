@@ -13,4 +13,5 @@ export WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 "$venv/bin/python" -c "import transformers, lightning; print(f'lowest stack: transformers {transformers.__version__}, lightning {lightning.__version__}')"
 "$venv/bin/python" -m pytest -m "not gpu and not slow" -q \
   tests/test_eigen_attention.py tests/test_data.py tests/test_targets_surgery.py tests/test_fast_step.py \
-  tests/test_teacher_logit_cache.py tests/test_cli.py tests/test_reliability.py tests/test_module_state.py "$@"
+  tests/test_teacher_logit_cache.py tests/test_cli.py tests/test_reliability.py tests/test_module_state.py \
+  tests/test_contract.py tests/test_kfac.py "$@"
