@@ -5,8 +5,10 @@ W (out x in) ~ U diag(sigma) V^T at rank r. The decomposition is an SVD of a wei
 
 - ``covariance``: R = chol(E[x x^T]) (jittered), L = I. Minimizes E||W x - W_r x||^2 over the
   calibration distribution exactly (SVD-LLM's truncation-aware whitening).
-- ``diagonal``: R = diag(sqrt(E[x_i^2]))^alpha, L = I (ASVD); used automatically for covariance
-  weighting when only the diagonal was collected (in_features > full_cov_max).
+- ``asvd``: R = diag(E|x_i|)^alpha, L = I: ASVD's activation-aware scaling as its paper defines it (the
+  mean absolute input of each channel; collected by the ``abs_mean`` collector of this module).
+- ``diagonal``: R = diag(sqrt(E[x_i^2]))^alpha, L = I: an RMS variant of ASVD's scale; used automatically
+  for covariance weighting when only the diagonal was collected (in_features > full_cov_max).
 - ``fisher``: L = diag(sqrt(row Fisher)), R = I (FWSVD): rows whose weights matter to the loss
   are approximated better.
 - ``none``: plain SVD.
@@ -15,6 +17,13 @@ Rank: an int, or a float parameter ratio; with ``allocation="global"`` the ratio
 spread over the targets by their weighted spectra (``allocate_ranks``), so layers whose error falls
 slowly get more rank (greedy on truncation loss per parameter, in the spirit of SVD-LLM V2's
 loss-based allocation, not its exact rule; for the whole-model baselines, source 000 4.1).
+
+``refit``: after truncation, U diag(sigma) is re-fit in closed form with V fixed (``zoo.core.linalg.refit_left``:
+least squares of the student's inputs onto the teacher's outputs, SVD-LLM's parameter update done exactly).
+With covariance weighting on the teacher's own inputs the truncation is already that optimum; the refit
+matters for the other weightings and for inputs that differ from the teacher's (sequential calibration,
+``DistillationModule(calibration="sequential")``), where ``stats.extra["cross.second_moment"]`` holds
+E[x_teacher x_student^T].
 
 Forward: ``((x @ V) * sigma.float()).to(x.dtype) @ U.T + bias`` — matmuls in the input dtype, the
 diagonal scale in fp32. Sigma (and bias) train by default; ``train_factors`` also trains U and V.
@@ -27,15 +36,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .core.calibration import ActivationStats
+from .core.calibration import ActivationStats, Collector, register_collector
 from .core.errors import ZooError, check_choice
-from .core.linalg import cholesky_jittered, rms  # noqa: F401 - re-exported
+from .core.linalg import cholesky_jittered, refit_left, rms  # noqa: F401 - re-exported
 from .core.replacement import Replacement
 from .core.technique import Technique, TensorSize
 
 log = logging.getLogger(__name__)
 
-WEIGHTINGS = ("covariance", "diagonal", "fisher", "none")
+WEIGHTINGS = ("covariance", "diagonal", "fisher", "none", "asvd")
 ALLOCATIONS = ("uniform", "global")
 
 
@@ -122,6 +131,41 @@ def diagonal_scale(stats: ActivationStats, alpha: float = 0.5) -> torch.Tensor:
     return d.clamp_min(d.mean() * 1e-6 + 1e-30).pow(alpha)
 
 
+@register_collector
+class AbsMean(Collector):
+    """E|x_i| per input channel over the real tokens: ASVD's activation statistic."""
+
+    name = "abs_mean"
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        super().__init__(module, device)
+        self.sum = torch.zeros(module.in_features, dtype=torch.float64, device=device)
+        self.tokens = torch.zeros(1, dtype=torch.float64)
+
+    def attach(self) -> list:
+        def on_input(_module, args):
+            x = args[0]
+            x = x[self.mask] if self.mask is not None else x.reshape(-1, x.shape[-1])
+            self.sum += x.detach().double().abs().sum(0).to(self.sum.device)
+            self.tokens += len(x)
+
+        return [self.module.register_forward_pre_hook(on_input)]
+
+    def sums(self) -> list[torch.Tensor]:
+        return [self.sum, self.tokens]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {"mean": (self.sum / self.tokens.clamp_min(1).to(self.sum.device)).cpu()}
+
+
+def asvd_scale(stats: ActivationStats, alpha: float = 0.5) -> torch.Tensor:
+    """ASVD's input scale diag(E|x_i|)^alpha (fp64), floored like ``diagonal_scale``."""
+    if "abs_mean.mean" not in stats.extra:
+        raise ZooError("asvd weighting needs the abs_mean statistic (calibration)")
+    d = stats.extra["abs_mean.mean"].double()
+    return d.clamp_min(d.mean() * 1e-6 + 1e-30).pow(alpha)
+
+
 def fisher_scale(stats: ActivationStats) -> torch.Tensor:
     """FWSVD's row scale sqrt(row Fisher) (fp64), floored like ``diagonal_scale``."""
     f = stats.fisher_rows.double().sqrt()
@@ -140,15 +184,15 @@ def _weighted_problem(weight: torch.Tensor, weighting: str, stats: ActivationSta
             raise ZooError(f"covariance weighting of {name} needs calibration statistics")
         log.info("%s: only the diagonal of the input covariance is available; using diagonal weighting", name)
         weighting = "diagonal"
-    if weighting in ("diagonal", "fisher") and stats is None:
+    if weighting in ("asvd", "diagonal", "fisher") and stats is None:
         raise ZooError(f"{weighting} weighting of {name} needs calibration statistics")
 
     if weighting == "covariance":
         S = cholesky_jittered(stats.second_moment.to(device, torch.float64))
         # V = S^-T Q_r, so that x @ V = (S^-1 ... )-whitened coordinates
         return W @ S, weighting, lambda P, Qh: (P, torch.linalg.solve_triangular(S.T, Qh.T, upper=True))
-    if weighting == "diagonal":
-        d = diagonal_scale(stats, alpha).to(device)
+    if weighting in ("diagonal", "asvd"):
+        d = (diagonal_scale if weighting == "diagonal" else asvd_scale)(stats, alpha).to(device)
         return W * d, weighting, lambda P, Qh: (P, Qh.T / d[:, None])
     if weighting == "fisher":
         if stats.fisher_rows is None:
@@ -171,6 +215,22 @@ def weighted_svd(
     P, s, Qh = torch.linalg.svd(A, full_matrices=False)
     U, V = unweight(P[:, :rank], Qh[:rank])
     return U, s[:rank], V, used
+
+
+def refit_factors(weight: torch.Tensor, V: torch.Tensor, stats: ActivationStats | None, name: str = ""
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, sigma) of the closed-form refit ``refit_left`` with V fixed: sigma the column norms of the refit B
+    (unit columns of U, as a truncated SVD gives them), on the student's inputs and, where calibration
+    measured it, the cross moment with the teacher's."""
+    if stats is None:
+        raise ZooError(f"refit of {name} needs calibration statistics")
+    moment = stats.second_moment if stats.second_moment is not None else stats.diag
+    cross = stats.extra.get("cross.second_moment")
+    if cross is None and stats.second_moment is None:
+        cross = stats.extra.get("cross.diag")
+    B = refit_left(weight, V, moment, cross)
+    sigma = B.norm(dim=0).clamp_min(1e-30)
+    return B / sigma, sigma
 
 
 def weighted_spectrum(weight: torch.Tensor, weighting: str = "covariance", stats: ActivationStats | None = None,
@@ -221,9 +281,10 @@ class FisherSVD(Technique):
     Args:
         targets: module name patterns (see ``zoo.core.targets``).
         rank: an int rank, or a float parameter ratio in (0, 1] (r = ratio * in*out / (in+out)).
-        weighting: ``covariance``, ``diagonal``, ``fisher`` or ``none``.
-        alpha: exponent of the diagonal (ASVD) weighting.
+        weighting: ``covariance``, ``diagonal``, ``fisher``, ``none`` or ``asvd``.
+        alpha: exponent of the ``asvd`` / ``diagonal`` scale.
         train_factors: also train U and V (default: sigma and bias only).
+        refit: re-fit U diag(sigma) in closed form after truncation, V fixed (see the module docstring).
         allocation: ``uniform`` (every target at ``rank``) or ``global``: with a float ``rank``, the same
             total parameters spread over the targets by ``allocate_ranks`` (greedy on the relative
             weighted truncation error per parameter), planned from the calibration statistics before
@@ -236,6 +297,7 @@ class FisherSVD(Technique):
     alpha: float = 0.5
     train_factors: bool = False
     allocation: str = "uniform"
+    refit: bool = False
     planned_ranks: dict[str, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self):
@@ -259,7 +321,9 @@ class FisherSVD(Technique):
         return self.planned_ranks
 
     def needs(self) -> set[str]:
-        return {"covariance": {"input"}, "diagonal": {"input"}, "fisher": {"fisher"}, "none": set()}[self.weighting]
+        needs = {"covariance": {"input"}, "asvd": {"input", "abs_mean"}, "diagonal": {"input"}, "fisher": {"fisher"},
+                 "none": set()}[self.weighting]
+        return needs | ({"input"} if self.refit else set())
 
     def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
         """U [out, r] and V [in, r] (frozen unless ``train_factors``), sigma [r] in fp32, the bias. Under
@@ -283,6 +347,8 @@ class FisherSVD(Technique):
         else:
             rank = resolve_rank(self.rank, module.out_features, module.in_features, name)
         U, sigma, V, used = weighted_svd(weight, rank, self.weighting, stats, self.alpha, name)
+        if self.refit:
+            U, sigma = refit_factors(weight, V, stats, name)
         bias = getattr(module, "bias", None)
         layer = FisherSVDLinear(U.to(weight.dtype), sigma, V.to(weight.dtype),
                                 None if bias is None else bias.detach(), self.train_factors)

@@ -29,7 +29,7 @@ from .core.calibration import ActivationStats, Collector, register_collector
 from .core.errors import ZooError
 from .core.linalg import cholesky_jittered
 from .core.technique import Technique, TensorSize
-from .fisher_svd import FisherSVDLinear, linear_footprint, resolve_rank
+from .fisher_svd import FisherSVDLinear, linear_footprint, refit_factors, resolve_rank
 
 
 @register_collector
@@ -90,11 +90,13 @@ class KFACSVD(Technique):
         targets: module name patterns (see ``zoo.core.targets``).
         rank: an int rank, or a float parameter ratio in (0, 1] (as ``zoo.FisherSVD``).
         train_factors: also train U and V (default: sigma and bias only).
+        refit: re-fit U diag(sigma) in closed form after truncation, V fixed (``zoo.fisher_svd.refit_factors``).
     """
 
     targets: str | list[str]
     rank: int | float = 64
     train_factors: bool = False
+    refit: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -114,6 +116,8 @@ class KFACSVD(Technique):
         weight = module.weight
         U, sigma, V = kfac_svd(weight, resolve_rank(self.rank, module.out_features, module.in_features, name),
                                stats, name)
+        if self.refit:
+            U, sigma = refit_factors(weight, V, stats, name)
         bias = getattr(module, "bias", None)
         layer = FisherSVDLinear(U.to(weight.dtype), sigma, V.to(weight.dtype),
                                 None if bias is None else bias.detach(), self.train_factors)

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from .cache import Entry
 from .distributed import all_reduce_sum_, rank_world
 from .errors import ZooError
+from .surgery import teacher_view
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +278,7 @@ def collect(
     distributed: bool = False,
     taps: dict[str, Callable] | None = None,
     collectors: dict[str, list[str]] | None = None,
+    cross: bool = False,
 ) -> dict[str, ActivationStats]:
     """Statistics of the inputs of each module in ``targets`` over the real tokens of ``loader``.
 
@@ -289,6 +291,10 @@ def collect(
     as ``"<module>:<stream>"``, the full second moment when a stream is at most ``full_cov_max`` wide.
     ``collectors`` maps registered collector names (``COLLECTORS``) to the targets they run on (each also
     in ``targets``); ``fisher=True`` is ``collectors={"fisher": targets}``.
+    ``cross``: each batch also runs in the teacher view first (``zoo.core.surgery.teacher_view``: every
+    replaced module as its original) and every target accumulates E[x_teacher x^T] against its input x in
+    the model as it is (``extra["cross.second_moment"]``, or ``"cross.diag"`` above ``full_cov_max``): what
+    a refit onto the teacher's outputs needs when replaced layers below change the target's inputs.
     """
     taps = dict(taps or {})
     wanted = {k: list(v) for k, v in (collectors or {}).items()}
@@ -313,21 +319,38 @@ def collect(
     accs = {name: new_acc(m.in_features) for name, m in modules.items()}
     current_mask: list[torch.Tensor | None] = [None]
 
+    def rows(x, mask):
+        x = x[mask] if mask is not None else x.reshape(-1, *x.shape[2:])
+        return x.reshape(-1, x.shape[-1])
+
     def add(key, x):
         mask = current_mask[0]
         if isinstance(x, tuple):  # (stream, tokens to keep)
             x, keep = x
             keep = keep.to(x.device).bool().expand(x.shape[:2])
             mask = keep if mask is None else mask & keep
-        x = x[mask] if mask is not None else x.reshape(-1, *x.shape[2:])
-        x = x.reshape(-1, x.shape[-1])
+        x = rows(x, mask)
         if key not in accs:  # a tap's width is known at its first call
             accs[key] = new_acc(x.shape[-1])
         accs[key].add(x)
 
+    teacher_rows: dict[str, torch.Tensor] = {}  # this batch's teacher-view inputs (``cross``)
+    crosses: dict[str, torch.Tensor] = {}
+    in_teacher_pass = [False]
+
     def make_hook(name):
         def hook(_module, args, _kwargs=None):
+            if in_teacher_pass[0]:
+                teacher_rows[name] = rows(args[0], current_mask[0]).detach().double()
+                return
             add(name, args[0])
+            if cross:
+                x_t, x_s = teacher_rows.pop(name), rows(args[0], current_mask[0]).detach().double()
+                full = accs[name].gram is not None
+                update = x_t.T @ x_s if full else (x_t * x_s).sum(0)
+                if name not in crosses:
+                    crosses[name] = torch.zeros_like(update, device=accs[name].sum.device)
+                crosses[name] += update.to(crosses[name].device)
 
         return hook
 
@@ -363,6 +386,13 @@ def collect(
                 current_mask[0] = mask.bool() if mask is not None else None
                 for c in extras.values():
                     c.mask = current_mask[0]
+                if cross:
+                    in_teacher_pass[0] = True
+                    try:
+                        with teacher_view(model):
+                            _forward(model, batch, skip_head)
+                    finally:
+                        in_teacher_pass[0] = False
                 if weights:
                     _backward_step(model, batch, weights, [c for c in extras.values() if c.backward])
                 else:
@@ -383,7 +413,12 @@ def collect(
         for key in sorted(extras):
             for t in extras[key].sums():
                 all_reduce_sum_(t)
+        for key in sorted(crosses):
+            all_reduce_sum_(crosses[key])
     stats = {name: acc.result() for name, acc in accs.items()}
+    for name, total in crosses.items():
+        key = "cross.second_moment" if total.dim() == 2 else "cross.diag"
+        stats[name].extra[key] = total.cpu() / max(stats[name].count, 1)
     for (kind, name), c in extras.items():
         for key, value in c.result().items():
             if key in c.fields:

@@ -60,3 +60,24 @@ def procrustes(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     U S V^T = svd(source^T target)."""
     U, _, Vh = torch.linalg.svd(source.T @ target)
     return U @ Vh
+
+
+def refit_left(weight: torch.Tensor, V: torch.Tensor, student_moment: torch.Tensor,
+               cross_moment: torch.Tensor | None = None) -> torch.Tensor:
+    """The closed-form local refit of a factorization ``B V^T`` with V fixed (SVD-LLM's parameter update,
+    done in closed form): the B [out, r] minimizing E||B V^T x_s - W x_t||^2 over calibration tokens, where
+    x_s is the input the replacement sees (the student's) and x_t the teacher's at the same position.
+
+    ``student_moment`` = E[x_s x_s^T] [in, in] (or its diagonal [in]); ``cross_moment`` = E[x_t x_s^T] (or its
+    diagonal; default: the student moment, i.e. x_t = x_s). Normal equations, fp64:
+    B = W E[x_t x_s^T] V (V^T E[x_s x_s^T] V)^-1.
+    """
+    W, V = weight.detach().double(), V.detach().double()
+    C_ss = _as_matrix(student_moment).to(W.device)
+    C_ts = C_ss if cross_moment is None else _as_matrix(cross_moment).to(W.device)
+    return solve_psd_right(W @ C_ts @ V, V.T @ C_ss @ V)
+
+
+def _as_matrix(moment: torch.Tensor) -> torch.Tensor:
+    """A second moment as an fp64 matrix (a diagonal one given as its diagonal)."""
+    return torch.diag(moment.double()) if moment.dim() == 1 else moment.double()

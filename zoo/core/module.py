@@ -27,7 +27,7 @@ from .metrics import TokenMean, TokenPerplexity
 from .models import DEFAULT_TEACHER
 from .prefix import SUPPORTED_MODEL_TYPES, SharedPrefix, decoder_layers
 from .state import _short, check_header, load_into, save_state
-from .student import Student, parts_header
+from .student import CALIBRATIONS, Student, parts_header
 from .surgery import replaced_modules, teacher_view
 from .technique import Technique
 
@@ -55,20 +55,24 @@ class RepairModule(L.LightningModule):
         calibration_tokens: cap on real tokens used for calibration (None: the whole split).
         full_cov_max: widest input for which the full input covariance is collected.
         repair_state: a repair state (safetensors) to load after building the student.
+        calibration: ``once`` or ``sequential`` (error-aware: each decoder layer's targets calibrated on
+            what the compressed layers below produce; see ``zoo.core.student.Student``).
     """
 
     def __init__(self, parts: list[Technique], teacher: str = DEFAULT_TEACHER, dtype: str = "float32",
                  lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0,
-                 calibration_tokens: int | None = None, full_cov_max: int = 8192, repair_state: str | None = None):
+                 calibration_tokens: int | None = None, full_cov_max: int = 8192, repair_state: str | None = None,
+                 calibration: str = "once"):
         super().__init__()
         # NaN fails this too; lr 0 is allowed (a run that measures without changing anything)
         if not 0 <= lr < math.inf:
             raise ZooError(f"lr must be a finite number >= 0, got {lr}")
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.repair_state = repair_state
+        calibration = check_choice("calibration", calibration, CALIBRATIONS)
         if repair_state:  # a missing or foreign state is reported before the weights load (in full at load)
-            check_header(repair_state, parts_header(list(parts), teacher))
-        self.student = Student(parts, teacher, dtype, calibration_tokens, full_cov_max)
+            check_header(repair_state, parts_header(list(parts), teacher, calibration))
+        self.student = Student(parts, teacher, dtype, calibration_tokens, full_cov_max, calibration)
         self.model, self.tokenizer = self.student.model, self.student.tokenizer
         self.save_hyperparameters(ignore=["parts"])
 
@@ -189,7 +193,8 @@ class DistillationModule(RepairModule):
 
     Args:
         parts: technique specs applied to disjoint targets of one student.
-        teacher, dtype, lr, weight_decay, warmup_steps, calibration_tokens, full_cov_max, repair_state: see
+        teacher, dtype, lr, weight_decay, warmup_steps, calibration_tokens, full_cov_max, repair_state,
+            calibration: see
             ``RepairModule`` (``lr`` is relative where a replacement declares ``lr_scales``: e.g.
             ``FisherSVDLinear`` scales it by each tensor's initial RMS, so one lr suits every layer and model).
         temperature: distillation temperature (KL of softened distributions, times T^2).
@@ -222,6 +227,7 @@ class DistillationModule(RepairModule):
         objective: str = "distillation",
         shared_prefix: bool = True,
         fused_head: bool = True,
+        calibration: str = "once",
     ):
         if not parts:
             raise ZooError("a DistillationModule needs at least one technique part")
@@ -229,7 +235,7 @@ class DistillationModule(RepairModule):
             raise ZooError(f"temperature must be a positive finite number, got {temperature}")
         objective = check_choice("objective", objective, OBJECTIVES)
         super().__init__(parts, teacher, dtype, lr, weight_decay, warmup_steps, calibration_tokens, full_cov_max,
-                         repair_state)
+                         repair_state, calibration)
         self.temperature, self.kl_chunk = temperature, kl_chunk
         self.objective = objective
         self.shared_prefix, self.fused_head = shared_prefix, fused_head

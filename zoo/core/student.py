@@ -13,12 +13,14 @@ import logging
 from pathlib import Path
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import calibration as calib
 from .cache import Entry, check_free_space
 from .distributed import all_true, rank_world
-from .errors import ZooError
+from .errors import ZooError, check_choice
 from .models import META_PREFIX, RANDOM_PREFIX, claim, load_causal_lm
+from .plan import layer_of
 from .replacement import lr_scales_of, metrics_of, set_tracking
 from .state import load_into, save_state
 from .surgery import replace, replaced_modules
@@ -27,9 +29,14 @@ from .technique import NEEDS, Technique
 log = logging.getLogger(__name__)
 
 
-def parts_header(parts: list[Technique], teacher: str) -> dict:
-    """What a repair state records about the student that wrote it (and is checked on load)."""
-    return {"parts": [p.describe() for p in parts], "teacher": teacher}
+#: how the targets' statistics are collected (see ``Student``)
+CALIBRATIONS = ("once", "sequential")
+
+
+def parts_header(parts: list[Technique], teacher: str, calibration: str = "once") -> dict:
+    """What a repair state records about the student that wrote it (and is checked on load): the parts, the
+    teacher, and a sequential calibration (which changes the frozen factors the state's tensors fit)."""
+    return {"parts": [p.describe() for p in parts], "teacher": teacher, "calibration": calibration}
 
 
 class Student:
@@ -41,16 +48,22 @@ class Student:
         dtype: dtype the teacher's weights are loaded in.
         calibration_tokens: cap on real tokens used for calibration (None: the whole split).
         full_cov_max: widest input for which the full input covariance is collected.
+        calibration: ``once`` (every target's statistics on the teacher's activations, one pass) or
+            ``sequential`` (error-aware, as GPTQ/SliceGPT-style pipelines propagate it: the targets of
+            decoder layer l are calibrated on the inputs the already-compressed layers below produce, one
+            pass per layer, with the teacher's inputs at the same positions as ``extra["cross.*"]`` for a
+            refit onto the teacher's outputs; ``plan`` still sees the one-pass statistics).
     """
 
     def __init__(self, parts: list[Technique], teacher: str, dtype: str = "float32",
-                 calibration_tokens: int | None = None, full_cov_max: int = 8192):
+                 calibration_tokens: int | None = None, full_cov_max: int = 8192, calibration: str = "once"):
         self.parts = list(parts)
         for i, part in enumerate(self.parts):
             if not isinstance(part, Technique):
                 raise ZooError(f"part {i} is a {type(part).__name__}, not a technique spec (zoo.Technique)")
         self.teacher, self.dtype_name = teacher, dtype
         self.calibration_tokens, self.full_cov_max = calibration_tokens, full_cov_max
+        self.calibration = check_choice("calibration", calibration, CALIBRATIONS)
         if self.parts and not teacher.startswith(META_PREFIX):
             # bad targets are reported from the architecture alone (meta device), before any weights load
             self.resolve_targets(load_causal_lm(META_PREFIX + teacher.removeprefix(RANDOM_PREFIX), dtype)[0])
@@ -59,7 +72,7 @@ class Student:
         self.summary: dict[str, float] = {}
 
     def header(self) -> dict:
-        return parts_header(self.parts, self.teacher)
+        return parts_header(self.parts, self.teacher, self.calibration)
 
     @property
     def built(self) -> bool:
@@ -101,9 +114,14 @@ class Student:
         claim(self.model)
         for part, names in zip(self.parts, resolved):
             part.plan({n: self.model.get_submodule(n) for n in names}, stats)
+        groups = [resolved] if self.calibration == "once" else self.layer_groups(resolved)
+        for group in tqdm(groups, desc="sequential calibration", unit="layer", disable=len(groups) == 1):
+            if self.calibration == "sequential":  # on what the compressed layers below now produce
+                stats = {**stats, **self.calibrate(group, calibration_loader, data_fingerprint, device, sequential=True)}
+            for part, names in zip(self.parts, group):
+                replace(self.model, names, lambda name, module, part=part: part.build(name, module, stats.get(name)),
+                        part.target_kind)
         for i, (part, names) in enumerate(zip(self.parts, resolved)):
-            replace(self.model, names, lambda name, module, part=part: part.build(name, module, stats.get(name)),
-                    part.target_kind)
             self.targets[f"{i}:{type(part).__name__}"] = names
         if self.parts and not self.trainable_parameters():
             raise ZooError("the student has no trainable tensors; check the technique's options")
@@ -124,6 +142,13 @@ class Student:
             loader, fingerprint = datamodule.calibration_dataloader(), datamodule.fingerprint("calibration")
         self.build(loader, fingerprint or "", device, repair_state)
 
+    @staticmethod
+    def layer_groups(resolved: list[list[str]]) -> list[list[list[str]]]:
+        """``resolved`` (targets per part) split by decoder layer, bottom-up (targets outside the decoder
+        layers last): one calibration pass each under ``sequential``."""
+        layers = sorted({layer_of(n) for names in resolved for n in names}, key=lambda l: (l is None, l or 0))
+        return [[[n for n in names if layer_of(n) == layer] for names in resolved] for layer in layers]
+
     def needs(self, resolved: list[list[str]]) -> tuple[dict[str, list[str]], dict]:
         """({statistic: targets needing it}, {target: tap}) over all parts; an unknown statistic is an error."""
         valid = (*NEEDS, *(k for k in calib.COLLECTORS if k not in NEEDS))
@@ -141,8 +166,13 @@ class Student:
                     wanted.setdefault(need, []).extend(names)
         return wanted, taps
 
-    def calibrate(self, resolved, loader, fingerprint: str, device) -> dict[str, calib.ActivationStats]:
+    def calibrate(self, resolved, loader, fingerprint: str, device, sequential: bool = False
+                  ) -> dict[str, calib.ActivationStats]:
+        """Statistics of the ``resolved`` targets (per part): on the teacher, or with ``sequential`` on the
+        model as it is now (replaced layers below active), with the teacher-view cross moments."""
         wanted, taps = self.needs(resolved)
+        if sequential:
+            taps = {}  # a tap's statistics feed ``plan``, which saw the one-pass ones
         names = sorted({n for ns in wanted.values() for n in ns})
         if not names and not taps:
             return {}
@@ -160,7 +190,10 @@ class Student:
                                                                         if "taps" in p.needs()})}
                          if taps else {}),
                       **({"collectors": others, "collector_versions": {k: calib.COLLECTORS[k].version for k in others}}
-                         if others else {}))
+                         if others else {}),
+                      # the layers below are already replaced: their specs and names decide these inputs
+                      **({"sequential": {"parts": [p.describe() for p in self.parts],
+                                         "below": sorted(replaced_modules(self.model))}} if sequential else {}))
         # under ddp/fsdp every process runs setup: all read the cache, or all collect their share
         hit = entry.load() if fingerprint else None
         if all_true(hit is not None):
@@ -174,7 +207,8 @@ class Student:
             self.model.to(device)
         stats = calib.collect(self.model, loader, names, full_cov_max=self.full_cov_max,
                               max_tokens=self.calibration_tokens, device=device, distributed=True, taps=taps,
-                              collectors=collectors)
+                              collectors=collectors, cross=sequential,
+                              progress=not sequential or log.isEnabledFor(logging.DEBUG))
         self.model.to(was)
         if fingerprint and rank_world()[0] == 0:  # only data with a fingerprint can be reused safely
             entry.store(*calib.stats_to_tensors(stats))

@@ -125,3 +125,27 @@ class Technique:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.init_args().items())
         return f"{type(self).__name__}({args})"
+
+
+def canonical_parts(parts) -> list:
+    """Described parts (``Technique.describe()`` dicts) without the options that equal their spec's default,
+    so that a state written before a spec gained an option (at its default) still matches. A spec class that
+    cannot be imported is left as it is."""
+    import dataclasses
+    import importlib
+
+    if not isinstance(parts, list):
+        return parts
+    out = []
+    for part in parts:
+        module, _, name = str(part.get("technique", "")).rpartition(".") if isinstance(part, dict) else ("", "", "")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+            defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init
+                        and f.default is not dataclasses.MISSING}
+        except (ImportError, AttributeError, TypeError, ValueError):
+            out.append(part)
+            continue
+        args = {k: v for k, v in part.get("init_args", {}).items() if not (k in defaults and defaults[k] == v)}
+        out.append({**part, "init_args": args})
+    return out
