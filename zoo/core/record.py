@@ -55,7 +55,8 @@ class Recorder:
         """One forward pass of ``batch`` (input_ids, attention_mask) on ``device``."""
         attn = batch.get("attention_mask")
         try:
-            self.model(input_ids=batch["input_ids"].to(device), attention_mask=None if attn is None else attn.to(device))
+            self.model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=None if attn is None else attn.to(device))
         except _Recorded:
             pass
 
