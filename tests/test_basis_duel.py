@@ -11,9 +11,14 @@ import torch
 import yaml
 
 from recipes.cli import main
-from zoo.basis_duel import (BASES, DEFAULT_BASES, FRAMES, SigmaObjective, block_hadamard, build_basis,
-                            collect_activations, format_table, frame, hadamard_block, run_duel, tune_sigma)
+from zoo.basis_duel import (BASES, DEFAULT_BASES, FRAMES, SigmaObjective, build_basis, collect_activations,
+                            format_table, frame, run_duel, tune_sigma)
 from zoo.core.errors import ZooError
+from zoo.core.hadamard import block_hadamard_matrix, largest_block
+
+
+def block_hadamard(n: int) -> torch.Tensor:
+    return block_hadamard_matrix(n, largest_block(n))
 
 TARGET = "model.layers.1.mlp.down_proj"  # in 128, out 64
 RANK = 8
@@ -49,7 +54,7 @@ def test_activations_are_the_layer_inputs_and_match_the_statistics(activations):
 
 
 def test_hadamard_blocks_frames_are_orthogonal_and_seeded():
-    assert (hadamard_block(1536), hadamard_block(576), hadamard_block(128), hadamard_block(7)) == (512, 64, 128, 1)
+    assert (largest_block(1536), largest_block(576), largest_block(128), largest_block(7)) == (512, 64, 128, 1)
     H = block_hadamard(576)
     assert torch.allclose(H @ H.T, torch.eye(576, dtype=H.dtype), atol=1e-12) and torch.equal(H, H.T)
     assert torch.equal(H[64:, :64], torch.zeros(512, 64, dtype=H.dtype))  # 9 blocks of 64

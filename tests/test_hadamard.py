@@ -83,3 +83,19 @@ def test_kernel_method_refuses_cpu_tensors_and_says_why_it_cannot_run():
         block_hadamard(torch.randn(2, 8), 4, "kernel")
     if not torch.cuda.is_available():
         assert kernel_unavailable().startswith("no CUDA device")
+
+
+def test_block_primitives_build_the_frames_the_basis_duel_uses():
+    from zoo.core.hadamard import block_hadamard_matrix, frame_draws, largest_block
+
+    assert [largest_block(n) for n in (1536, 576, 128, 7, 1)] == [512, 64, 128, 1, 1]
+    H = block_hadamard_matrix(96, 32)
+    assert torch.equal(H, block_hadamard(torch.eye(96, dtype=torch.float64), 32, "matmul"))
+    assert torch.equal(H[:32, :32], hadamard_matrix(32, torch.float64))
+    assert torch.equal(H[32:, :32], torch.zeros(64, 32, dtype=H.dtype))
+    with pytest.raises(ZooError, match="multiple"):
+        block_hadamard_matrix(96, 64)
+    signs, perm = frame_draws(96, torch.Generator().manual_seed(5))
+    frame = PHDFrame(96, 32, seed=5)
+    assert torch.equal(frame.signs, signs.float()) and torch.equal(frame.perm, perm)
+    assert set(signs.tolist()) == {-1.0, 1.0} and signs.dtype == torch.float64

@@ -73,9 +73,10 @@ def test_energy_chosen_rows_beat_a_random_choice(calibrated):
     chosen = ((X @ (W - layer.dense_weight()).T) ** 2).sum().item()
     # same frames, random rows, least-squares core
     from zoo.core.hadamard import PHDFrame
-    from zoo.phd import core_least_squares, frame_seed
-    f_in = PHDFrame(128, 32, frame_seed(0, TARGET, "input"))
-    f_out = PHDFrame(64, 32, frame_seed(0, TARGET, "output"))
+    from zoo.core.seeds import derive_seed
+    from zoo.phd import core_least_squares
+    f_in = PHDFrame(128, 32, derive_seed(0, TARGET, "input"))
+    f_out = PHDFrame(64, 32, derive_seed(0, TARGET, "output"))
     g = torch.Generator().manual_seed(0)
     worse = 0
     for _ in range(5):

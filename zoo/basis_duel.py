@@ -1,5 +1,5 @@
-"""The basis duel (source 000, section 4.2 "Phase 1.5: Structured Basis Duel" and section 6, items 1-2;
-DESIGN.md, "Basis duel").
+"""The basis duel (source 000, section 4.2 "Phase 1.5: Structured Basis Duel" and section 6, items 1-2,
+and section 7.3, reproduction A).
 
 For one linear layer W (out x in) and a rank r, each basis gives a rank-r map ``U diag(sigma) V^T``
 and the duel measures how well it reproduces the layer's outputs on held-out calibration activations,
@@ -22,9 +22,12 @@ Hadamard frames here are block-diagonal: normalized Sylvester Hadamard blocks of
 power of two dividing the width (1536 = 3 x 512 and 576 = 9 x 64 for the embedded teacher's down_proj;
 an odd width gets b = 1, the identity). ``permuted_hadamard`` is ``T = blockdiag_b(H) . P . D`` (random
 signs D, a random permutation P of the coordinates, then the blocks): with the permutation after the
-blocks, as in DESIGN.md's PHD frame ``P . H . D``, P would only reorder basis vectors, which the energy
-selection ignores, so the duel mixes coordinates across blocks instead. A full FWHT/PHD frame belongs to
-``zoo.core.hadamard``; ``block_hadamard``/``frame`` are small so they can be swapped for it.
+blocks, as the name PHD reads (``P . H . D``), P would only reorder basis vectors, which the energy
+selection ignores, so the duel mixes coordinates across blocks instead. The blocks, the block size and
+the seeded draws of D and P are ``zoo.core.hadamard``'s (``block_hadamard_matrix``, ``largest_block``,
+``frame_draws``); the duel's P is applied as a column gather of the dense matrix, where
+``zoo.core.hadamard.PHDFrame`` gathers the coordinates (its P is the inverse of this one), and each
+frame's seed comes from ``zoo.core.seeds`` (scheme ``sha256``).
 
 Sigma-only tuning: Adam on sigma alone (U, V frozen), minimizing the relative output MSE on minibatches
 of the calibration activations drawn with a seeded generator; the learning rate is relative to the RMS
@@ -36,8 +39,6 @@ the mean per-token cosine of y and y_hat (bias included in both).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,9 @@ from torch import nn
 from .core import calibration as calib
 from .core.calibration import ActivationStats
 from .core.errors import ZooError, check_choice
+from .core.hadamard import block_hadamard_matrix, frame_draws, largest_block
+from .core.record import Recorder, model_device, record
+from .core.seeds import derive_seed, generator
 from .fisher_svd import diagonal_scale, fisher_scale, weighted_svd
 
 #: basis name -> weighting of ``weighted_svd`` (weighted bases) or None (fixed frames)
@@ -64,43 +68,17 @@ SIMILAR = 0.10
 # frames
 
 
-def hadamard_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
-    """The normalized Sylvester Hadamard matrix of order n (a power of two): orthogonal and symmetric."""
-    if n < 1 or n & (n - 1):
-        raise ZooError(f"a Sylvester Hadamard matrix needs a power-of-two order, got {n}")
-    H = torch.ones(1, 1, dtype=dtype)
-    while H.shape[0] < n:
-        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
-    return H / math.sqrt(n)
-
-
-def hadamard_block(n: int) -> int:
-    """The largest power of two dividing n (1536 -> 512, 576 -> 64)."""
-    return n & -n
-
-
-def block_hadamard(n: int, dtype=torch.float64) -> torch.Tensor:
-    """blockdiag(H_b, ..., H_b) of width n with b = ``hadamard_block(n)``: orthogonal and symmetric."""
-    b = hadamard_block(n)
-    return torch.block_diag(*[hadamard_matrix(b, dtype)] * (n // b))
-
-
-def _generator(seed: int, *labels) -> torch.Generator:
-    # each (basis, side) draws from its own stream: adding or removing a basis changes no other's numbers
-    digest = hashlib.sha256(json.dumps([seed, *labels]).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
 def frame(kind: str, n: int, seed: int = 0, side: str = "in") -> torch.Tensor:
     """An n x n orthogonal matrix whose columns are the basis vectors of ``kind`` (fp64, deterministic)."""
     check_choice("frame", kind, FRAMES)
-    g = _generator(seed, kind, side, n)
+    # each (basis, side) draws from its own stream: adding or removing a basis changes no other's numbers
+    g = generator(seed, kind, side, n, scheme="sha256")
+    H = block_hadamard_matrix(n, largest_block(n))
     if kind == "hadamard":
-        return block_hadamard(n)
+        return H
     if kind == "permuted_hadamard":
-        signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
-        perm = torch.randperm(n, generator=g)
-        T = block_hadamard(n)[:, perm] * signs  # T = H . P . D; rows of T are the basis vectors
+        signs, perm = frame_draws(n, g)
+        T = H[:, perm] * signs  # T = H . P . D; rows of T are the basis vectors
         return T.T.contiguous()
     Q, R = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     return Q * torch.sign(torch.diagonal(R))  # sign fix: Haar-distributed (Mezzadri 2007)
@@ -246,7 +224,7 @@ def tune_sigma(objective: SigmaObjective, sigma0: torch.Tensor, steps, lr: float
     # relative step size: the same lr moves a basis whose sigma is 1e-3 or 10 by the same fraction
     scale = float(sigma0.double().pow(2).mean().sqrt()) or 1.0
     optimizer = torch.optim.Adam([sigma], lr=lr * scale)
-    generator = torch.Generator().manual_seed(seed)
+    draws = generator(seed)
     best = sigma.detach().clone()
     best_mse = float(objective(best))
     curve = [best_mse]
@@ -262,7 +240,7 @@ def tune_sigma(objective: SigmaObjective, sigma0: torch.Tensor, steps, lr: float
             if step == steps[-1]:
                 break
             index = None if batch_tokens is None or batch_tokens >= n else torch.randint(
-                0, n, (batch_tokens,), generator=generator)
+                0, n, (batch_tokens,), generator=draws)
             optimizer.zero_grad()
             objective(sigma, index).backward()
             optimizer.step()
@@ -349,7 +327,7 @@ def run_duel(weight: torch.Tensor, bias: torch.Tensor | None, stats: ActivationS
         basis = build_basis(name, W, rank, stats, seed, alpha)
         objective = SigmaObjective(x_train, W, basis)
         snapshots, curve = tune_sigma(objective, basis.sigma, steps, lr, batch_tokens,
-                                      int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "little"))
+                                      derive_seed(seed, name, scheme="sha256_32"))
         row = {"weighting_used": basis.weighting_used, "orthonormality_error": basis.orthonormality_error(),
                "steps": {}, "train_curve": curve[:: max(1, len(curve) // 200)]}
         for step, sigma in snapshots.items():
@@ -376,37 +354,12 @@ def collect_activations(model: nn.Module, target: str, calibration_loader, heldo
     The statistics come from ``zoo.core.calibration.collect``; the raw inputs are recorded in the same
     forward passes (real tokens only, by the attention mask).
     """
-    module = model.get_submodule(target)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    seen: list[torch.Tensor] = []
-    masks: list[torch.Tensor | None] = []
-
-    def record(_module, args):
-        seen.append(args[0].detach().float().cpu())
-
-    def tracked(loader):
-        for batch in loader:
-            masks.append(batch.get("attention_mask"))
-            yield batch
-
-    def real_tokens() -> torch.Tensor:
-        rows = [x[m.bool()] if m is not None else x.reshape(-1, x.shape[-1]) for x, m in zip(seen, masks)]
-        seen.clear()
-        masks.clear()
-        return torch.cat(rows).double()
-
-    handle = module.register_forward_pre_hook(record)
-    try:
-        stats = calib.collect(model, tracked(calibration_loader), [target], full_cov_max=full_cov_max,
+    device = model_device(model, device)
+    with Recorder(model, target) as recorder:
+        stats = calib.collect(model, recorder.track(calibration_loader), [target], full_cov_max=full_cov_max,
                               max_tokens=max_tokens, fisher=fisher, device=device, progress=progress)[target]
-        x_train = real_tokens()
-        with torch.no_grad():
-            for batch in tracked(heldout_loader):
-                model(input_ids=batch["input_ids"].to(device), attention_mask=None if batch.get(
-                    "attention_mask") is None else batch["attention_mask"].to(device))
-        x_heldout = real_tokens()
-    finally:
-        handle.remove()
+        x_train = recorder.rows().double()
+    x_heldout = record(model, target, heldout_loader, device)[1].double()
     if len(x_heldout) == 0:
         raise ZooError("the heldout loader produced no tokens")
     return stats, x_train, x_heldout

@@ -41,11 +41,12 @@ from .core.hadamard import FITS, PHDFrame
 from .core.linalg import procrustes, rms
 from .core.metrics import NormRatio
 from .core.replacement import Replacement
+from .core.seeds import derive_seed, generator
 from .core.technique import Technique, TensorSize
 from .export.spec import nested
 from .phd import (COMPUTES, CORE_INITS, BlockwisePHDLinear, Subframe, check_ranks, core_footprint, frame_energy,
-                  frame_seed, init_core, input_energy, output_moment, phd_subframe, resolve_compute,
-                  second_moment, subframe_footprint, top_index)
+                  init_core, input_energy, output_moment, phd_subframe, resolve_compute, second_moment,
+                  subframe_footprint, top_index)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Shim(Replacement):
         if not 1 <= rank <= min(in_features, out_features):
             raise ZooError(f"shim rank {rank} is out of range: it must be between 1 and "
                            f"min(in={in_features}, out={out_features})")
-        g = torch.Generator().manual_seed(seed)
+        g = generator(seed)
         A = torch.linalg.qr(torch.randn(in_features, rank, generator=g, dtype=torch.float64))[0].T
         B = torch.linalg.qr(torch.randn(out_features, rank, generator=g, dtype=torch.float64))[0]
         if train == "A":
@@ -239,7 +240,7 @@ class CoupledCore(Technique):
         # each layer weighs the same, however loud its interface is
         pooled = sum(full(M) / full(M).diagonal().sum().clamp_min(1e-300) for M in moments.values())
         if self.residual_frame == "phd":
-            frame = PHDFrame(width, self.block, frame_seed(self.seed, "coupled", *sorted(modules)), self.fit)
+            frame = PHDFrame(width, self.block, derive_seed(self.seed, "coupled", *sorted(modules)), self.fit)
             if r > frame.n_pad:
                 raise ZooError(f"residual rank {r} exceeds the frame width {frame.n_pad}")
             index = top_index(frame_energy(frame, pooled), r)
@@ -307,7 +308,7 @@ class CoupledCore(Technique):
         layer = BlockwisePHDLinear(_own(down), core, _own(up), getattr(module, "bias", None), self.train_bias)
         if self.shim_rank:
             shim = Shim(module.in_features, module.out_features, self.shim_rank, self.shim_train,
-                        frame_seed(self.seed, name, "shim"), rms(W))
+                        derive_seed(self.seed, name, "shim"), rms(W))
             layer = ShimmedLinear(layer, shim)
         return layer.to(W.device, W.dtype)
 

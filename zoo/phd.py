@@ -21,7 +21,6 @@ fewer operations. ``benchmarks/phd_forward.py`` measures both against the dense 
 from __future__ import annotations
 
 import logging
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -32,17 +31,13 @@ from .core.errors import ZooError, check_choice
 from .core.hadamard import FITS, PHDFrame, fit_block
 from .core.linalg import rms, solve_psd_right
 from .core.replacement import Replacement
+from .core.seeds import derive_seed
 from .core.technique import Technique, TensorSize
 
 log = logging.getLogger(__name__)
 
 CORE_INITS = ("lstsq", "slice")
 COMPUTES = ("auto", "rows", "transform")
-
-
-def frame_seed(seed: int, *parts: str) -> int:
-    """A deterministic per-target (and per-side) seed: the same config always builds the same frames."""
-    return zlib.crc32(":".join((str(seed), *parts)).encode()) & 0x7FFFFFFF
 
 
 class Subframe(nn.Module):
@@ -219,7 +214,7 @@ def phd_subframe(width: int, rank: int, energy_of, *, block: int, fit: str, seed
                  name: str, side: str) -> Subframe:
     """A ``Subframe`` of the PHD frame of ``width`` (seeded by target and side) keeping the ``rank``
     coordinates of highest ``energy_of(frame)``."""
-    frame = PHDFrame(width, block, frame_seed(seed, name, side), fit)
+    frame = PHDFrame(width, block, derive_seed(seed, name, side), fit)
     if not 1 <= rank <= frame.n_pad:
         raise ZooError(f"{side} rank {rank} for {name} is out of range: it must be between 1 and {frame.n_pad} "
                        f"(the {side} width{' after padding' if frame.n_pad != width else ''})")

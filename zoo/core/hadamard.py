@@ -1,18 +1,19 @@
-"""Fast Walsh-Hadamard transform and the block PHD frame (DESIGN.md, "Core: hadamard"; source 000,
-section 2.3).
+"""Fast Walsh-Hadamard transform and the block PHD frame (ZOMBORG, source 000, section 2.3: the
+structured PHD family).
 
 ``fwht(x)`` is the normalized Walsh-Hadamard transform over the last dimension (a power of two), an
 O(n log n) butterfly batched over any leading shape. ``block_hadamard(x, b)`` applies
 ``blockdiag(H_b, ..., H_b)``; on tensor-core hardware a batched matmul with the b x b matrix beats the
-butterfly for b <= 1024 by a wide margin (DESIGN.md measured 0.42 ms vs 13.1 ms on an H100 at
-16k x 14336, b = 512), so ``method="auto"`` takes the matmul there and the butterfly above.
+butterfly for b <= 1024 by a wide margin (measured on an H100 at Llama-3.1-8B's down_proj input,
+16k x 14336 in bf16, b = 512: 0.42 ms vs 13.1 ms), so ``method="auto"`` takes the matmul there and
+the butterfly above.
 ``method="kernel"`` runs the CUDA kernel of the optional ``fast-hadamard-transform`` package on CUDA
 tensors; ``auto`` never picks it, since no GPU measurement here has shown it winning yet
 (``benchmarks/phd_forward.py`` times it per shape where it is installed).
 
 ``PHDFrame(n, block, seed)`` is the orthogonal frame ``T = blockdiag_b(H) · P · D`` (D random signs,
 P a random permutation, H the normalized b x b Hadamard matrix), all fixed by the seed. The
-permutation sits *before* the Hadamard blocks, not after them as DESIGN.md writes it
+permutation sits *before* the Hadamard blocks, not after them as the name PHD reads
 (``P · blockdiag(H) · D``): the PHD layers pick their coordinates (rows of T) by data, and a
 permutation applied after H only relabels rows, which such a choice undoes, whereas a permutation
 before H decides which input coordinates share a Hadamard block, so it changes what the frame can do.
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import ZooError, check_choice
+from .seeds import generator
 
 FITS = ("divide", "pad")
 METHODS = ("auto", "matmul", "butterfly", "kernel")
@@ -138,6 +140,28 @@ def fit_block(width: int, block: int, fit: str = "divide") -> tuple[int, int]:
     return b, width
 
 
+def largest_block(width: int) -> int:
+    """The largest power of two dividing ``width`` (1536 -> 512, 576 -> 64, odd -> 1): the block that
+    ``fit_block`` reaches from any requested block at least that large."""
+    if width < 1:
+        raise ZooError(f"width must be positive, got {width}")
+    return width & -width
+
+
+def block_hadamard_matrix(width: int, block: int, dtype=torch.float64) -> torch.Tensor:
+    """``blockdiag(H_b, ..., H_b)`` as a dense [width, width] matrix (symmetric and orthogonal)."""
+    if width % block:
+        raise ZooError(f"width {width} is not a multiple of the Hadamard block {block}")
+    return torch.block_diag(*[hadamard_matrix(block, dtype)] * (width // block))
+
+
+def frame_draws(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random parts of a PHD frame of width n, drawn from ``g`` in this order: the signs D
+    (fp64, +-1) and the permutation P."""
+    signs = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+    return signs, torch.randperm(n, generator=g)
+
+
 class PHDFrame(nn.Module):
     """The orthogonal frame T = blockdiag_b(H) · P · D of width ``n``, fixed by ``seed``.
 
@@ -151,10 +175,8 @@ class PHDFrame(nn.Module):
         self.n, self.seed, self.fit = n, seed, fit
         self.block, self.n_pad = fit_block(n, block, fit)
         self.method = check_choice("method", method, METHODS)
-        g = torch.Generator().manual_seed(seed)
-        signs = torch.randint(0, 2, (self.n_pad,), generator=g).float() * 2 - 1
-        perm = torch.randperm(self.n_pad, generator=g)
-        self.register_buffer("signs", signs, persistent=False)
+        signs, perm = frame_draws(self.n_pad, generator(seed))
+        self.register_buffer("signs", signs.float(), persistent=False)
         self.register_buffer("perm", perm, persistent=False)
         self.register_buffer("inverse_perm", torch.argsort(perm), persistent=False)
 
