@@ -104,10 +104,6 @@ class UniversalBasis(Technique):
         seed: seeds the random control's basis.
     """
 
-    # a spec is named by its module in describe(), which repair-state headers and caches record (and
-    # check on load): those written before the layer and spec moved here name zoo.universal_basis
-    __module__ = "zoo.universal_basis"
-
     basis: str
     k: int = 8
     targets: str | list[str] | None = None

@@ -128,9 +128,10 @@ class Technique:
 
 
 def canonical_parts(parts) -> list:
-    """Described parts (``Technique.describe()`` dicts) without the options that equal their spec's default,
-    so that a state written before a spec gained an option (at its default) still matches. A spec class that
-    cannot be imported is left as it is."""
+    """Described parts (``Technique.describe()`` dicts) as a state check compares them: each spec named by where
+    its class lives now (a state written before a spec moved names the module that still re-exports it), and
+    without the options that equal the spec's default (a state written before a spec gained an option, at its
+    default, still matches). A spec class that cannot be imported is left as it is."""
     import dataclasses
     import importlib
 
@@ -147,5 +148,5 @@ def canonical_parts(parts) -> list:
             out.append(part)
             continue
         args = {k: v for k, v in part.get("init_args", {}).items() if not (k in defaults and defaults[k] == v)}
-        out.append({**part, "init_args": args})
+        out.append({**part, "technique": f"{cls.__module__}.{cls.__qualname__}", "init_args": args})
     return out
