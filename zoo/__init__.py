@@ -6,8 +6,9 @@ from .eigen_attention import EigenAttention, EigenAttentionLayer
 from .fisher_svd import FisherSVD, FisherSVDLinear
 from .phd import BlockwisePHD, BlockwisePHDLinear
 from .lora import LoRA
-from .universal_basis import UniversalBasis, UniversalBasisLoRA
-from .tase import TASECoupledCore, TASEDiagnostic, TASEInterface
+from .universal_basis_lora import UniversalBasis, UniversalBasisLoRA
+from .tase import TASECoupledCore, TASEInterface
+from .tase_diagnostic import TASEDiagnostic
 from .kfac import KFACSVD
 from .export import export_model, from_pretrained
 

@@ -275,7 +275,14 @@ class TASECoupledCore(CoupledCore):
         return TASEConnectedLinear(layer, interface, self.residual_side).to(module.weight.device)
 
 
-# the diagnostic lives in its own module; zoo/__init__ imports this module first, so by the time
-# zoo.tase_diagnostic imports the interface from here, everything above is defined
-from .tase_diagnostic import (METRICS, VIEWS, ActivationTable, TASEDiagnostic, interface_site,  # noqa: E402,F401
-                              outlier_dims, record_interface)
+_MOVED = ("METRICS", "VIEWS", "ActivationTable", "TASEDiagnostic", "interface_site", "outlier_dims", "record_interface")
+
+
+def __getattr__(name: str):
+    """The diagnostic moved to ``zoo.tase_diagnostic``; its old paths (``zoo.tase.TASEDiagnostic``) still
+    resolve, lazily, so the two modules do not import each other."""
+    if name in _MOVED:
+        from . import tase_diagnostic
+
+        return getattr(tase_diagnostic, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -427,6 +427,12 @@ def leave_out_errors(bank: DeltaBank, ks: Sequence[int], mode: str = "separate",
     return result
 
 
-# the coefficient-only layer and its spec live in their own module; zoo/__init__ imports this module
-# first, so by the time zoo.universal_basis_lora imports the basis from here, everything above is defined
-from .universal_basis_lora import UniversalBasis, UniversalBasisLoRA  # noqa: E402,F401
+def __getattr__(name: str):
+    """The coefficient layer and its spec moved to ``zoo.universal_basis_lora``; their old paths (as repair
+    states written before name them: ``zoo.universal_basis.UniversalBasis``) still resolve, lazily, so the
+    two modules do not import each other."""
+    if name in ("UniversalBasis", "UniversalBasisLoRA"):
+        from . import universal_basis_lora
+
+        return getattr(universal_basis_lora, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
