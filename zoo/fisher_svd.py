@@ -233,6 +233,19 @@ def refit_factors(weight: torch.Tensor, V: torch.Tensor, stats: ActivationStats 
     return B / sigma, sigma
 
 
+def low_rank_layer(module: nn.Module, U: torch.Tensor, sigma: torch.Tensor, V: torch.Tensor,
+                   stats: ActivationStats | None, refit: bool, train_factors: bool, name: str = "") -> FisherSVDLinear:
+    """The ``FisherSVDLinear`` replacing ``module`` from truncated factors (refit first with ``refit``), with
+    the module's bias, in its dtype and on its device."""
+    weight = module.weight
+    if refit:
+        U, sigma = refit_factors(weight, V, stats, name)
+    bias = getattr(module, "bias", None)
+    layer = FisherSVDLinear(U.to(weight.dtype), sigma, V.to(weight.dtype), None if bias is None else bias.detach(),
+                            train_factors)
+    return layer.to(weight.device)
+
+
 def weighted_spectrum(weight: torch.Tensor, weighting: str = "covariance", stats: ActivationStats | None = None,
                       alpha: float = 0.5, name: str = "") -> torch.Tensor:
     """All singular values of the weighted matrix (fp64): sum_{i>r} s_i^2 is the weighted error of rank r
@@ -347,9 +360,4 @@ class FisherSVD(Technique):
         else:
             rank = resolve_rank(self.rank, module.out_features, module.in_features, name)
         U, sigma, V, used = weighted_svd(weight, rank, self.weighting, stats, self.alpha, name)
-        if self.refit:
-            U, sigma = refit_factors(weight, V, stats, name)
-        bias = getattr(module, "bias", None)
-        layer = FisherSVDLinear(U.to(weight.dtype), sigma, V.to(weight.dtype),
-                                None if bias is None else bias.detach(), self.train_factors)
-        return layer.to(weight.device)
+        return low_rank_layer(module, U, sigma, V, stats, self.refit, self.train_factors, name)

@@ -29,7 +29,7 @@ from .core.calibration import ActivationStats, Collector, register_collector
 from .core.errors import ZooError
 from .core.linalg import cholesky_jittered
 from .core.technique import Technique, TensorSize
-from .fisher_svd import FisherSVDLinear, linear_footprint, refit_factors, resolve_rank
+from .fisher_svd import FisherSVDLinear, linear_footprint, low_rank_layer, resolve_rank
 
 
 @register_collector
@@ -113,12 +113,6 @@ class KFACSVD(Technique):
     def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> FisherSVDLinear:
         if stats is None:
             raise ZooError(f"K-FAC weighting of {name} needs calibration statistics")
-        weight = module.weight
-        U, sigma, V = kfac_svd(weight, resolve_rank(self.rank, module.out_features, module.in_features, name),
+        U, sigma, V = kfac_svd(module.weight, resolve_rank(self.rank, module.out_features, module.in_features, name),
                                stats, name)
-        if self.refit:
-            U, sigma = refit_factors(weight, V, stats, name)
-        bias = getattr(module, "bias", None)
-        layer = FisherSVDLinear(U.to(weight.dtype), sigma, V.to(weight.dtype),
-                                None if bias is None else bias.detach(), self.train_factors)
-        return layer.to(weight.device)
+        return low_rank_layer(module, U, sigma, V, stats, self.refit, self.train_factors, name)
