@@ -83,3 +83,55 @@ def test_global_allocation_needs_a_ratio_and_a_planner(tiny_teacher_dir):
                                            weighting="none")], teacher=tiny_teacher_dir)
     composite.build_student(None)
     assert set(composite.parts[0].planned_ranks) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+
+
+# ---- allocation by measured sensitivity (issue 16) ------------------------------------------------------
+
+def test_sensitivity_allocation_spends_the_uniform_budget_and_keeps_the_floor():
+    from zoo.fisher_svd import allocate_by_gain
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (64, 64), "b": (64, 448), "c": (192, 64), "d": (64, 64)}
+    gains = {n: torch.rand(min(s), generator=g, dtype=torch.float64) * (100 if n == "c" else 1) for n, s in shapes.items()}
+    ratio, floor = 0.5, 0.25
+    ranks = allocate_by_gain(gains, shapes, ratio, floor)
+    budget = sum(resolve_rank(ratio, o, i, n) * (o + i) for n, (o, i) in shapes.items())
+    spent = sum(ranks[n] * sum(s) for n, s in shapes.items())
+    assert spent <= budget and budget - spent < min(map(sum, shapes.values()))
+    assert all(ranks[n] >= max(1, int(floor * resolve_rank(ratio, *s, n))) for n, s in shapes.items())
+    assert ranks["c"] > resolve_rank(ratio, *shapes["c"], "c")  # the sensitive target gets more than uniform
+    assert allocate_by_gain(gains, shapes, ratio, floor) == ranks  # deterministic
+
+
+def test_sensitivity_gains_against_a_dense_reference():
+    from zoo.core.calibration import ActivationStats
+    from zoo.fisher_svd import sensitivity_gains, weighted_svd
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(12, 9, generator=g, dtype=torch.float64)
+    X = torch.randn(300, 9, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 9, dtype=torch.float64)
+    C = X.T @ X / 300
+    grad_sq = torch.rand(12, generator=g, dtype=torch.float64) + 0.1
+    stats = ActivationStats(count=300, mean=X.mean(0), diag=C.diagonal().clone(), second_moment=C,
+                            extra={"grad_output_diag.mean": grad_sq})
+    for weighting in ("covariance", "none"):
+        gains = sensitivity_gains(W, weighting, stats, name="w")
+        U, s, V, _ = weighted_svd(W, 9, weighting, stats)
+        for i in range(9):
+            D = s[i] * torch.outer(U[:, i], V[:, i])  # the map dropping component i removes
+            reference = float((grad_sq * (D @ C @ D.T).diagonal()).sum())  # sum_j E[g_j^2] E[(D x)_j^2]
+            assert float(gains[i]) == pytest.approx(reference, rel=1e-9), (weighting, i)
+
+
+def test_sensitivity_allocation_builds_and_reports_ranks_per_layer_type(tiny_teacher_dir):
+    targets = ["model.layers.*.self_attn.{q,k,v,o}_proj", "model.layers.*.mlp.{gate,up,down}_proj"]
+    module = repair(FisherSVD, targets=targets, rank=0.5, allocation="sensitivity", teacher=tiny_teacher_dir)
+    module.build_student(calibration_batches(), data_fingerprint="sensitivity")
+    part = module.parts[0]
+    shapes = {n: (module.model.get_submodule(n).out_features, module.model.get_submodule(n).in_features)
+              for n in part.planned_ranks}
+    budget = sum(resolve_rank(0.5, o, i, n) * (o + i) for n, (o, i) in shapes.items())
+    spent = sum(r * sum(shapes[n]) for n, r in part.planned_ranks.items())
+    assert len(shapes) == 14 and budget - min(map(sum, shapes.values())) < spent <= budget
+    assert {f"ranks/{t}/mean" for t in ("q_proj", "down_proj")} <= set(module.summary)
+    assert len(set(part.planned_ranks.values())) > 1  # not the uniform ranks

@@ -45,7 +45,7 @@ from .core.technique import Technique, TensorSize
 log = logging.getLogger(__name__)
 
 WEIGHTINGS = ("covariance", "diagonal", "fisher", "none", "asvd")
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "sensitivity")
 
 
 class FisherSVDLinear(Replacement):
@@ -150,6 +150,37 @@ class AbsMean(Collector):
             self.tokens += len(x)
 
         return [self.module.register_forward_pre_hook(on_input)]
+
+    def sums(self) -> list[torch.Tensor]:
+        return [self.sum, self.tokens]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {"mean": (self.sum / self.tokens.clamp_min(1).to(self.sum.device)).cpu()}
+
+
+@register_collector
+class GradOutputDiag(Collector):
+    """E[g_j^2] per output channel, g = dL/dy at the target's output over the real tokens: how much the
+    next-token loss cares about each output coordinate (the diagonal of K-FAC's output factor)."""
+
+    name, backward = "grad_output_diag", True
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        super().__init__(module, device)
+        self.sum = torch.zeros(module.out_features, dtype=torch.float64, device=device)
+        self.tokens = torch.zeros(1, dtype=torch.float64)
+
+    def attach(self) -> list:
+        def on_output(_module, _args, output):
+            if output.requires_grad:
+                mask = self.mask
+                output.register_hook(lambda g: self._add(g[mask] if mask is not None else g.reshape(-1, g.shape[-1])))
+
+        return [self.module.register_forward_hook(on_output)]
+
+    def _add(self, g: torch.Tensor) -> None:
+        self.sum += g.detach().double().pow(2).sum(0).to(self.sum.device)
+        self.tokens += len(g)
 
     def sums(self) -> list[torch.Tensor]:
         return [self.sum, self.tokens]
@@ -287,6 +318,57 @@ def allocate_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int
     return ranks
 
 
+def sensitivity_gains(weight: torch.Tensor, weighting: str, stats: ActivationStats, alpha: float = 0.5,
+                      name: str = "") -> torch.Tensor:
+    """The estimated next-token loss each component of the weighted SVD holds, in order (fp64): dropping
+    component i = u_i s_i v_i^T changes the output by ``u_i s_i (v_i^T x)``, which costs about
+    ``s_i^2 (u_i^2 . E[g^2]) (v_i^T E[x x^T] v_i)`` of loss (a second-order estimate with the output
+    gradients' second moment taken diagonal, K-FAC style; cross terms between components dropped). For
+    covariance weighting ``v_i^T E[x x^T] v_i = 1`` and this is the whitened truncation error per output
+    coordinate, weighted by how much the loss cares about that coordinate (SVD-LLM V2's loss-based
+    allocation, with a measured loss sensitivity in place of its heuristic)."""
+    g = stats.extra.get("grad_output_diag.mean") if stats is not None else None
+    if g is None:
+        raise ZooError(f"allocation='sensitivity' of {name} needs the grad_output_diag statistic (calibration)")
+    A, _, unweight = _weighted_problem(weight, weighting, stats, alpha, name)
+    P, s, Qh = torch.linalg.svd(A, full_matrices=False)
+    U, V = unweight(P, Qh)
+    C = stats.second_moment if stats.second_moment is not None else torch.diag(stats.diag)
+    C = C.to(V.device, torch.float64)
+    input_energy = ((V.T @ C) * V.T).sum(1)  # v_i^T C v_i
+    output_weight = (U.pow(2) * g.to(U.device, torch.float64)[:, None]).sum(0)  # u_i^2 . E[g^2]
+    return s.pow(2) * input_energy * output_weight
+
+
+def allocate_by_gain(gains: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], ratio: float,
+                     floor: float = 0.25) -> dict[str, int]:
+    """Per-target ranks under the parameter budget of a uniform ``ratio`` (sum_t resolve_rank(ratio) * (out +
+    in)), each target at least ``floor`` times its uniform rank (and 1), at most the rank at which the
+    factorization stops saving parameters. The rest of the budget goes greedily to the target whose next
+    component holds the most ``gains`` per parameter (a target keeps a prefix of its components, so gains
+    need not fall with i). The ranks' parameters never exceed the budget and fall short of it by less than
+    the cost of the cheapest target's next component."""
+    import heapq
+
+    uniform = {n: resolve_rank(ratio, o, i, n) for n, (o, i) in shapes.items()}
+    budget = sum(uniform[n] * (o + i) for n, (o, i) in shapes.items())
+    caps = {n: max(1, min(len(gains[n]), o * i // (o + i))) for n, (o, i) in shapes.items()}
+    ranks = {n: min(caps[n], max(1, int(floor * uniform[n]))) for n in shapes}
+    spent = sum(ranks[n] * (o + i) for n, (o, i) in shapes.items())
+    heap = [(-float(gains[n][ranks[n]]) / sum(shapes[n]), n) for n in shapes if ranks[n] < caps[n]]
+    heapq.heapify(heap)
+    while heap:
+        _, n = heapq.heappop(heap)
+        cost = sum(shapes[n])
+        if spent + cost > budget:
+            continue  # this target's next component does not fit; a cheaper one may
+        ranks[n] += 1
+        spent += cost
+        if ranks[n] < caps[n]:
+            heapq.heappush(heap, (-float(gains[n][ranks[n]]) / cost, n))
+    return ranks
+
+
 @dataclass(eq=False, repr=False)
 class FisherSVD(Technique):
     """Spec: replace each target by a weighted rank-r ``FisherSVDLinear``.
@@ -298,10 +380,12 @@ class FisherSVD(Technique):
         alpha: exponent of the ``asvd`` / ``diagonal`` scale.
         train_factors: also train U and V (default: sigma and bias only).
         refit: re-fit U diag(sigma) in closed form after truncation, V fixed (see the module docstring).
-        allocation: ``uniform`` (every target at ``rank``) or ``global``: with a float ``rank``, the same
-            total parameters spread over the targets by ``allocate_ranks`` (greedy on the relative
-            weighted truncation error per parameter), planned from the calibration statistics before
-            any target is built.
+        allocation: ``uniform`` (every target at ``rank``), ``global`` or ``sensitivity``: with a float
+            ``rank``, the same total parameters spread over the targets, planned from the calibration
+            statistics before any target is built: ``global`` by ``allocate_ranks`` (greedy on the relative
+            weighted truncation error per parameter), ``sensitivity`` by ``allocate_by_gain`` on each
+            component's estimated loss (``sensitivity_gains``: needs a backward pass per calibration batch).
+        allocation_floor: under ``sensitivity``, no target below this fraction of its uniform rank.
     """
 
     targets: str | list[str]
@@ -311,32 +395,51 @@ class FisherSVD(Technique):
     train_factors: bool = False
     allocation: str = "uniform"
     refit: bool = False
+    allocation_floor: float = 0.25
     planned_ranks: dict[str, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self):
         super().__post_init__()
         check_choice("weighting", self.weighting, WEIGHTINGS)
         check_choice("allocation", self.allocation, ALLOCATIONS)
-        if self.allocation == "global" and not isinstance(self.rank, float):
-            raise ZooError(f"allocation='global' spreads a parameter budget: give rank as a float ratio "
+        if self.allocation != "uniform" and not isinstance(self.rank, float):
+            raise ZooError(f"allocation={self.allocation!r} spreads a parameter budget: give rank as a float ratio "
                            f"in (0, 1], not {self.rank!r}")
+        if not 0 <= self.allocation_floor <= 1:
+            raise ZooError(f"allocation_floor must be in [0, 1], got {self.allocation_floor}")
 
     def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> dict[str, int]:
         """With ``allocation='global'``, fix every target's rank from its weighted spectrum (else a no-op)."""
         if self.allocation == "uniform" or not modules:
             return {}
-        spectra = {n: weighted_spectrum(m.weight, self.weighting, stats.get(n), self.alpha, n)
-                   for n, m in modules.items()}
         shapes = {n: (m.out_features, m.in_features) for n, m in modules.items()}
-        self.planned_ranks = allocate_ranks(spectra, shapes, self.rank)
-        log.info("global rank allocation over %d targets: ranks %d..%d", len(modules),
+        if self.allocation == "global":
+            spectra = {n: weighted_spectrum(m.weight, self.weighting, stats.get(n), self.alpha, n)
+                       for n, m in modules.items()}
+            self.planned_ranks = allocate_ranks(spectra, shapes, self.rank)
+        else:
+            gains = {n: sensitivity_gains(m.weight, self.weighting, stats.get(n), self.alpha, n)
+                     for n, m in modules.items()}
+            self.planned_ranks = allocate_by_gain(gains, shapes, self.rank, self.allocation_floor)
+        log.info("%s rank allocation over %d targets: ranks %d..%d", self.allocation, len(modules),
                  min(self.planned_ranks.values()), max(self.planned_ranks.values()))
         return self.planned_ranks
+
+    def report(self, model: nn.Module) -> dict[str, float]:
+        """Under a planned allocation, the ranks per layer type (``ranks/<type>``: min, mean, max)."""
+        if not self.planned_ranks:
+            return {}
+        by_type: dict[str, list[int]] = {}
+        for name, r in self.planned_ranks.items():
+            by_type.setdefault(name.rsplit(".", 1)[-1], []).append(r)
+        return {f"ranks/{t}/{stat}": float(f(rs)) for t, rs in sorted(by_type.items())
+                for stat, f in (("min", min), ("mean", lambda x: sum(x) / len(x)), ("max", max))}
 
     def needs(self) -> set[str]:
         needs = {"covariance": {"input"}, "asvd": {"input", "abs_mean"}, "diagonal": {"input"}, "fisher": {"fisher"},
                  "none": set()}[self.weighting]
-        return needs | ({"input"} if self.refit else set())
+        return needs | ({"input"} if self.refit else set()) | \
+            ({"input", "grad_output_diag"} if self.allocation == "sensitivity" else set())
 
     def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
         """U [out, r] and V [in, r] (frozen unless ``train_factors``), sigma [r] in fp32, the bias. Under
@@ -346,16 +449,16 @@ class FisherSVD(Technique):
                                 self.train_factors)
 
     def footprint_note(self) -> str | None:
-        if self.allocation == "global":
-            return ("allocation='global': per-target ranks are decided from calibration data; the sizes "
+        if self.allocation != "uniform":
+            return (f"allocation={self.allocation!r}: per-target ranks are decided from calibration data; the sizes "
                     "are those of the uniform rank, and the total is an upper bound (same budget)")
         return None
 
     def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> FisherSVDLinear:
         weight = module.weight
-        if self.allocation == "global":
+        if self.allocation != "uniform":
             if name not in self.planned_ranks:  # plan() runs over all targets before the first build
-                raise ZooError(f"allocation='global' has no planned rank for {name}: plan() was not called")
+                raise ZooError(f"allocation={self.allocation!r} has no planned rank for {name}: plan() was not called")
             rank = self.planned_ranks[name]
         else:
             rank = resolve_rank(self.rank, module.out_features, module.in_features, name)
