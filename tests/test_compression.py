@@ -143,3 +143,19 @@ def test_sequential_calibration_is_in_the_state_header(tiny_teacher_dir, tmp_pat
         DistillationModule(parts=[FisherSVD(name, rank=4)], teacher=tiny_teacher_dir, repair_state=str(path))
     with pytest.raises(ZooError, match="unknown calibration 'twice'; valid choices: once, sequential"):
         DistillationModule(parts=[FisherSVD(name, rank=4)], teacher=tiny_teacher_dir, calibration="twice")
+
+
+def test_calibration_reports_rank_deficient_covariances_by_name(tiny_teacher_dir, caplog):
+    """12 tokens cannot span a 128-wide input: the run says so, naming the target, and counts it."""
+    import logging
+
+    few = [{"input_ids": torch.randint(3, 380, (1, 12)), "attention_mask": torch.ones(1, 12, dtype=torch.long)}]
+    module = DistillationModule(parts=[FisherSVD("model.layers.1.mlp.down_proj", rank=4)], teacher=tiny_teacher_dir)
+    with caplog.at_level(logging.INFO, logger="zoo"):
+        module.build_student(few, data_fingerprint="few")
+    assert module.summary["calibration_rank_deficient_targets"] == 1
+    assert module.summary["calibration_min_effective_rank_fraction"] <= 12 / 128
+    assert "model.layers.1.mlp.down_proj, effective rank" in caplog.text and "of 128" in caplog.text
+    enough = DistillationModule(parts=[FisherSVD("model.layers.1.mlp.down_proj", rank=4)], teacher=tiny_teacher_dir)
+    enough.build_student(batches(6), data_fingerprint="enough")
+    assert enough.summary["calibration_rank_deficient_targets"] == 0

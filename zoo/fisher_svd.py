@@ -219,7 +219,7 @@ def _weighted_problem(weight: torch.Tensor, weighting: str, stats: ActivationSta
         raise ZooError(f"{weighting} weighting of {name} needs calibration statistics")
 
     if weighting == "covariance":
-        S = cholesky_jittered(stats.second_moment.to(device, torch.float64))
+        S = cholesky_jittered(stats.second_moment.to(device, torch.float64), name=name)
         # V = S^-T Q_r, so that x @ V = (S^-1 ... )-whitened coordinates
         return W @ S, weighting, lambda P, Qh: (P, torch.linalg.solve_triangular(S.T, Qh.T, upper=True))
     if weighting in ("diagonal", "asvd"):

@@ -449,3 +449,16 @@ def _backward_step(model, batch, weights: dict[str, nn.Parameter], collectors: l
         for name, w in weights.items():
             w.grad = None
             w.requires_grad_(flags[name])
+
+
+def conditioning(stats: dict[str, ActivationStats], rtol: float = 1e-6) -> dict[str, tuple[int, int]]:
+    """{target: (effective rank, width)} of every full input second moment: the eigenvalues above ``rtol``
+    times the mean one (below that they are the fp32 accumulation's noise). Fewer than the width means the
+    calibration tokens did not span the inputs (too few tokens for a full covariance): whitening then leans
+    on jitter."""
+    out = {}
+    for name, s in stats.items():
+        if s.second_moment is not None and ":" not in name:
+            eig = torch.linalg.eigvalsh(s.second_moment.double())
+            out[name] = (int((eig > rtol * eig.mean().clamp_min(1e-300)).sum()), len(eig))
+    return out

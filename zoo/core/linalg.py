@@ -34,8 +34,9 @@ class FP32Params(nn.Module):
         return self
 
 
-def cholesky_jittered(matrix: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
-    """Lower Cholesky factor of a PSD matrix, adding jitter * mean(diag) * I until it succeeds."""
+def cholesky_jittered(matrix: torch.Tensor, max_tries: int = 8, name: str = "") -> torch.Tensor:
+    """Lower Cholesky factor of a PSD matrix, adding jitter * mean(diag) * I until it succeeds (the jitter
+    used is logged with ``name``, the target the matrix belongs to)."""
     scale = matrix.diagonal().mean().clamp_min(1e-30)
     jitter = 0.0
     eye = torch.eye(len(matrix), dtype=matrix.dtype, device=matrix.device)
@@ -43,7 +44,8 @@ def cholesky_jittered(matrix: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
         factor, info = torch.linalg.cholesky_ex(matrix + jitter * scale * eye)
         if int(info) == 0:
             if jitter:
-                log.warning("covariance was ill-conditioned; Cholesky needed jitter %.1e", jitter)
+                log.warning("%scovariance was ill-conditioned; Cholesky needed jitter %.1e x mean(diag)",
+                            f"{name}: " if name else "", jitter)
             return factor
         jitter = 1e-10 if jitter == 0 else jitter * 10
     raise ZooError("covariance is not positive definite even with jitter; collect more calibration tokens")

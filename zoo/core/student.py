@@ -197,7 +197,9 @@ class Student:
         # under ddp/fsdp every process runs setup: all read the cache, or all collect their share
         hit = entry.load() if fingerprint else None
         if all_true(hit is not None):
-            return calib.stats_from_tensors(*hit)
+            stats = calib.stats_from_tensors(*hit)
+            self.report_conditioning(stats)
+            return stats
         if fingerprint:  # the statistics will be stored: is there room for them? (known before collecting)
             need = sum(calib.stats_bytes(w, w <= self.full_cov_max)
                        for w in (self.model.get_submodule(n).in_features for n in names))
@@ -212,7 +214,24 @@ class Student:
         self.model.to(was)
         if fingerprint and rank_world()[0] == 0:  # only data with a fingerprint can be reused safely
             entry.store(*calib.stats_to_tensors(stats))
+        self.report_conditioning(stats)
         return stats
+
+    def report_conditioning(self, stats: dict[str, calib.ActivationStats]) -> None:
+        """One log line on whether the calibration tokens span every target's inputs (naming the worst
+        target), and the counts in the run's summary."""
+        ranks = calib.conditioning(stats)
+        if not ranks:
+            return
+        tokens = max(s.count for s in stats.values())
+        short = {n: r for n, r in ranks.items() if r[0] < r[1]}
+        worst = min(ranks, key=lambda n: ranks[n][0] / ranks[n][1])
+        self.summary["calibration_tokens"] = tokens
+        self.summary["calibration_rank_deficient_targets"] = len(short)
+        self.summary["calibration_min_effective_rank_fraction"] = ranks[worst][0] / ranks[worst][1]
+        message = (f"calibration: {tokens} tokens; {len(short)} of {len(ranks)} full covariances are rank-deficient"
+                   f" (lowest: {worst}, effective rank {ranks[worst][0]} of {ranks[worst][1]})")
+        (log.warning if short else log.info)(message + ("; collect more calibration tokens" if short else ""))
 
     # ---- the replacements' protocol, over the whole student ------------------------------------
 
