@@ -136,8 +136,14 @@ class Frontier(Series):
         path = run_dir / RESULT
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def done(self, item: Item, run_dir: Path) -> dict | None:
+    def record_of(self, item: Item, run_dir: Path) -> dict:
+        """What an earlier run of ``item`` left, if it ran the same recipe (config and overrides), else {}."""
         record = self.record(run_dir)
+        same = record.get("config") == item.config and record.get("overrides") == item.overrides
+        return record if same else {}
+
+    def done(self, item: Item, run_dir: Path) -> dict | None:
+        record = self.record_of(item, run_dir)
         return record if record.get("complete") and record.get("repair") == self.repair else None
 
     def kept(self, item: Item, run_dir: Path) -> str:
@@ -173,7 +179,7 @@ class Frontier(Series):
 
     def execute(self, item: Item, run_dir: Path) -> str:
         path = run_dir / RESULT
-        old = {} if self.rerun else self.record(run_dir)
+        old = {} if self.rerun else self.record_of(item, run_dir)
         method, ratio = self.pairs[item.name]
         record = {"method": method.name, "ratio": ratio, "config": item.config, "overrides": item.overrides,
                   "repair": self.repair, "complete": False, "stages": {}}
@@ -192,9 +198,9 @@ class Frontier(Series):
             failure = self.stage("before", "validate", item, run_dir, [], record)
         save()
         if failure is None and self.repairs:
-            same = old.get("repair") == self.repair
             old_stages = old.get("stages", {})
-            if same and old_stages.get("repair", {}).get("exit_code") == 0:
+            kept = old.get("repair") == self.repair and old_stages.get("repair", {}).get("exit_code") == 0
+            if kept:  # the same repair finished earlier: its state is there
                 record["stages"]["repair"] = old_stages["repair"]
             else:
                 steps, minutes = self.repair["steps"], self.repair["minutes"]
@@ -206,7 +212,7 @@ class Frontier(Series):
             state = run_dir / "repair" / "repair_state.safetensors"
             if failure is None:
                 after = old_stages.get("after")
-                if same and "repair" in old_stages and after and after.get("exit_code") == 0 and "kl" in after:
+                if kept and after and after.get("exit_code") == 0 and "kl" in after:
                     record["stages"]["after"] = after
                 else:
                     failure = self.stage("after", "validate", item, run_dir, ["--ckpt_path", str(state)], record)
@@ -237,7 +243,7 @@ class Frontier(Series):
         from .lightning_cli import git_commit
 
         teacher = next((r["teacher_ppl"] for r in rows if r["teacher_ppl"]), None)
-        return {"command": ["zoo", *sys.argv[1:]] if Path(sys.argv[0]).name in ("zoo", "cli.py") else sys.argv,
+        return {"command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                 "commit": git_commit(), "hardware": hardware(),
                 "methods": [asdict(m) for m in self.methods.values()], "ratios": self.ratios,
                 "overrides": self.overrides, "repair": self.repair, "teacher_ppl": teacher, "rows": rows}
