@@ -1,0 +1,71 @@
+"""``zoo frontier`` on a tiny teacher: (method, ratio) items run as separate validates (and fits), rows,
+a table and a chart come out, finished items (and finished stages) are not run again, and a failing item
+is a row, not the end of the frontier."""
+import json
+
+import yaml
+
+from zoo_cli import repair_model, write_config, zoo_cli
+
+
+def test_frontier_rows_table_chart_resume_and_failures(tmp_path, tiny_teacher_dir, capsys):
+    svd = repair_model("zoo.FisherSVD", targets="model.layers.{0..1}.mlp.down_proj", rank=0.8, weighting="none", lr=0.01)
+    config = write_config(tmp_path, tiny_teacher_dir, svd, max_steps=2)
+    out_dir = tmp_path / "frontier"
+    frontier = {
+        "output_dir": str(out_dir), "logger": False, "ratios": [0.8, 0.5],
+        "methods": [
+            {"name": "svd", "label": "SVD", "config": config},
+            {"name": "cov", "config": config, "overrides": ["--model.init_args.parts.weighting", "covariance"]},
+            {"name": "broken", "config": config, "overrides": ["--model.init_args.parts.weighting", "bogus"]},
+        ],
+    }
+    path = tmp_path / "frontier.yaml"
+    path.write_text(yaml.safe_dump(frontier))
+    code, out, err = zoo_cli(["frontier", "--config", str(path)], capsys)
+    assert code == 0, err
+    payload = json.loads((out_dir / "frontier.json").read_text())
+    assert payload["commit"] is not None and payload["hardware"]["cpus"] >= 1 and payload["ratios"] == [0.8, 0.5]
+    rows = {r["item"]: r for r in payload["rows"]}
+    assert list(rows) == ["svd@0.8", "svd@0.5", "cov@0.8", "cov@0.5", "broken@0.8", "broken@0.5"]
+    for name in ("svd@0.8", "svd@0.5", "cov@0.8", "cov@0.5"):
+        r = rows[name]
+        assert r["status"] == "ok", r
+        assert r["kl_before"] > 0 and r["ppl_before"] > 1 and r["teacher_ppl"] > 1
+        assert r["ppl_x_teacher_before"] == r["ppl_before"] / r["teacher_ppl"]
+        assert r["kl_after"] is None and r["seconds"]["before"] > 0 and "repair" not in r["seconds"]
+        assert 0 < r["parameters"] < r["teacher_parameters"]
+    assert rows["svd@0.5"]["parameters"] < rows["svd@0.8"]["parameters"] == rows["cov@0.8"]["parameters"]
+    assert rows["svd@0.5"]["kl_before"] > rows["svd@0.8"]["kl_before"]
+    broken = rows["broken@0.8"]  # the recipe does not parse: a row with the reason, no numbers
+    assert broken["status"].startswith("failed: unknown weighting 'bogus'") and broken["kl_before"] is None
+    table = (out_dir / "frontier.md").read_text()
+    assert f"| SVD | 0.8 | {rows['svd@0.8']['parameters']:,} |" in table and "| broken (failed" in table
+    assert "teacher:" in table and (out_dir / "frontier.png").stat().st_size > 0
+    # resumed: a finished item is not run again
+    code, out, err = zoo_cli(["frontier", "--config", str(path), "--only", "[svd@0.8]"], capsys)
+    assert code == 0, err
+    assert "svd@0.8: finished earlier" in out and "$ zoo" not in out
+    # a repair (2 steps, or 5 minutes: Lightning's max_time): the finished "before" stage is kept, the repair
+    # and the validate of its state run
+    code, out, err = zoo_cli(["frontier", "--config", str(path), "--only", "[svd@0.5]", "--repair_steps", "2",
+                              "--repair_minutes", "5"], capsys)
+    assert code == 0, err
+    assert "--trainer.max_steps 2 --trainer.max_time 00:00:05:00" in out and "$ zoo fit" in out and "$ zoo validate" in out and "svd@0.5/before" not in out
+    assert out.count("$ zoo validate") == 1 and "repair_state.safetensors" in out
+    rows = {r["item"]: r for r in json.loads((out_dir / "frontier.json").read_text())["rows"]}
+    repaired = rows["svd@0.5"]
+    assert repaired["status"] == "ok" and repaired["kl_after"] > 0 and repaired["ppl_after"] > 1
+    assert repaired["repair_steps"] == 2 and set(repaired["seconds"]) == {"before", "repair", "after"}
+    assert rows["svd@0.8"]["status"] == "not run" and rows["svd@0.8"]["kl_before"] is not None  # other repair settings
+
+
+def test_frontier_rejects_unknown_items_and_bad_options(tmp_path, capsys):
+    path = tmp_path / "frontier.yaml"
+    path.write_text(yaml.safe_dump({"methods": [{"name": "a", "config": str(tmp_path / "nope.yaml")}], "logger": False}))
+    code, _, err = zoo_cli(["frontier", "--config", str(path)], capsys)
+    assert code == 2 and "config" in err and "does not exist" in err
+    code, _, err = zoo_cli(["frontier", "--config", str(path), "--only", "[b@0.8]"], capsys)
+    assert code == 2 and "unknown item(s) ['b@0.8']; valid: a@0.9, a@0.8" in err
+    code, _, err = zoo_cli(["frontier", "--config", str(path), "--ratios", "[0.8, 0.8]"], capsys)
+    assert code == 2 and "ratios must be unique" in err
