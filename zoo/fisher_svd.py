@@ -137,25 +137,11 @@ class AbsMean(Collector):
 
     name = "abs_mean"
 
-    def __init__(self, module: nn.Module, device: torch.device):
-        super().__init__(module, device)
-        self.sum = torch.zeros(module.in_features, dtype=torch.float64, device=device)
-        self.tokens = torch.zeros(1, dtype=torch.float64)
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.module.in_features, dtype=torch.float64)
 
-    def attach(self) -> list:
-        def on_input(_module, args):
-            x = args[0]
-            x = x[self.mask] if self.mask is not None else x.reshape(-1, x.shape[-1])
-            self.sum += x.detach().double().abs().sum(0).to(self.sum.device)
-            self.tokens += len(x)
-
-        return [self.module.register_forward_pre_hook(on_input)]
-
-    def sums(self) -> list[torch.Tensor]:
-        return [self.sum, self.tokens]
-
-    def result(self) -> dict[str, torch.Tensor]:
-        return {"mean": (self.sum / self.tokens.clamp_min(1).to(self.sum.device)).cpu()}
+    def statistic(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs().sum(0)
 
 
 @register_collector
@@ -163,30 +149,13 @@ class GradOutputDiag(Collector):
     """E[g_j^2] per output channel, g = dL/dy at the target's output over the real tokens: how much the
     next-token loss cares about each output coordinate (the diagonal of K-FAC's output factor)."""
 
-    name, backward = "grad_output_diag", True
+    name, stream = "grad_output_diag", "output_grad"
 
-    def __init__(self, module: nn.Module, device: torch.device):
-        super().__init__(module, device)
-        self.sum = torch.zeros(module.out_features, dtype=torch.float64, device=device)
-        self.tokens = torch.zeros(1, dtype=torch.float64)
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.module.out_features, dtype=torch.float64)
 
-    def attach(self) -> list:
-        def on_output(_module, _args, output):
-            if output.requires_grad:
-                mask = self.mask
-                output.register_hook(lambda g: self._add(g[mask] if mask is not None else g.reshape(-1, g.shape[-1])))
-
-        return [self.module.register_forward_hook(on_output)]
-
-    def _add(self, g: torch.Tensor) -> None:
-        self.sum += g.detach().double().pow(2).sum(0).to(self.sum.device)
-        self.tokens += len(g)
-
-    def sums(self) -> list[torch.Tensor]:
-        return [self.sum, self.tokens]
-
-    def result(self) -> dict[str, torch.Tensor]:
-        return {"mean": (self.sum / self.tokens.clamp_min(1).to(self.sum.device)).cpu()}
+    def statistic(self, g: torch.Tensor) -> torch.Tensor:
+        return g.pow(2).sum(0)
 
 
 def asvd_scale(stats: ActivationStats, alpha: float = 0.5) -> torch.Tensor:

@@ -38,32 +38,13 @@ class GradOutputCovariance(Collector):
     each calibration batch, so g carries that batch's 1 / tokens factor; a common scale does not move the
     weighted SVD)."""
 
-    name, version, backward = "grad_output", "1", True
+    name, stream, key = "grad_output", "output_grad", "second_moment"
 
-    def __init__(self, module: nn.Module, device: torch.device):
-        super().__init__(module, device)
-        self.gram = torch.zeros(module.out_features, module.out_features, dtype=torch.float64, device=device)
-        self.tokens = torch.zeros(1, dtype=torch.float64)
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.module.out_features, self.module.out_features, dtype=torch.float64)
 
-    def attach(self) -> list:
-        def on_output(_module, _args, output):
-            if output.requires_grad:
-                mask = self.mask
-                output.register_hook(lambda g: self._add(g, mask))
-
-        return [self.module.register_forward_hook(on_output)]
-
-    def _add(self, grad: torch.Tensor, mask: torch.Tensor | None) -> None:
-        g = grad[mask] if mask is not None else grad.reshape(-1, grad.shape[-1])
-        g = g.detach().double().to(self.gram.device)
-        self.gram += g.T @ g
-        self.tokens += len(g)
-
-    def sums(self) -> list[torch.Tensor]:
-        return [self.gram, self.tokens]
-
-    def result(self) -> dict[str, torch.Tensor]:
-        return {"second_moment": (self.gram / self.tokens.clamp_min(1).to(self.gram.device)).cpu()}
+    def statistic(self, g: torch.Tensor) -> torch.Tensor:
+        return g.T @ g
 
 
 def kfac_svd(weight: torch.Tensor, rank: int, stats: ActivationStats, name: str = ""

@@ -130,44 +130,83 @@ class _Accumulator:
         )
 
 
-class Collector:
-    """One named statistic of one target, accumulated over the calibration tokens as fp64 sums.
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The real tokens of a [batch, seq, ..., width] stream as rows [tokens, width] (``mask``: [batch, seq])."""
+    x = x[mask] if mask is not None else x.reshape(-1, *x.shape[2:])
+    return x.reshape(-1, x.shape[-1])
 
-    ``attach`` registers the hooks that feed ``add``; with ``backward`` the calibration step also runs a
-    backward pass of the next-token loss (the target's weight requires grad during it) and calls
-    ``after_backward``. ``sums`` are all-reduced across processes before ``result``, which returns the
-    normalized tensors: each lands in ``stats.extra["<name>.<key>"]``, except the keys in ``fields``, which
-    fill those ``ActivationStats`` fields (the built-in ``fisher_rows``). ``version`` enters the
-    calibration cache key.
+
+class Collector:
+    """One named statistic of one target: the mean over the calibration tokens of a per-token ``statistic``
+    of one of the target's streams, kept as an fp64 sum and a token count.
+
+    ``stream`` is what the statistic reads: ``input`` (the target's input rows) or ``output_grad`` (the
+    gradient of the next-token loss at its output, rows of dL/dy; calibration then runs a backward pass, with
+    the target's weight requiring grad). A subclass says its sum's shape (``zeros``) and the per-batch sum
+    (``statistic``, of masked fp64 rows [tokens, width]). A statistic of another kind sets ``stream = None``
+    and overrides ``attach``/``after_backward``/``sums``/``result`` (the built-in ``FisherRows``).
+
+    Sums are all-reduced across processes before ``result``; its tensors land in
+    ``stats.extra["<name>.<key>"]``, except the keys in ``fields``, which fill those ``ActivationStats``
+    fields. ``version`` enters the calibration cache key.
     """
 
     name = ""
     version = "1"
-    backward = False
+    stream: str | None = "input"
+    key = "mean"  #: the result's key
     fields: tuple[str, ...] = ()
 
     def __init__(self, module: nn.Module, device: torch.device):
         self.module, self.device = module, device
-        self.count = 0
         self.mask: torch.Tensor | None = None  # the batch's real tokens, set by ``collect`` before each step
+        if self.stream is not None:
+            self.total = self.zeros().to(device)
+            self.tokens = torch.zeros(1, dtype=torch.float64)
+
+    @property
+    def backward(self) -> bool:
+        return self.stream == "output_grad"
+
+    def zeros(self) -> torch.Tensor:
+        """The fp64 sum, empty."""
+        raise NotImplementedError
+
+    def statistic(self, rows: torch.Tensor) -> torch.Tensor:
+        """The sum over these tokens' rows (fp64) of the per-token statistic."""
+        raise NotImplementedError
+
+    def add(self, rows: torch.Tensor) -> None:
+        self.total += self.statistic(rows.detach().double()).to(self.total.device)
+        self.tokens += len(rows)
 
     def attach(self) -> list:
-        return []
+        if self.stream is None:
+            return []
+        if self.stream == "input":
+            return [self.module.register_forward_pre_hook(lambda _m, args: self.add(_rows(args[0], self.mask)))]
+
+        def on_output(_module, _args, output):
+            if output.requires_grad:  # the gradient arrives in the backward pass: keep this batch's mask
+                output.register_hook(lambda g, mask=self.mask: self.add(_rows(g, mask)))
+
+        return [self.module.register_forward_hook(on_output)]
 
     def after_backward(self) -> None:
         pass
 
     def sums(self) -> list[torch.Tensor]:
-        raise NotImplementedError
+        return [self.total, self.tokens]
 
     def result(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        return {self.key: (self.total / self.tokens.clamp_min(1).to(self.total.device)).cpu()}
 
 
 class FisherRows(Collector):
     """FWSVD's row Fisher: per weight row, the squared gradient of the next-token loss summed over batches."""
 
-    name, backward, fields = "fisher", True, ("fisher_rows",)
+    name, stream, fields = "fisher", None, ("fisher_rows",)
+    backward = True
 
     def __init__(self, module, device):
         super().__init__(module, device)
@@ -319,17 +358,13 @@ def collect(
     accs = {name: new_acc(m.in_features) for name, m in modules.items()}
     current_mask: list[torch.Tensor | None] = [None]
 
-    def rows(x, mask):
-        x = x[mask] if mask is not None else x.reshape(-1, *x.shape[2:])
-        return x.reshape(-1, x.shape[-1])
-
     def add(key, x):
         mask = current_mask[0]
         if isinstance(x, tuple):  # (stream, tokens to keep)
             x, keep = x
             keep = keep.to(x.device).bool().expand(x.shape[:2])
             mask = keep if mask is None else mask & keep
-        x = rows(x, mask)
+        x = _rows(x, mask)
         if key not in accs:  # a tap's width is known at its first call
             accs[key] = new_acc(x.shape[-1])
         accs[key].add(x)
@@ -341,11 +376,11 @@ def collect(
     def make_hook(name):
         def hook(_module, args, _kwargs=None):
             if in_teacher_pass[0]:
-                teacher_rows[name] = rows(args[0], current_mask[0]).detach().double()
+                teacher_rows[name] = _rows(args[0], current_mask[0]).detach().double()
                 return
             add(name, args[0])
             if cross:
-                x_t, x_s = teacher_rows.pop(name), rows(args[0], current_mask[0]).detach().double()
+                x_t, x_s = teacher_rows.pop(name), _rows(args[0], current_mask[0]).detach().double()
                 full = accs[name].gram is not None
                 update = x_t.T @ x_s if full else (x_t * x_s).sum(0)
                 if name not in crosses:
