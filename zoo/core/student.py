@@ -4,13 +4,13 @@ sections 2.1-2.4: project, then repair; the repair's trainable tensors are all a
 ``Student(parts, teacher)`` loads the teacher once (after checking every part's targets on the weightless
 architecture), resolves each part's targets (disjoint across parts), calibrates them (cached: one
 ``zoo.core.cache`` entry per target set and data), lets each part plan across its targets, builds and
-installs the replacements, and reads and writes repair states. No Lightning here: the training side
-(``zoo.core.module``) and the diagnostics hold a ``Student``; ``zoo plan`` and ``zoo export`` use it too.
+installs the replacements. Its ``header()`` and trainable tensors are what a repair state holds (written and
+read by ``zoo.core.module.RepairModule`` through ``zoo.core.state``). No Lightning here: the training side
+and the diagnostics hold a ``Student``.
 """
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -22,7 +22,6 @@ from .errors import ZooError, check_choice
 from .models import META_PREFIX, RANDOM_PREFIX, claim, load_causal_lm
 from .plan import layer_of
 from .replacement import lr_scales_of, metrics_of, set_tracking
-from .state import load_into, save_state
 from .surgery import replace, replaced_modules
 from .technique import NEEDS, Technique
 
@@ -104,9 +103,8 @@ class Student:
 
     # ---- building ------------------------------------------------------------------------------
 
-    def build(self, calibration_loader=None, data_fingerprint: str = "", device=None,
-              repair_state: str | Path | None = None) -> None:
-        """Calibrate (or read the cache), replace every target, and load ``repair_state`` if given."""
+    def build(self, calibration_loader=None, data_fingerprint: str = "", device=None) -> None:
+        """Calibrate (or read the cache) and replace every target."""
         if self.built:
             return  # already built (Lightning's setup runs once per stage)
         resolved = self.resolve_targets()
@@ -125,22 +123,19 @@ class Student:
             self.targets[f"{i}:{type(part).__name__}"] = names
         if self.parts and not self.trainable_parameters():
             raise ZooError("the student has no trainable tensors; check the technique's options")
-        if repair_state:
-            self.load_state(repair_state)
         for part in self.parts:
             self.summary.update(part.report(self.model))
-        n_train = sum(p.numel() for p in self.trainable_parameters().values())
-        self.summary["trainable_parameters"] = n_train
         self.summary["targets"] = sum(map(len, resolved))
-        log.info("student built: %d targets, %d trainable parameters", sum(map(len, resolved)), n_train)
+        log.info("student built: %d targets, %d trainable parameters", sum(map(len, resolved)),
+                 sum(p.numel() for p in self.trainable_parameters().values()))
 
-    def build_from(self, datamodule=None, device=None, repair_state: str | Path | None = None) -> None:
+    def build_from(self, datamodule=None, device=None) -> None:
         """``build`` with the calibration split and fingerprint of ``datamodule``."""
         loader = fingerprint = None
         if datamodule is not None and hasattr(datamodule, "calibration_dataloader"):
             datamodule.setup("fit")
             loader, fingerprint = datamodule.calibration_dataloader(), datamodule.fingerprint("calibration")
-        self.build(loader, fingerprint or "", device, repair_state)
+        self.build(loader, fingerprint or "", device)
 
     @staticmethod
     def layer_groups(resolved: list[list[str]]) -> list[list[list[str]]]:
@@ -258,12 +253,3 @@ class Student:
     def track(self, on: bool) -> None:
         for wrapper in replaced_modules(self.model).values():
             set_tracking(wrapper.replacement, on)
-
-    # ---- repair states -------------------------------------------------------------------------
-
-    def save_state(self, path: str | Path, extra: dict | None = None) -> Path:
-        return save_state(path, self.trainable_parameters(), {**self.header(), **(extra or {})})
-
-    def load_state(self, path: str | Path) -> dict:
-        """Load a repair state into the trainable tensors (see ``zoo.core.state.load_into``)."""
-        return load_into(path, self.trainable_parameters(), self.header())
