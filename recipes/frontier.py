@@ -36,9 +36,9 @@ from pathlib import Path
 from zoo.core.cache import atomic_write_text
 from zoo.core.errors import ZooError
 
-from .command import command_logger, wandb_config
+from .command import command_logger
 from .report import fmt, log_outputs, markdown_table, row_table
-from .series import Item, Series, check_configs, check_unique, run_streaming
+from .series import Item, Series, check_configs, check_unique, run_streaming, zoo_args
 
 DEFAULT_RATIOS = [0.9, 0.8, 0.7, 0.6, 0.5]
 RESULT = "item.json"
@@ -70,12 +70,6 @@ def max_time(minutes: float) -> str:
     """Lightning's ``max_time`` (``DD:HH:MM:SS``) of a number of minutes."""
     s = max(int(round(minutes * 60)), 1)
     return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def zoo_args(subcommand: str, config: str, overrides: list[str], run_dir: Path, logger_name: str | None) -> list[str]:
-    logger = json.dumps(wandb_config(logger_name, run_dir)) if logger_name else "false"
-    return [sys.executable, "-m", "recipes.cli", subcommand, "--config", config, *overrides,
-            "--trainer.default_root_dir", str(run_dir), "--trainer.logger", logger]
 
 
 def heldout(path: Path) -> dict | None:

@@ -128,12 +128,17 @@ def check_configs(items: list[Item], what: str) -> None:
 # running a fit
 
 
-def fit_args(config: str, overrides: list[str], run_dir: Path, logger_name: str | None) -> list[str]:
-    """``zoo fit`` of ``config`` with ``overrides`` as a subprocess argv, run in ``run_dir``, logging to W&B
-    under ``logger_name`` (None: no logger)."""
+def zoo_args(subcommand: str, config: str, overrides: list[str], run_dir: Path, logger_name: str | None) -> list[str]:
+    """``zoo <subcommand>`` (fit, validate, test) of ``config`` with ``overrides`` as a subprocess argv, run in
+    ``run_dir``, logging to W&B under ``logger_name`` (None: no logger)."""
     logger = json.dumps(wandb_config(logger_name, run_dir)) if logger_name else "false"
-    return [sys.executable, "-m", "recipes.cli", "fit", "--config", config, *overrides,
+    return [sys.executable, "-m", "recipes.cli", subcommand, "--config", config, *overrides,
             "--trainer.default_root_dir", str(run_dir), "--trainer.logger", logger]
+
+
+def fit_args(config: str, overrides: list[str], run_dir: Path, logger_name: str | None) -> list[str]:
+    """``zoo fit`` of ``config`` as a subprocess argv (see ``zoo_args``)."""
+    return zoo_args("fit", config, overrides, run_dir, logger_name)
 
 
 def fit_subprocess(config: str, overrides: list[str], run_dir: Path, logger_name: str | None) -> tuple[int, str]:
