@@ -125,10 +125,15 @@ def linear_footprint(module: nn.Module, rank: int, train_factors: bool) -> dict[
     return sizes
 
 
+def _floored(d: torch.Tensor) -> torch.Tensor:
+    """A per-channel scale (fp64) floored so a dead channel cannot divide by zero."""
+    d = d.double()
+    return d.clamp_min(d.mean() * 1e-6 + 1e-30)
+
+
 def diagonal_scale(stats: ActivationStats, alpha: float = 0.5) -> torch.Tensor:
-    """ASVD's input scale diag(sqrt(E[x_i^2]))^alpha (fp64), floored so a dead input cannot divide by zero."""
-    d = stats.diag.double().sqrt()
-    return d.clamp_min(d.mean() * 1e-6 + 1e-30).pow(alpha)
+    """The RMS variant of ASVD's input scale, diag(sqrt(E[x_i^2]))^alpha (fp64), floored."""
+    return _floored(stats.diag.double().sqrt()).pow(alpha)
 
 
 @register_collector
@@ -159,17 +164,15 @@ class GradOutputDiag(Collector):
 
 
 def asvd_scale(stats: ActivationStats, alpha: float = 0.5) -> torch.Tensor:
-    """ASVD's input scale diag(E|x_i|)^alpha (fp64), floored like ``diagonal_scale``."""
+    """ASVD's input scale diag(E|x_i|)^alpha (fp64), floored."""
     if "abs_mean.mean" not in stats.extra:
         raise ZooError("asvd weighting needs the abs_mean statistic (calibration)")
-    d = stats.extra["abs_mean.mean"].double()
-    return d.clamp_min(d.mean() * 1e-6 + 1e-30).pow(alpha)
+    return _floored(stats.extra["abs_mean.mean"]).pow(alpha)
 
 
 def fisher_scale(stats: ActivationStats) -> torch.Tensor:
-    """FWSVD's row scale sqrt(row Fisher) (fp64), floored like ``diagonal_scale``."""
-    f = stats.fisher_rows.double().sqrt()
-    return f.clamp_min(f.mean() * 1e-6 + 1e-30)
+    """FWSVD's row scale sqrt(row Fisher) (fp64), floored."""
+    return _floored(stats.fisher_rows.double().sqrt())
 
 
 def _weighted_problem(weight: torch.Tensor, weighting: str, stats: ActivationStats | None, alpha: float,
