@@ -108,6 +108,24 @@ def test_cross_moments_are_teacher_inputs_against_the_students(tiny_teacher_dir)
     torch.testing.assert_close(stats.extra["cross.second_moment"], X_t.T @ X_s / len(X_s), rtol=1e-7, atol=1e-9)
 
 
+def test_sequential_calibration_collects_nothing_on_the_teacher_that_no_plan_reads(tiny_teacher_dir, monkeypatch):
+    """Uniform ranks plan nothing from data: one calibration pass per layer, none before (two, not three)."""
+    import zoo.core.calibration as calib
+
+    calls = []
+    real = calib.collect
+    monkeypatch.setattr(calib, "collect", lambda *a, **k: calls.append(k.get("cross")) or real(*a, **k))
+    module = DistillationModule(parts=[FisherSVD("model.layers.*.mlp.down_proj", rank=8)], teacher=tiny_teacher_dir,
+                                calibration="sequential")
+    module.build_student(batches(), data_fingerprint="plan-needs")
+    assert calls == [True, True]
+    global_ = DistillationModule(parts=[FisherSVD("model.layers.*.mlp.down_proj", rank=0.5, allocation="global")],
+                                 teacher=tiny_teacher_dir, calibration="sequential")
+    calls.clear()
+    global_.build_student(batches(), data_fingerprint="plan-needs")
+    assert calls == [False, True, True]  # the global allocation plans from the teacher's statistics
+
+
 def test_sequential_student_is_the_layer_by_layer_build(tiny_teacher_dir):
     """``calibration="sequential"`` equals building by hand: layer 0's targets from the teacher's statistics,
     then layer 1's from statistics collected with layer 0 replaced (and the teacher-view cross moments)."""

@@ -407,6 +407,9 @@ class FisherSVD(Technique):
         return {f"ranks/{t}/{stat}": float(f(rs)) for t, rs in sorted(by_type.items())
                 for stat, f in (("min", min), ("mean", lambda x: sum(x) / len(x)), ("max", max))}
 
+    def plan_needs(self) -> set[str]:
+        return self.needs() if self.allocation != "uniform" else set()
+
     def needs(self) -> set[str]:
         needs = {"covariance": {"input"}, "asvd": {"input", "abs_mean"}, "diagonal": {"input"}, "fisher": {"fisher"},
                  "none": set()}[self.weighting]

@@ -108,7 +108,9 @@ class Student:
         if self.built:
             return  # already built (Lightning's setup runs once per stage)
         resolved = self.resolve_targets()
-        stats = self.calibrate(resolved, calibration_loader, data_fingerprint, device)
+        # under sequential calibration the teacher's statistics serve ``plan`` only: ``build`` gets its own
+        stats = self.calibrate(resolved, calibration_loader, data_fingerprint, device,
+                               for_plan=self.calibration == "sequential")
         claim(self.model)
         for part, names in zip(self.parts, resolved):
             part.plan({n: self.model.get_submodule(n) for n in names}, stats)
@@ -144,13 +146,14 @@ class Student:
         layers = sorted({layer_of(n) for names in resolved for n in names}, key=lambda l: (l is None, l or 0))
         return [[[n for n in names if layer_of(n) == layer] for names in resolved] for layer in layers]
 
-    def needs(self, resolved: list[list[str]]) -> tuple[dict[str, list[str]], dict]:
-        """({statistic: targets needing it}, {target: tap}) over all parts; an unknown statistic is an error."""
+    def needs(self, resolved: list[list[str]], for_plan: bool = False) -> tuple[dict[str, list[str]], dict]:
+        """({statistic: targets needing it}, {target: tap}) over all parts (``for_plan``: only what their
+        ``plan`` reads); an unknown statistic is an error."""
         valid = (*NEEDS, *(k for k in calib.COLLECTORS if k not in NEEDS))
         wanted: dict[str, list[str]] = {}
         taps = {}
         for part, names in zip(self.parts, resolved):
-            for need in sorted(part.needs()):
+            for need in sorted(part.plan_needs() if for_plan else part.needs()):
                 if need not in valid:
                     raise ZooError(f"{type(part).__name__}.needs() asks for {need!r}, which no calibration "
                                    f"collector provides; valid: {', '.join(valid)} (a new statistic is a "
@@ -161,11 +164,12 @@ class Student:
                     wanted.setdefault(need, []).extend(names)
         return wanted, taps
 
-    def calibrate(self, resolved, loader, fingerprint: str, device, sequential: bool = False
-                  ) -> dict[str, calib.ActivationStats]:
-        """Statistics of the ``resolved`` targets (per part): on the teacher, or with ``sequential`` on the
-        model as it is now (replaced layers below active), with the teacher-view cross moments."""
-        wanted, taps = self.needs(resolved)
+    def calibrate(self, resolved, loader, fingerprint: str, device, sequential: bool = False,
+                  for_plan: bool = False) -> dict[str, calib.ActivationStats]:
+        """Statistics of the ``resolved`` targets (per part): on the teacher (``for_plan``: only what the
+        parts' ``plan`` reads), or with ``sequential`` on the model as it is now (replaced layers below
+        active), with the teacher-view cross moments."""
+        wanted, taps = self.needs(resolved, for_plan)
         if sequential:
             taps = {}  # a tap's statistics feed ``plan``, which saw the one-pass ones
         names = sorted({n for ns in wanted.values() for n in ns})

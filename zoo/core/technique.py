@@ -93,6 +93,12 @@ class Technique:
         """Called once with all of this spec's targets before any is built: a hook for decisions made
         across targets (e.g. a per-layer rank allocation under one budget). Default: nothing."""
 
+    def plan_needs(self) -> set[str]:
+        """The statistics ``plan`` reads. Under sequential calibration they are the only ones collected on the
+        teacher before anything is built (``build``'s come layer by layer). Default: all of ``needs()`` for a
+        spec that overrides ``plan``, none for one that does not."""
+        return self.needs() if type(self).plan is not Technique.plan else set()
+
     def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
         """The replacement for target ``name``; its trainable tensors have ``requires_grad=True``."""
         raise NotImplementedError
