@@ -38,7 +38,7 @@ from torch import nn
 
 from .core.calibration import ActivationStats, Collector, register_collector
 from .core.errors import ZooError, check_choice
-from .core.linalg import cholesky_jittered, refit_left, rms  # noqa: F401 - re-exported
+from .core.linalg import cholesky_jittered, refit_left, rms, singular_values, thin_svd  # noqa: F401 - re-exported
 from .core.replacement import Replacement
 from .core.technique import Technique, TensorSize
 
@@ -215,7 +215,7 @@ def weighted_svd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """(U [out, r], sigma [r], V [in, r], weighting actually used), computed in fp64."""
     A, used, unweight = _weighted_problem(weight, weighting, stats, alpha, name)
-    P, s, Qh = torch.linalg.svd(A, full_matrices=False)
+    P, s, Qh = thin_svd(A)
     U, V = unweight(P[:, :rank], Qh[:rank])
     return U, s[:rank], V, used
 
@@ -253,7 +253,7 @@ def weighted_spectrum(weight: torch.Tensor, weighting: str = "covariance", stats
                       alpha: float = 0.5, name: str = "") -> torch.Tensor:
     """All singular values of the weighted matrix (fp64): sum_{i>r} s_i^2 is the weighted error of rank r
     (for ``covariance``, the output error E||W x - W_r x||^2 on the calibration data)."""
-    return torch.linalg.svdvals(_weighted_problem(weight, weighting, stats, alpha, name)[0])
+    return singular_values(_weighted_problem(weight, weighting, stats, alpha, name)[0])
 
 
 def allocate_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], ratio: float) -> dict[str, int]:
@@ -303,7 +303,7 @@ def sensitivity_gains(weight: torch.Tensor, weighting: str, stats: ActivationSta
     if g is None:
         raise ZooError(f"allocation='sensitivity' of {name} needs the grad_output_diag statistic (calibration)")
     A, _, unweight = _weighted_problem(weight, weighting, stats, alpha, name)
-    P, s, Qh = torch.linalg.svd(A, full_matrices=False)
+    P, s, Qh = thin_svd(A)
     U, V = unweight(P, Qh)
     C = stats.second_moment if stats.second_moment is not None else torch.diag(stats.diag)
     C = C.to(V.device, torch.float64)

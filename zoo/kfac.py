@@ -27,7 +27,7 @@ from torch import nn
 
 from .core.calibration import ActivationStats, Collector, register_collector
 from .core.errors import ZooError
-from .core.linalg import cholesky_jittered
+from .core.linalg import cholesky_jittered, thin_svd
 from .core.technique import Technique, TensorSize
 from .fisher_svd import FisherSVDLinear, linear_footprint, low_rank_layer, resolve_rank
 
@@ -57,7 +57,7 @@ def kfac_svd(weight: torch.Tensor, rank: int, stats: ActivationStats, name: str 
     W = weight.detach().double()
     L_G = cholesky_jittered(G.to(W.device, torch.float64), name=f"{name} (output gradients)")
     R_A = cholesky_jittered(A.to(W.device, torch.float64), name=name)
-    P, s, Qh = torch.linalg.svd(L_G.T @ W @ R_A, full_matrices=False)
+    P, s, Qh = thin_svd(L_G.T @ W @ R_A)
     U = torch.linalg.solve_triangular(L_G.T, P[:, :rank], upper=True)
     V = torch.linalg.solve_triangular(R_A.T, Qh[:rank].T, upper=True)
     return U, s[:rank], V

@@ -14,7 +14,7 @@ each stream's statistics are stored as ``"<module>:<stream>"`` (any leading dime
 pair ``(tensor, keep)`` with ``keep`` a [batch, seq] bool mask that further restricts the tokens. The output of a
 linear module is ``output_tap``; EigenAttention taps the rotated queries and keys of an attention block.
 
-Statistics beyond the input moments come from **collectors** (``Collector``, ``register_collector``): a
+Statistics beyond the input moments come from **collectors** (``zoo.core.collectors``: ``Collector``, ``register_collector``): a
 named statistic with its own hooks and fp64 sums, which a technique asks for by name in ``needs()``. The
 row Fisher above is the built-in ``fisher`` collector; a technique that needs another statistic (e.g.
 ``zoo.kfac``'s output-gradient covariance) registers a collector in its own module, and ``build`` finds its
@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cache import Entry
+from .collectors import COLLECTORS, Collector, FisherRows, _rows, register_collector  # noqa: F401 - re-exported
 from .distributed import all_reduce_sum_, rank_world
 from .errors import ZooError
 from .surgery import teacher_view
@@ -104,13 +105,21 @@ class _Accumulator:
         return 8 * (2 * in_features + (in_features**2 if full else 0))
 
     def add(self, x: torch.Tensor) -> None:
+        self.add_products(self.products(x))
+
+    def products(self, x: torch.Tensor) -> tuple:
+        """This batch's rows' count, sum, sum of squares and (full) gram, on the rows' device."""
         x = x.detach().float()
+        return x.shape[0], x.sum(0), x.pow(2).sum(0), (x.T @ x) if self.gram is not None else None
+
+    def add_products(self, products: tuple) -> None:
+        count, total, sq, gram = products
         home = self.sum.device
-        self.count += x.shape[0]
-        self.sum += x.sum(0).to(home)
-        self.sq += x.pow(2).sum(0).to(home)
+        self.count += count
+        self.sum += total.to(home)
+        self.sq += sq.to(home)
         if self.gram is not None:
-            self.gram += (x.T @ x).to(home)
+            self.gram += gram.to(home)
 
     def all_reduce(self) -> None:
         """Sum the running sums of every process (they are plain sums, so the order does not matter)."""
@@ -130,114 +139,6 @@ class _Accumulator:
         )
 
 
-def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The real tokens of a [batch, seq, ..., width] stream as rows [tokens, width] (``mask``: [batch, seq])."""
-    x = x[mask] if mask is not None else x.reshape(-1, *x.shape[2:])
-    return x.reshape(-1, x.shape[-1])
-
-
-class Collector:
-    """One named statistic of one target: the mean over the calibration tokens of a per-token ``statistic``
-    of one of the target's streams, kept as an fp64 sum and a token count.
-
-    ``stream`` is what the statistic reads: ``input`` (the target's input rows) or ``output_grad`` (the
-    gradient of the next-token loss at its output, rows of dL/dy; calibration then runs a backward pass, with
-    the target's weight requiring grad). A subclass says its sum's shape (``zeros``) and the per-batch sum
-    (``statistic``, of masked fp64 rows [tokens, width]). A statistic of another kind sets ``stream = None``
-    and overrides ``attach``/``after_backward``/``sums``/``result`` (the built-in ``FisherRows``).
-
-    Sums are all-reduced across processes before ``result``; its tensors land in
-    ``stats.extra["<name>.<key>"]``, except the keys in ``fields``, which fill those ``ActivationStats``
-    fields. ``version`` enters the calibration cache key.
-    """
-
-    name = ""
-    version = "1"
-    stream: str | None = "input"
-    key = "mean"  #: the result's key
-    fields: tuple[str, ...] = ()
-
-    def __init__(self, module: nn.Module, device: torch.device):
-        self.module, self.device = module, device
-        self.mask: torch.Tensor | None = None  # the batch's real tokens, set by ``collect`` before each step
-        if self.stream is not None:
-            self.total = self.zeros().to(device)
-            self.tokens = torch.zeros(1, dtype=torch.float64)
-
-    @property
-    def backward(self) -> bool:
-        return self.stream == "output_grad"
-
-    def zeros(self) -> torch.Tensor:
-        """The fp64 sum, empty."""
-        raise NotImplementedError
-
-    def statistic(self, rows: torch.Tensor) -> torch.Tensor:
-        """The sum over these tokens' rows (fp64) of the per-token statistic."""
-        raise NotImplementedError
-
-    def add(self, rows: torch.Tensor) -> None:
-        self.total += self.statistic(rows.detach().double()).to(self.total.device)
-        self.tokens += len(rows)
-
-    def attach(self) -> list:
-        if self.stream is None:
-            return []
-        if self.stream == "input":
-            return [self.module.register_forward_pre_hook(lambda _m, args: self.add(_rows(args[0], self.mask)))]
-
-        def on_output(_module, _args, output):
-            if output.requires_grad:  # the gradient arrives in the backward pass: keep this batch's mask
-                output.register_hook(lambda g, mask=self.mask: self.add(_rows(g, mask)))
-
-        return [self.module.register_forward_hook(on_output)]
-
-    def after_backward(self) -> None:
-        pass
-
-    def sums(self) -> list[torch.Tensor]:
-        return [self.total, self.tokens]
-
-    def result(self) -> dict[str, torch.Tensor]:
-        return {self.key: (self.total / self.tokens.clamp_min(1).to(self.total.device)).cpu()}
-
-
-class FisherRows(Collector):
-    """FWSVD's row Fisher: per weight row, the squared gradient of the next-token loss summed over batches."""
-
-    name, stream, fields = "fisher", None, ("fisher_rows",)
-    backward = True
-
-    def __init__(self, module, device):
-        super().__init__(module, device)
-        self.fisher = torch.zeros(module.out_features, dtype=torch.float64, device=device)
-
-    def after_backward(self) -> None:
-        self.fisher += self.module.weight.grad.detach().double().pow(2).sum(1).to(self.fisher.device)
-
-    def sums(self):
-        return [self.fisher]
-
-    def result(self):
-        return {"fisher_rows": self.fisher.cpu()}
-
-
-#: collector name -> class; ``needs()`` names these (plus "input" and "taps")
-COLLECTORS: dict[str, type[Collector]] = {}
-
-
-def register_collector(cls: type[Collector]) -> type[Collector]:
-    """Make ``cls`` available to ``needs()`` under ``cls.name`` (usable as a class decorator)."""
-    if not cls.name:
-        raise ZooError(f"collector {cls.__qualname__} has no name")
-    known = COLLECTORS.get(cls.name)
-    if known is not None and known is not cls and known.__qualname__ != cls.__qualname__:
-        raise ZooError(f"a collector named {cls.name!r} is already registered ({known.__qualname__})")
-    COLLECTORS[cls.name] = cls
-    return cls
-
-
-register_collector(FisherRows)
 
 
 def stats_to_tensors(stats: dict[str, ActivationStats]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -318,6 +219,7 @@ def collect(
     taps: dict[str, Callable] | None = None,
     collectors: dict[str, list[str]] | None = None,
     cross: bool = False,
+    forward: Callable[[dict, bool], None] | None = None,
 ) -> dict[str, ActivationStats]:
     """Statistics of the inputs of each module in ``targets`` over the real tokens of ``loader``.
 
@@ -334,6 +236,9 @@ def collect(
     replaced module as its original) and every target accumulates E[x_teacher x^T] against its input x in
     the model as it is (``extra["cross.second_moment"]``, or ``"cross.diag"`` above ``full_cov_max``): what
     a refit onto the teacher's outputs needs when replaced layers below change the target's inputs.
+    ``forward(batch, teacher)``: runs a batch in place of the model (``zoo.core.sequential.LayerInputs``
+    runs one decoder layer on cached hidden states), ``teacher=True`` for the teacher-view pass of ``cross``;
+    forward-only collectors then.
     """
     taps = dict(taps or {})
     wanted = {k: list(v) for k, v in (collectors or {}).items()}
@@ -358,16 +263,26 @@ def collect(
     accs = {name: new_acc(m.in_features) for name, m in modules.items()}
     current_mask: list[torch.Tensor | None] = [None]
 
+    # the last stream a target's hook saw, with what was computed from it: q, k and v (gate and up) read one
+    # tensor, whose products are then computed once (the memo holds the tensor, so its id is not reused)
+    memo: dict[str, tuple] = {}
+
+    def once(kind: str, key: tuple, compute: Callable):
+        if kind in memo and len(memo[kind][0]) == len(key) and all(a is b for a, b in zip(memo[kind][0], key)):
+            return memo[kind][1]
+        memo[kind] = (key, compute())
+        return memo[kind][1]
+
     def add(key, x):
         mask = current_mask[0]
         if isinstance(x, tuple):  # (stream, tokens to keep)
             x, keep = x
             keep = keep.to(x.device).bool().expand(x.shape[:2])
             mask = keep if mask is None else mask & keep
-        x = _rows(x, mask)
         if key not in accs:  # a tap's width is known at its first call
             accs[key] = new_acc(x.shape[-1])
-        accs[key].add(x)
+        acc = accs[key]
+        acc.add_products(once(f"products{acc.gram is not None}", (x, mask), lambda: acc.products(_rows(x, mask))))
 
     teacher_rows: dict[str, torch.Tensor] = {}  # this batch's teacher-view inputs (``cross``)
     crosses: dict[str, torch.Tensor] = {}
@@ -375,16 +290,22 @@ def collect(
 
     def make_hook(name):
         def hook(_module, args, _kwargs=None):
+            x, mask = args[0], current_mask[0]
             if in_teacher_pass[0]:
-                teacher_rows[name] = _rows(args[0], current_mask[0]).detach().double()
+                teacher_rows[name] = once("teacher", (x, mask), lambda: _rows(x, mask).detach().float())
                 return
-            add(name, args[0])
+            add(name, x)
             if cross:
-                x_t, x_s = teacher_rows.pop(name), _rows(args[0], current_mask[0]).detach().double()
+                x_t = teacher_rows.pop(name)
                 full = accs[name].gram is not None
-                update = x_t.T @ x_s if full else (x_t * x_s).sum(0)
+
+                def product():
+                    x_s = _rows(x, mask).detach().float()
+                    return x_t.T @ x_s if full else (x_t * x_s).sum(0)
+
+                update = once(f"cross{full}", (x, mask, x_t), product)
                 if name not in crosses:
-                    crosses[name] = torch.zeros_like(update, device=accs[name].sum.device)
+                    crosses[name] = torch.zeros(update.shape, dtype=torch.float64, device=accs[name].sum.device)
                 crosses[name] += update.to(crosses[name].device)
 
         return hook
@@ -402,6 +323,9 @@ def collect(
               for kind in sorted(wanted) for name in wanted[kind]}
     handles += [h for c in extras.values() for h in c.attach()]
     weights = {name: modules[name].weight for (kind, name), c in extras.items() if c.backward}
+    if weights and forward is not None:
+        raise ZooError(f"collectors {sorted({k for k, _ in extras})} need the loss's backward, which a "
+                       "layer-by-layer forward does not have")
     skip_head = _head_skippable(model, [*targets, *taps])
     rank, world = rank_world() if distributed else (0, 1)
     if world > 1 and hasattr(loader, "__len__") and len(loader) < world:
@@ -423,13 +347,22 @@ def collect(
                     c.mask = current_mask[0]
                 if cross:
                     in_teacher_pass[0] = True
+                    for c in extras.values():
+                        c.paused = True
                     try:
-                        with teacher_view(model):
-                            _forward(model, batch, skip_head)
+                        if forward is not None:
+                            forward(batch, True)
+                        else:
+                            with teacher_view(model):
+                                _forward(model, batch, skip_head)
                     finally:
                         in_teacher_pass[0] = False
+                        for c in extras.values():
+                            c.paused = False
                 if weights:
                     _backward_step(model, batch, weights, [c for c in extras.values() if c.backward])
+                elif forward is not None:
+                    forward(batch, False)
                 else:
                     _forward(model, batch, skip_head)
             seen += n
@@ -491,9 +424,14 @@ def conditioning(stats: dict[str, ActivationStats], rtol: float = 1e-6) -> dict[
     times the mean one (below that they are the fp32 accumulation's noise). Fewer than the width means the
     calibration tokens did not span the inputs (too few tokens for a full covariance): whitening then leans
     on jitter."""
-    out = {}
+    out, seen = {}, []  # q, k and v (gate and up) share one input: its eigenvalues are computed once
     for name, s in stats.items():
         if s.second_moment is not None and ":" not in name:
-            eig = torch.linalg.eigvalsh(s.second_moment.double())
-            out[name] = (int((eig > rtol * eig.mean().clamp_min(1e-300)).sum()), len(eig))
+            moment = s.second_moment
+            same = next((r for m, r in seen if m.shape == moment.shape and torch.equal(m, moment)), None)
+            if same is None:
+                eig = torch.linalg.eigvalsh(moment.double())
+                same = (int((eig > rtol * eig.mean().clamp_min(1e-300)).sum()), len(eig))
+                seen.append((moment, same))
+            out[name] = same
     return out

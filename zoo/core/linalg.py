@@ -51,6 +51,21 @@ def cholesky_jittered(matrix: torch.Tensor, max_tries: int = 8, name: str = "") 
     raise ZooError("covariance is not positive definite even with jitter; collect more calibration tokens")
 
 
+def thin_svd(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(A, full_matrices=False)`` computed on the tall orientation: LAPACK's
+    divide-and-conquer SVD of a wide matrix (a down projection, 576 x 1536) takes several times as long as
+    the same SVD of its transpose (``benchmarks/svd_orientation.py``)."""
+    if A.shape[-2] >= A.shape[-1]:
+        return torch.linalg.svd(A, full_matrices=False)
+    Q, s, Ph = torch.linalg.svd(A.mT, full_matrices=False)
+    return Ph.mT, s, Q.mT
+
+
+def singular_values(A: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.svdvals`` on the tall orientation (see ``thin_svd``)."""
+    return torch.linalg.svdvals(A if A.shape[-2] >= A.shape[-1] else A.mT)
+
+
 def solve_psd_right(rhs: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """``rhs @ gram^-1`` for a PSD ``gram`` (jittered Cholesky)."""
     L = cholesky_jittered(gram)

@@ -22,6 +22,7 @@ from .errors import ZooError, check_choice
 from .models import META_PREFIX, RANDOM_PREFIX, claim, load_causal_lm
 from .plan import layer_of
 from .replacement import lr_scales_of, metrics_of, set_tracking
+from .sequential import LayerInputs, decoder_layers
 from .surgery import replace, replaced_modules
 from .technique import NEEDS, Technique
 
@@ -68,6 +69,9 @@ class Student:
             self.resolve_targets(load_causal_lm(META_PREFIX + teacher.removeprefix(RANDOM_PREFIX), dtype)[0])
         self.model, self.tokenizer = load_causal_lm(teacher, dtype)
         self.targets: dict[str, list[str]] = {}  # "<index>:<spec class>" -> replaced names, once built
+        self._layer_inputs: LayerInputs | None = None  # sequential calibration's streams, while building
+        self._pending_ranks: dict[str, tuple[int, int]] = {}  # sequential calibration's, reported once at the end
+        self._pending_tokens = 0
         self.summary: dict[str, float] = {}
 
     def header(self) -> dict:
@@ -115,12 +119,17 @@ class Student:
         for part, names in zip(self.parts, resolved):
             part.plan({n: self.model.get_submodule(n) for n in names}, stats)
         groups = [resolved] if self.calibration == "once" else self.layer_groups(resolved)
-        for group in tqdm(groups, desc="sequential calibration", unit="layer", disable=len(groups) == 1):
-            if self.calibration == "sequential":  # on what the compressed layers below now produce
-                stats = {**stats, **self.calibrate(group, calibration_loader, data_fingerprint, device, sequential=True)}
-            for part, names in zip(self.parts, group):
-                replace(self.model, names, lambda name, module, part=part: part.build(name, module, stats.get(name)),
-                        part.target_kind)
+        try:
+            for group in tqdm(groups, desc="sequential calibration", unit="layer", disable=len(groups) == 1):
+                if self.calibration == "sequential":  # on what the compressed layers below now produce
+                    stats = {**stats, **self.calibrate(group, calibration_loader, data_fingerprint, device,
+                                                       sequential=True)}
+                for part, names in zip(self.parts, group):
+                    replace(self.model, names,
+                            lambda name, module, part=part: part.build(name, module, stats.get(name)), part.target_kind)
+        finally:
+            self._layer_inputs = None  # the hidden states of the calibration tokens: one depth's worth, freed
+        self.report_pending()
         for i, (part, names) in enumerate(zip(self.parts, resolved)):
             self.targets[f"{i}:{type(part).__name__}"] = names
         if self.parts and not self.trainable_parameters():
@@ -197,7 +206,7 @@ class Student:
         hit = entry.load() if fingerprint else None
         if all_true(hit is not None):
             stats = calib.stats_from_tensors(*hit)
-            self.report_conditioning(stats)
+            self.report_conditioning(stats, sequential)
             return stats
         if fingerprint:  # the statistics will be stored: is there room for them? (known before collecting)
             need = sum(calib.stats_bytes(w, w <= self.full_cov_max)
@@ -206,23 +215,50 @@ class Student:
         was = next(self.model.parameters()).device
         if device is not None:
             self.model.to(device)
-        stats = calib.collect(self.model, loader, names, full_cov_max=self.full_cov_max,
+        inputs = self.layer_inputs(names, collectors, loader, device) if sequential else None
+        stats = calib.collect(self.model, inputs.batches if inputs else loader, names, full_cov_max=self.full_cov_max,
                               max_tokens=self.calibration_tokens, device=device, distributed=True, taps=taps,
-                              collectors=collectors, cross=sequential,
+                              collectors=collectors, cross=sequential, forward=inputs.forward if inputs else None,
                               progress=not sequential or log.isEnabledFor(logging.DEBUG))
         self.model.to(was)
         if fingerprint and rank_world()[0] == 0:  # only data with a fingerprint can be reused safely
             entry.store(*calib.stats_to_tensors(stats))
-        self.report_conditioning(stats)
+        self.report_conditioning(stats, sequential)
         return stats
 
-    def report_conditioning(self, stats: dict[str, calib.ActivationStats]) -> None:
+    def layer_inputs(self, names: list[str], collectors: dict, loader, device) -> LayerInputs | None:
+        """The hidden states entering the decoder layer that holds ``names``, for a sequential calibration
+        that runs that layer alone (``zoo.core.sequential``); None where the whole model must run: targets
+        outside one decoder layer, or a statistic of the loss's backward."""
+        layers = {layer_of(n) for n in names}
+        backward = any(calib.COLLECTORS[k].stream != "input" for k in collectors)
+        if len(layers) != 1 or None in layers or backward:
+            return None
+        if self._layer_inputs is None:
+            rank, world = rank_world()
+            self._layer_inputs = LayerInputs(self.model, loader, decoder_layers(self.model, names),
+                                             self.calibration_tokens, device, rank, world)
+        self._layer_inputs.advance_to(layers.pop())
+        return self._layer_inputs
+
+    def report_conditioning(self, stats: dict[str, calib.ActivationStats], pending: bool = False) -> None:
         """One log line on whether the calibration tokens span every target's inputs (naming the worst
-        target), and the counts in the run's summary."""
+        target), and the counts in the run's summary; ``pending``: one layer of a sequential calibration,
+        kept for the one line after the last (``report_pending``)."""
         ranks = calib.conditioning(stats)
-        if not ranks:
-            return
-        tokens = max(s.count for s in stats.values())
+        tokens = max((s.count for s in stats.values()), default=0)
+        if pending:
+            self._pending_ranks.update(ranks)
+            self._pending_tokens = max(self._pending_tokens, tokens)
+        elif ranks:
+            self._report_ranks(ranks, tokens)
+
+    def report_pending(self) -> None:
+        if self._pending_ranks:
+            self._report_ranks(self._pending_ranks, self._pending_tokens)
+        self._pending_ranks, self._pending_tokens = {}, 0
+
+    def _report_ranks(self, ranks: dict[str, tuple[int, int]], tokens: int) -> None:
         short = {n: r for n, r in ranks.items() if r[0] < r[1]}
         worst = min(ranks, key=lambda n: ranks[n][0] / ranks[n][1])
         self.summary["calibration_tokens"] = tokens
