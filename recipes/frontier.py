@@ -10,7 +10,8 @@ the zoo's best pipeline), the ratio the fraction of each replaced map's paramete
   reaches ``on_train_start``, so the gate's ``heldout_kl_before`` is not written, nor any validation.
 - ``repair`` (only with ``repair_steps`` or ``repair_minutes``): ``zoo fit`` of the recipe with
   ``--trainer.max_steps`` (and ``--trainer.max_time``, Lightning's wall-clock limit); its repair state is the
-  best validated one.
+  best validated one. With ``callbacks.RepairCurve`` in the recipe, the stage's entry holds its points
+  (``curve``: step, wall seconds, heldout KL and ppl at train start and each validation).
 - ``after``: ``zoo validate --ckpt_path <repair state>``: the repaired student scored exactly as ``before``.
 
 Parameters are counted from shapes (``zoo.core.plan.plan_student`` on the teacher's architecture on the
@@ -152,6 +153,8 @@ class Frontier(Series):
         logger_name = f"frontier/{item.dir_name}/{name}" if self.logger and subcommand == "fit" else None
         args = zoo_args(subcommand, item.config, [*item.overrides, *overrides], stage_dir, logger_name)
         print(f"$ {shlex.join(['zoo', *args[3:]])}", flush=True)
+        curve = stage_dir / "repair_curve.json"  # callbacks.RepairCurve's, if the recipe has it
+        curve.unlink(missing_ok=True)  # an earlier attempt's curve must not pass for this run's
         start = time.monotonic()
         code, last = run_streaming(args, stage_dir / f"{subcommand}.log")
         entry = {"seconds": round(time.monotonic() - start, 1), "exit_code": code}
@@ -164,6 +167,8 @@ class Frontier(Series):
             # steps taken; the state kept is the best validated one (an earlier step, where it was better)
             entry.update(steps=steps, state_step=summary.get("repair_state_step", steps),
                          kl_gate_after=summary.get("heldout_kl_after"))
+            if curve.is_file():
+                entry["curve"] = json.loads(curve.read_text())["points"]
         record.setdefault("stages", {})[name] = entry
         if code != 0:
             return f"{name} failed (exit {code}): {last[:120]}"

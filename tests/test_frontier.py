@@ -3,14 +3,16 @@ a table and a chart come out, finished items (and finished stages) are not run a
 is a row, not the end of the frontier."""
 import json
 
+import pytest
 import yaml
 
-from zoo_cli import repair_model, write_config, zoo_cli
+from test_reliability import config_with
+from zoo_cli import repair_model, zoo_cli
 
 
 def test_frontier_rows_table_chart_resume_and_failures(tmp_path, tiny_teacher_dir, capsys):
     svd = repair_model("zoo.FisherSVD", targets="model.layers.{0..1}.mlp.down_proj", rank=0.8, weighting="none", lr=0.01)
-    config = write_config(tmp_path, tiny_teacher_dir, svd, max_steps=2)
+    config = config_with(tmp_path, tiny_teacher_dir, {"class_path": "callbacks.RepairCurve"}, model=svd, max_steps=2)
     out_dir = tmp_path / "frontier"
     frontier = {
         "output_dir": str(out_dir), "logger": False, "ratios": [0.8, 0.5],
@@ -57,6 +59,8 @@ def test_frontier_rows_table_chart_resume_and_failures(tmp_path, tiny_teacher_di
     repaired = rows["svd@0.5"]
     assert repaired["status"] == "ok" and repaired["kl_after"] > 0 and repaired["ppl_after"] > 1
     assert repaired["repair_steps"] == 2 and set(repaired["seconds"]) == {"before", "repair", "after"}
+    curve = json.loads((out_dir / "svd@0.5" / "item.json").read_text())["stages"]["repair"]["curve"]
+    assert [p["step"] for p in curve] == [0, 2] and curve[0]["heldout_kl"] == pytest.approx(repaired["kl_before"], rel=1e-4)
     assert rows["svd@0.8"]["status"] == "not run" and rows["svd@0.8"]["kl_before"] is not None  # other repair settings
 
 
