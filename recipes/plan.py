@@ -76,6 +76,12 @@ def plan_recipe(
                                       devices=n, kl_chunk=module.kl_chunk,
                                       fused_head=module.fused_lm_head() is not None)
               for s in strategies for n in counts]
+    tokens = getattr(data, "n_calibration", 0) * seq_len
+    if module.calibration_tokens:
+        tokens = min(tokens, module.calibration_tokens) if tokens else module.calibration_tokens
+    calib = zp.estimate_calibration_memory(module.model, student, [n for ns in resolved for n in ns],
+                                           module.student.calibration, tokens, batch_size, seq_len,
+                                           module.student.full_cov_max, load_dtype)
     config = module.model.config
     result = {
         "recipe": str(recipe), "model": module.teacher.removeprefix(META_PREFIX), "technique": module.technique_name(),
@@ -94,6 +100,7 @@ def plan_recipe(
                   "rebuilt_buffers": sum(t.buffer_bytes for t in student.targets)},
         "targets": [{**vars(t), "replacement": t.replacement} for t in student.targets],
         "memory": [m.to_dict() for m in memory],
+        "calibration": calib.to_dict(),
         "notes": [*student.notes, ("memory figures are estimates (zoo.core.plan gives the formula), not "
                   "measurements; CUDA context and allocator fragmentation come on top")],
     }
@@ -163,5 +170,10 @@ def format_table(result: dict) -> str:
     lines.append("  " + " " * width + "".join(f"{c:>13}" for c in cols))
     for label, key in terms:
         lines.append(f"  {label:<{width}}" + "".join(f"{_b(m[key]):>13}" for m in mem))
+    c = result["calibration"]
+    lines += ["", (f"calibration peak (ESTIMATE, {c['calibration']}, {c['tokens']:,} tokens): {_b(c['peak'])} = "
+                   f"weights {_b(c['weights'])} + statistics {_b(c['statistics'])}"
+                   f"{' (one layer)' if c['calibration'] == 'sequential' else ' (every target)'} + hidden states "
+                   f"{_b(c['hidden_states'])} + one layer's forward {_b(c['forward'])}")]
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)

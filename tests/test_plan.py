@@ -113,6 +113,49 @@ def test_llama_31_8b_from_a_config_file(tmp_path, capsys):
     assert "ESTIMATE" in table and "fsdp x8" in table
 
 
+def test_llama_31_8b_sequential_calibration_holds_one_layer(tmp_path, capsys):
+    """Issue 16's bound on an 8B shape: a sequential calibration of every linear holds one decoder layer's
+    statistics and one depth's hidden states, where the one-pass one holds every target's statistics."""
+    path = tmp_path / "llama-3.1-8b" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(LLAMA_31_8B))
+    args = ["--recipe", "configs/recipes/compress_zoo.yaml", "--model", str(path), "--dtype", "bfloat16"]
+    planned, table = plan(args, tmp_path, capsys)
+    c = planned["calibration"]
+    tokens, h = 64 * 128, 4096
+    assert c["calibration"] == "sequential" and c["tokens"] == tokens
+    # q, k, v, o, gate, up: 4096-wide full moments, own + cross; down_proj (14336 > full_cov_max): diagonals
+    assert c["statistics"] == 6 * 8 * (2 * h + 2 * h * h) + 8 * (2 * 14336 + 14336)
+    assert c["hidden_states"] == 3 * tokens * h * 2 + 2 * tokens * 128 * 4 + tokens * 128
+    assert c["peak"] == c["weights"] + c["statistics"] + c["hidden_states"] + c["forward"]
+    assert "calibration peak (ESTIMATE, sequential, 8,192 tokens)" in table and "(one layer)" in table
+    once, _ = plan([*args, "--overrides", "[--model.init_args.calibration, once]"], tmp_path, capsys)
+    assert once["calibration"]["statistics"] == 32 * (6 * 8 * (2 * h + h * h) + 8 * 2 * 14336)  # every layer's
+    assert once["calibration"]["hidden_states"] == 0
+
+
+def test_a_sequential_build_keeps_one_layers_statistics(tiny_teacher_dir, monkeypatch):
+    """The statistics alive while a target is built: only its own layer's (counted among live objects)."""
+    import gc
+
+    from zoo import DistillationModule, FisherSVD
+    from zoo.core.calibration import ActivationStats
+
+    live = []
+    real = FisherSVD.build
+
+    def counting(self, name, module, stats):
+        gc.collect()
+        live.append(sum(isinstance(o, ActivationStats) for o in gc.get_objects()))
+        return real(self, name, module, stats)
+
+    monkeypatch.setattr(FisherSVD, "build", counting)
+    targets = ["model.layers.*.self_attn.{q,k,v,o}_proj", "model.layers.*.mlp.{gate,up,down}_proj"]
+    module = DistillationModule(parts=[FisherSVD(targets, rank=4)], teacher=tiny_teacher_dir, calibration="sequential")
+    module.build_student(batches(2), data_fingerprint="live-stats")
+    assert len(live) == 14 and max(live) <= 7  # one layer's 7 targets, never both layers' 14
+
+
 def test_meta_models_need_no_weights():
     model, tokenizer = load_causal_lm("meta:smollm2-135m-instruct", "bfloat16")
     assert tokenizer is None

@@ -313,3 +313,65 @@ def precision_dtypes(precision: str, load_dtype: torch.dtype) -> tuple[torch.dty
     check_choice("precision", precision, PRECISIONS)
     model_dtype, compute = PRECISIONS[precision]
     return model_dtype or load_dtype, compute or model_dtype or load_dtype
+
+
+@dataclass
+class CalibrationPlan:
+    """Bytes ``Student.build`` holds at its calibration's peak (source 000, section 2.2; issue 16's bound):
+
+    - **weights**: the model in its load dtype, and the replacements built so far (all of them at the end);
+    - **statistics**: every target's fp64 input moments (``once``: all targets at once; ``sequential``: one
+      decoder layer's, plus the cross moments with the teacher's inputs, since each layer's are dropped once it is
+      built); ``full_cov_max`` decides full matrices or diagonals;
+    - **hidden_states** (``sequential``): the teacher's, the student's and the teacher's next stream of one
+      depth over every calibration token (``zoo.core.sequential.LayerInputs``), and each batch's rotary
+      embeddings and attention mask;
+    - **forward**: one batch through one decoder layer without grad (its MLP's three intermediates and a few
+      hidden-width tensors).
+
+    Statistics that need the loss's backward (FWSVD's Fisher) run the whole model with grad instead; not
+    estimated here.
+    """
+
+    calibration: str
+    tokens: int
+    weights: int
+    statistics: int
+    hidden_states: int
+    forward: int
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.statistics + self.hidden_states + self.forward
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "peak": self.peak, "peak_gib": round(self.peak / GIB, 2)}
+
+
+def estimate_calibration_memory(model: nn.Module, student: StudentPlan, names: list[str], calibration: str,
+                                tokens: int, batch_size: int, seq_len: int, full_cov_max: int,
+                                load_dtype: torch.dtype) -> CalibrationPlan:
+    """The ``CalibrationPlan`` of calibrating ``names`` over ``tokens`` tokens of ``batch_size`` x ``seq_len``
+    batches, the model loaded in ``load_dtype``."""
+    d = decoder_dims(model.config)
+    c = _bytes(load_dtype)
+
+    def moments(name: str) -> int:
+        width = model.get_submodule(name).in_features
+        full = width <= full_cov_max
+        own = 8 * (2 * width + (width * width if full else 0))
+        cross = 8 * (width * width if full else width) if calibration == "sequential" else 0
+        return own + cross
+
+    if calibration == "sequential":
+        per_layer: dict[int | None, int] = {}
+        for n in names:
+            per_layer[layer_of(n)] = per_layer.get(layer_of(n), 0) + moments(n)
+        statistics = max(per_layer.values(), default=0)
+        hidden = 3 * tokens * d["hidden"] * c + 2 * tokens * d["head_dim"] * 4 + tokens * seq_len
+    else:
+        statistics, hidden = sum(map(moments, names)), 0
+    replaced = sum(t.trainable_bytes + t.frozen_bytes + t.buffer_bytes for t in student.targets)
+    forward = batch_size * seq_len * (3 * d["intermediate"] + 6 * d["hidden"]) * c
+    return CalibrationPlan(calibration, int(tokens), int(student.model_parameter_bytes + replaced), int(statistics),
+                           int(hidden), int(forward))

@@ -127,6 +127,8 @@ class Student:
                 for part, names in zip(self.parts, group):
                     replace(self.model, names,
                             lambda name, module, part=part: part.build(name, module, stats.get(name)), part.target_kind)
+                if self.calibration == "sequential":  # built: one layer's statistics at a time stay in memory
+                    stats = {n: st for n, st in stats.items() if all(n not in names for names in group)}
         finally:
             self._layer_inputs = None  # the hidden states of the calibration tokens: one depth's worth, freed
         self.report_pending()
