@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from zoo.core.errors import ZooError
 
-from .gates import run_dir
+from .gates import heldout_loader, run_dir
 
 KL, PPL = "heldout_kl", "heldout_ppl"  # what DistillationModule.validation_step logs (ppl: exp of the mean NLL)
 FILE = "repair_curve"
@@ -42,7 +42,7 @@ def evaluate_heldout(trainer, pl_module) -> tuple[float | None, float | None]:
 
     if not hasattr(pl_module, "distillation_outputs"):
         return None, None
-    loader = trainer.datamodule.val_dataloader()
+    loader = heldout_loader(trainer)
     rank, world = trainer.global_rank, trainer.world_size
     sums = torch.zeros(4, dtype=torch.float64, device=pl_module.device)  # kl * n, n, nll, nll tokens
     was_training = pl_module.training

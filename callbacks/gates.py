@@ -6,6 +6,7 @@ expanded interface must end near identity.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import lightning as L
@@ -13,6 +14,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from zoo.core.errors import ZooError
+
+
+def heldout_loader(trainer: L.Trainer):
+    """The heldout batches validation reads: the DataModule's val loader, cut at the trainer's
+    ``limit_val_batches`` (an int: that many batches; a float: that fraction), so a gate's or a curve's number
+    is the one validation logs, on the same tokens."""
+    loader = trainer.datamodule.val_dataloader()
+    limit = trainer.limit_val_batches
+    if limit is None or (isinstance(limit, float) and limit >= 1.0):
+        return loader
+    n = int(limit) if isinstance(limit, int) else int(len(loader) * limit)
+    return itertools.islice(loader, max(n, 1))
 
 
 class GateFailed(ZooError):
@@ -48,7 +61,7 @@ class HeldoutKLGate(L.Callback):
         self.history: list[tuple[int, float]] = []
 
     def _evaluate(self, trainer, pl_module) -> float:
-        loader = trainer.datamodule.val_dataloader()
+        loader = heldout_loader(trainer)
         was_training = pl_module.training
         pl_module.eval()
         # under ddp each process evaluates its share of the heldout batches; the token-weighted sums are

@@ -139,7 +139,9 @@ class Frontier(Series):
 
     def done(self, item: Item, run_dir: Path) -> dict | None:
         record = self.record_of(item, run_dir)
-        return record if record.get("complete") and record.get("repair") == self.repair else None
+        stages = record.get("stages", {})
+        whole = all(stages.get(k, {}).get("full_heldout") for k in ("before", "after") if k in stages)
+        return record if record.get("complete") and record.get("repair") == self.repair and whole else None
 
     def kept(self, item: Item, run_dir: Path) -> str:
         return f"finished earlier ({run_dir / RESULT})"
@@ -151,6 +153,8 @@ class Frontier(Series):
         stage_dir = run_dir / name
         stage_dir.mkdir(parents=True, exist_ok=True)
         logger_name = f"frontier/{item.dir_name}/{name}" if self.logger and subcommand == "fit" else None
+        if subcommand == "validate":  # the whole heldout split, whatever the recipe validates on while training
+            overrides = [*overrides, "--trainer.limit_val_batches", "1.0"]
         args = zoo_args(subcommand, item.config, [*item.overrides, *overrides], stage_dir, logger_name)
         print(f"$ {shlex.join(['zoo', *args[3:]])}", flush=True)
         curve = stage_dir / "repair_curve.json"  # callbacks.RepairCurve's, if the recipe has it
@@ -159,7 +163,7 @@ class Frontier(Series):
         code, last = run_streaming(args, stage_dir / f"{subcommand}.log")
         entry = {"seconds": round(time.monotonic() - start, 1), "exit_code": code}
         if subcommand == "validate":
-            entry.update(heldout(stage_dir / "metrics_validate.json") or {})
+            entry.update(heldout(stage_dir / "metrics_validate.json") or {}, full_heldout=True)
         else:
             metrics = stage_dir / "metrics.json"
             fit = json.loads(metrics.read_text()) if metrics.is_file() else {}
@@ -191,7 +195,7 @@ class Frontier(Series):
             return record["status"]
         failure = None
         before = old.get("stages", {}).get("before")
-        if before and before.get("exit_code") == 0 and "kl" in before:
+        if before and before.get("exit_code") == 0 and "kl" in before and before.get("full_heldout"):
             record["stages"]["before"] = before
         else:
             failure = self.stage("before", "validate", item, run_dir, [], record)
@@ -211,7 +215,7 @@ class Frontier(Series):
             state = run_dir / "repair" / "repair_state.safetensors"
             if failure is None:
                 after = old_stages.get("after")
-                if kept and after and after.get("exit_code") == 0 and "kl" in after:
+                if kept and after and after.get("exit_code") == 0 and "kl" in after and after.get("full_heldout"):
                     record["stages"]["after"] = after
                 else:
                     failure = self.stage("after", "validate", item, run_dir, ["--ckpt_path", str(state)], record)

@@ -79,7 +79,7 @@ def plan_recipe(
     tokens = getattr(data, "n_calibration", 0) * seq_len
     if module.calibration_tokens:
         tokens = min(tokens, module.calibration_tokens) if tokens else module.calibration_tokens
-    calib = zp.estimate_calibration_memory(module.model, student, [n for ns in resolved for n in ns],
+    calib = zp.estimate_calibration_memory(module.model, student, module.parts, resolved,
                                            module.student.calibration, tokens, batch_size, seq_len,
                                            module.student.full_cov_max, load_dtype)
     config = module.model.config

@@ -132,6 +132,15 @@ def test_llama_31_8b_sequential_calibration_holds_one_layer(tmp_path, capsys):
     once, _ = plan([*args, "--overrides", "[--model.init_args.calibration, once]"], tmp_path, capsys)
     assert once["calibration"]["statistics"] == 32 * (6 * 8 * (2 * h + h * h) + 8 * 2 * 14336)  # every layer's
     assert once["calibration"]["hidden_states"] == 0
+    # a rank allocation plans from the one-pass statistics first: that is the sequential build's peak then
+    alloc, _ = plan([*args, "--overrides", "[--model.init_args.parts.allocation, global]"], tmp_path, capsys)
+    assert alloc["calibration"]["statistics"] == once["calibration"]["statistics"]
+
+
+def test_the_calibration_estimate_of_an_attention_block_recipe(tmp_path, capsys):
+    """EigenAttention's targets are attention blocks (taps, not linear inputs): sized without a crash."""
+    planned, table = plan(["--recipe", "configs/recipes/eigen_attention.yaml"], tmp_path, capsys)
+    assert planned["calibration"]["statistics"] == 0 and "calibration peak (ESTIMATE, once" in table
 
 
 def test_a_sequential_build_keeps_one_layers_statistics(tiny_teacher_dir, monkeypatch):

@@ -128,3 +128,15 @@ def test_a_recipes_budget_is_set_on_the_command_line(capsys):
     assert [c["class_path"] for c in callbacks][-1] == "callbacks.RepairCurve"
     assert callbacks[-1]["init_args"]["max_minutes"] == 30.0
     assert "max_minutes" not in callbacks[0]["init_args"]  # the gate's options are untouched
+
+
+@pytest.mark.parametrize("limit,expected", [(1.0, 5), (2, 2), (0.5, 2), (0.01, 1), (None, 5)])
+def test_gates_and_curves_read_the_batches_validation_reads(limit, expected):
+    """A recipe that validates on ``limit_val_batches`` gets its gate and curve numbers on the same batches."""
+    from types import SimpleNamespace
+
+    from callbacks.gates import heldout_loader
+
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_dataloader=lambda: list(range(5))),
+                              limit_val_batches=limit)
+    assert list(heldout_loader(trainer)) == list(range(expected))

@@ -127,3 +127,50 @@ def test_thin_svd_is_an_svd_in_either_orientation(shape):
     torch.testing.assert_close(P.T @ P, torch.eye(k, dtype=A.dtype), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s, torch.linalg.svdvals(A), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(singular_values(A), torch.linalg.svdvals(A), rtol=1e-12, atol=1e-12)
+
+
+def test_a_plan_only_statistic_is_not_collected_layer_by_layer(tiny_teacher_dir):
+    """``allocation: sensitivity`` reads output gradients in ``plan`` only: its one backward pass on the teacher,
+    then the layers run alone (a build that needed them per layer would run the whole model per layer)."""
+    data = batches(3)
+    spec = FisherSVD(ALL_LINEARS, rank=0.5, allocation="sensitivity")
+    assert "grad_output_diag" in spec.needs() and "grad_output_diag" not in spec.build_needs()
+    module = DistillationModule(parts=[spec], teacher=tiny_teacher_dir, calibration="sequential")
+    calls = []
+    module.student.model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    module.build_student(data, data_fingerprint="plan-only")
+    assert len(calls) == 2 * len(data)  # the plan's pass and the capture pass
+
+
+def test_layers_receiving_state_fall_back_to_the_whole_model(tiny_teacher_dir):
+    """A layer input that is state, not a value (a cache object), is not replayed: the build runs the whole
+    model per layer instead, and says nothing is wrong with the student."""
+    from zoo.core.sequential import Unreplayable
+
+    model = load_causal_lm(tiny_teacher_dir)[0]
+    layers = decoder_layers(model, ["model.layers.0.mlp.down_proj"])
+    state = object()
+    handle = layers[0].register_forward_pre_hook(lambda m, a, k: (a, {**k, "shared_state": state}), with_kwargs=True,
+                                                 prepend=True)
+    with pytest.raises(Unreplayable, match="receive a object"):
+        LayerInputs(model, batches(1), layers, device="cpu", progress=False)
+    handle.remove()
+
+    data = batches(2)
+    module = DistillationModule(parts=[FisherSVD("model.layers.*.mlp.down_proj", rank=8)], teacher=tiny_teacher_dir,
+                                calibration="sequential")
+    first = decoder_layers(module.model, ["model.layers.0.mlp.down_proj"])[0]
+    first.register_forward_pre_hook(lambda m, a, k: (a, {**k, "shared_state": state}), with_kwargs=True, prepend=True)
+    calls = []
+    module.student.model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    module.build_student(data, data_fingerprint="fallback")
+    assert len(calls) == 1 + 2 * 2 * len(data)  # the capture stopped at its first batch, then two passes per layer
+
+
+def test_a_refused_layer_forward_leaves_no_hooks(tiny_teacher_dir):
+    model = load_causal_lm(tiny_teacher_dir)[0]
+    name = "model.layers.1.mlp.down_proj"
+    with pytest.raises(ZooError, match="need more than the targets' inputs"):
+        collect(model, batches(1), [name], collectors={"fisher": [name]}, cross=True, forward=lambda b, t: None,
+                progress=False)
+    assert not model.get_submodule(name)._forward_pre_hooks and not model.get_submodule(name)._forward_hooks

@@ -410,6 +410,9 @@ class FisherSVD(Technique):
     def plan_needs(self) -> set[str]:
         return self.needs() if self.allocation != "uniform" else set()
 
+    def build_needs(self) -> set[str]:
+        return self.needs() - {"grad_output_diag"}  # the sensitivity allocation's, read by ``plan`` only
+
     def needs(self) -> set[str]:
         needs = {"covariance": {"input"}, "asvd": {"input", "abs_mean"}, "diagonal": {"input"}, "fisher": {"fisher"},
                  "none": set()}[self.weighting]

@@ -164,6 +164,12 @@ def stats_bytes(in_features: int, full: bool) -> int:
     return _Accumulator.nbytes(in_features, full)
 
 
+def _copied_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """fp32 rows that are not a view of ``x`` (kept until the student's pass, after ``x`` may have changed)."""
+    rows = _rows(x, mask).detach().float()
+    return rows.clone() if rows.data_ptr() == x.data_ptr() else rows
+
+
 def _real_tokens(loader) -> int | None:
     """The loader's real tokens, where its dataset says (packed data: every token is real), for a bar's total."""
     mask = getattr(getattr(loader, "dataset", None), "attention_mask", None)
@@ -249,6 +255,13 @@ def collect(
         raise ZooError(f"unknown calibration collector(s) {unknown}; registered: {sorted(COLLECTORS)}")
     if not targets and not taps:
         return {}
+    if forward is not None and any(COLLECTORS[k].stream != "input" for k in wanted):
+        raise ZooError(f"collectors {sorted(wanted)} need more than the targets' inputs (the loss's backward), "
+                       "which a layer-by-layer forward does not have")
+    rank, world = rank_world() if distributed else (0, 1)
+    if world > 1 and hasattr(loader, "__len__") and len(loader) < world:
+        # every process must run a batch: taps create their accumulators at first use
+        raise ZooError(f"calibration over {world} processes needs at least {world} batches, got {len(loader)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     modules = {name: model.get_submodule(name) for name in targets}
     room = [_device_room(device)]
@@ -292,7 +305,7 @@ def collect(
         def hook(_module, args, _kwargs=None):
             x, mask = args[0], current_mask[0]
             if in_teacher_pass[0]:
-                teacher_rows[name] = once("teacher", (x, mask), lambda: _rows(x, mask).detach().float())
+                teacher_rows[name] = once("teacher", (x, mask), lambda: _copied_rows(x, mask))
                 return
             add(name, x)
             if cross:
@@ -323,14 +336,7 @@ def collect(
               for kind in sorted(wanted) for name in wanted[kind]}
     handles += [h for c in extras.values() for h in c.attach()]
     weights = {name: modules[name].weight for (kind, name), c in extras.items() if c.backward}
-    if weights and forward is not None:
-        raise ZooError(f"collectors {sorted({k for k, _ in extras})} need the loss's backward, which a "
-                       "layer-by-layer forward does not have")
     skip_head = _head_skippable(model, [*targets, *taps])
-    rank, world = rank_world() if distributed else (0, 1)
-    if world > 1 and hasattr(loader, "__len__") and len(loader) < world:
-        # every process must run a batch: taps create their accumulators at first use
-        raise ZooError(f"calibration over {world} processes needs at least {world} batches, got {len(loader)}")
     seen = 0
     available = _real_tokens(loader)
     total = min(x for x in (max_tokens, available) if x is not None) if (max_tokens or available) else None

@@ -58,7 +58,7 @@ def thin_svd(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     if A.shape[-2] >= A.shape[-1]:
         return torch.linalg.svd(A, full_matrices=False)
     Q, s, Ph = torch.linalg.svd(A.mT, full_matrices=False)
-    return Ph.mT, s, Q.mT
+    return Ph.mT.contiguous(), s, Q.mT.contiguous()  # factors become Parameters: dense, row-major
 
 
 def singular_values(A: torch.Tensor) -> torch.Tensor:

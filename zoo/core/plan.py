@@ -348,29 +348,34 @@ class CalibrationPlan:
         return {**asdict(self), "peak": self.peak, "peak_gib": round(self.peak / GIB, 2)}
 
 
-def estimate_calibration_memory(model: nn.Module, student: StudentPlan, names: list[str], calibration: str,
-                                tokens: int, batch_size: int, seq_len: int, full_cov_max: int,
-                                load_dtype: torch.dtype) -> CalibrationPlan:
-    """The ``CalibrationPlan`` of calibrating ``names`` over ``tokens`` tokens of ``batch_size`` x ``seq_len``
-    batches, the model loaded in ``load_dtype``."""
+def estimate_calibration_memory(model: nn.Module, student: StudentPlan, parts: list[Technique],
+                                resolved: list[list[str]], calibration: str, tokens: int, batch_size: int,
+                                seq_len: int, full_cov_max: int, load_dtype: torch.dtype) -> CalibrationPlan:
+    """The ``CalibrationPlan`` of calibrating each part's ``resolved`` targets over ``tokens`` tokens of
+    ``batch_size`` x ``seq_len`` batches, the model loaded in ``load_dtype``. Input moments only (of linear
+    targets whose part reads them); under ``sequential`` the larger of one layer's and, where a part's
+    ``plan`` reads statistics (a rank allocation), the one-pass ones it reads first."""
     d = decoder_dims(model.config)
     c = _bytes(load_dtype)
 
-    def moments(name: str) -> int:
-        width = model.get_submodule(name).in_features
+    def moments(name: str, cross: bool) -> int:
+        width = getattr(model.get_submodule(name), "in_features", None)
+        if width is None:  # not a linear (an attention block): its statistics are taps, not sized here
+            return 0
         full = width <= full_cov_max
-        own = 8 * (2 * width + (width * width if full else 0))
-        cross = 8 * (width * width if full else width) if calibration == "sequential" else 0
-        return own + cross
+        return 8 * (2 * width + (width * width if full else 0)) + (8 * (width * width if full else width) if cross else 0)
 
+    reads = [n for part, names in zip(parts, resolved) if "input" in part.needs() for n in names]
     if calibration == "sequential":
         per_layer: dict[int | None, int] = {}
-        for n in names:
-            per_layer[layer_of(n)] = per_layer.get(layer_of(n), 0) + moments(n)
-        statistics = max(per_layer.values(), default=0)
+        for n in reads:
+            per_layer[layer_of(n)] = per_layer.get(layer_of(n), 0) + moments(n, True)
+        planned = sum(moments(n, False) for part, names in zip(parts, resolved) if "input" in part.plan_needs()
+                      for n in names)
+        statistics = max(max(per_layer.values(), default=0), planned)
         hidden = 3 * tokens * d["hidden"] * c + 2 * tokens * d["head_dim"] * 4 + tokens * seq_len
     else:
-        statistics, hidden = sum(map(moments, names)), 0
+        statistics, hidden = sum(moments(n, False) for n in reads), 0
     replaced = sum(t.trainable_bytes + t.frozen_bytes + t.buffer_bytes for t in student.targets)
     forward = batch_size * seq_len * (3 * d["intermediate"] + 6 * d["hidden"]) * c
     return CalibrationPlan(calibration, int(tokens), int(student.model_parameter_bytes + replaced), int(statistics),

@@ -33,6 +33,15 @@ class _Captured(Exception):
     """Raised by the last decoder layer's pre-hook: the capture pass needs nothing above it."""
 
 
+class Unreplayable(ZooError):
+    """A decoder layer receives something that cannot be replayed per batch (a cache, a block mask, shared
+    state): the caller runs the whole model instead."""
+
+
+#: what a captured layer input may be besides tensors (and tuples/lists of these): values, not state
+_PLAIN = (type(None), bool, int, float, str)
+
+
 def decoder_layers(model: nn.Module, names: list[str]) -> nn.ModuleList:
     """The decoder layers that hold ``names`` (``model.layers`` of a Llama-style model)."""
     for name in names:
@@ -69,7 +78,7 @@ class LayerInputs:
     def __init__(self, model: nn.Module, loader, layers: nn.ModuleList, max_tokens: int | None = None,
                  device: torch.device | None = None, rank: int = 0, world: int = 1, progress: bool = True):
         self.layers, self.position = layers, 0
-        self.device = device or next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.batches: list[dict] = []
         self.calls: dict[int, list[tuple[tuple, dict]]] = {}  # batch -> per layer (other args, kwargs)
         self.teacher: dict[int, torch.Tensor] = {}
@@ -95,16 +104,20 @@ class LayerInputs:
     @torch.no_grad()
     def _capture(self, model: nn.Module, index: int, batch: dict) -> None:
         calls: list[tuple[tuple, dict]] = []
-        moved: dict[int, torch.Tensor] = {}  # one copy of a tensor every layer receives (masks, rotary)
+        # one copy of a tensor every layer receives (masks, rotary); the original is held with it, so its id
+        # is not reused by a tensor a later layer receives
+        moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def offload(value):
             if torch.is_tensor(value):
                 if id(value) not in moved:
-                    moved[id(value)] = value.detach().to("cpu")
-                return moved[id(value)]
+                    moved[id(value)] = (value, value.detach().to("cpu", copy=True))
+                return moved[id(value)][1]
             if isinstance(value, (tuple, list)):
                 return type(value)(offload(v) for v in value)
-            return value  # caches, flags and None pass as they are
+            if isinstance(value, _PLAIN):
+                return value
+            raise Unreplayable(f"decoder layers receive a {type(value).__name__}, which is not replayed per batch")
 
         def hook(layer_index):
             def pre_hook(_module, args, kwargs):
@@ -134,7 +147,9 @@ class LayerInputs:
         args, kwargs = self.calls[index][layer_index]
         to = lambda v: v.to(self.device) if torch.is_tensor(v) else (  # noqa: E731
             type(v)(x.to(self.device) if torch.is_tensor(x) else x for x in v) if isinstance(v, (tuple, list)) else v)
-        out = self.layers[layer_index](hidden.to(self.device), *map(to, args), **{k: to(v) for k, v in kwargs.items()})
+        # a copy: the cached stream is not the layer's to write (the two streams are one tensor at depth 0)
+        hidden = hidden.to(self.device, copy=True)
+        out = self.layers[layer_index](hidden, *map(to, args), **{k: to(v) for k, v in kwargs.items()})
         return _first(out).detach().to(self.home)
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ from .errors import ZooError, check_choice
 from .models import META_PREFIX, RANDOM_PREFIX, claim, load_causal_lm
 from .plan import layer_of
 from .replacement import lr_scales_of, metrics_of, set_tracking
-from .sequential import LayerInputs, decoder_layers
+from .sequential import LayerInputs, Unreplayable, decoder_layers
 from .surgery import replace, replaced_modules
 from .technique import NEEDS, Technique
 
@@ -69,7 +69,8 @@ class Student:
             self.resolve_targets(load_causal_lm(META_PREFIX + teacher.removeprefix(RANDOM_PREFIX), dtype)[0])
         self.model, self.tokenizer = load_causal_lm(teacher, dtype)
         self.targets: dict[str, list[str]] = {}  # "<index>:<spec class>" -> replaced names, once built
-        self._layer_inputs: LayerInputs | None = None  # sequential calibration's streams, while building
+        # sequential calibration's streams while building (False: this model's layers cannot be replayed)
+        self._layer_inputs: LayerInputs | bool | None = None
         self._pending_ranks: dict[str, tuple[int, int]] = {}  # sequential calibration's, reported once at the end
         self._pending_tokens = 0
         self.summary: dict[str, float] = {}
@@ -119,6 +120,9 @@ class Student:
         for part, names in zip(self.parts, resolved):
             part.plan({n: self.model.get_submodule(n) for n in names}, stats)
         groups = [resolved] if self.calibration == "once" else self.layer_groups(resolved)
+        if self.calibration == "sequential":  # plan has read the teacher's; build reads each layer's own
+            taps = {n for part, names in zip(self.parts, resolved) if "taps" in part.needs() for n in names}
+            stats = {n: st for n, st in stats.items() if n.split(":")[0] in taps}
         try:
             for group in tqdm(groups, desc="sequential calibration", unit="layer", disable=len(groups) == 1):
                 if self.calibration == "sequential":  # on what the compressed layers below now produce
@@ -129,9 +133,10 @@ class Student:
                             lambda name, module, part=part: part.build(name, module, stats.get(name)), part.target_kind)
                 if self.calibration == "sequential":  # built: one layer's statistics at a time stay in memory
                     stats = {n: st for n, st in stats.items() if all(n not in names for names in group)}
+            self.report_pending()
         finally:
             self._layer_inputs = None  # the hidden states of the calibration tokens: one depth's worth, freed
-        self.report_pending()
+            self._pending_ranks, self._pending_tokens = {}, 0
         for i, (part, names) in enumerate(zip(self.parts, resolved)):
             self.targets[f"{i}:{type(part).__name__}"] = names
         if self.parts and not self.trainable_parameters():
@@ -157,14 +162,15 @@ class Student:
         layers = sorted({layer_of(n) for names in resolved for n in names}, key=lambda l: (l is None, l or 0))
         return [[[n for n in names if layer_of(n) == layer] for names in resolved] for layer in layers]
 
-    def needs(self, resolved: list[list[str]], for_plan: bool = False) -> tuple[dict[str, list[str]], dict]:
+    def needs(self, resolved: list[list[str]], for_plan: bool = False,
+              for_build: bool = False) -> tuple[dict[str, list[str]], dict]:
         """({statistic: targets needing it}, {target: tap}) over all parts (``for_plan``: only what their
-        ``plan`` reads); an unknown statistic is an error."""
+        ``plan`` reads; ``for_build``: only what ``build`` reads); an unknown statistic is an error."""
         valid = (*NEEDS, *(k for k in calib.COLLECTORS if k not in NEEDS))
         wanted: dict[str, list[str]] = {}
         taps = {}
         for part, names in zip(self.parts, resolved):
-            for need in sorted(part.plan_needs() if for_plan else part.needs()):
+            for need in sorted(part.plan_needs() if for_plan else part.build_needs() if for_build else part.needs()):
                 if need not in valid:
                     raise ZooError(f"{type(part).__name__}.needs() asks for {need!r}, which no calibration "
                                    f"collector provides; valid: {', '.join(valid)} (a new statistic is a "
@@ -180,7 +186,7 @@ class Student:
         """Statistics of the ``resolved`` targets (per part): on the teacher (``for_plan``: only what the
         parts' ``plan`` reads), or with ``sequential`` on the model as it is now (replaced layers below
         active), with the teacher-view cross moments."""
-        wanted, taps = self.needs(resolved, for_plan)
+        wanted, taps = self.needs(resolved, for_plan, for_build=sequential)
         if sequential:
             taps = {}  # a tap's statistics feed ``plan``, which saw the one-pass ones
         names = sorted({n for ns in wanted.values() for n in ns})
@@ -202,7 +208,8 @@ class Student:
                       **({"collectors": others, "collector_versions": {k: calib.COLLECTORS[k].version for k in others}}
                          if others else {}),
                       # the layers below are already replaced: their specs and names decide these inputs
-                      **({"sequential": {"parts": [p.describe() for p in self.parts],
+                      # version 2: collectors no longer count the teacher-view pass
+                      **({"sequential": {"parts": [p.describe() for p in self.parts], "version": 2,
                                          "below": sorted(replaced_modules(self.model))}} if sequential else {}))
         # under ddp/fsdp every process runs setup: all read the cache, or all collect their share
         hit = entry.load() if fingerprint else None
@@ -234,12 +241,22 @@ class Student:
         outside one decoder layer, or a statistic of the loss's backward."""
         layers = {layer_of(n) for n in names}
         backward = any(calib.COLLECTORS[k].stream != "input" for k in collectors)
-        if len(layers) != 1 or None in layers or backward:
+        if len(layers) != 1 or None in layers or backward or self._layer_inputs is False:
             return None
+        container = decoder_layers(self.model, names)
+        if any(decoder_layers(self.model, [n]) is not container for n in names):
+            return None  # layer l of two module lists (a vision tower's and the decoder's): the whole model runs
         if self._layer_inputs is None:
             rank, world = rank_world()
-            self._layer_inputs = LayerInputs(self.model, loader, decoder_layers(self.model, names),
-                                             self.calibration_tokens, device, rank, world)
+            try:
+                self._layer_inputs = LayerInputs(self.model, loader, container, self.calibration_tokens, device,
+                                                 rank, world)
+            except Unreplayable as e:
+                log.info("sequential calibration runs the whole model per layer: %s", e)
+                self._layer_inputs = False
+                return None
+        if self._layer_inputs.layers is not container:
+            return None
         self._layer_inputs.advance_to(layers.pop())
         return self._layer_inputs
 

@@ -99,6 +99,11 @@ class Technique:
         spec that overrides ``plan``, none for one that does not."""
         return self.needs() if type(self).plan is not Technique.plan else set()
 
+    def build_needs(self) -> set[str]:
+        """The statistics ``build`` reads: under sequential calibration, the ones collected layer by layer.
+        Default: all of ``needs()``; a spec whose ``plan`` alone reads some leaves them out."""
+        return self.needs()
+
     def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
         """The replacement for target ``name``; its trainable tensors have ``requires_grad=True``."""
         raise NotImplementedError
