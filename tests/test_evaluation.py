@@ -450,12 +450,13 @@ def test_gate_rejects_bad_options():
 @pytest.mark.slow
 def test_gate_fails_a_fit_whose_student_solves_nothing_the_real_teacher_solves(tmp_path):
     """The embedded teacher solves none of HE10 (offline: HumanEval's base tests; measured 7/164 on the
-    full set, the first at HumanEval/23), so HE10 would make the gate vacuous: the gate's
-    teacher-solved subset finds the first tasks it does solve. A student with every MLP output zeroed
-    solves none of them and the fit fails with the gate's message."""
-    gate = EvalPlusGate(subset="teacher-solved:2", max_new_tokens=256)  # the teacher's answers there are < 64 tokens
-    with pytest.raises(GateFailed, match=r"pass@1 on HumanEval \(base tests\).* teacher-solved:2 is 0/2 while the "
-                                         r"teacher's is 2/2"):
+    full set, the first at HumanEval/23), so HE10 would make the gate vacuous. On a task it solves, a student
+    with every MLP output zeroed fails and so does the fit, with the gate's message. (The task is named, not
+    found with ``teacher-solved:N``, which would generate the 23 solutions before it; that search is tested on
+    a tiny model.)"""
+    gate = EvalPlusGate(subset="HumanEval/23", max_new_tokens=256)  # the teacher's answer there is < 64 tokens
+    with pytest.raises(GateFailed, match=r"pass@1 on HumanEval \(base tests\).* HumanEval/23 is 0/1 while the "
+                                         r"teacher's is 1/1"):
         fit_with_gate("smollm2-135m-instruct", tmp_path, 0.0, gate, max_steps=1,
                       targets="model.layers.*.mlp.down_proj")
     assert gate.history[-1]["teacher_pass@1"] == 1.0 and gate.history[-1]["student_pass@1"] == 0.0
