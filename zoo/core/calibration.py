@@ -190,7 +190,7 @@ def _forward(model, batch, last_logit_only: bool = False):
     return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **extra)
 
 
-def _device_room(device: torch.device) -> float:
+def device_room(device: torch.device) -> float:
     """Bytes of fp64 sums ``collect`` keeps on ``device``: all of them on the CPU; on a GPU a quarter
     of its free memory (the rest stays for the forward), the sums beyond it on the CPU."""
     if device.type == "cpu":
@@ -264,7 +264,7 @@ def collect(
         raise ZooError(f"calibration over {world} processes needs at least {world} batches, got {len(loader)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     modules = {name: model.get_submodule(name) for name in targets}
-    room = [_device_room(device)]
+    room = [device_room(device)]
 
     def new_acc(width: int) -> _Accumulator:
         full = width <= full_cov_max

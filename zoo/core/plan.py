@@ -59,6 +59,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .calibration import stats_bytes
 from .errors import ZooError, check_choice
 from .technique import Technique, TensorSize
 
@@ -363,7 +364,7 @@ def estimate_calibration_memory(model: nn.Module, student: StudentPlan, parts: l
         if width is None:  # not a linear (an attention block): its statistics are taps, not sized here
             return 0
         full = width <= full_cov_max
-        return 8 * (2 * width + (width * width if full else 0)) + (8 * (width * width if full else width) if cross else 0)
+        return stats_bytes(width, full) + (8 * (width * width if full else width) if cross else 0)
 
     reads = [n for part, names in zip(parts, resolved) if "input" in part.needs() for n in names]
     if calibration == "sequential":

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration import device_room
 from .errors import ZooError
 from .plan import LAYER
 from .surgery import teacher_view
@@ -58,14 +59,6 @@ def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _fits(device: torch.device, nbytes: int) -> bool:
-    if device.type == "cpu":
-        return True
-    if device.type == "cuda":
-        return nbytes < torch.cuda.mem_get_info(device)[0] / 4
-    return False
-
-
 class LayerInputs:
     """The teacher's and the student's hidden states entering decoder layer ``position``, per batch.
 
@@ -96,7 +89,7 @@ class LayerInputs:
             if max_tokens is not None and seen >= max_tokens:
                 break
         held = sum(t.numel() * t.element_size() for t in self.teacher.values())
-        if _fits(self.device, 3 * held):  # the two streams and the next teacher one, on the device if room
+        if 3 * held < device_room(self.device):  # the two streams and the next teacher one, on the device if room
             self.home = self.device
             self.teacher = {i: t.to(self.device) for i, t in self.teacher.items()}
         self.student = dict(self.teacher)  # the same tensors until layer 0 is compressed (never written in place)
