@@ -93,9 +93,37 @@ def count_parameters(config: str, overrides: list[str]) -> dict:
     cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
            "--trainer.precision", "32-true", "--trainer.logger", "false"]
     module, _, _ = load_recipe(config, [*overrides, *cpu], build=False, meta=True)
-    plan = zp.plan_student(module.model, module.parts, module.resolve_targets(), parse_dtype(module.dtype_name))
+    resolved = module.resolve_targets()
+    plan = zp.plan_student(module.model, module.parts, resolved, parse_dtype(module.dtype_name))
     return {"parameters": plan.student_parameters, "teacher_parameters": plan.model_parameters,
-            "replaced_parameters": plan.original, "targets": len(plan.targets)}
+            "replaced_parameters": plan.original, "targets": len(plan.targets),
+            "ranks": shape_ranks(module.model, module.parts, resolved)}
+
+
+def shape_ranks(model, parts, resolved: list[list[str]]) -> dict[str, float]:
+    """The mean rank per layer type that the parts' shapes give (a ``sigma`` of r entries: a rank-r map), as
+    ``ranks/<type>/mean``; under a planned allocation the built student's own ranks replace these (they are
+    the uniform rank of the budget, see ``Technique.footprint_note``)."""
+    by_type: dict[str, list[int]] = {}
+    for part, names in zip(parts, resolved):
+        for name in names:
+            sigma = part.footprint(name, model.get_submodule(name)).get("sigma")
+            if sigma is not None:
+                by_type.setdefault(name.rsplit(".", 1)[-1], []).append(sigma.shape[0])
+    return {f"ranks/{t}/mean": sum(rs) / len(rs) for t, rs in sorted(by_type.items())}
+
+
+def built_ranks(run_dir: Path) -> dict[str, float]:
+    """``ranks/<type>/<stat>`` of the unrepaired student as its validate built it (``FisherSVD.report``)."""
+    path = run_dir / "before" / "metrics_validate.json"
+    summary = json.loads(path.read_text()).get("summary", {}) if path.is_file() else {}
+    return {k: v for k, v in summary.items() if k.startswith("ranks/")}
+
+
+def rank_cell(ranks: dict[str, float]) -> str:
+    """``q 230 · k 115 · ...``: the mean rank of each layer type, named without ``_proj``."""
+    means = {k.split("/")[1]: v for k, v in ranks.items() if k.endswith("/mean")}
+    return " · ".join(f"{t.removesuffix('_proj')} {v:.0f}" for t, v in means.items()) or "-"
 
 
 def one_line(exc: Exception) -> str:
@@ -141,7 +169,9 @@ class Frontier(Series):
         record = self.record_of(item, run_dir)
         stages = record.get("stages", {})
         whole = all(stages.get(k, {}).get("full_heldout") for k in ("before", "after") if k in stages)
-        return record if record.get("complete") and record.get("repair") == self.repair and whole else None
+        # a repaired item also holds the unrepaired student's numbers: an invocation without repair keeps it
+        same_repair = record.get("repair") == self.repair or not self.repairs
+        return record if record.get("complete") and same_repair and whole else None
 
     def kept(self, item: Item, run_dir: Path) -> str:
         return f"finished earlier ({run_dir / RESULT})"
@@ -232,6 +262,11 @@ class Frontier(Series):
         teacher_ppl = before.get("teacher_ppl") or after.get("teacher_ppl")
         ratio_of = lambda ppl: ppl / teacher_ppl if ppl is not None and teacher_ppl else None  # noqa: E731
         teacher_params = count.get("teacher_parameters")
+        ranks = built_ranks(run_dir)
+        if not ranks and record.get("complete") and "ranks" not in count:  # recorded before ranks were counted
+            count["ranks"] = count_parameters(item.config, item.overrides)["ranks"]
+            atomic_write_text(run_dir / RESULT, json.dumps(record, indent=2))
+        ranks = ranks or count.get("ranks", {})
         return {"item": item.name, "method": method.name, "label": method.label or method.name, "ratio": ratio,
                 "status": status,
                 "parameters": count.get("parameters"), "teacher_parameters": teacher_params,
@@ -239,7 +274,7 @@ class Frontier(Series):
                 "kl_before": before.get("kl"), "kl_after": after.get("kl"),
                 "ppl_before": before.get("ppl"), "ppl_after": after.get("ppl"), "teacher_ppl": teacher_ppl,
                 "ppl_x_teacher_before": ratio_of(before.get("ppl")), "ppl_x_teacher_after": ratio_of(after.get("ppl")),
-                "repair_steps": stages.get("repair", {}).get("steps"),
+                "repair_steps": stages.get("repair", {}).get("steps"), "ranks": ranks,
                 "seconds": {k: v.get("seconds") for k, v in stages.items()}}
 
     def payload(self, rows: list[dict]) -> dict:
@@ -266,15 +301,16 @@ def hardware() -> dict:
 
 def format_table(rows: list[dict]) -> str:
     head = ["method", "ratio", "parameters", "KL before", "KL after", "ppl before", "ppl after",
-            "ppl / teacher before", "after", "s before", "s repair", "s after"]
+            "ppl / teacher before", "after", "repair steps", "s before", "s repair", "s after",
+            "mean rank per layer type"]
     cells = []
     for r in rows:
         s = r["seconds"]
         cells.append([r["label"] + ("" if r["status"] == "ok" else f" ({r['status']})"), f"{r['ratio']:g}",
                       fmt(r["parameters"], ",d"), fmt(r["kl_before"], ".4f"), fmt(r["kl_after"], ".4f"),
                       fmt(r["ppl_before"], ".2f"), fmt(r["ppl_after"], ".2f"), fmt(r["ppl_x_teacher_before"], ".2f"),
-                      fmt(r["ppl_x_teacher_after"], ".2f"), fmt(s.get("before"), ".0f"), fmt(s.get("repair"), ".0f"),
-                      fmt(s.get("after"), ".0f")])
+                      fmt(r["ppl_x_teacher_after"], ".2f"), fmt(r["repair_steps"], "d"), fmt(s.get("before"), ".0f"),
+                      fmt(s.get("repair"), ".0f"), fmt(s.get("after"), ".0f"), rank_cell(r.get("ranks") or {})])
     table = markdown_table(head, cells)
     teacher = next((r for r in rows if r["teacher_ppl"]), None)
     if teacher is not None:
@@ -359,8 +395,8 @@ def run_frontier(
     out.add(frontier.save(rows))
     chart = out.chart(plot, rows)
     print(f"\n{out.wrote()}")
-    flat = [{k: v for k, v in r.items() if k != "seconds"} | {f"seconds_{k}": r["seconds"].get(k) for k in STAGES}
-            for r in rows]
+    flat = [{k: v for k, v in r.items() if k not in ("seconds", "ranks")} | (r.get("ranks") or {})
+            | {f"seconds_{k}": r["seconds"].get(k) for k in STAGES} for r in rows]
     log_outputs(command_logger(logger, "frontier", out.dir), tables={"frontier": row_table(flat)},
                 images={"frontier_chart": chart})
     return rows

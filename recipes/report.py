@@ -98,6 +98,7 @@ def log_outputs(logger: Logger | None, *, hyperparams: dict | None = None, metri
 
 
 def row_table(rows: list[dict]) -> tuple[list[str], list[list]]:
-    """(columns, rows) of a list of dict rows, for ``log_outputs(tables=...)``."""
-    columns = list(rows[0]) if rows else []
-    return columns, [[r[c] for c in columns] for r in rows]
+    """(columns, rows) of a list of dict rows, for ``log_outputs(tables=...)``: every key of any row, in the
+    order first seen (a row without one gets None)."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return columns, [[r.get(c) for c in columns] for r in rows]

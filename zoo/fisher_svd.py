@@ -40,6 +40,7 @@ from .core.calibration import ActivationStats, Collector, register_collector
 from .core.errors import ZooError, check_choice
 from .core.linalg import cholesky_jittered, refit_left, rms, singular_values, thin_svd  # noqa: F401 - re-exported
 from .core.replacement import Replacement
+from .core.surgery import replaced_modules
 from .core.technique import Technique, TensorSize
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,17 @@ class FisherSVDLinear(Replacement):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def rank_report(model: nn.Module) -> dict[str, float]:
+    """Min, mean and max rank of the ``FisherSVDLinear`` maps of ``model`` per layer type (the last part of the
+    module name, e.g. ``ranks/q_proj/mean``): what a frontier table shows of an allocation."""
+    by_type: dict[str, list[int]] = {}
+    for name, wrapper in replaced_modules(model).items():
+        if isinstance(wrapper.replacement, FisherSVDLinear):
+            by_type.setdefault(name.rsplit(".", 1)[-1], []).append(wrapper.replacement.rank)
+    return {f"ranks/{t}/{stat}": float(f(rs)) for t, rs in sorted(by_type.items())
+            for stat, f in (("min", min), ("mean", lambda x: sum(x) / len(x)), ("max", max))}
 
 
 def resolve_rank(rank: int | float, out_features: int, in_features: int, name: str = "") -> int:
@@ -398,14 +410,8 @@ class FisherSVD(Technique):
         return self.planned_ranks
 
     def report(self, model: nn.Module) -> dict[str, float]:
-        """Under a planned allocation, the ranks per layer type (``ranks/<type>``: min, mean, max)."""
-        if not self.planned_ranks:
-            return {}
-        by_type: dict[str, list[int]] = {}
-        for name, r in self.planned_ranks.items():
-            by_type.setdefault(name.rsplit(".", 1)[-1], []).append(r)
-        return {f"ranks/{t}/{stat}": float(f(rs)) for t, rs in sorted(by_type.items())
-                for stat, f in (("min", min), ("mean", lambda x: sum(x) / len(x)), ("max", max))}
+        """The ranks per layer type (``ranks/<type>/min|mean|max``) of the built student's low-rank maps."""
+        return rank_report(model)
 
     def plan_needs(self) -> set[str]:
         return self.needs() if self.allocation != "uniform" else set()
