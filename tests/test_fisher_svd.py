@@ -70,6 +70,36 @@ def test_layer_forward_equals_dense_factors_and_sigma_stays_fp32():
         "U", "V", "sigma"}
 
 
+def test_factor_lora_corrects_the_factors_and_exports_them_merged():
+    torch.manual_seed(0)
+    U, s, V, b = torch.randn(6, 4), torch.rand(4) + 0.5, torch.randn(5, 4), torch.randn(6)
+    plain, layer = FisherSVDLinear(U, s, V, b), FisherSVDLinear(U, s, V, b, factor_lora=2)
+    x = torch.randn(7, 5)
+    assert torch.equal(layer(x), plain(x))  # B = 0: the built student is the truncated one
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {
+        "sigma", "bias", "U_lora_A", "U_lora_B", "V_lora_A", "V_lora_B"}
+    assert torch.allclose(layer.U_lora_A @ layer.U_lora_A.T, torch.eye(2), atol=1e-6)  # orthonormal rows
+    loss = (layer(x) - torch.randn(7, 6)).square().sum()
+    loss.backward()
+    assert layer.U_lora_B.grad.abs().sum() > 0 and layer.V_lora_B.grad.abs().sum() > 0 and layer.U.grad is None
+    with torch.no_grad():
+        for f in ("U", "V"):
+            getattr(layer, f"{f}_lora_B").normal_()
+    U2 = U + layer.U_lora_B @ layer.U_lora_A
+    V2 = V + layer.V_lora_B @ layer.V_lora_A
+    dense = (U2.double() * s.double()) @ V2.double().T
+    assert torch.allclose(layer.dense_weight(), dense, atol=1e-10)
+    assert torch.allclose(layer(x).double(), x.double() @ dense.T + b.double(), atol=1e-4)
+    exported = layer.export_tensors()
+    assert torch.allclose(exported["U"], U2) and torch.allclose(exported["V"], V2)
+    assert exported["U"].shape == U.shape and set(exported) == {"U", "V", "sigma", "bias"}
+    # a step of B moves U by about lr x rms(U), whatever the scale of U (the relative step)
+    assert layer.lr_scales["U_lora_B"] == pytest.approx(U.square().mean().sqrt().item() * (4 / 2) ** 0.5, rel=1e-5)
+    assert FisherSVDLinear(U, s, V, factor_lora=9).factor_lora == 4  # at most the map's rank
+    with pytest.raises(ZooError, match="factor_lora must be an int >= 0.*got -1"):
+        FisherSVD(TARGET, rank=8, factor_lora=-1)
+
+
 def test_rank_resolution_and_errors():
     assert resolve_rank(64, 576, 1536) == 64
     assert resolve_rank(0.5, 576, 1536) == int(0.5 * 576 * 1536 / (576 + 1536))

@@ -44,6 +44,9 @@ def test_frontier_rows_table_chart_resume_and_failures(tmp_path, tiny_teacher_di
     table = (out_dir / "frontier.md").read_text()
     assert f"| SVD | 0.8 | {rows['svd@0.8']['parameters']:,} |" in table and "| broken (failed" in table
     assert "teacher:" in table and (out_dir / "frontier.png").stat().st_size > 0
+    # the ranks per layer type: the built student's (64 x 128 maps: 0.8 -> 34, 0.5 -> 21)
+    assert rows["svd@0.8"]["ranks"]["ranks/down_proj/mean"] == 34 and rows["svd@0.5"]["ranks"]["ranks/down_proj/max"] == 21
+    assert "| down 34 |" in table and "| down 21 |" in table
     # resumed: a finished item is not run again
     code, out, err = zoo_cli(["frontier", "--config", str(path), "--only", "[svd@0.8]"], capsys)
     assert code == 0, err
@@ -62,6 +65,12 @@ def test_frontier_rows_table_chart_resume_and_failures(tmp_path, tiny_teacher_di
     curve = json.loads((out_dir / "svd@0.5" / "item.json").read_text())["stages"]["repair"]["curve"]
     assert [p["step"] for p in curve] == [0, 2] and curve[0]["heldout_kl"] == pytest.approx(repaired["kl_before"], rel=1e-4)
     assert rows["svd@0.8"]["status"] == "not run" and rows["svd@0.8"]["kl_before"] is not None  # other repair settings
+    # an invocation without repair keeps the repaired item (it holds the unrepaired numbers too)
+    code, out, err = zoo_cli(["frontier", "--config", str(path), "--only", "[svd@0.5]"], capsys)
+    assert code == 0, err
+    assert "svd@0.5: finished earlier" in out and "$ zoo" not in out
+    rows = {r["item"]: r for r in json.loads((out_dir / "frontier.json").read_text())["rows"]}
+    assert rows["svd@0.5"]["kl_after"] == repaired["kl_after"] and rows["svd@0.5"]["repair_steps"] == 2
 
 
 def test_frontier_rejects_unknown_items_and_bad_options(tmp_path, capsys):

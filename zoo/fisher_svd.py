@@ -27,6 +27,11 @@ E[x_teacher x_student^T].
 
 Forward: ``((x @ V) * sigma.float()).to(x.dtype) @ U.T + bias`` — matmuls in the input dtype, the
 diagonal scale in fp32. Sigma (and bias) train by default; ``train_factors`` also trains U and V.
+
+``factor_lora=k``: LoRA on the factors (a repair mode of issue 16, in the spirit of source 001's low-rank
+deltas): U and V are read as ``U + B_U A_U`` and ``V + B_V A_V`` with rank-k corrections (B zero at the
+start, so the built student is unchanged). The corrections train, U and V stay frozen unless
+``train_factors`` (both is allowed); the exported map is the merged U and V, the same size as without.
 """
 from __future__ import annotations
 
@@ -55,7 +60,7 @@ class FisherSVDLinear(Replacement):
     fp32_params = ("sigma",)
 
     def __init__(self, U: torch.Tensor, sigma: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None,
-                 train_factors: bool = False):
+                 train_factors: bool = False, factor_lora: int = 0):
         super().__init__()
         self.in_features, self.out_features = V.shape[0], U.shape[0]
         self.U = nn.Parameter(U, requires_grad=train_factors)  # [out, r]
@@ -65,21 +70,40 @@ class FisherSVDLinear(Replacement):
         # Adafactor-style relative step: each tensor's lr is scaled by its initial RMS, so one lr
         # means the same relative change for a layer whose singular values are 1e-3 or 10
         self.lr_scales = {n: rms(p) for n, p in self.named_parameters()}
+        self.factor_lora = factor_lora_rank(factor_lora, self.rank)
+        if self.factor_lora:
+            r, k = self.rank, self.factor_lora
+            for f, factor in (("U", U), ("V", V)):
+                # A: orthonormal rows, so no direction of the rank space is favoured; B: zero, so dW = 0 at start
+                A = torch.linalg.qr(torch.randn(r, k, dtype=torch.float64)).Q.T.to(factor.dtype).to(factor.device)
+                setattr(self, f"{f}_lora_A", nn.Parameter(A.contiguous()))  # [k, r]
+                setattr(self, f"{f}_lora_B", nn.Parameter(torch.zeros(factor.shape[0], k, dtype=factor.dtype,
+                                                                      device=factor.device)))  # [out or in, k]
+                # a step of B moves the factor by about lr x its own RMS (B A sums k terms of size 1/sqrt(r))
+                self.lr_scales[f"{f}_lora_A"] = rms(A)
+                self.lr_scales[f"{f}_lora_B"] = rms(factor) * (r / k) ** 0.5
 
     @property
     def rank(self) -> int:
         return self.sigma.numel()
 
+    def factor(self, name: str) -> torch.Tensor:
+        """U or V as the forward reads it: with ``factor_lora``, plus its trained correction."""
+        base = getattr(self, name)
+        if not self.factor_lora:
+            return base
+        return base + getattr(self, f"{name}_lora_B") @ getattr(self, f"{name}_lora_A")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the matmuls run in the input dtype (autocast picks bf16 under bf16-mixed); the diagonal
         # scale runs in fp32 and the result goes back to the matmul dtype
-        h = x @ self.V.to(x.dtype)
+        h = x @ self.factor("V").to(x.dtype)
         h = (h.float() * self.sigma.float()).to(h.dtype)
-        y = h @ self.U.T.to(h.dtype)
+        y = h @ self.factor("U").T.to(h.dtype)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def dense_weight(self) -> torch.Tensor:
-        return (self.U.double() * self.sigma.double()) @ self.V.double().T
+        return (self.factor("U").double() * self.sigma.double()) @ self.factor("V").double().T
 
     def export_spec(self) -> dict:
         """The forward above in ``zoo.export`` ops (issue 15): U and V in the model dtype, sigma fp32."""
@@ -91,10 +115,21 @@ class FisherSVDLinear(Replacement):
         return {"program": program, "tensors": tensors, "ranks": {"rank": self.rank}}
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
-        return {"V": self.V, "sigma": self.sigma, "U": self.U, **({"bias": self.bias} if self.bias is not None else {})}
+        """U and V merged with their LoRA corrections: the exported map is the plain rank-r one."""
+        return {"V": self.factor("V"), "sigma": self.sigma, "U": self.factor("U"),
+                **({"bias": self.bias} if self.bias is not None else {})}
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+        lora = f", factor_lora={self.factor_lora}" if self.factor_lora else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{lora}"
+
+
+def factor_lora_rank(k: int, rank: int) -> int:
+    """The LoRA rank of the factors of a rank-``rank`` map: ``k``, at most ``rank`` (a correction of U [out, r]
+    through more than r directions is no more expressive)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ZooError(f"factor_lora must be an int >= 0 (0: no LoRA on the factors), got {k!r}")
+    return min(k, rank)
 
 
 def rank_report(model: nn.Module) -> dict[str, float]:
@@ -126,12 +161,17 @@ def resolve_rank(rank: int | float, out_features: int, in_features: int, name: s
     return rank
 
 
-def linear_footprint(module: nn.Module, rank: int, train_factors: bool) -> dict[str, TensorSize]:
+def linear_footprint(module: nn.Module, rank: int, train_factors: bool, factor_lora: int = 0) -> dict[str, TensorSize]:
     """The tensors of a rank-``rank`` ``FisherSVDLinear`` replacing ``module``."""
     out_f, in_f = module.out_features, module.in_features
     factors = "trainable" if train_factors else "frozen"
     sizes = {"U": TensorSize((out_f, rank), factors), "sigma": TensorSize((rank,), "trainable", "float32"),
              "V": TensorSize((in_f, rank), factors)}
+    k = factor_lora_rank(factor_lora, rank)
+    if k:
+        for f, rows in (("U", out_f), ("V", in_f)):
+            sizes[f"{f}_lora_A"] = TensorSize((k, rank), "trainable")
+            sizes[f"{f}_lora_B"] = TensorSize((rows, k), "trainable")
     if getattr(module, "bias", None) is not None:
         sizes["bias"] = TensorSize((out_f,))
     return sizes
@@ -249,15 +289,17 @@ def refit_factors(weight: torch.Tensor, V: torch.Tensor, stats: ActivationStats 
 
 
 def low_rank_layer(module: nn.Module, U: torch.Tensor, sigma: torch.Tensor, V: torch.Tensor,
-                   stats: ActivationStats | None, refit: bool, train_factors: bool, name: str = "") -> FisherSVDLinear:
+                   stats: ActivationStats | None, refit: bool, train_factors: bool, name: str = "",
+                   factor_lora: int = 0) -> FisherSVDLinear:
     """The ``FisherSVDLinear`` replacing ``module`` from truncated factors (refit first with ``refit``), with
-    the module's bias, in its dtype and on its device."""
+    the module's bias, in its dtype and on its device: the one builder of every low-rank technique's layer, so
+    each gets the refit and the repair modes (``train_factors``, ``factor_lora``)."""
     weight = module.weight
     if refit:
         U, sigma = refit_factors(weight, V, stats, name)
     bias = getattr(module, "bias", None)
     layer = FisherSVDLinear(U.to(weight.dtype), sigma, V.to(weight.dtype), None if bias is None else bias.detach(),
-                            train_factors)
+                            train_factors, factor_lora)
     return layer.to(weight.device)
 
 
@@ -363,6 +405,7 @@ class FisherSVD(Technique):
         weighting: ``covariance``, ``diagonal``, ``fisher``, ``none`` or ``asvd``.
         alpha: exponent of the ``asvd`` / ``diagonal`` scale.
         train_factors: also train U and V (default: sigma and bias only).
+        factor_lora: rank k of a trained LoRA correction of U and of V (0: none; see the module docstring).
         refit: re-fit U diag(sigma) in closed form after truncation, V fixed (see the module docstring).
         allocation: ``uniform`` (every target at ``rank``), ``global`` or ``sensitivity``: with a float
             ``rank``, the same total parameters spread over the targets, planned from the calibration
@@ -380,6 +423,7 @@ class FisherSVD(Technique):
     allocation: str = "uniform"
     refit: bool = False
     allocation_floor: float = 0.25
+    factor_lora: int = 0
     planned_ranks: dict[str, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self):
@@ -391,6 +435,7 @@ class FisherSVD(Technique):
                            f"in (0, 1], not {self.rank!r}")
         if not 0 <= self.allocation_floor <= 1:
             raise ZooError(f"allocation_floor must be in [0, 1], got {self.allocation_floor}")
+        factor_lora_rank(self.factor_lora, 1)
 
     def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> dict[str, int]:
         """With ``allocation='global'``, fix every target's rank from its weighted spectrum (else a no-op)."""
@@ -430,7 +475,7 @@ class FisherSVD(Technique):
         ``allocation='global'`` r is the uniform rank of the ratio: the data moves rank between targets
         within the same total (see ``footprint_note``)."""
         return linear_footprint(module, resolve_rank(self.rank, module.out_features, module.in_features, name),
-                                self.train_factors)
+                                self.train_factors, self.factor_lora)
 
     def footprint_note(self) -> str | None:
         if self.allocation != "uniform":
@@ -447,4 +492,4 @@ class FisherSVD(Technique):
         else:
             rank = resolve_rank(self.rank, module.out_features, module.in_features, name)
         U, sigma, V, used = weighted_svd(weight, rank, self.weighting, stats, self.alpha, name)
-        return low_rank_layer(module, U, sigma, V, stats, self.refit, self.train_factors, name)
+        return low_rank_layer(module, U, sigma, V, stats, self.refit, self.train_factors, name, self.factor_lora)

@@ -29,7 +29,7 @@ from .core.calibration import ActivationStats, Collector, register_collector
 from .core.errors import ZooError
 from .core.linalg import cholesky_jittered, thin_svd
 from .core.technique import Technique, TensorSize
-from .fisher_svd import FisherSVDLinear, linear_footprint, low_rank_layer, resolve_rank
+from .fisher_svd import FisherSVDLinear, factor_lora_rank, linear_footprint, low_rank_layer, rank_report, resolve_rank
 
 
 @register_collector
@@ -72,28 +72,34 @@ class KFACSVD(Technique):
         rank: an int rank, or a float parameter ratio in (0, 1] (as ``zoo.FisherSVD``).
         train_factors: also train U and V (default: sigma and bias only).
         refit: re-fit U diag(sigma) in closed form after truncation, V fixed (``zoo.fisher_svd.refit_factors``).
+        factor_lora: rank of a trained LoRA correction of U and of V (0: none; as ``zoo.FisherSVD``).
     """
 
     targets: str | list[str]
     rank: int | float = 64
     train_factors: bool = False
     refit: bool = False
+    factor_lora: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, float)):
             raise ZooError(f"rank must be an int or a parameter-ratio float, got {self.rank!r}")
+        factor_lora_rank(self.factor_lora, 1)
+
+    def report(self, model: nn.Module) -> dict[str, float]:
+        return rank_report(model)
 
     def needs(self) -> set[str]:
         return {"input", "grad_output"}
 
     def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
         return linear_footprint(module, resolve_rank(self.rank, module.out_features, module.in_features, name),
-                                self.train_factors)
+                                self.train_factors, self.factor_lora)
 
     def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> FisherSVDLinear:
         if stats is None:
             raise ZooError(f"K-FAC weighting of {name} needs calibration statistics")
         U, sigma, V = kfac_svd(module.weight, resolve_rank(self.rank, module.out_features, module.in_features, name),
                                stats, name)
-        return low_rank_layer(module, U, sigma, V, stats, self.refit, self.train_factors, name)
+        return low_rank_layer(module, U, sigma, V, stats, self.refit, self.train_factors, name, self.factor_lora)
