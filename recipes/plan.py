@@ -92,6 +92,7 @@ def plan_recipe(
             "model": student.model_parameters, "replaced_original": student.original,
             "replacement": sum(t.replacement for t in student.targets), "trainable": student.trainable,
             "frozen_replacement": sum(t.frozen for t in student.targets),
+            "merged": sum(t.merged for t in student.targets),
             "rebuilt_buffers": sum(t.buffer for t in student.targets), "student": student.student_parameters,
         },
         "bytes": {"model_dtype": str(model_dtype).removeprefix("torch."),
@@ -139,6 +140,7 @@ def format_table(result: dict) -> str:
             ("replacements", _n(p["replacement"]), ""),
             ("  trainable", _n(p["trainable"]), _b(b["repair_state"]) + " (repair state)"),
             ("  frozen factors", _n(p["frozen_replacement"]), _b(b["frozen_factors"])),
+            *([("  merged on export (factor LoRA)", "-" + _n(p["merged"]), "")] if p.get("merged") else []),
             ("rebuilt buffers (not saved)", _n(p["rebuilt_buffers"]), _b(b["rebuilt_buffers"])),
             ("student (exported)", _n(p["student"]), f"{p['student'] / p['model']:.4f} x model")]
     width = max(len(r[0]) for r in rows)

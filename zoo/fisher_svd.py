@@ -170,8 +170,8 @@ def linear_footprint(module: nn.Module, rank: int, train_factors: bool, factor_l
     k = factor_lora_rank(factor_lora, rank)
     if k:
         for f, rows in (("U", out_f), ("V", in_f)):
-            sizes[f"{f}_lora_A"] = TensorSize((k, rank), "trainable")
-            sizes[f"{f}_lora_B"] = TensorSize((rows, k), "trainable")
+            sizes[f"{f}_lora_A"] = TensorSize((k, rank), "trainable", exported=False)  # merged into the factor
+            sizes[f"{f}_lora_B"] = TensorSize((rows, k), "trainable", exported=False)
     if getattr(module, "bias", None) is not None:
         sizes["bias"] = TensorSize((out_f,))
     return sizes

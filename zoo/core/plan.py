@@ -98,11 +98,13 @@ class TargetPlan:
     trainable_bytes: int
     frozen_bytes: int
     buffer_bytes: int
+    merged: int = 0  # trainable parameters folded into others on export (``TensorSize.exported`` False)
 
     @property
     def replacement(self) -> int:
-        """Parameters of the replacement (trainable + frozen; buffers are rebuilt, not parameters)."""
-        return self.trainable + self.frozen
+        """Parameters of the exported replacement (trainable + frozen, less those merged on export; buffers
+        are rebuilt, not parameters)."""
+        return self.trainable + self.frozen - self.merged
 
 
 @dataclass
@@ -154,9 +156,10 @@ def plan_student(model: nn.Module, parts: list[Technique], resolved: list[list[s
         count = {role: sum(s.numel for s in sizes.values() if s.role == role) for role in ("trainable", "frozen", "buffer")}
         nbytes = {role: sum(tensor_bytes(s, model_dtype) for s in sizes.values() if s.role == role)
                   for role in ("trainable", "frozen", "buffer")}
+        merged = sum(s.numel for s in sizes.values() if not s.exported and s.role != "buffer")
         targets.append(TargetPlan(name, f"{i}:{type(parts[i]).__name__}", original, count["trainable"],
                                   count["frozen"], count["buffer"], nbytes["trainable"], nbytes["frozen"],
-                                  nbytes["buffer"]))
+                                  nbytes["buffer"], merged))
     if not sum(t.trainable for t in targets):
         raise ZooError("the student would have no trainable tensors; check the technique's options")
     notes = [n for n in dict.fromkeys(p.footprint_note() for p in parts) if n]

@@ -39,11 +39,13 @@ KINDS = ("model", "float32", "int64")
 
 @dataclass(frozen=True)
 class TensorSize:
-    """Shape, role and dtype kind of one tensor of a replacement (see ``Technique.footprint``)."""
+    """Shape, role and dtype kind of one tensor of a replacement (see ``Technique.footprint``); ``exported``
+    False: a tensor merged into others on export (a LoRA correction of a factor), not in the exported student."""
 
     shape: tuple[int, ...]
     role: str = "trainable"
     kind: str = "model"
+    exported: bool = True
 
     def __post_init__(self):
         if self.role not in ROLES or self.kind not in KINDS:
