@@ -1,7 +1,8 @@
 """The repair curve: heldout KL and ppl against wall time, and an optional wall-clock budget (source 000,
 section 2.4 "repair": a short distillation whose worth is what it recovers per second spent).
 
-``RepairCurve`` records a point at train start (the unrepaired student, evaluated by the callback) and at
+``RepairCurve`` records a point at train start (the unrepaired student, evaluated once for it and
+``HeldoutKLGate``: ``gates.heldout_at_train_start``) and at
 every validation of the fit, each ``{step, wall_s, heldout_kl, heldout_ppl, at}``; ``wall_s`` counts the
 seconds since fit start, summed over the sessions of a resumed run (the points and seconds are callback
 state, so ``zoo fit --resume`` continues the curve). Each point is also logged to the trainer's loggers as
@@ -27,40 +28,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from zoo.core.errors import ZooError
 
-from .gates import heldout_loader, run_dir
+from .gates import evaluate_heldout, heldout_at_train_start, run_dir  # noqa: F401 - evaluate_heldout re-exported
 
 KL, PPL = "heldout_kl", "heldout_ppl"  # what DistillationModule.validation_step logs (ppl: exp of the mean NLL)
 FILE = "repair_curve"
-
-
-@torch.no_grad()
-def evaluate_heldout(trainer, pl_module) -> tuple[float | None, float | None]:
-    """(heldout KL, heldout ppl) of the student now, token-weighted over the heldout split as validation
-    computes them; (None, None) for a module that is not a distillation. Under ddp each process evaluates
-    its share of the batches and the sums are reduced, so every process enters the same collectives."""
-    from zoo.core.losses import next_token_nll
-
-    if not hasattr(pl_module, "distillation_outputs"):
-        return None, None
-    loader = heldout_loader(trainer)
-    rank, world = trainer.global_rank, trainer.world_size
-    sums = torch.zeros(4, dtype=torch.float64, device=pl_module.device)  # kl * n, n, nll, nll tokens
-    was_training = pl_module.training
-    pl_module.eval()
-    for i, batch in enumerate(loader):
-        if i % world != rank:
-            continue
-        batch = {k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with trainer.strategy.precision_plugin.forward_context():
-            kl, count, _, student_logits = pl_module.distillation_outputs(batch)
-            nll, tokens = next_token_nll(student_logits, batch["input_ids"], batch.get("loss_mask"),
-                                         batch.get("attention_mask"), pl_module.kl_chunk)
-        sums += torch.stack([kl.double() * count, count.double(), nll.double(), tokens.double()]).to(sums.device)
-    pl_module.train(was_training)
-    if world > 1:
-        sums = trainer.strategy.reduce(sums, reduce_op="sum")
-    kl_mean = float(sums[0] / sums[1].clamp_min(1))
-    return kl_mean, float(torch.exp(sums[2] / sums[3].clamp_min(1)))
 
 
 class RepairCurve(L.Callback):
@@ -114,7 +85,7 @@ class RepairCurve(L.Callback):
     def on_train_start(self, trainer, pl_module):
         if self.points:  # resumed: the curve goes on from the interrupted session's points
             return
-        self._add(trainer, pl_module, *evaluate_heldout(trainer, pl_module), at="train_start")
+        self._add(trainer, pl_module, *heldout_at_train_start(trainer, pl_module), at="train_start")
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or trainer.state.fn != "fit":

@@ -28,6 +28,45 @@ def heldout_loader(trainer: L.Trainer):
     return itertools.islice(loader, max(n, 1))
 
 
+@torch.no_grad()
+def evaluate_heldout(trainer, pl_module) -> tuple[float | None, float | None]:
+    """(heldout KL, heldout ppl) of the student now, token-weighted over the heldout split as validation
+    computes them; (None, None) for a module that is not a distillation. Under ddp each process evaluates
+    its share of the batches and the sums are reduced, so every process enters the same collectives."""
+    from zoo.core.losses import next_token_nll
+
+    if not hasattr(pl_module, "distillation_outputs"):
+        return None, None
+    loader = heldout_loader(trainer)
+    rank, world = trainer.global_rank, trainer.world_size
+    sums = torch.zeros(4, dtype=torch.float64, device=pl_module.device)  # kl * n, n, nll, nll tokens
+    was_training = pl_module.training
+    pl_module.eval()
+    for i, batch in enumerate(loader):
+        if i % world != rank:
+            continue
+        batch = {k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with trainer.strategy.precision_plugin.forward_context():
+            kl, count, _, student_logits = pl_module.distillation_outputs(batch)
+            nll, tokens = next_token_nll(student_logits, batch["input_ids"], batch.get("loss_mask"),
+                                         batch.get("attention_mask"), pl_module.kl_chunk)
+        sums += torch.stack([kl.double() * count, count.double(), nll.double(), tokens.double()]).to(sums.device)
+    pl_module.train(was_training)
+    if world > 1:
+        sums = trainer.strategy.reduce(sums, reduce_op="sum")
+    kl_mean = float(sums[0] / sums[1].clamp_min(1))
+    return kl_mean, float(torch.exp(sums[2] / sums[3].clamp_min(1)))
+
+def heldout_at_train_start(trainer: L.Trainer, pl_module) -> tuple[float | None, float | None]:
+    """``evaluate_heldout`` of the student as training starts, computed once per trainer and step for every
+    callback that asks (the KL gate's "before" and the repair curve's first point read the same student)."""
+    memo = getattr(trainer, "_zoo_heldout_at_start", None)  # on the trainer: a new fit's trainer has none
+    if memo is None or memo[0] != trainer.global_step:
+        memo = (trainer.global_step, evaluate_heldout(trainer, pl_module))
+        trainer._zoo_heldout_at_start = memo
+    return memo[1]
+
+
 class GateFailed(ZooError):
     """A gate rejected the run; the CLI exits non-zero with the message."""
 
@@ -88,7 +127,8 @@ class HeldoutKLGate(L.Callback):
     def on_train_start(self, trainer, pl_module):
         if self.initial is not None:  # resumed: "before" is the interrupted run's
             return
-        self.initial = float(self._evaluate(trainer, pl_module))
+        kl, _ = heldout_at_train_start(trainer, pl_module)
+        self.initial = float(kl if kl is not None else self._evaluate(trainer, pl_module))
         pl_module.summary["heldout_kl_before"] = self.initial
         self._log(trainer, {"heldout_kl_before": self.initial})
         rank_zero_info(f"heldout KL before repair: {self.initial:.6f}")

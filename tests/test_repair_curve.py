@@ -29,7 +29,16 @@ def assert_ordered(points):
     assert walls == sorted(walls), walls
 
 
-def test_curve_points_files_and_logged_wall_time(tmp_path, tiny_teacher_dir, capsys):
+def test_curve_points_files_and_logged_wall_time(tmp_path, tiny_teacher_dir, capsys, monkeypatch):
+    import callbacks.gates as gates
+
+    calls = []  # the heldout passes of the callbacks (the real function, counted)
+    real = gates.evaluate_heldout
+    monkeypatch.setattr(gates, "evaluate_heldout", lambda *a: calls.append(1) or real(*a))
+    from zoo.core.module import DistillationModule
+
+    real_kl = DistillationModule.evaluate_kl
+    monkeypatch.setattr(DistillationModule, "evaluate_kl", lambda *a, **k: calls.append(1) or real_kl(*a, **k))
     # 8 steps of 4 per epoch: validations at steps 4 and 8
     config = config_with(tmp_path, tiny_teacher_dir, CURVE, max_steps=8)
     logs = tmp_path / "csv"
@@ -45,6 +54,7 @@ def test_curve_points_files_and_logged_wall_time(tmp_path, tiny_teacher_dir, cap
     assert points[0]["wall_s"] < points[-1]["wall_s"] <= curve["wall_s"]
     # the train-start point is the unrepaired student, as the gate measures it; the others are the validations
     assert points[0]["heldout_kl"] == pytest.approx(metrics["summary"]["heldout_kl_before"], rel=1e-5)
+    assert len(calls) == 1  # the gate and the curve share one evaluation at train start; validation does the rest
     assert [p["heldout_kl"] for p in points[1:]] == pytest.approx([v["heldout_kl"] for v in metrics["validations"]])
     assert [p["heldout_ppl"] for p in points[1:]] == pytest.approx([v["heldout_ppl"] for v in metrics["validations"]])
     assert all(math.isfinite(p["heldout_ppl"]) and p["heldout_ppl"] > 1 for p in points)
