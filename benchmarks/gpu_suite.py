@@ -20,6 +20,11 @@ or an OOM in one step loses that step only:
               dry run its --tiny / --dry-run) that its source declares
   fit-fisher  zoo fit of configs/recipes/fisher_svd_repair.yaml, bf16-mixed, strategy fsdp (world size 1)
   fit-coupled zoo fit of configs/recipes/coupled_core.yaml, likewise
+  frontier    zoo frontier of configs/recipes/compress_zoo.yaml (sequential calibration, SVD-LLM
+              whitening of every linear, factors repaired) at ratios 0.8 and 0.6 on a random-init
+              1B-class Llama (Llama-3.2-1B's shapes on the teacher's vocabulary, 1.07B parameters),
+              bf16-mixed, a short repair: each stage's wall time and CUDA peak memory. Last, so the
+              other steps keep their slots; when the budget is spent, run it alone (--only frontier)
 
 Writes results/gpu/<device>-<date>.json (each figure, its target, pass/fail, the torch and CUDA
 versions, the device name) and prints a table. Exit status 1 when a step failed or ran out of time (a
@@ -89,7 +94,16 @@ TARGETS = [
      "KL after repair (finite, trainables saved fp32)", "finite", None),
     ("fit_coupled_heldout_kl", "fit-coupled", "zoo fit configs/recipes/coupled_core.yaml, bf16-mixed, fsdp: heldout KL "
      "after repair (finite, trainables saved fp32)", "finite", None),
+    ("frontier_before_s", "frontier", "zoo frontier, 1B-class Llama, ratio 0.8: seconds of the unrepaired student's "
+     "validate (sequential calibration, 112 SVDs, heldout)", "recorded", None),
+    ("frontier_repair_s", "frontier", "zoo frontier, 1B-class Llama, ratio 0.8: seconds of the repair fit", "recorded",
+     None),
+    ("frontier_peak_gib", "frontier", "zoo frontier, 1B-class Llama: the largest CUDA peak of any stage, GiB",
+     "recorded", None),
 ]
+#: Llama-3.2-1B's decoder shapes, on the embedded teacher's tokenizer and vocabulary (1.07B parameters)
+LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True}
 
 
 def sizes(dry: bool) -> dict:
@@ -101,8 +115,11 @@ def sizes(dry: bool) -> dict:
                           "--steps", "3", "--warmup", "1"],
                 "fit_trainer": {"accelerator": "gpu", "devices": 1, "strategy": "fsdp", "max_steps": 20},
                 "fit_model": {}, "fit_data": {},
+                "frontier": {"dims": LLAMA_1B, "ratios": [0.8, 0.6], "repair_steps": 20, "accelerator": "gpu",
+                             "data": {"n_calibration": 64, "n_train": 160, "n_heldout": 32},
+                             "trainer": {"val_check_interval": 10}},
                 "caps": {"pytest": 150, "repair": 150, "phd": 60, "eigen": 150, "export": 90,
-                         "fit-fisher": 120, "fit-coupled": 120}}
+                         "fit-fisher": 120, "fit-coupled": 120, "frontier": 420}}
     return {"repair": ["--batch", "1", "--seq", "32", "--steps", "1", "--warmup", "0",
                        "--targets", "model.layers.1.mlp.down_proj", "--rank", "8"],
             "phd": ["--tokens", "16", "--steps", "1", "--warmup", "0", "--shapes", PHD_SHAPE],
@@ -115,8 +132,12 @@ def sizes(dry: bool) -> dict:
             "fit_data": {"seq_len": 32, "batch_size": 2, "n_calibration": 4, "n_train": 8, "n_heldout": 4,
                          "max_repeat": 4.0, "code": {"max_files": 40},
                          "hologram": {"n_samples": 6, "max_new_tokens": 16, "gen_batch_size": 6}},
+            "frontier": {"dims": {}, "ratios": [0.8], "repair_steps": 2, "accelerator": "cpu",
+                         "data": {"n_calibration": 4, "n_train": 8, "n_heldout": 4, "seq_len": 32, "batch_size": 2,
+                                  "code": {"max_files": 40}},
+                         "trainer": {"val_check_interval": 2}},
             "caps": {"pytest": 90, "repair": 60, "phd": 60, "eigen": 60, "export": 60,
-                     "fit-fisher": 90, "fit-coupled": 90}}
+                     "fit-fisher": 90, "fit-coupled": 90, "frontier": 240}}
 
 
 # ---- steps ---------------------------------------------------------------------------------------------
@@ -249,6 +270,53 @@ def fit_config(recipe: str, key: str, teacher: str, work: Path, s: dict) -> Path
     return path
 
 
+def frontier_config(teacher: str, work: Path, s: dict) -> Path:
+    """A ``zoo frontier`` YAML: compress_zoo (as the embedded teacher's frontier runs it) at ratios 0.8 and 0.6
+    (0.8 alone in a dry run) on ``random:`` weights of the teacher's directory with ``s["frontier"]["dims"]`` (a 1B-class Llama on a
+    GPU, the tiny teacher as it is in a dry run), bf16-mixed, a repair of a few steps."""
+    import yaml
+
+    f = s["frontier"]
+    model_dir = work / "frontier-model"
+    shutil.copytree(teacher.removeprefix("random:"), model_dir, dirs_exist_ok=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, **f["dims"]}, indent=2))
+    recipe = yaml.safe_load((ROOT / "configs/recipes/compress_zoo.yaml").read_text())
+    recipe["model"]["init_args"]["teacher"] = f"random:{model_dir}"
+    for callback in recipe["trainer"]["callbacks"]:
+        if callback["class_path"] == "callbacks.HeldoutKLGate":  # random weights: the stage must run, not pass
+            callback.setdefault("init_args", {})["tolerance"] = 1.0
+    data = recipe["data"]["init_args"]
+    for name, value in f["data"].items():
+        data[name] = {**data.get(name, {}), **value} if isinstance(value, dict) else value
+    recipe["trainer"].update(accelerator=f["accelerator"], devices=1, strategy="auto", precision="bf16-mixed",
+                             enable_progress_bar=False, enable_model_summary=False, **f["trainer"])
+    recipe_path = work / "frontier-recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    frontier = {"output_dir": str(work / "frontier"), "logger": False, "ratios": f["ratios"],
+                "repair_steps": f["repair_steps"], "methods": [{"name": "zoo", "config": str(recipe_path)}]}
+    path = work / "frontier.yaml"
+    path.write_text(yaml.safe_dump(frontier))
+    return path
+
+
+def extract_frontier(work: Path, result: dict) -> dict:
+    data = load(work / "frontier" / "frontier.json")
+    if not data:
+        return {}
+    rows = {r["item"]: r for r in data["rows"]}
+    details = {name: {"seconds": r["seconds"], "cuda_peak_gib": r.get("cuda_peak_gib"), "status": r["status"],
+                      "parameters": r["parameters"], "teacher_parameters": r["teacher_parameters"]}
+               for name, r in rows.items()}
+    first = rows.get("zoo@0.8", {})
+    peaks = [v for r in rows.values() for v in (r.get("cuda_peak_gib") or {}).values() if v is not None]
+    found = {"frontier_before_s": (first.get("seconds", {}).get("before"), details),
+             "frontier_repair_s": (first.get("seconds", {}).get("repair"), details)}
+    found["frontier_peak_gib"] = (max(peaks) if peaks else None,
+                                  details if peaks else {"why": "peak memory is measured on CUDA only"})
+    return found
+
+
 def export_options(source: str, dry: bool, teacher: str | None, work: Path) -> list[str]:
     """What to pass benchmarks/export.py, written apart from this suite: each option the suite would give
     it (the GPU and bf16, or its tiny CPU mode; the teacher; the JSON) where its source declares it."""
@@ -296,6 +364,8 @@ def plan(dry: bool, work: Path, teacher: str | None, teacher_reason: str | None)
                         ("coupled", "configs/recipes/coupled_core.yaml")):
         argv = teacher and [py, "-m", "recipes.cli", "fit", "--config", str(fit_config(recipe, key, teacher, work, s))]
         steps.append((f"fit-{key}", argv, no_teacher, extract_fit(key)))
+    argv = teacher and [py, "-m", "recipes.cli", "frontier", "--config", str(frontier_config(teacher, work, s))]
+    steps.append(("frontier", argv, no_teacher, extract_frontier))
     return steps
 
 
@@ -303,6 +373,8 @@ def plan(dry: bool, work: Path, teacher: str | None, teacher_reason: str | None)
 
 
 def passes(op: str, value, threshold, details: dict) -> bool:
+    if op == "recorded":  # a figure to record (a timing, a peak), not a target to meet
+        return isinstance(value, (int, float)) and math.isfinite(value)
     if op == "finite":
         return isinstance(value, (int, float)) and math.isfinite(value) and details.get("trainables_fp32") is True
     return {"<=": value <= threshold, ">=": value >= threshold, "==": value == threshold}[op]
@@ -373,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-dir", type=Path, default=DEFAULT_TEACHER_DIR,
                     help="a directory with the teacher's config.json and tokenizer (default .carry/teacher)")
     ap.add_argument("--only", nargs="+", metavar="STEP", default=None,
-                    choices=["pytest", "repair", "phd", "eigen", "export", "fit-fisher", "fit-coupled"],
+                    choices=["pytest", "repair", "phd", "eigen", "export", "fit-fisher", "fit-coupled", "frontier"],
                     help="run these steps alone (e.g. to rerun one in a slot); the others are recorded as skipped")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds for all steps together (default 450 on a GPU, 300 in a dry run); each step "

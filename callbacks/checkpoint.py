@@ -134,8 +134,19 @@ class RepairStateCheckpoint(L.Callback):
         rank_zero_info(f"interrupted at step {trainer.global_step}: repair state saved to {path}")
 
 
+def cuda_peak_gib(pl_module) -> float | None:
+    """The process's peak allocated CUDA memory so far (``torch.cuda.max_memory_allocated``), GiB; None off
+    CUDA. A ``zoo`` command is one process, so it is that command's peak (what ``zoo frontier`` records per
+    stage)."""
+    device = getattr(pl_module, "device", None)
+    if device is None or device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
 class MetricsJSON(L.Callback):
-    """Every validation's metrics, the run summary and the last training metrics in ``metrics.json``."""
+    """Every validation's metrics, the run summary, the last training metrics and the CUDA peak memory
+    (``cuda_peak_gib``, None off CUDA) in ``metrics.json``."""
 
     def __init__(self, dirpath: str | None = None, filename: str = "metrics.json"):
         self.dirpath, self.filename = dirpath, filename
@@ -164,7 +175,7 @@ class MetricsJSON(L.Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"stage": stage, "global_step": trainer.global_step,
                    "summary": getattr(pl_module, "summary", {}), "validations": self.records,
-                   "final": self._plain(trainer.callback_metrics)}
+                   "final": self._plain(trainer.callback_metrics), "cuda_peak_gib": cuda_peak_gib(pl_module)}
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(payload, indent=2))
         os.replace(tmp, path)

@@ -192,11 +192,13 @@ class Frontier(Series):
         start = time.monotonic()
         code, last = run_streaming(args, stage_dir / f"{subcommand}.log")
         entry = {"seconds": round(time.monotonic() - start, 1), "exit_code": code}
+        metrics = stage_dir / ("metrics_validate.json" if subcommand == "validate" else "metrics.json")
+        written = json.loads(metrics.read_text()) if metrics.is_file() else {}
+        entry["cuda_peak_gib"] = written.get("cuda_peak_gib")  # the stage's process's peak (None off CUDA)
         if subcommand == "validate":
-            entry.update(heldout(stage_dir / "metrics_validate.json") or {}, full_heldout=True)
+            entry.update(heldout(metrics) or {}, full_heldout=True)
         else:
-            metrics = stage_dir / "metrics.json"
-            fit = json.loads(metrics.read_text()) if metrics.is_file() else {}
+            fit = written
             summary, steps = fit.get("summary", {}), fit.get("global_step")
             # steps taken; the state kept is the best validated one (an earlier step, where it was better)
             entry.update(steps=steps, state_step=summary.get("repair_state_step", steps),
@@ -275,7 +277,8 @@ class Frontier(Series):
                 "ppl_before": before.get("ppl"), "ppl_after": after.get("ppl"), "teacher_ppl": teacher_ppl,
                 "ppl_x_teacher_before": ratio_of(before.get("ppl")), "ppl_x_teacher_after": ratio_of(after.get("ppl")),
                 "repair_steps": stages.get("repair", {}).get("steps"), "ranks": ranks,
-                "seconds": {k: v.get("seconds") for k, v in stages.items()}}
+                "seconds": {k: v.get("seconds") for k, v in stages.items()},
+                "cuda_peak_gib": {k: v.get("cuda_peak_gib") for k, v in stages.items()}}
 
     def payload(self, rows: list[dict]) -> dict:
         from .lightning_cli import git_commit
@@ -311,6 +314,10 @@ def format_table(rows: list[dict]) -> str:
                       fmt(r["ppl_before"], ".2f"), fmt(r["ppl_after"], ".2f"), fmt(r["ppl_x_teacher_before"], ".2f"),
                       fmt(r["ppl_x_teacher_after"], ".2f"), fmt(r["repair_steps"], "d"), fmt(s.get("before"), ".0f"),
                       fmt(s.get("repair"), ".0f"), fmt(s.get("after"), ".0f"), rank_cell(r.get("ranks") or {})])
+    if any(v is not None for r in rows for v in r.get("cuda_peak_gib", {}).values()):  # measured on a GPU
+        head = [*head, "peak GiB before / repair / after"]
+        for r, row in zip(rows, cells):
+            row.append(" / ".join(fmt(r["cuda_peak_gib"].get(k), ".2f") for k in STAGES))
     table = markdown_table(head, cells)
     teacher = next((r for r in rows if r["teacher_ppl"]), None)
     if teacher is not None:
@@ -395,8 +402,9 @@ def run_frontier(
     out.add(frontier.save(rows))
     chart = out.chart(plot, rows)
     print(f"\n{out.wrote()}")
-    flat = [{k: v for k, v in r.items() if k not in ("seconds", "ranks")} | (r.get("ranks") or {})
-            | {f"seconds_{k}": r["seconds"].get(k) for k in STAGES} for r in rows]
+    flat = [{k: v for k, v in r.items() if k not in ("seconds", "ranks", "cuda_peak_gib")} | (r.get("ranks") or {})
+            | {f"seconds_{k}": r["seconds"].get(k) for k in STAGES}
+            | {f"cuda_peak_gib_{k}": r["cuda_peak_gib"].get(k) for k in STAGES} for r in rows]
     log_outputs(command_logger(logger, "frontier", out.dir), tables={"frontier": row_table(flat)},
                 images={"frontier_chart": chart})
     return rows

@@ -38,13 +38,18 @@ def test_dry_run_passes_and_lists_every_target_unmeasured_with_the_reason(dry_ru
     values = {t["id"]: t["dry_run_value"] for t in report["targets"]}
     # figures measured at tiny sizes through the GPU run's code; peak memory is CUDA-only
     for tid in ("gpu_tests_failed", "repair_step_ratio", "calibration_ratio", "phd_forward_ratio",
-                "eigen_kv_ratio", "eigen_decode_ratio", "fit_fisher_heldout_kl", "fit_coupled_heldout_kl"):
+                "eigen_kv_ratio", "eigen_decode_ratio", "fit_fisher_heldout_kl", "fit_coupled_heldout_kl",
+                "frontier_before_s", "frontier_repair_s"):
         assert isinstance(values[tid], (int, float)), (tid, values[tid])
     assert values["gpu_tests_failed"] == 0
     assert values["eigen_kv_ratio"] == pytest.approx(0.5)  # k = head_dim / 2 for keys and values
     assert values["repair_step_peak_gib"] is None
     targets = {t["id"]: t for t in report["targets"]}
     assert "CUDA only" in targets["repair_step_peak_gib"]["reason"]
+    assert values["frontier_peak_gib"] is None and "CUDA only" in targets["frontier_peak_gib"]["reason"]
+    item = targets["frontier_before_s"]["details"]["zoo@0.8"]  # the frontier's row: every stage ran
+    assert item["status"] == "ok" and set(item["seconds"]) == {"before", "repair", "after"}
+    assert 0 < item["parameters"] < item["teacher_parameters"]
     assert targets["fit_fisher_heldout_kl"]["details"]["trainables_fp32"] is True
     assert targets["fit_coupled_heldout_kl"]["details"]["trainables_fp32"] is True
 
@@ -52,7 +57,7 @@ def test_dry_run_passes_and_lists_every_target_unmeasured_with_the_reason(dry_ru
 def test_dry_run_runs_every_step_and_records_the_hadamard_pick(dry_run):
     _, report, wall = dry_run
     steps = {s["name"]: s for s in report["steps"]}
-    assert list(steps) == ["pytest", "repair", "phd", "eigen", "export", "fit-fisher", "fit-coupled"]
+    assert list(steps) == ["pytest", "repair", "phd", "eigen", "export", "fit-fisher", "fit-coupled", "frontier"]
     for name, step in steps.items():
         if name == "export" and not (ROOT / "benchmarks" / "export.py").is_file():
             assert step["status"] == "skipped" and "does not exist" in step["reason"]
