@@ -166,7 +166,7 @@ def test_sequential_calibration_is_in_the_state_header(tiny_teacher_dir, tmp_pat
 def test_calibration_reports_rank_deficient_covariances_by_name(tiny_teacher_dir, caplog):
     """12 tokens cannot span a 128-wide input: the run says so, naming the target, and counts it. Seed 31's
     tokens give a 13th eigenvalue of 1.4e-6 x the mean (the fp32 products' noise), which a threshold of 1e-6
-    x the mean alone counted as rank."""
+    x the mean alone counted as rank: no more than 12 tokens' worth is."""
     import logging
 
     torch.manual_seed(31)

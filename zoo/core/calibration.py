@@ -427,10 +427,11 @@ def _backward_step(model, batch, weights: dict[str, nn.Parameter], collectors: l
 
 def conditioning(stats: dict[str, ActivationStats], rtol: float = 1e-6) -> dict[str, tuple[int, int]]:
     """{target: (effective rank, width)} of every full input second moment: the eigenvalues above ``rtol``
-    times the mean one and above the rounding noise of the moment's fp32 batch products (sqrt(width) x fp32's
-    eps x the largest eigenvalue: the moment of 12 tokens has eigenvalues of 1e-6 x the mean beyond its
-    12th). Fewer than the width means the calibration tokens did not span the inputs (too few tokens for
-    a full covariance): whitening then leans on jitter."""
+    times the mean one (below that they are the fp32 batch products' noise), and at most the number of
+    tokens: the moment of 12 tokens has rank 12, and its 13th eigenvalue, at 1.4e-6 x the mean, is noise.
+    (A floor relative to the largest eigenvalue would count the real model's massive-activation inputs as
+    rank 20 of 1536.) Fewer than the width means the calibration tokens did not span the inputs (too few
+    tokens for a full covariance): whitening then leans on jitter."""
     out, seen = {}, []  # q, k and v (gate and up) share one input: its eigenvalues are computed once
     for name, s in stats.items():
         if s.second_moment is not None and ":" not in name:
@@ -438,9 +439,8 @@ def conditioning(stats: dict[str, ActivationStats], rtol: float = 1e-6) -> dict[
             same = next((r for m, r in seen if m.shape == moment.shape and torch.equal(m, moment)), None)
             if same is None:
                 eig = torch.linalg.eigvalsh(moment.double())
-                noise = len(eig) ** 0.5 * torch.finfo(torch.float32).eps * eig.max()
-                floor = torch.maximum(rtol * eig.mean(), noise).clamp_min(1e-300)
-                same = (int((eig > floor).sum()), len(eig))
+                rank = int((eig > rtol * eig.mean().clamp_min(1e-300)).sum())
+                same = (min(rank, s.count), len(eig))
                 seen.append((moment, same))
             out[name] = same
     return out
