@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import re
@@ -73,8 +72,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_json  # noqa: E402
+from gpu_suite_frontier import LLAMA_1B, extract_frontier, frontier_config  # noqa: E402
 from gpu_suite_setup import (DEFAULT_TEACHER_DIR, ROOT, ensure_dependencies, fetch_wheels, last_error,  # noqa: E402
-                             make_teacher_dir, tiny_teacher_dir)
+                             load, make_teacher_dir, tiny_teacher_dir)
 
 PHD_SHAPE = "llama-3.1-8b down_proj"
 
@@ -101,9 +101,6 @@ TARGETS = [
     ("frontier_peak_gib", "frontier", "zoo frontier, 1B-class Llama: the largest CUDA peak of any stage, GiB",
      "recorded", None),
 ]
-#: Llama-3.2-1B's decoder shapes, on the embedded teacher's tokenizer and vocabulary (1.07B parameters)
-LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True}
 
 
 def sizes(dry: bool) -> dict:
@@ -136,7 +133,7 @@ def sizes(dry: bool) -> dict:
                          "data": {"n_calibration": 4, "n_train": 8, "n_heldout": 4, "seq_len": 32, "batch_size": 2,
                                   "code": {"max_files": 40}},
                          "trainer": {"val_check_interval": 2}},
-            "caps": {"pytest": 90, "repair": 60, "phd": 60, "eigen": 60, "export": 60,
+            "caps": {"pytest": 90, "repair": 60, "phd": 60, "eigen": 60, "export": 120,
                      "fit-fisher": 90, "fit-coupled": 90, "frontier": 240}}
 
 
@@ -166,13 +163,6 @@ def run_step(name: str, argv: list[str], timeout: float, env: dict, log: Path) -
     elif status == "timeout":
         result["reason"] = f"ran past its {timeout:.0f} s cap and was killed"
     return result
-
-
-def load(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def extract_pytest(work: Path, result: dict) -> dict:
@@ -268,53 +258,6 @@ def fit_config(recipe: str, key: str, teacher: str, work: Path, s: dict) -> Path
     path = work / f"fit-{key}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def frontier_config(teacher: str, work: Path, s: dict) -> Path:
-    """A ``zoo frontier`` YAML: compress_zoo (as the embedded teacher's frontier runs it) at ratios 0.8 and 0.6
-    (0.8 alone in a dry run) on ``random:`` weights of the teacher's directory with ``s["frontier"]["dims"]`` (a 1B-class Llama on a
-    GPU, the tiny teacher as it is in a dry run), bf16-mixed, a repair of a few steps."""
-    import yaml
-
-    f = s["frontier"]
-    model_dir = work / "frontier-model"
-    shutil.copytree(teacher.removeprefix("random:"), model_dir, dirs_exist_ok=True)
-    config = json.loads((model_dir / "config.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps({**config, **f["dims"]}, indent=2))
-    recipe = yaml.safe_load((ROOT / "configs/recipes/compress_zoo.yaml").read_text())
-    recipe["model"]["init_args"]["teacher"] = f"random:{model_dir}"
-    for callback in recipe["trainer"]["callbacks"]:
-        if callback["class_path"] == "callbacks.HeldoutKLGate":  # random weights: the stage must run, not pass
-            callback.setdefault("init_args", {})["tolerance"] = 1.0
-    data = recipe["data"]["init_args"]
-    for name, value in f["data"].items():
-        data[name] = {**data.get(name, {}), **value} if isinstance(value, dict) else value
-    recipe["trainer"].update(accelerator=f["accelerator"], devices=1, strategy="auto", precision="bf16-mixed",
-                             enable_progress_bar=False, enable_model_summary=False, **f["trainer"])
-    recipe_path = work / "frontier-recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe))
-    frontier = {"output_dir": str(work / "frontier"), "logger": False, "ratios": f["ratios"],
-                "repair_steps": f["repair_steps"], "methods": [{"name": "zoo", "config": str(recipe_path)}]}
-    path = work / "frontier.yaml"
-    path.write_text(yaml.safe_dump(frontier))
-    return path
-
-
-def extract_frontier(work: Path, result: dict) -> dict:
-    data = load(work / "frontier" / "frontier.json")
-    if not data:
-        return {}
-    rows = {r["item"]: r for r in data["rows"]}
-    details = {name: {"seconds": r["seconds"], "cuda_peak_gib": r.get("cuda_peak_gib"), "status": r["status"],
-                      "parameters": r["parameters"], "teacher_parameters": r["teacher_parameters"]}
-               for name, r in rows.items()}
-    first = rows.get("zoo@0.8", {})
-    peaks = [v for r in rows.values() for v in (r.get("cuda_peak_gib") or {}).values() if v is not None]
-    found = {"frontier_before_s": (first.get("seconds", {}).get("before"), details),
-             "frontier_repair_s": (first.get("seconds", {}).get("repair"), details)}
-    found["frontier_peak_gib"] = (max(peaks) if peaks else None,
-                                  details if peaks else {"why": "peak memory is measured on CUDA only"})
-    return found
 
 
 def export_options(source: str, dry: bool, teacher: str | None, work: Path) -> list[str]:
@@ -448,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                     choices=["pytest", "repair", "phd", "eigen", "export", "fit-fisher", "fit-coupled", "frontier"],
                     help="run these steps alone (e.g. to rerun one in a slot); the others are recorded as skipped")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for all steps together (default 450 on a GPU, 300 in a dry run); each step "
+                    help="seconds for all steps together (default 450 on a GPU, 420 in a dry run); each step "
                          "gets the smaller of its own cap and what is left")
     ap.add_argument("--out", type=Path, default=None, help="the JSON file (default results/gpu/<device>-<date>.json)")
     ap.add_argument("--keep-work", action="store_true", help="keep the work folder (logs, step JSONs, fit runs)")
@@ -476,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher_dir = tiny_teacher_dir(teacher_dir, work / "tiny-teacher")
         teacher = f"random:{teacher_dir}"
 
-    budget = args.budget or (300.0 if args.dry_run else 450.0)
+    budget = args.budget or (420.0 if args.dry_run else 450.0)
     caps = sizes(args.dry_run)["caps"]
     results, figures = {}, {}
     for name, argv_, reason, extract in plan(args.dry_run, work, teacher, teacher_reason):

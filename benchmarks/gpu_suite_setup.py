@@ -27,6 +27,14 @@ FETCH = NEEDED[:-1]
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
+def load(path: Path) -> dict | None:
+    """A step's JSON, or None when it wrote none (or half of one)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def last_error(text: str) -> str:
     """The line of a log that says what went wrong (the last '...Error: ...' line, else the last line)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
