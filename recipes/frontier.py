@@ -120,10 +120,21 @@ def built_ranks(run_dir: Path) -> dict[str, float]:
     return {k: v for k, v in summary.items() if k.startswith("ranks/")}
 
 
+#: the order of a decoder layer's maps, for the rank cell (other names follow, sorted)
+LAYER_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 def rank_cell(ranks: dict[str, float]) -> str:
-    """``q 230 · k 115 · ...``: the mean rank of each layer type, named without ``_proj``."""
+    """``q 230 · k 115 · ...``: the mean rank of each layer type in a decoder layer's order, named without
+    ``_proj``."""
     means = {k.split("/")[1]: v for k, v in ranks.items() if k.endswith("/mean")}
-    return " · ".join(f"{t.removesuffix('_proj')} {v:.0f}" for t, v in means.items()) or "-"
+    order = sorted(means, key=lambda t: (LAYER_ORDER.index(t) if t in LAYER_ORDER else len(LAYER_ORDER), t))
+    return " · ".join(f"{t.removesuffix('_proj')} {means[t]:.0f}" for t in order) or "-"
+
+
+def ppl_cell(ppl: float | None) -> str:
+    """A perplexity: 2 decimals, or a whole number with separators from 1,000 (a ruined student's 18,298,298)."""
+    return fmt(ppl, ",.0f" if ppl is not None and ppl >= 1000 else ".2f")
 
 
 def one_line(exc: Exception) -> str:
@@ -311,8 +322,8 @@ def format_table(rows: list[dict]) -> str:
         s = r["seconds"]
         cells.append([r["label"] + ("" if r["status"] == "ok" else f" ({r['status']})"), f"{r['ratio']:g}",
                       fmt(r["parameters"], ",d"), fmt(r["kl_before"], ".4f"), fmt(r["kl_after"], ".4f"),
-                      fmt(r["ppl_before"], ".2f"), fmt(r["ppl_after"], ".2f"), fmt(r["ppl_x_teacher_before"], ".2f"),
-                      fmt(r["ppl_x_teacher_after"], ".2f"), fmt(r["repair_steps"], "d"), fmt(s.get("before"), ".0f"),
+                      ppl_cell(r["ppl_before"]), ppl_cell(r["ppl_after"]), ppl_cell(r["ppl_x_teacher_before"]),
+                      ppl_cell(r["ppl_x_teacher_after"]), fmt(r["repair_steps"], "d"), fmt(s.get("before"), ".0f"),
                       fmt(s.get("repair"), ".0f"), fmt(s.get("after"), ".0f"), rank_cell(r.get("ranks") or {})])
     if any(v is not None for r in rows for v in r.get("cuda_peak_gib", {}).values()):  # measured on a GPU
         head = [*head, "peak GiB before / repair / after"]

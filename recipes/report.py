@@ -28,10 +28,12 @@ def cell(value) -> str:
 
 
 def markdown_table(head: list[str], rows: Iterable[list], compact: bool = True) -> str:
-    """A Markdown table of cells (strings, or any value through ``cell``); ``compact``: ``|---|`` rules."""
+    """A Markdown table of cells (strings, or any value through ``cell``); ``compact``: ``|---|`` rules. A ``|``
+    inside a cell (a label such as ``mean |x|``) is escaped, so it does not split the cell."""
     rule = "|" + "---|" * len(head) if compact else "| " + " | ".join("---" for _ in head) + " |"
-    lines = ["| " + " | ".join(head) + " |", rule]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    escape = lambda text: text.replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(escape, head)) + " |", rule]
+    lines += ["| " + " | ".join(escape(cell(v)) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 

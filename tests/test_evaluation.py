@@ -454,7 +454,7 @@ def test_gate_fails_a_fit_whose_student_solves_nothing_the_real_teacher_solves(t
     with every MLP output zeroed fails and so does the fit, with the gate's message. (The task is named, not
     found with ``teacher-solved:N``, which would generate the 23 solutions before it; that search is tested on
     a tiny model.)"""
-    gate = EvalPlusGate(subset="HumanEval/23", max_new_tokens=256)  # the teacher's answer there is < 64 tokens
+    gate = EvalPlusGate(subset="HumanEval/23", max_new_tokens=96)  # the teacher's answer there is < 64 tokens
     with pytest.raises(GateFailed, match=r"pass@1 on HumanEval \(base tests\).* HumanEval/23 is 0/1 while the "
                                          r"teacher's is 1/1"):
         fit_with_gate("smollm2-135m-instruct", tmp_path, 0.0, gate, max_steps=1,

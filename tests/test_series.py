@@ -65,3 +65,9 @@ def test_outputs_write_atomically_and_list_what_they_wrote(tmp_path):
     assert (tmp_path / "new" / "report.md").read_text() == "| a | b |\n|---|---|\n| 1 | 0.5000 |\n| - | - |\n"
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["report.json", "report.md"]  # no temp files
     assert out.wrote() == f"wrote {tmp_path / 'new' / 'report.json'} and {tmp_path / 'new' / 'report.md'}"
+
+
+def test_a_pipe_inside_a_cell_does_not_split_it():
+    table = markdown_table(["method", "ppl"], [["ASVD (mean |x|)", 2.5]])
+    assert table.splitlines()[-1] == "| ASVD (mean \\|x\\|) | 2.5000 |"
+    assert all(line.count("|") - line.count("\\|") == 3 for line in table.splitlines())
