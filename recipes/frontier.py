@@ -113,11 +113,11 @@ def shape_ranks(model, parts, resolved: list[list[str]]) -> dict[str, float]:
     return {f"ranks/{t}/mean": sum(rs) / len(rs) for t, rs in sorted(by_type.items())}
 
 
-def built_ranks(run_dir: Path) -> dict[str, float]:
-    """``ranks/<type>/<stat>`` of the unrepaired student as its validate built it (``FisherSVD.report``)."""
+def built_summary(run_dir: Path) -> dict:
+    """The unrepaired student's summary as its validate built it (``ranks/<type>/<stat>`` and
+    ``low_rank_parameters`` from ``FisherSVD.report``)."""
     path = run_dir / "before" / "metrics_validate.json"
-    summary = json.loads(path.read_text()).get("summary", {}) if path.is_file() else {}
-    return {k: v for k, v in summary.items() if k.startswith("ranks/")}
+    return json.loads(path.read_text()).get("summary", {}) if path.is_file() else {}
 
 
 #: the order of a decoder layer's maps, for the rank cell (other names follow, sorted)
@@ -275,15 +275,22 @@ class Frontier(Series):
         teacher_ppl = before.get("teacher_ppl") or after.get("teacher_ppl")
         ratio_of = lambda ppl: ppl / teacher_ppl if ppl is not None and teacher_ppl else None  # noqa: E731
         teacher_params = count.get("teacher_parameters")
-        ranks = built_ranks(run_dir)
+        built = built_summary(run_dir)
+        ranks = {k: v for k, v in built.items() if k.startswith("ranks/")}
         if not ranks and record.get("complete") and "ranks" not in count:  # recorded before ranks were counted
             count["ranks"] = count_parameters(item.config, item.overrides)["ranks"]
             atomic_write_text(run_dir / RESULT, json.dumps(record, indent=2))
         ranks = ranks or count.get("ranks", {})
+        parameters = count.get("parameters")
+        # the built maps' size: under a planned allocation the shapes' count is the uniform rank's
+        exact = "low_rank_parameters" in built and count.get("replaced_parameters") is not None \
+            and count.get("targets") == built.get("low_rank_maps")  # every target one of those maps
+        if exact:
+            parameters = teacher_params - count["replaced_parameters"] + built["low_rank_parameters"]
         return {"item": item.name, "method": method.name, "label": method.label or method.name, "ratio": ratio,
                 "status": status,
-                "parameters": count.get("parameters"), "teacher_parameters": teacher_params,
-                "parameter_fraction": count["parameters"] / teacher_params if teacher_params else None,
+                "parameters": parameters, "teacher_parameters": teacher_params, "parameters_built": exact,
+                "parameter_fraction": parameters / teacher_params if teacher_params and parameters else None,
                 "kl_before": before.get("kl"), "kl_after": after.get("kl"),
                 "ppl_before": before.get("ppl"), "ppl_after": after.get("ppl"), "teacher_ppl": teacher_ppl,
                 "ppl_x_teacher_before": ratio_of(before.get("ppl")), "ppl_x_teacher_after": ratio_of(after.get("ppl")),

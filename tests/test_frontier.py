@@ -38,6 +38,9 @@ def test_frontier_rows_table_chart_resume_and_failures(tmp_path, tiny_teacher_di
         assert r["kl_after"] is None and r["seconds"]["before"] > 0 and "repair" not in r["seconds"]
         assert 0 < r["parameters"] < r["teacher_parameters"]
     assert rows["svd@0.5"]["parameters"] < rows["svd@0.8"]["parameters"] == rows["cov@0.8"]["parameters"]
+    for name in ("svd@0.8", "svd@0.5"):  # counted from the built maps, equal to the shapes' count when uniform
+        record = json.loads((out_dir / name / "item.json").read_text())
+        assert rows[name]["parameters_built"] and rows[name]["parameters"] == record["count"]["parameters"]
     assert rows["svd@0.5"]["kl_before"] > rows["svd@0.8"]["kl_before"]
     broken = rows["broken@0.8"]  # the recipe does not parse: a row with the reason, no numbers
     assert broken["status"].startswith("failed: unknown weighting 'bogus'") and broken["kl_before"] is None

@@ -135,3 +135,10 @@ def test_sensitivity_allocation_builds_and_reports_ranks_per_layer_type(tiny_tea
     assert len(shapes) == 14 and budget - min(map(sum, shapes.values())) < spent <= budget
     assert {f"ranks/{t}/mean" for t in ("q_proj", "down_proj")} <= set(module.summary)
     assert len(set(part.planned_ranks.values())) > 1  # not the uniform ranks
+    # what the built maps export, counted from their tensors (the plan's count is the uniform rank's)
+    from zoo.core.surgery import replaced_modules
+
+    layers = [w.replacement for w in replaced_modules(module.model).values()]
+    assert module.summary["low_rank_maps"] == 14
+    assert module.summary["low_rank_parameters"] == sum(t.numel() for layer in layers
+                                                       for t in layer.export_tensors().values())
