@@ -52,10 +52,14 @@ def extract_frontier(work: Path, result: dict) -> dict:
     details = {name: {"seconds": r["seconds"], "cuda_peak_gib": r.get("cuda_peak_gib"), "status": r["status"],
                       "parameters": r["parameters"], "teacher_parameters": r["teacher_parameters"]}
                for name, r in rows.items()}
-    first = rows.get("zoo@0.8", {})
-    peaks = [v for r in rows.values() for v in (r.get("cuda_peak_gib") or {}).values() if v is not None]
-    found = {"frontier_before_s": (first.get("seconds", {}).get("before"), details),
-             "frontier_repair_s": (first.get("seconds", {}).get("repair"), details)}
+    # `zoo frontier` exits 0 with a failed item (a row with its reason): a figure only from an item that finished
+    ok = {name: r for name, r in rows.items() if r["status"] == "ok"}
+    first = ok.get("zoo@0.8")
+    why = {"why": f"zoo@0.8 did not finish: {rows.get('zoo@0.8', {}).get('status', 'no row')}"}
+    peaks = [v for r in ok.values() for v in (r.get("cuda_peak_gib") or {}).values() if v is not None]
+    found = {"frontier_before_s": (first["seconds"].get("before"), details) if first else (None, why),
+             "frontier_repair_s": (first["seconds"].get("repair"), details) if first else (None, why)}
     found["frontier_peak_gib"] = (max(peaks) if peaks else None,
-                                  details if peaks else {"why": "peak memory is measured on CUDA only"})
+                                  details if peaks else {"why": "peak memory is measured on CUDA only" if ok
+                                                         else "no frontier item finished"})
     return found

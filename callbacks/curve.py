@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from zoo.core.errors import ZooError

@@ -57,12 +57,14 @@ def evaluate_heldout(trainer, pl_module) -> tuple[float | None, float | None]:
     kl_mean = float(sums[0] / sums[1].clamp_min(1))
     return kl_mean, float(torch.exp(sums[2] / sums[3].clamp_min(1)))
 
+
 def heldout_at_train_start(trainer: L.Trainer, pl_module) -> tuple[float | None, float | None]:
     """``evaluate_heldout`` of the student as training starts, computed once per trainer and step for every
     callback that asks (the KL gate's "before" and the repair curve's first point read the same student)."""
+    key = (id(pl_module), trainer.global_step)
     memo = getattr(trainer, "_zoo_heldout_at_start", None)  # on the trainer: a new fit's trainer has none
-    if memo is None or memo[0] != trainer.global_step:
-        memo = (trainer.global_step, evaluate_heldout(trainer, pl_module))
+    if memo is None or memo[0] != key:
+        memo = (key, evaluate_heldout(trainer, pl_module))
         trainer._zoo_heldout_at_start = memo
     return memo[1]
 

@@ -14,10 +14,13 @@ the zoo's best pipeline), the ratio the fraction of each replaced map's paramete
   (``curve``: step, wall seconds, heldout KL and ppl at train start and each validation).
 - ``after``: ``zoo validate --ckpt_path <repair state>``: the repaired student scored exactly as ``before``.
 
-Parameters are counted from shapes (``zoo.core.plan.plan_student`` on the teacher's architecture on the
-meta device, as ``zoo plan`` does). Each stage's wall time is recorded. A finished item (``item.json``
-complete, with the same repair settings) is not run again, nor a finished stage of an interrupted item;
-a failed item is a row. Output: ``frontier.md``, ``frontier.json`` (with the command, commit and hardware)
+Parameters are the built student's where every target is a low-rank map (``low_rank_parameters`` of
+``FisherSVD.report``: exact under a rank allocation), else counted from shapes (``zoo.core.plan.plan_student``
+on the teacher's architecture on the meta device, as ``zoo plan`` does); ``parameters_built`` says which.
+Each stage's wall time (and, on a GPU, CUDA peak) is recorded. A finished item (``item.json`` complete, with
+the same repair settings, or any repair when this invocation repairs none: a repaired item holds the
+unrepaired numbers too) is not run again, nor a finished stage of an interrupted item; a failed item is a
+row. Output: ``frontier.md``, ``frontier.json`` (with the command, commit and hardware)
 and ``frontier.png`` (heldout ppl vs parameters, log y, a line per method, the teacher's ppl as a line).
 
     zoo frontier --config configs/commands/frontier.yaml
@@ -199,7 +202,8 @@ class Frontier(Series):
         args = zoo_args(subcommand, item.config, [*item.overrides, *overrides], stage_dir, logger_name)
         print(f"$ {shlex.join(['zoo', *args[3:]])}", flush=True)
         curve = stage_dir / "repair_curve.json"  # callbacks.RepairCurve's, if the recipe has it
-        curve.unlink(missing_ok=True)  # an earlier attempt's curve must not pass for this run's
+        for left in (curve, stage_dir / "metrics.json", stage_dir / "metrics_validate.json"):
+            left.unlink(missing_ok=True)  # an earlier attempt's files must not pass for this run's
         start = time.monotonic()
         code, last = run_streaming(args, stage_dir / f"{subcommand}.log")
         entry = {"seconds": round(time.monotonic() - start, 1), "exit_code": code}
@@ -277,9 +281,12 @@ class Frontier(Series):
         teacher_params = count.get("teacher_parameters")
         built = built_summary(run_dir)
         ranks = {k: v for k, v in built.items() if k.startswith("ranks/")}
-        if not ranks and record.get("complete") and "ranks" not in count:  # recorded before ranks were counted
-            count["ranks"] = count_parameters(item.config, item.overrides)["ranks"]
-            atomic_write_text(run_dir / RESULT, json.dumps(record, indent=2))
+        if not ranks and result and result.get("complete") and "ranks" not in count:  # recorded before ranks were
+            try:  # counted: from shapes, once; a recipe that no longer loads leaves the cell empty
+                count["ranks"] = count_parameters(item.config, item.overrides)["ranks"]
+                atomic_write_text(run_dir / RESULT, json.dumps(record, indent=2))
+            except Exception as exc:  # noqa: BLE001 - the table must still be written
+                print(f"{item.name}: no ranks ({one_line(exc)})")
         ranks = ranks or count.get("ranks", {})
         parameters = count.get("parameters")
         # the built maps' size: under a planned allocation the shapes' count is the uniform rank's

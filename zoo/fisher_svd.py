@@ -96,10 +96,15 @@ class FisherSVDLinear(Replacement):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the matmuls run in the input dtype (autocast picks bf16 under bf16-mixed); the diagonal
-        # scale runs in fp32 and the result goes back to the matmul dtype
-        h = x @ self.factor("V").to(x.dtype)
+        # scale runs in fp32 and the result goes back to the matmul dtype. LoRA corrections are applied as
+        # their own rank-k products, which cost less than re-forming U + B A and V + B A at every step
+        h = x @ self.V.to(x.dtype)
+        if self.factor_lora:
+            h = h + (x @ self.V_lora_B.to(x.dtype)) @ self.V_lora_A.to(x.dtype)
         h = (h.float() * self.sigma.float()).to(h.dtype)
-        y = h @ self.factor("U").T.to(h.dtype)
+        y = h @ self.U.T.to(h.dtype)
+        if self.factor_lora:
+            y = y + (h @ self.U_lora_A.T.to(h.dtype)) @ self.U_lora_B.T.to(h.dtype)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def dense_weight(self) -> torch.Tensor:
@@ -463,7 +468,8 @@ class FisherSVD(Technique):
         return self.planned_ranks
 
     def report(self, model: nn.Module) -> dict[str, float]:
-        """The ranks per layer type (``ranks/<type>/min|mean|max``) of the built student's low-rank maps."""
+        """The ranks per layer type (``ranks/<type>/min|mean|max``) of the built student's low-rank maps, their
+        number and exported size (``low_rank_maps``, ``low_rank_parameters``): see ``rank_report``."""
         return rank_report(model)
 
     def plan_needs(self) -> set[str]:
