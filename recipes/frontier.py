@@ -76,11 +76,9 @@ def max_time(minutes: float) -> str:
     return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def heldout(path: Path) -> dict | None:
-    """(heldout KL, ppl, teacher ppl) of a ``zoo validate`` run's ``metrics_validate.json``."""
-    if not path.is_file():
-        return None
-    final = json.loads(path.read_text()).get("final", {})
+def heldout(metrics: dict) -> dict | None:
+    """(heldout KL, ppl, teacher ppl) of a ``zoo validate`` run's ``metrics_validate.json`` (parsed)."""
+    final = metrics.get("final", {})
     if "heldout_kl" not in final:
         return None
     return {"kl": final["heldout_kl"], "ppl": final.get("heldout_ppl"), "teacher_ppl": final.get("heldout_ppl_teacher")}
@@ -211,7 +209,7 @@ class Frontier(Series):
         written = json.loads(metrics.read_text()) if metrics.is_file() else {}
         entry["cuda_peak_gib"] = written.get("cuda_peak_gib")  # the stage's process's peak (None off CUDA)
         if subcommand == "validate":
-            entry.update(heldout(metrics) or {}, full_heldout=True)
+            entry.update(heldout(written) or {}, full_heldout=True)
         else:
             fit = written
             summary, steps = fit.get("summary", {}), fit.get("global_step")

@@ -141,16 +141,15 @@ def factor_lora_rank(k: int, rank: int) -> int:
 def rank_report(model: nn.Module) -> dict[str, float]:
     """Min, mean and max rank of the ``FisherSVDLinear`` maps of ``model`` per layer type (the last part of the
     module name, e.g. ``ranks/q_proj/mean``): what a frontier table shows of an allocation; and
-    ``low_rank_maps`` and ``low_rank_parameters``, how many maps and what they export (U, sigma, V, bias: the student's size under any allocation,
-    where the plan only knows the uniform rank)."""
+    ``low_rank_maps`` and ``low_rank_parameters``, how many maps and what they export (``export_tensors``: the
+    student's size under any allocation, where the plan only knows the uniform rank)."""
     by_type: dict[str, list[int]] = {}
     exported = 0
     for name, wrapper in replaced_modules(model).items():
         layer = wrapper.replacement
         if isinstance(layer, FisherSVDLinear):
             by_type.setdefault(name.rsplit(".", 1)[-1], []).append(layer.rank)
-            exported += layer.rank * (layer.in_features + layer.out_features + 1) + \
-                (layer.bias.numel() if layer.bias is not None else 0)
+            exported += sum(t.numel() for t in layer.export_tensors().values())
     report = {f"ranks/{t}/{stat}": float(f(rs)) for t, rs in sorted(by_type.items())
               for stat, f in (("min", min), ("mean", lambda x: sum(x) / len(x)), ("max", max))}
     maps = sum(map(len, by_type.values()))
