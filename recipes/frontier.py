@@ -355,7 +355,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 6))
     labels = list(dict.fromkeys(r["label"] for r in rows))
     for i, label in enumerate(labels):
         color = f"C{i}"
@@ -363,19 +363,20 @@ def plot(rows: list[dict], path: Path) -> Path:
         for key, style, suffix in (("ppl_before", "-o", ""), ("ppl_after", "--s", ", repaired")):
             points = [(r["parameters"], r[key]) for r in mine if r[key] is not None and math.isfinite(r[key])]
             if points:
-                ax.plot(*zip(*points), style, color=color, label=label + suffix)
+                ax.plot([p / 1e6 for p, _ in points], [y for _, y in points], style, color=color,
+                        label=label + suffix)
     teacher = next((r["teacher_ppl"] for r in rows if r["teacher_ppl"]), None)
     if teacher:
         ax.axhline(teacher, color="k", lw=1, ls=":", label=f"teacher ({teacher:.2f})")
-    ax.set_xlabel("student parameters")
+    ax.set_xlabel("student parameters (millions)")
     ax.set_ylabel("heldout perplexity")
     ax.set_yscale("log")
     ax.set_title("compression frontier: heldout ppl vs parameters")
     ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # below the axes: inside, it covered the curves
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
