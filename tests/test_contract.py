@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import zoo
-from zoo import (BlockwisePHD, CoupledCore, DistillationModule, EigenAttention, FisherSVD, KFACSVD, LoRA,
+from zoo import (BlockwisePHD, CoupledCore, DistillationModule, EigenAttention, FisherSVD, KFACSVD, LoRA, Quantize,
                  TASECoupledCore, UniversalBasis)
 from zoo.core.models import META_PREFIX, load_causal_lm
 from zoo.core.plan import plan_student
@@ -51,6 +51,12 @@ TECHNIQUES = {
                           dict(targets=DOWN, rank=128, rank_out=64, block=16, expansion=2), None),
     "eigen_attention": (EigenAttention, dict(targets=ATTN, k_keys=8, k_values=12), dict(targets=ATTN, k=16), None),
     "lora": (LoRA, dict(targets="model.layers.*.self_attn.{q,v}_proj", rank=4), None, None),
+    "quantize": (Quantize, dict(targets=DOWN, bits=4, group=16),
+                 dict(targets=DOWN, bits=8, group=16, correction=64), None),
+    "quantize_hadamard_correction": (Quantize, dict(targets="model.layers.*.self_attn.{q,o}_proj", bits=3, group=32,
+                                                    symmetric=True, hadamard=True, block=16, correction=4, clip=True),
+                                     dict(targets="model.layers.*.self_attn.{q,o}_proj", bits=2, group=32,
+                                          hadamard=True, block=16, correction=64, rounding="nearest"), None),
     "universal_basis": (UniversalBasis, dict(basis="{basis}", k=2), None, _zero_deltas),
 }
 #: a second part on targets no row above uses, for the mixing check
@@ -94,7 +100,7 @@ def logits(module, ids):
 
 
 def kind(t: torch.Tensor, model_dtype: torch.dtype) -> str:
-    return {model_dtype: "model", torch.float32: "float32", torch.int64: "int64"}[t.dtype]
+    return {model_dtype: "model", torch.float32: "float32", torch.int64: "int64", torch.uint8: "uint8"}[t.dtype]
 
 
 @pytest.mark.parametrize("name", list(TECHNIQUES))

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 
 import zoo
-from zoo import (BlockwisePHD, Composite, CoupledCore, EigenAttention, FisherSVD, LoRA, TASECoupledCore, UniversalBasis,
-                 export_model, export_student)
+from zoo import (BlockwisePHD, Composite, CoupledCore, EigenAttention, FisherSVD, LoRA, Quantize, TASECoupledCore,
+                 UniversalBasis, export_model, export_student)
 from zoo_cli import repair
 from zoo.core.errors import ZooError
 
@@ -52,6 +52,9 @@ TECHNIQUES = {
     "tase_input": (TASECoupledCore, dict(targets="model.layers.{0..1}.mlp.up_proj", rank=8, block=16,
                                            residual_side="input", expansion=2, tase_init="random")),
     "lora": (LoRA, dict(targets="model.layers.*.self_attn.{q,v}_proj", rank=4)),
+    "quantize_int4": (Quantize, dict(targets=MLP, bits=4, group=48)),
+    "quantize_int3_hadamard_correction": (Quantize, dict(targets="model.layers.*.mlp.{gate,up}_proj", bits=3, group=64,
+                                                         symmetric=True, hadamard=True, block=32, correction=4)),
     "eigen_attention": (EigenAttention, dict(targets="model.layers.*.self_attn", k_keys=8, k_values=12)),
     "composite": (Composite, dict(parts=[FisherSVD(MLP, rank=8), EigenAttention("model.layers.1.self_attn", k=8),
                                          BlockwisePHD("model.layers.0.self_attn.o_proj", rank=8, block=16)])),
@@ -127,7 +130,7 @@ def run_standalone(path, ids, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["fisher_svd", "phd_transform_pad", "coupled_shims", "tase_output", "lora",
-                                  "eigen_attention"])
+                                  "eigen_attention", "quantize_int3_hadamard_correction"])
 def test_export_loads_with_transformers_alone(name, tiny_teacher_dir, tmp_path):
     cls, kwargs = TECHNIQUES[name]
     module = built(cls, tiny_teacher_dir, **kwargs)

@@ -10,6 +10,7 @@ from .universal_basis_lora import UniversalBasis, UniversalBasisLoRA
 from .tase import TASECoupledCore, TASEInterface
 from .tase_diagnostic import TASEDiagnostic
 from .kfac import KFACSVD
+from .quant import Quantize, QuantizedLinear
 from .export import export_model, from_pretrained
 
 __all__ = [
@@ -18,5 +19,5 @@ __all__ = [
     "FisherSVD", "FisherSVDLinear", "BlockwisePHD", "BlockwisePHDLinear",
     "CoupledCore", "Shim", "ShimmedLinear", "LoRA", "UniversalBasis", "UniversalBasisLoRA",
     "EigenAttention", "EigenAttentionLayer", "TASECoupledCore", "TASEDiagnostic", "TASEInterface",
-    "KFACSVD", "export_model", "from_pretrained",
+    "KFACSVD", "Quantize", "QuantizedLinear", "export_model", "from_pretrained",
 ]

@@ -133,7 +133,7 @@ class StudentPlan:
 
 
 def tensor_bytes(size: TensorSize, model_dtype: torch.dtype) -> int:
-    per = {"model": _bytes(model_dtype), "float32": 4, "int64": 8}[size.kind]
+    per = {"model": _bytes(model_dtype), "float32": 4, "int64": 8, "uint8": 1}[size.kind]
     return size.numel * per
 
 

@@ -33,8 +33,9 @@ NEEDS = ("input", "fisher", "taps")
 #: what a tensor of a replacement is: trained, stored but frozen, or a buffer rebuilt from the config
 ROLES = ("trainable", "frozen", "buffer")
 #: its dtype: ``model`` follows the model's floating dtype (load dtype, or bf16 under bf16-true);
-#: ``float32`` stays fp32 whatever the model is cast to (``FP32Params``); ``int64`` index tensors
-KINDS = ("model", "float32", "int64")
+#: ``float32`` stays fp32 whatever the model is cast to (``FP32Params``); ``int64`` index tensors; ``uint8``
+#: integer codes of a low-bit grid
+KINDS = ("model", "float32", "int64", "uint8")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,10 @@ A program is a list of ops applied in turn to x [..., in]; each op is a dict wit
   (rebuilt, never stored: it is fixed by b)
 - ``topk_relu`` ``k``: the k largest entries of relu(x) per token, the rest zero
 - ``sum`` ``branches``: the sum of several programs applied to the same x
+- ``qmatmul`` ``t`` ``bits`` ``group`` ``in`` ``symmetric``: x @ W^T with W a low-bit grid: codes packed 8 per
+  ``bits`` bytes in ``<t>_codes``, fp16 group scales ``<t>_scales``, packed zero points ``<t>_zeros`` (absent
+  when symmetric: 2^(bits-1)); W = (codes - zeros) * scales. Dequantized once per dtype and device while the
+  module does not train, then read as a dense matrix
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from torch.nn import functional as F
 #: the teacher's model class (a transformers class name); ``zoo export`` writes the real one here
 BASE = "LlamaForCausalLM"
 FORMAT = "zoo-export/1"
-DTYPES = {"float32": torch.float32, "int64": torch.int64}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "uint8": torch.uint8}
 
 _HADAMARD: dict = {}
 
@@ -56,8 +60,28 @@ def hadamard_matrix(n: int, dtype: torch.dtype, device) -> torch.Tensor:
     return _HADAMARD[key]
 
 
-def run(program: list[dict], x: torch.Tensor, tensors) -> torch.Tensor:
-    """Apply ``program`` to ``x``; ``tensors(name)`` returns a stored tensor."""
+def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """uint8 codes [out, in_features] from ``packed`` [out, ceil(in / 8) * bits]: each run of ``bits`` bytes
+    holds 8 codes of ``bits`` bits, little-endian (int64 arithmetic wraps, and the masks keep the low bits)."""
+    out = packed.shape[0]
+    word = (packed.long().reshape(out, -1, bits) << (8 * torch.arange(bits, device=packed.device))).sum(-1)
+    codes = (word[..., None] >> (bits * torch.arange(8, device=packed.device))) & (2 ** bits - 1)
+    return codes.reshape(out, -1)[:, :in_features].to(torch.uint8)
+
+
+def dequantize_op(op: dict, tensors, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [out, in] weight of a ``qmatmul`` op, in ``dtype`` (computed in fp32)."""
+    t, bits, group, n = op["t"], op["bits"], op["group"], op["in"]
+    scales = tensors(t + "_scales").float()
+    codes = unpack(tensors(t + "_codes"), bits, n).float()
+    zeros = (torch.full_like(scales, 2.0 ** (bits - 1)) if op["symmetric"]
+             else unpack(tensors(t + "_zeros"), bits, scales.shape[1]).float())
+    return ((codes - (zeros.repeat_interleave(group, -1)[:, :n])) * scales.repeat_interleave(group, -1)[:, :n]).to(dtype)
+
+
+def run(program: list[dict], x: torch.Tensor, tensors, dense=None) -> torch.Tensor:
+    """Apply ``program`` to ``x``; ``tensors(name)`` returns a stored tensor, ``dense(op, dtype)`` a ``qmatmul``'s
+    dequantized weight (default: computed at each call)."""
     for op in program:
         kind = op["op"]
         if kind == "matmul":
@@ -87,8 +111,10 @@ def run(program: list[dict], x: torch.Tensor, tensors) -> torch.Tensor:
                 values, index = a.topk(op["k"], dim=-1)
                 a = torch.zeros_like(a).scatter(-1, index, values)
             x = a
+        elif kind == "qmatmul":
+            x = x @ (dense(op, x.dtype) if dense else dequantize_op(op, tensors, x.dtype)).T
         elif kind == "sum":
-            x = sum(run(branch, x, tensors) for branch in op["branches"])
+            x = sum(run(branch, x, tensors, dense) for branch in op["branches"])
         else:
             raise ValueError(f"unknown zoo op {kind!r}: this modeling_zoo.py is older than the export")
     return x
@@ -109,8 +135,23 @@ class ZooLinear(nn.Module):
             else:
                 self.register_buffer(name, value)
 
+        self._dense: dict = {}
+
+    def _dequantized(self, op: dict, dtype: torch.dtype) -> torch.Tensor:
+        # a grid's dense weight is rebuilt per call only while training could change its scales
+        if self.training or torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return dequantize_op(op, lambda name: getattr(self, name), dtype)
+        key = (op["t"], dtype, getattr(self, op["t"] + "_scales").device)
+        if key not in self._dense:
+            self._dense[key] = dequantize_op(op, lambda name: getattr(self, name), dtype)
+        return self._dense[key]
+
+    def _apply(self, fn, recurse=True):
+        self._dense = {}  # a move or cast invalidates the dequantized copies
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run(self.program, x, lambda name: getattr(self, name))
+        return run(self.program, x, lambda name: getattr(self, name), self._dequantized)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, in_features={self.in_features}, out_features={self.out_features}"

@@ -4,7 +4,8 @@ ops plus the tensors it reads.
 A replacement class implements
 
 - ``export_spec() -> {"program": [...], "tensors": {name: kind}, "ranks": {...}}``: ``kind`` is ``model``
-  (stored in the export dtype), ``float32`` (kept fp32, e.g. sigma) or ``int64`` (indices);
+  (stored in the export dtype), ``float32`` (kept fp32, e.g. sigma), ``float16`` (kept fp16, e.g. a grid's
+  scales), ``int64`` (indices) or ``uint8`` (packed codes);
   ``module: "attention"`` for a replaced attention block instead of a linear map;
 - ``export_tensors() -> {name: tensor}``: the values, with exactly the names the spec lists.
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..core.errors import ZooError
 
-KINDS = ("model", "float32", "int64")
+KINDS = ("model", "float32", "float16", "int64", "uint8")
 
 #: "module.QualName" of a class -> (export_spec(module), export_tensors(module)) for foreign classes
 _REGISTRY: dict[str, tuple[Callable, Callable]] = {}

@@ -34,6 +34,8 @@ from . import modeling_zoo
 from .spec import describe, exportable
 
 MODELING_FILE = "modeling_zoo.py"
+#: tensor kinds stored in their own dtype whatever the export dtype
+KEPT = {"float32": torch.float32, "float16": torch.float16}
 
 
 def _under(key: str, names) -> bool:
@@ -62,7 +64,8 @@ def student_parts(model: nn.Module) -> tuple[dict[str, dict], dict[str, torch.Te
 
 
 def _cast(state: dict[str, torch.Tensor], entries: dict[str, dict], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Floating tensors to ``dtype``, except those a replacement keeps in fp32; indices stay int64."""
+    """Floating tensors to ``dtype``, except those a replacement keeps in fp32 or fp16; indices stay int64, codes
+    uint8."""
     kinds = {f"{n}.{t}": meta["dtype"] for n, e in entries.items() for t, meta in e["tensors"].items()}
     out, seen = {}, set()
     for key, value in state.items():
@@ -71,10 +74,10 @@ def _cast(state: dict[str, torch.Tensor], entries: dict[str, dict], dtype: torch
         if key in kinds and value.data_ptr() in seen:
             value = value.clone()  # a frame shared by several layers is stored once per layer that reads it
         seen.add(value.data_ptr())
-        if kind == "int64":
-            out[key] = value.long()
+        if kind in ("int64", "uint8"):
+            out[key] = value.to(getattr(torch, kind)).contiguous()
         else:
-            out[key] = value.to(torch.float32 if kind == "float32" else dtype).contiguous()
+            out[key] = value.to(KEPT.get(kind, dtype)).contiguous()
     return out
 
 
@@ -101,7 +104,7 @@ def merged_state(model: nn.Module, entries: dict[str, dict], state: dict[str, to
     refused = []
     for name, entry in entries.items():
         ops = json.dumps(entry["program"])
-        stored = sum(torch.Size(m["shape"]).numel() for m in entry["tensors"].values() if m["dtype"] != "int64")
+        stored = sum(torch.Size(m["shape"]).numel() for m in entry["tensors"].values() if m["dtype"] not in ("int64", "uint8"))
         dense = (entry["in_features"] or 0) * (entry["out_features"] or 0)
         if entry["module"] != "linear" or '"topk_relu"' in ops:
             refused.append(f"{name} ({entry['kind']}: not an affine map)")

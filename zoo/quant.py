@@ -1,0 +1,281 @@
+"""A low-bit grid as one more projection, repaired by distillation (ZOMBORG, source 000, section 2: project the
+chosen maps onto a constrained manifold, then repair the few tensors that carry function; here the manifold is
+a grid of 2-8 bit integer codes with per-group scales).
+
+Each target W [out, in] is replaced by
+
+    y = (deq(Q) + A B) (T x) + b,     deq(Q) = (Q - Z) * S   (per group of ``group`` input channels)
+
+- ``T`` (``hadamard=True``): a seeded orthogonal frame ``blockdiag(H) P D`` of ``zoo.core.hadamard`` applied to
+  the input on the fly, with W read in the frame (``W T^T``), so outlier channels spread over their block
+  before rounding (incoherence processing, as in QuIP# and QuaRot; the frame is rebuilt from the seed, never
+  stored);
+- ``Q``: frozen codes (``bits`` in 2, 3, 4, 8), rounded to nearest or by GPTQ's error feedback through the
+  layer's input covariance (``rounding="gptq"``, the data-aware rounding of GPTQ; ``zoo.core.lowbit``), with
+  an optional clipping search of each group's range (``clip``);
+- ``S`` (trainable, stored fp16: the forward reads the fp16-rounded value, so the student computes what the
+  export stores) and ``Z`` (integer zero points, frozen; ``symmetric`` fixes them at 2^(bits-1));
+- ``A B`` (``correction=r``): a rank-r correction of the rounding error ``W T^T - deq(Q)``, initialized from
+  its covariance-weighted SVD (SVD-LLM's whitening, so it removes the error the calibration inputs see most;
+  as LQER/CALDERA do), trained with S.
+
+Repair trains S (and A, B) by the same KL distillation as every technique: the codes never move, the
+gradient reaches the scales through the dequantized weight (EfficientQAT's end-to-end stage). Bytes, not
+parameters, are what this saves: ``stored_bytes`` counts the packed codes, fp16 scales, packed zero points
+and the correction in the export dtype.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .core.calibration import ActivationStats
+from .core.errors import ZooError, check_choice
+from .core.hadamard import PHDFrame
+from .core.linalg import cholesky_jittered, rms, thin_svd
+from .core.lowbit import ROUNDINGS, Grid, clip_search, dequantize, gptq, grid_params, pack, quantize
+from .core.replacement import Replacement
+from .core.seeds import derive_seed
+from .core.technique import Technique, TensorSize
+
+log = logging.getLogger(__name__)
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to fp16 in the forward, identity in the backward (a straight-through rounding)."""
+    return t + (t.half().float() - t).detach()
+
+
+class QuantizedLinear(Replacement):
+    """y = (deq(codes) + A B) (T x) + b: a low-bit grid with trainable group scales (see the module docstring)."""
+
+    fp32_params = ("scales",)
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, grid: Grid,
+                 bias: torch.Tensor | None = None, frame: PHDFrame | None = None,
+                 A: torch.Tensor | None = None, B: torch.Tensor | None = None, train_scales: bool = True):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.grid = grid
+        self.frame = frame
+        self.register_buffer("codes", codes.to(torch.uint8))  # [out, in], rebuilt from weights + calibration
+        self.register_buffer("zeros", zeros.to(torch.uint8))  # [out, G]
+        self.scales = nn.Parameter(scales.float(), requires_grad=train_scales)  # [out, G], fp32 in memory
+        self.A = nn.Parameter(A) if A is not None else None  # [out, r]
+        self.B = nn.Parameter(B) if B is not None else None  # [r, in]
+        self.bias = nn.Parameter(bias.clone(), requires_grad=False) if bias is not None else None
+        # relative steps, as for the low-rank factors: one lr moves every scale by the same fraction
+        self.lr_scales = {n: rms(p) for n, p in self.named_parameters() if p.requires_grad}
+
+    @property
+    def correction_rank(self) -> int:
+        return 0 if self.A is None else self.A.shape[1]
+
+    def grid_weight(self) -> torch.Tensor:
+        """deq(codes) [out, in] in fp32, with the scales as the export stores them (fp16)."""
+        return dequantize(self.codes, _fp16(self.scales), self.zeros, self.grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.frame(x) if self.frame is not None else x
+        y = F.linear(h, self.grid_weight().to(h.dtype))
+        if self.A is not None:
+            y = y + (h @ self.B.T.to(h.dtype)) @ self.A.T.to(h.dtype)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def dense_weight(self) -> torch.Tensor:
+        W = self.grid_weight().double()
+        if self.A is not None:
+            W = W + self.A.double() @ self.B.double()
+        return W @ self.frame.matrix().to(W.device) if self.frame is not None else W
+
+    def export_spec(self) -> dict:
+        """Packed codes and zero points (uint8), fp16 scales; the frame as its signs, permutation and
+        Hadamard block size; the correction as two matmuls beside the grid's."""
+        g = self.grid
+        frame = []
+        tensors = {"w_codes": "uint8", "w_scales": "float16", **({} if g.symmetric else {"w_zeros": "uint8"})}
+        if self.frame is not None:
+            frame = [{"op": "scale", "t": "signs"}, {"op": "gather", "t": "perm"},
+                     {"op": "hadamard", "block": self.frame.block}]
+            tensors |= {"signs": "model", "perm": "int64"}
+        grid = [{"op": "qmatmul", "t": "w", "bits": g.bits, "group": g.group, "in": self.in_features,
+                 "symmetric": g.symmetric}]
+        if self.A is not None:
+            grid = [{"op": "sum", "branches": [grid, [{"op": "matmul", "t": "B", "transpose": True},
+                                                      {"op": "matmul", "t": "A", "transpose": True}]]}]
+            tensors |= {"A": "model", "B": "model"}
+        program = frame + grid
+        if self.bias is not None:
+            program.append({"op": "add", "t": "bias"})
+            tensors["bias"] = "model"
+        return {"program": program, "tensors": tensors,
+                "ranks": {"bits": g.bits, "group": g.group, "correction": self.correction_rank}}
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        g = self.grid
+        out = {"w_codes": pack(self.codes, g.bits), "w_scales": self.scales.detach().half()}
+        if not g.symmetric:
+            out["w_zeros"] = pack(self.zeros, g.bits)
+        if self.frame is not None:
+            out |= {"signs": self.frame.signs, "perm": self.frame.perm}
+        if self.A is not None:
+            out |= {"A": self.A, "B": self.B}
+        return out | ({"bias": self.bias} if self.bias is not None else {})
+
+    def extra_repr(self) -> str:
+        g = self.grid
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={g.bits}, group={g.group}, "
+                f"symmetric={g.symmetric}, hadamard={self.frame is not None}, correction={self.correction_rank}")
+
+
+def stored_bytes(out_features: int, in_features: int, grid: Grid, correction: int = 0, hadamard: bool = False,
+                 bias: bool = False, dtype_bytes: int = 2) -> int:
+    """Bytes a ``QuantizedLinear`` export stores: packed codes, fp16 scales, packed zero points (asymmetric), the
+    frame's signs and int64 permutation, the correction and bias at ``dtype_bytes`` each."""
+    G = grid.groups(in_features)
+    codes = out_features * -(-in_features // 8) * grid.bits
+    zeros = 0 if grid.symmetric else out_features * -(-G // 8) * grid.bits
+    frame = in_features * (dtype_bytes + 8) if hadamard else 0
+    return codes + out_features * G * 2 + zeros + frame + \
+        (correction * (out_features + in_features) + (out_features if bias else 0)) * dtype_bytes
+
+
+def weighted_correction(residual: torch.Tensor, moment: torch.Tensor | None, rank: int, name: str
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [out, r], B [r, in]) minimizing E||(R - A B) x||^2 over the calibration inputs (``moment`` = E[x x^T];
+    plain SVD without it): the truncated SVD of R S, S = chol(E[x x^T]), mapped back through S^-1."""
+    R = residual.double()
+    if moment is None:
+        P, s, Qh = thin_svd(R)
+        return P[:, :rank] * s[:rank], Qh[:rank]
+    S = cholesky_jittered(moment.to(R.device, torch.float64), name=name)
+    P, s, Qh = thin_svd(R @ S)
+    B = torch.linalg.solve_triangular(S.T, Qh[:rank].T, upper=True).T  # Qh_r S^-1
+    return P[:, :rank] * s[:rank], B
+
+
+@dataclass(eq=False, repr=False)
+class Quantize(Technique):
+    """Spec: replace each target by a ``QuantizedLinear`` (see the module docstring).
+
+    Args:
+        targets: module name patterns (see ``zoo.core.targets``).
+        bits: bits per code: 2, 3, 4 or 8.
+        group: input channels sharing one scale (and zero point); the last group of a row may be shorter.
+        symmetric: zero points fixed at 2^(bits-1) (not stored); else min-max integer zero points per group.
+        rounding: ``nearest`` or ``gptq`` (error feedback through the input covariance; needs calibration).
+        clip: search each group's range shrink for the least (input-weighted) rounding error.
+        hadamard: read W in a seeded Hadamard frame of the input side (block ``block``), applied on the fly.
+        block: Hadamard block (a power of two; the largest power of two dividing the width if it does not).
+        correction: rank of a trained low-rank correction of the rounding error (0: none).
+        train_scales: train the group scales in repair (the correction trains whenever it exists).
+        damp: GPTQ's dampening, a fraction of the mean diagonal of E[x x^T].
+        seed: seed of the frames' signs and permutations (each target gets its own).
+    """
+
+    targets: str | list[str]
+    bits: int = 4
+    group: int = 64
+    symmetric: bool = False
+    rounding: str = "gptq"
+    clip: bool = False
+    hadamard: bool = False
+    block: int = 512
+    correction: int = 0
+    train_scales: bool = True
+    damp: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.grid  # noqa: B018 - validates bits and group
+        check_choice("rounding", self.rounding, ROUNDINGS)
+        if isinstance(self.correction, bool) or not isinstance(self.correction, int) or self.correction < 0:
+            raise ZooError(f"correction must be an int rank >= 0 (0: no low-rank correction), got {self.correction!r}")
+        if not 0 <= self.damp < 1:
+            raise ZooError(f"damp must be in [0, 1), got {self.damp!r}")
+        PHDFrame(self.block, self.block) if self.hadamard else None  # validates the block
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.bits, self.group, self.symmetric)
+
+    def needs(self) -> set[str]:
+        return {"input"} if self.rounding == "gptq" or self.clip or self.correction else set()
+
+    def _frame(self, name: str, in_features: int) -> PHDFrame | None:
+        return PHDFrame(in_features, self.block, derive_seed(self.seed, name, "input")) if self.hadamard else None
+
+    def _rank(self, module: nn.Module, name: str) -> int:
+        if self.correction > min(module.out_features, module.in_features):
+            raise ZooError(f"correction rank {self.correction} for {name} exceeds min(out, in) = "
+                           f"{min(module.out_features, module.in_features)}")
+        return self.correction
+
+    def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
+        """codes [out, in] and zero points [out, G] (uint8 buffers), scales [out, G] fp32, the frame's buffers,
+        the correction A [out, r], B [r, in] and the bias."""
+        out_f, in_f = module.out_features, module.in_features
+        G = self.grid.groups(in_f)
+        sizes = {"codes": TensorSize((out_f, in_f), "buffer", "uint8"), "zeros": TensorSize((out_f, G), "buffer", "uint8"),
+                 "scales": TensorSize((out_f, G), "trainable" if self.train_scales else "frozen", "float32")}
+        r = self._rank(module, name)
+        if r:
+            sizes |= {"A": TensorSize((out_f, r)), "B": TensorSize((r, in_f))}
+        if getattr(module, "bias", None) is not None:
+            sizes["bias"] = TensorSize((out_f,), "frozen")
+        if self.hadamard:
+            sizes |= {"frame.signs": TensorSize((in_f,), "buffer"), "frame.perm": TensorSize((in_f,), "buffer", "int64"),
+                      "frame.inverse_perm": TensorSize((in_f,), "buffer", "int64")}
+        return sizes
+
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> QuantizedLinear:
+        weight = module.weight
+        grid, frame = self.grid, self._frame(name, module.in_features)
+        W = weight.detach().double()
+        moment = None
+        if stats is not None:
+            moment = stats.second_moment if stats.second_moment is not None else torch.diag(stats.diag)
+            moment = moment.to(W.device, torch.float64)
+        elif self.needs():
+            raise ZooError(f"{name}: rounding={self.rounding!r}, clip or correction need calibration statistics")
+        if frame is not None:
+            frame = frame.to(W.device)
+            T = frame.matrix().to(W.device)  # [n, n], orthogonal: W x = (W T^T)(T x)
+            W = W @ T.T
+            moment = T @ moment @ T.T if moment is not None else None
+        if self.rounding == "gptq":
+            codes, scales, zeros = gptq(W, moment, grid, self.damp, clip=self.clip)
+        else:
+            scales, zeros = clip_search(W, grid, moment.diagonal()) if self.clip else grid_params(W, grid)
+            codes = quantize(W, scales, zeros, grid)
+        scales = scales.half().float()  # what the export stores, from the start
+        A = B = None
+        r = self._rank(module, name)
+        if r:
+            A, B = weighted_correction(W - dequantize(codes, scales.double(), zeros, grid), moment, r, name)
+            A, B = A.to(weight.dtype).contiguous(), B.to(weight.dtype).contiguous()
+        bias = getattr(module, "bias", None)
+        frame = frame.to(weight.dtype) if frame is not None else None  # its signs follow the model's dtype
+        layer = QuantizedLinear(codes, scales, zeros, grid, None if bias is None else bias.detach(), frame, A, B,
+                                self.train_scales)
+        return layer.to(weight.device)
+
+    def report(self, model: nn.Module) -> dict[str, float]:
+        """``quantized_maps``, their stored bytes (``quantized_bytes``) and bits per weight (``bits_per_weight``,
+        over the weights they replace), counted from what export writes (the correction at 2 bytes)."""
+        from .core.surgery import replaced_modules
+
+        maps, stored, weights = 0, 0, 0
+        for wrapper in replaced_modules(model).values():
+            layer = wrapper.replacement
+            if isinstance(layer, QuantizedLinear):
+                maps += 1
+                weights += layer.in_features * layer.out_features
+                stored += stored_bytes(layer.out_features, layer.in_features, layer.grid, layer.correction_rank,
+                                       layer.frame is not None, layer.bias is not None)
+        return {"quantized_maps": maps, "quantized_bytes": stored, "bits_per_weight": 8 * stored / weights} if maps else {}
