@@ -72,8 +72,8 @@ COMMANDS: dict[str, Command] = {
                         "and their weights (source 004)", data="required", logger=True, logger_name="spectrum"),
     "ladder": Command("recipes.ladder:run_ladder", "the scaling ladder of structured replacements, one fit per "
                       "rung (source 000, 4.5-4.9)"),
-    "frontier": Command("recipes.frontier:run_frontier", "whole-model compression methods x parameter ratios: "
-                        "heldout KL/ppl before and after repair, one row per (method, ratio)"),
+    "frontier": Command("recipes.frontier:run_frontier", "whole-model compression methods x settings (ratios, "
+                        "bits): bytes, code/prose ppl before and after repair, one row per (method, value)"),
     "tase-sweep": Command("recipes.tase_sweep:run_sweep", "TASE identity deviation over k, one fit per k "
                           "(source 000, 4.9, phase 51)"),
     "bank": Command("recipes.wizorb:train_bank", "a delta bank of LoRA adapters on disjoint code shards "

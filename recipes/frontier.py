@@ -1,8 +1,9 @@
-"""``zoo frontier``: whole-model compression methods against parameter ratios (issue 16). Every item is a
-(method, ratio) pair: a method is a recipe config plus overrides (``svd``, ``asvd``, ``fwsvd``, ``svdllm``,
-the zoo's best pipeline), the ratio the fraction of each replaced map's parameters kept
-(``--model.init_args.parts.rank <ratio>``). Each item runs in stages, each in its own process into
-``OUTPUT_DIR/<method>@<ratio>/<stage>``:
+"""``zoo frontier``: whole-model compression methods against the bytes they store (issues 16 and 25). Every
+item is a (method, value) pair: a method is a recipe config plus overrides (``svd``, ``asvd``, ``fwsvd``,
+``svdllm``, the zoo's low-rank pipeline, round-to-nearest and the zoo's low-bit grid) and the recipe option
+its values set (``setting``: ``rank``, the fraction of each replaced map's parameters kept, by default; ``bits``
+for a low-bit grid), each value one item (``--model.init_args.parts.<setting> <value>``). Each item runs in
+stages, each in its own process into ``OUTPUT_DIR/<method>@<value>/<stage>``:
 
 - ``before``: ``zoo validate`` of the recipe: the unrepaired student is built (calibration, cached, and
   projection) and scored on the heldout split; its ``metrics_validate.json`` gives heldout KL and ppl (and
@@ -13,6 +14,13 @@ the zoo's best pipeline), the ratio the fraction of each replaced map's paramete
   best validated one. With ``callbacks.RepairCurve`` in the recipe, the stage's entry holds its points
   (``curve``: step, wall seconds, heldout KL and ppl at train start and each validation).
 - ``after``: ``zoo validate --ckpt_path <repair state>``: the repaired student scored exactly as ``before``.
+- ``prose_before`` and ``prose_after`` (with ``prose_windows``): ``zoo ppl`` of the student (unrepaired, then
+  with its repair state) and its teacher on pydoc-topics prose in 2048-token windows: what the student keeps
+  outside the code it was calibrated and repaired on.
+
+Bytes are what the student's export stores with floating tensors at 16 bits (``zoo.export.writer.size_report``
+in the built student's summary): packed codes and fp16 scales of a grid, factors of a low-rank map, and the
+rest of the model; ``bits_per_weight`` is 8 x the replaced maps' bytes over the weights they replace.
 
 Parameters are the built student's where every target is a low-rank map (``low_rank_parameters`` of
 ``FisherSVD.report``: exact under a rank allocation), else counted from shapes (``zoo.core.plan.plan_student``
@@ -21,7 +29,7 @@ Each stage's wall time (and, on a GPU, CUDA peak) is recorded. A finished item (
 the same repair settings, or any repair when this invocation repairs none: a repaired item holds the
 unrepaired numbers too) is not run again, nor a finished stage of an interrupted item; a failed item is a
 row. Output: ``frontier.md``, ``frontier.json`` (with the command, commit and hardware)
-and ``frontier.png`` (heldout ppl vs parameters, log y, a line per method, the teacher's ppl as a line).
+and ``frontier.png`` (code and prose ppl over the teacher's against bytes, a line per method).
 
     zoo frontier --config configs/commands/frontier.yaml
     zoo frontier --config configs/commands/frontier.yaml --only '[svdllm@0.8, zoo@0.8]' --repair_steps 100
@@ -29,8 +37,6 @@ and ``frontier.png`` (heldout ppl vs parameters, log y, a line per method, the t
 from __future__ import annotations
 
 import json
-import math
-import platform
 import shlex
 import sys
 import time
@@ -41,12 +47,13 @@ from zoo.core.cache import atomic_write_text
 from zoo.core.errors import ZooError
 
 from .command import command_logger
-from .report import fmt, log_outputs, markdown_table, row_table
+from .frontier_report import STAGES, format_table, hardware, plot
+from .report import log_outputs, row_table
 from .series import Item, Series, check_configs, check_unique, run_streaming, zoo_args
 
 DEFAULT_RATIOS = [0.9, 0.8, 0.7, 0.6, 0.5]
 RESULT = "item.json"
-STAGES = ("before", "repair", "after")
+PROSE = "pydoc-topics"
 
 
 @dataclass
@@ -54,20 +61,27 @@ class Method:
     """One compression method of the frontier: a recipe config and the overrides that make it this method.
 
     Args:
-        name: the method's name (items are called ``<name>@<ratio>``).
-        config: the recipe YAML (as for ``zoo fit --config``); its rank is set to each ratio.
+        name: the method's name (items are called ``<name>@<value>``).
+        config: the recipe YAML (as for ``zoo fit --config``); its ``setting`` is set to each value.
         label: what the table and the chart call it (default: ``name``).
         overrides: extra recipe options, e.g. ``['--model.init_args.parts.weighting', 'asvd']``.
+        setting: the option of the recipe's part that the values set (``rank``: a parameter ratio; ``bits``).
+        values: this method's values (default: the frontier's ``ratios``).
+        repair: whether the frontier's repair applies to this method (False: a baseline that is never
+            repaired, e.g. round-to-nearest).
     """
 
     name: str
     config: str
     label: str = ""
     overrides: list[str] = field(default_factory=list)
+    setting: str = "rank"
+    values: list[float] | None = None
+    repair: bool = True
 
 
-def item_name(method: str, ratio: float) -> str:
-    return f"{method}@{ratio:g}"
+def item_name(method: str, value: float) -> str:
+    return f"{method}@{value:g}"
 
 
 def max_time(minutes: float) -> str:
@@ -116,26 +130,9 @@ def shape_ranks(model, parts, resolved: list[list[str]]) -> dict[str, float]:
 
 def built_summary(run_dir: Path) -> dict:
     """The unrepaired student's summary as its validate built it (``ranks/<type>/<stat>`` and
-    ``low_rank_parameters`` from ``FisherSVD.report``)."""
+    ``low_rank_parameters`` from ``FisherSVD.report``; bytes and bits per weight from ``size_report``)."""
     path = run_dir / "before" / "metrics_validate.json"
     return json.loads(path.read_text()).get("summary", {}) if path.is_file() else {}
-
-
-#: the order of a decoder layer's maps, for the rank cell (other names follow, sorted)
-LAYER_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def rank_cell(ranks: dict[str, float]) -> str:
-    """``q 230 · k 115 · ...``: the mean rank of each layer type in a decoder layer's order, named without
-    ``_proj``."""
-    means = {k.split("/")[1]: v for k, v in ranks.items() if k.endswith("/mean")}
-    order = sorted(means, key=lambda t: (LAYER_ORDER.index(t) if t in LAYER_ORDER else len(LAYER_ORDER), t))
-    return " · ".join(f"{t.removesuffix('_proj')} {means[t]:.0f}" for t in order) or "-"
-
-
-def ppl_cell(ppl: float | None) -> str:
-    """A perplexity: 2 decimals, or a whole number with separators from 1,000 (a ruined student's 18,298,298)."""
-    return fmt(ppl, ",.0f" if ppl is not None and ppl >= 1000 else ".2f")
 
 
 def one_line(exc: Exception) -> str:
@@ -149,23 +146,28 @@ class Frontier(Series):
     title, noun = "frontier item", "item(s)"
 
     def __init__(self, methods: list[Method], ratios: list[float], overrides: list[str], repair_steps: int,
-                 repair_minutes: float | None, output_dir: str, only: list[str] | None, rerun: bool, logger: bool):
+                 repair_minutes: float | None, output_dir: str, only: list[str] | None, rerun: bool, logger: bool,
+                 prose_windows: int = 0, prose_seq_len: int = 2048):
         self.methods = {m.name: m for m in methods}
         self.ratios, self.overrides = list(ratios), list(overrides)
         self.repair = {"steps": repair_steps, "minutes": repair_minutes}
+        self.prose_windows, self.prose_seq_len = prose_windows, prose_seq_len
         self.pairs: dict[str, tuple[Method, float]] = {}
         items = []
         for m in methods:
-            for r in ratios:
-                name = item_name(m.name, r)
-                self.pairs[name] = (m, r)
+            for v in (m.values if m.values is not None else ratios):
+                name = item_name(m.name, v)
+                self.pairs[name] = (m, v)
                 items.append(Item(name, config=m.config,
-                                  overrides=[*overrides, *m.overrides, "--model.init_args.parts.rank", f"{r:g}"]))
+                                  overrides=[*overrides, *m.overrides, f"--model.init_args.parts.{m.setting}", f"{v:g}"]))
         super().__init__(items, output_dir, "frontier", only, rerun, logger)
 
     @property
     def repairs(self) -> bool:
         return self.repair["steps"] > 0 or self.repair["minutes"] is not None
+
+    def repairs_item(self, item: Item) -> bool:
+        return self.repairs and self.pairs[item.name][0].repair
 
     def record(self, run_dir: Path) -> dict:
         path = run_dir / RESULT
@@ -182,8 +184,10 @@ class Frontier(Series):
         stages = record.get("stages", {})
         whole = all(stages.get(k, {}).get("full_heldout") for k in ("before", "after") if k in stages)
         # a repaired item also holds the unrepaired student's numbers: an invocation without repair keeps it
-        same_repair = record.get("repair") == self.repair or not self.repairs
-        return record if record.get("complete") and same_repair and whole else None
+        same_repair = record.get("repair") == self.repair or not self.repairs_item(item)
+        prose = not self.prose_windows or all(stages.get(f"prose_{k}", {}).get("windows") == self.prose_windows
+                                              for k in ("before", "after") if k in stages)
+        return record if record.get("complete") and same_repair and whole and prose else None
 
     def kept(self, item: Item, run_dir: Path) -> str:
         return f"finished earlier ({run_dir / RESULT})"
@@ -225,6 +229,33 @@ class Frontier(Series):
             return f"{name} failed: no heldout metrics in {stage_dir / 'metrics_validate.json'}"
         return None
 
+    def prose(self, when: str, item: Item, run_dir: Path, record: dict, old: dict) -> str | None:
+        """``zoo ppl`` of the student (with its repair state ``after`` repair) and its teacher on prose."""
+        name = f"prose_{when}"
+        kept = old.get("stages", {}).get(name, {})
+        if kept.get("exit_code") == 0 and kept.get("windows") == self.prose_windows and \
+                (when == "before" or old.get("repair") == self.repair):
+            record["stages"][name] = kept
+            return None
+        stage_dir = run_dir / name
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        output = stage_dir / "ppl.json"
+        output.unlink(missing_ok=True)
+        state = ["--repair_state", str(run_dir / "repair" / "repair_state.safetensors")] if when == "after" else []
+        args = [sys.executable, "-m", "recipes.cli", "ppl", "--recipe", item.config,
+                "--overrides", json.dumps([*item.overrides, "--trainer.enable_progress_bar", "false"]), *state,
+                "--source", PROSE, "--seq_len", str(self.prose_seq_len), "--max_windows", str(self.prose_windows), "--device", "cpu",
+                "--output", str(output), "--logger", "null"]
+        print(f"$ {shlex.join(['zoo', *args[3:]])}", flush=True)
+        start = time.monotonic()
+        code, last = run_streaming(args, stage_dir / "ppl.log")
+        entry = {"seconds": round(time.monotonic() - start, 1), "exit_code": code, "windows": self.prose_windows}
+        if output.is_file():
+            ppl = json.loads(output.read_text())["ppl"]
+            entry |= {"ppl": ppl["student"]["ppl"], "teacher_ppl": ppl["teacher"]["ppl"]}
+        record["stages"][name] = entry
+        return None if code == 0 and "ppl" in entry else f"{name} failed (exit {code}): {last[:120]}"
+
     def execute(self, item: Item, run_dir: Path) -> str:
         path = run_dir / RESULT
         old = {} if self.rerun else self.record_of(item, run_dir)
@@ -245,7 +276,10 @@ class Frontier(Series):
         else:
             failure = self.stage("before", "validate", item, run_dir, [], record)
         save()
-        if failure is None and self.repairs:
+        if failure is None and self.prose_windows:
+            failure = self.prose("before", item, run_dir, record, old)
+            save()
+        if failure is None and self.repairs_item(item):
             old_stages = old.get("stages", {})
             kept = old.get("repair") == self.repair and old_stages.get("repair", {}).get("exit_code") == 0
             if kept:  # the same repair finished earlier: its state is there
@@ -264,13 +298,16 @@ class Frontier(Series):
                     record["stages"]["after"] = after
                 else:
                     failure = self.stage("after", "validate", item, run_dir, ["--ckpt_path", str(state)], record)
+            save()
+            if failure is None and self.prose_windows:
+                failure = self.prose("after", item, run_dir, record, old)
         record["status"] = failure or "ok"
         record["complete"] = failure is None
         save()
         return record["status"]
 
     def row(self, item: Item, result: dict | None, status: str, run_dir: Path) -> dict:
-        method, ratio = self.pairs[item.name]
+        method, value = self.pairs[item.name]
         record = result or self.record(run_dir)
         stages, count = record.get("stages", {}), record.get("count") or {}
         before, after = stages.get("before", {}), stages.get("after", {})
@@ -292,8 +329,26 @@ class Frontier(Series):
             and count.get("targets") == built.get("low_rank_maps")  # every target one of those maps
         if exact:
             parameters = teacher_params - count["replaced_parameters"] + built["low_rank_parameters"]
-        return {"item": item.name, "method": method.name, "label": method.label or method.name, "ratio": ratio,
-                "status": status,
+        prose_before, prose_after = stages.get("prose_before", {}), stages.get("prose_after", {})
+        teacher_prose = prose_before.get("teacher_ppl") or prose_after.get("teacher_ppl")
+        prose_of = lambda ppl: ppl / teacher_prose if ppl is not None and teacher_prose else None  # noqa: E731
+        repair = stages.get("repair", {})
+        curve = repair.get("curve") or []
+        minutes = (curve[-1].get("wall_s") if curve else repair.get("seconds"))
+        repaired = "kl" in after
+        # the student as shipped: after repair where it was repaired
+        code_ratio, prose_ratio = (ratio_of(after.get("ppl")), prose_of(prose_after.get("ppl"))) if repaired else \
+            (ratio_of(before.get("ppl")), prose_of(prose_before.get("ppl")))
+        return {"item": item.name, "method": method.name, "label": method.label or method.name,
+                "setting": method.setting, "value": value, "ratio": value if method.setting == "rank" else None,
+                "status": status, "bits_per_weight": built.get("bits_per_weight"), "bytes": built.get("student_bytes"),
+                "teacher_bytes": built.get("teacher_bytes"),
+                "bytes_fraction": built["student_bytes"] / built["teacher_bytes"] if built.get("teacher_bytes") else None,
+                "ppl_code_ratio": code_ratio, "ppl_prose_ratio": prose_ratio,
+                "repair_minutes": minutes / 60 if minutes is not None else None,
+                "prose_ppl_before": prose_before.get("ppl"), "prose_ppl_after": prose_after.get("ppl"),
+                "teacher_prose_ppl": teacher_prose, "prose_x_teacher_before": prose_of(prose_before.get("ppl")),
+                "prose_x_teacher_after": prose_of(prose_after.get("ppl")),
                 "parameters": parameters, "teacher_parameters": teacher_params, "parameters_built": exact,
                 "parameter_fraction": parameters / teacher_params if teacher_params and parameters else None,
                 "kl_before": before.get("kl"), "kl_after": after.get("kl"),
@@ -313,74 +368,6 @@ class Frontier(Series):
                 "overrides": self.overrides, "repair": self.repair, "teacher_ppl": teacher, "rows": rows}
 
 
-def hardware() -> dict:
-    import os
-
-    import torch
-
-    info = {"machine": platform.machine(), "processor": platform.processor() or None, "cpus": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def format_table(rows: list[dict]) -> str:
-    head = ["method", "ratio", "parameters", "KL before", "KL after", "ppl before", "ppl after",
-            "ppl / teacher before", "after", "repair steps", "s before", "s repair", "s after",
-            "mean rank per layer type"]
-    cells = []
-    for r in rows:
-        s = r["seconds"]
-        cells.append([r["label"] + ("" if r["status"] == "ok" else f" ({r['status']})"), f"{r['ratio']:g}",
-                      fmt(r["parameters"], ",d"), fmt(r["kl_before"], ".4f"), fmt(r["kl_after"], ".4f"),
-                      ppl_cell(r["ppl_before"]), ppl_cell(r["ppl_after"]), ppl_cell(r["ppl_x_teacher_before"]),
-                      ppl_cell(r["ppl_x_teacher_after"]), fmt(r["repair_steps"], "d"), fmt(s.get("before"), ".0f"),
-                      fmt(s.get("repair"), ".0f"), fmt(s.get("after"), ".0f"), rank_cell(r.get("ranks") or {})])
-    if any(v is not None for r in rows for v in r.get("cuda_peak_gib", {}).values()):  # measured on a GPU
-        head = [*head, "peak GiB before / repair / after"]
-        for r, row in zip(rows, cells):
-            row.append(" / ".join(fmt(r["cuda_peak_gib"].get(k), ".2f") for k in STAGES))
-    table = markdown_table(head, cells)
-    teacher = next((r for r in rows if r["teacher_ppl"]), None)
-    if teacher is not None:
-        params = fmt(teacher["teacher_parameters"], ",d")
-        table += f"\n\nteacher: {params} parameters, heldout ppl {teacher['teacher_ppl']:.2f}"
-    return table
-
-
-def plot(rows: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 6))
-    labels = list(dict.fromkeys(r["label"] for r in rows))
-    for i, label in enumerate(labels):
-        color = f"C{i}"
-        mine = sorted((r for r in rows if r["label"] == label and r["parameters"]), key=lambda r: r["parameters"])
-        for key, style, suffix in (("ppl_before", "-o", ""), ("ppl_after", "--s", ", repaired")):
-            points = [(r["parameters"], r[key]) for r in mine if r[key] is not None and math.isfinite(r[key])]
-            if points:
-                ax.plot([p / 1e6 for p, _ in points], [y for _, y in points], style, color=color,
-                        label=label + suffix)
-    teacher = next((r["teacher_ppl"] for r in rows if r["teacher_ppl"]), None)
-    if teacher:
-        ax.axhline(teacher, color="k", lw=1, ls=":", label=f"teacher ({teacher:.2f})")
-    ax.set_xlabel("student parameters (millions)")
-    ax.set_ylabel("heldout perplexity")
-    ax.set_yscale("log")
-    ax.set_title("compression frontier: heldout ppl vs parameters")
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # below the axes: inside, it covered the curves
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 def run_frontier(
     methods: list[Method],
     ratios: list[float] = DEFAULT_RATIOS,
@@ -391,22 +378,29 @@ def run_frontier(
     only: list[str] | None = None,
     rerun: bool = False,
     logger: bool = True,
+    prose_windows: int = 0,
+    prose_seq_len: int = 2048,
 ) -> list[dict]:
-    """Run every (method, ratio) item not finished, then write the table, JSON and chart.
+    """Run every (method, value) item not finished, then write the table, JSON and chart.
 
-    Each item: heldout KL and ppl before and after repair, the student's parameters, the seconds of each stage.
+    Each item: heldout KL and ppl before and after repair, prose ppl (with ``prose_windows``), the student's
+    bytes, bits per weight and parameters, the seconds of each stage.
 
     Args:
         methods: the compression methods, in table order.
-        ratios: parameter ratios kept per replaced map (each method's ``--model.init_args.parts.rank``).
+        ratios: parameter ratios kept per replaced map (``--model.init_args.parts.rank``) of each method that gives
+            no ``values`` of its own.
         overrides: recipe options given to every item (before the method's own), e.g. a heldout size.
         repair_steps: repair steps per item (``zoo fit --trainer.max_steps``); 0 with no ``repair_minutes``:
             no repair, the unrepaired student only.
         repair_minutes: a wall-clock limit of each repair (``--trainer.max_time``); None: none.
-        output_dir: each item runs in ``output_dir/<method>@<ratio>``; the table, JSON and chart go here.
-        only: run only these items (``<method>@<ratio>``, e.g. ``svdllm@0.8``); the table shows every finished one.
+        output_dir: each item runs in ``output_dir/<method>@<value>``; the table, JSON and chart go here.
+        only: run only these items (``<method>@<value>``, e.g. ``svdllm@0.8``); the table shows every finished one.
         rerun: run finished items (and their finished stages) again.
         logger: log each repair, and the table, to W&B (offline unless ``WANDB_MODE=online``).
+        prose_windows: windows of pydoc-topics prose each student (before and after repair) and its teacher are
+            scored on (``zoo ppl``); 0: none.
+        prose_seq_len: tokens per prose window (2048, as papers report perplexity).
     """
     if not methods:
         raise ZooError("the frontier has no methods")
@@ -416,7 +410,13 @@ def run_frontier(
         raise ZooError(f"repair_steps must be >= 0 and repair_minutes > 0, got {repair_steps}, {repair_minutes}")
     check_unique([m.name for m in methods], "method names")
     check_unique([f"{r:g}" for r in ratios], "ratios")
-    frontier = Frontier(methods, ratios, overrides, repair_steps, repair_minutes, output_dir, only, rerun, logger)
+    if prose_windows < 0:
+        raise ZooError(f"prose_windows must be >= 0 (0: no prose perplexity), got {prose_windows}")
+    for m in methods:
+        if m.values is not None:
+            check_unique([f"{v:g}" for v in m.values], f"values of method {m.name}")
+    frontier = Frontier(methods, ratios, overrides, repair_steps, repair_minutes, output_dir, only, rerun, logger,
+                        prose_windows, prose_seq_len)
     check_configs(frontier.items, "method")
     rows = frontier.run()
     out = frontier.outputs

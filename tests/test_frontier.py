@@ -45,7 +45,13 @@ def test_frontier_rows_table_chart_resume_and_failures(tmp_path, tiny_teacher_di
     broken = rows["broken@0.8"]  # the recipe does not parse: a row with the reason, no numbers
     assert broken["status"].startswith("failed: unknown weighting 'bogus'") and broken["kl_before"] is None
     table = (out_dir / "frontier.md").read_text()
-    assert f"| SVD | 0.8 | {rows['svd@0.8']['parameters']:,} |" in table and "| broken (failed" in table
+    svd = rows["svd@0.8"]
+    assert f"| SVD | rank 0.8 | {svd['bits_per_weight']:.2f} | {svd['bytes'] / 1e6:.1f} | {svd['parameters']:,} |" in table
+    assert "| broken (failed" in table
+    # bytes: the factors at 16 bits and sigma at 32, rank 34 of a 64 x 128 map
+    assert svd["bits_per_weight"] == 8 * (2 * (64 + 128) * 34 + 4 * 34) / (64 * 128)
+    assert svd["bytes"] < svd["teacher_bytes"] and svd["bytes_fraction"] == svd["bytes"] / svd["teacher_bytes"]
+    assert svd["setting"] == "rank" and svd["value"] == svd["ratio"] == 0.8 and svd["ppl_code_ratio"] == svd["ppl_x_teacher_before"]
     assert "teacher:" in table and (out_dir / "frontier.png").stat().st_size > 0
     # the ranks per layer type: the built student's (64 x 128 maps: 0.8 -> 34, 0.5 -> 21)
     assert rows["svd@0.8"]["ranks"]["ranks/down_proj/mean"] == 34 and rows["svd@0.5"]["ranks"]["ranks/down_proj/max"] == 21
@@ -85,3 +91,36 @@ def test_frontier_rejects_unknown_items_and_bad_options(tmp_path, capsys):
     assert code == 2 and "unknown item(s) ['b@0.8']; valid: a@0.9, a@0.8" in err
     code, _, err = zoo_cli(["frontier", "--config", str(path), "--ratios", "[0.8, 0.8]"], capsys)
     assert code == 2 and "ratios must be unique" in err
+
+
+def test_frontier_bits_items_prose_and_a_baseline_never_repaired(tmp_path, tiny_teacher_dir, capsys):
+    """A low-bit method whose values are bits, beside a round-to-nearest baseline that the frontier's repair
+    skips; every item scored on prose too; rows carry the bytes and the ratios the study plots."""
+    grid = repair_model("zoo.Quantize", targets="model.layers.*.mlp.{gate,up,down}_proj", bits=4, group=32, lr=0.01)
+    config = config_with(tmp_path, tiny_teacher_dir, {"class_path": "callbacks.RepairCurve"}, model=grid, max_steps=2)
+    out_dir = tmp_path / "frontier"
+    frontier = {"output_dir": str(out_dir), "logger": False, "prose_windows": 2, "prose_seq_len": 64,
+                "repair_steps": 2, "methods": [
+                    {"name": "rtn", "config": config, "setting": "bits", "values": [8, 3], "repair": False,
+                     "overrides": ["--model.init_args.parts.rounding", "nearest"]},
+                    {"name": "zoo-int", "config": config, "setting": "bits", "values": [3]}]}
+    path = tmp_path / "frontier.yaml"
+    path.write_text(yaml.safe_dump(frontier))
+    code, out, err = zoo_cli(["frontier", "--config", str(path)], capsys)
+    assert code == 0, err
+    assert out.count("$ zoo fit") == 1 and out.count("$ zoo ppl") == 4  # rtn: before only; zoo-int: both
+    rows = {r["item"]: r for r in json.loads((out_dir / "frontier.json").read_text())["rows"]}
+    assert list(rows) == ["rtn@8", "rtn@3", "zoo-int@3"]
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        for key in ("method", "bits_per_weight", "bytes", "ppl_code_ratio", "ppl_prose_ratio"):
+            assert r[key] is not None, (r["item"], key)
+        assert r["teacher_prose_ppl"] > 1 and r["ppl_prose_ratio"] > 0
+    assert rows["rtn@8"]["repair_minutes"] is None and rows["rtn@8"]["kl_after"] is None
+    assert rows["rtn@3"]["bits_per_weight"] < rows["rtn@8"]["bits_per_weight"] < 16
+    assert rows["rtn@8"]["ppl_code_ratio"] < rows["rtn@3"]["ppl_code_ratio"]  # 8 bits: near the teacher
+    repaired = rows["zoo-int@3"]
+    assert repaired["kl_after"] is not None and repaired["repair_minutes"] > 0
+    assert repaired["ppl_prose_ratio"] == repaired["prose_x_teacher_after"] != repaired["prose_x_teacher_before"]
+    assert repaired["ppl_code_ratio"] == repaired["ppl_x_teacher_after"]
+    assert "| rtn | bits 8 |" in (out_dir / "frontier.md").read_text()

@@ -11,7 +11,7 @@ from zoo import Quantize, QuantizedLinear
 from zoo.core.calibration import ActivationStats
 from zoo.core.errors import ZooError
 from zoo.core.lowbit import Grid, clip_search, dequantize, gptq, grid_params, pack, quantize, unpack
-from zoo.quant import stored_bytes, weighted_correction
+from zoo.quant import weighted_correction
 
 
 def correlated_inputs(n=4000, d=48, seed=0):
@@ -152,13 +152,35 @@ def test_the_forward_reads_the_scales_the_export_stores():
     torch.testing.assert_close(layer.grid_weight(), dequantize(layer.codes, exported.float(), layer.zeros, layer.grid))
 
 
-def test_stored_bytes_count_what_export_writes():
-    linear = torch.nn.Linear(100, 24)
-    for options in (dict(bits=4, group=32), dict(bits=3, group=64, symmetric=True, correction=3), dict(bits=2, group=16)):
-        layer = Quantize("t", rounding="nearest", **options).build("t", linear, stats_of(correlated_inputs(d=100)))
-        written = sum(t.numel() * (2 if t.is_floating_point() and t.dtype != torch.float16 else t.element_size())
-                      for t in layer.export_tensors().values())  # floating tensors of the model dtype at 2 bytes
-        assert stored_bytes(24, 100, layer.grid, layer.correction_rank, False, True) == written
+@pytest.mark.parametrize("options", [dict(bits=4, group=32), dict(bits=3, group=48, symmetric=True, correction=3),
+                                     dict(bits=2, group=16, hadamard=True, block=16)])
+def test_the_size_report_counts_what_export_writes(options, tiny_teacher_dir, tmp_path):
+    from safetensors import safe_open
+
+    from test_export import built
+    from zoo import export_model
+
+    module = built(Quantize, tiny_teacher_dir, targets="model.layers.*.mlp.{gate,up,down}_proj", rounding="nearest",
+                   **options)
+    out = export_model(module, tmp_path / "export", dtype="bfloat16")
+    summary = module.summary
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    on_disk = sum(t.numel() * t.element_size() for k, t in stored.items() if ".mlp." in k and "_proj." in k)
+    assert summary["replaced_bytes"] == on_disk
+    assert summary["student_bytes"] == sum(t.numel() * t.element_size() for k, t in stored.items() if k != "lm_head.weight")
+    grid = Grid(options["bits"], options["group"], options.get("symmetric", False))
+    if not options.get("correction") and not options.get("hadamard"):  # codes, scales and zero points alone
+        def row_bytes(n):
+            G = grid.groups(n)
+            return -(-n // 8) * grid.bits + 2 * G + (0 if grid.symmetric else -(-G // 8) * grid.bits)
+        # per layer: gate and up are [128, 64], down [64, 128]
+        expected = 2 * (2 * 128 * row_bytes(64) + 64 * row_bytes(128))
+        assert summary["replaced_bytes"] == expected
+        assert summary["bits_per_weight"] == 8 * expected / (2 * 3 * 64 * 128)
+
+
+def test_bits_per_weight_of_a_grid():
     assert Grid(4, 64, True).bits_per_weight(576) == 4.25
     assert Grid(4, 128).bits_per_weight(1536) == pytest.approx(4 + 20 / 128)
 

@@ -21,8 +21,9 @@ Each target W [out, in] is replaced by
 
 Repair trains S (and A, B) by the same KL distillation as every technique: the codes never move, the
 gradient reaches the scales through the dequantized weight (EfficientQAT's end-to-end stage). Bytes, not
-parameters, are what this saves: ``stored_bytes`` counts the packed codes, fp16 scales, packed zero points
-and the correction in the export dtype.
+parameters, are what this saves: a student's ``bits_per_weight`` and ``student_bytes``
+(``zoo.export.writer.size_report``, in every run's summary) count the packed codes, fp16 scales, packed zero
+points and the correction as the export stores them.
 """
 from __future__ import annotations
 
@@ -130,18 +131,6 @@ class QuantizedLinear(Replacement):
         g = self.grid
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={g.bits}, group={g.group}, "
                 f"symmetric={g.symmetric}, hadamard={self.frame is not None}, correction={self.correction_rank}")
-
-
-def stored_bytes(out_features: int, in_features: int, grid: Grid, correction: int = 0, hadamard: bool = False,
-                 bias: bool = False, dtype_bytes: int = 2) -> int:
-    """Bytes a ``QuantizedLinear`` export stores: packed codes, fp16 scales, packed zero points (asymmetric), the
-    frame's signs and int64 permutation, the correction and bias at ``dtype_bytes`` each."""
-    G = grid.groups(in_features)
-    codes = out_features * -(-in_features // 8) * grid.bits
-    zeros = 0 if grid.symmetric else out_features * -(-G // 8) * grid.bits
-    frame = in_features * (dtype_bytes + 8) if hadamard else 0
-    return codes + out_features * G * 2 + zeros + frame + \
-        (correction * (out_features + in_features) + (out_features if bias else 0)) * dtype_bytes
 
 
 def weighted_correction(residual: torch.Tensor, moment: torch.Tensor | None, rank: int, name: str
@@ -264,18 +253,3 @@ class Quantize(Technique):
         layer = QuantizedLinear(codes, scales, zeros, grid, None if bias is None else bias.detach(), frame, A, B,
                                 self.train_scales)
         return layer.to(weight.device)
-
-    def report(self, model: nn.Module) -> dict[str, float]:
-        """``quantized_maps``, their stored bytes (``quantized_bytes``) and bits per weight (``bits_per_weight``,
-        over the weights they replace), counted from what export writes (the correction at 2 bytes)."""
-        from .core.surgery import replaced_modules
-
-        maps, stored, weights = 0, 0, 0
-        for wrapper in replaced_modules(model).values():
-            layer = wrapper.replacement
-            if isinstance(layer, QuantizedLinear):
-                maps += 1
-                weights += layer.in_features * layer.out_features
-                stored += stored_bytes(layer.out_features, layer.in_features, layer.grid, layer.correction_rank,
-                                       layer.frame is not None, layer.bias is not None)
-        return {"quantized_maps": maps, "quantized_bytes": stored, "bits_per_weight": 8 * stored / weights} if maps else {}

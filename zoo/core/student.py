@@ -143,6 +143,9 @@ class Student:
             raise ZooError("the student has no trainable tensors; check the technique's options")
         for part in self.parts:
             self.summary.update(part.report(self.model))
+        from ..export.writer import size_report  # lazily: the export package reads the core
+
+        self.summary.update(size_report(self.model))
         self.summary["targets"] = sum(map(len, resolved))
         log.info("student built: %d targets, %d trainable parameters", sum(map(len, resolved)),
                  sum(p.numel() for p in self.trainable_parameters().values()))
