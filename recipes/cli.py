@@ -33,9 +33,12 @@ def lightning_main(args: list[str] | None) -> None:
     # checkpoint (callbacks.resume.STOP); elsewhere, stop at once. Lightning's own SIGTERM handling would
     # exit with status 0 and no interrupt hooks.
     failed = True
+    STOP.armed, STOP.requested = False, None
     previous = {s: signal.signal(s, STOP.signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         _lightning_cli(args)
+        if STOP.requested is not None:  # it came while the finished run wrote its files: those are whole
+            raise KeyboardInterrupt(f"signal {STOP.requested}")
         failed = False
     finally:
         for s, handler in previous.items():
