@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .cache import DirEntry, cache_root
+from .config_check import check_model_config, read_model_config
 from .errors import ZooError
 
 log = logging.getLogger(__name__)
@@ -154,20 +155,26 @@ def model_location(source: str) -> str:
 
 def model_config(source: str):
     """The transformers config of ``source`` without its weights: an embedded alias (its packaged
-    ``config.json``, no GGUF parsing), a ``config.json`` file, a directory, a ``.gguf`` file or a hub id."""
+    ``config.json``, no GGUF parsing), a ``config.json`` file, a directory, a ``.gguf`` file or a hub id;
+    checked first (``zoo.core.config_check``), so a damaged config is one line naming its field."""
     from transformers import AutoConfig, LlamaConfig
 
     if source in EMBEDDED:
-        return LlamaConfig(**{k: v for k, v in embedded_config(source).items() if k != "architectures"})
+        config = check_model_config(embedded_config(source), f"packaged config of {source!r}")
+        return LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})
     path = Path(source).expanduser()
     try:
         if path.is_file() and source.endswith(".json"):
-            import json
-
-            if "model_type" not in json.loads(path.read_text()):  # older transformers guess one silently
+            if "model_type" not in read_model_config(path):  # older transformers guess one silently
                 raise ValueError("it names no model_type")
             return AutoConfig.from_pretrained(str(path))
-        return AutoConfig.from_pretrained(_materialize(source)[0])
+        location = _materialize(source)[0]
+        if Path(location).is_dir():
+            read_model_config(location)
+            return AutoConfig.from_pretrained(location)
+        config = AutoConfig.from_pretrained(location)  # a hub id: what it downloaded, defaults filled in
+        check_model_config(config.to_dict(), f"the config of {source!r}")
+        return config
     except (OSError, ValueError) as exc:  # unreachable hub id, unknown model_type, broken json
         raise ZooError(f"could not read the config of model {source!r}: {exc}") from None
 
@@ -214,6 +221,8 @@ def _load_model(source: str, dtype: torch.dtype):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         location, kwargs = _materialize(source)
+        if Path(location).is_dir():
+            read_model_config(location)
         try:
             model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
         except OSError as exc:  # hub id that cannot be fetched, or a broken directory
