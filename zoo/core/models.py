@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .cache import DirEntry, cache_root
 from .config_check import check_model_config, read_model_config
@@ -227,6 +228,9 @@ def _load_model(source: str, dtype: torch.dtype):
             model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
         except OSError as exc:  # hub id that cannot be fetched, or a broken directory
             raise ZooError(f"could not load model {source!r}: {exc}") from None
+        except SafetensorError as exc:  # a torn weights file: safetensors' own error does not name it
+            raise ZooError(f"the weights of model {source!r} in {location} are not a readable safetensors file "
+                           f"({str(exc).splitlines()[0]}); is the download or copy complete?") from None
     model.eval()
     model.requires_grad_(False)
     model.config.use_cache = False
