@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny_gguf import write_tiny_gguf
 from zoo.core import models
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> str:
+    return str(write_tiny_gguf(tmp_path_factory.mktemp("tiny_gguf") / "tiny.gguf"))
 
 
 def fresh_load(gguf: str):
