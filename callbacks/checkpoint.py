@@ -6,7 +6,8 @@ training, and when the run is interrupted (Ctrl-C or SIGTERM) once training has 
 lost and an earlier run's state is never replaced by an empty one. The state written at the end is the
 best validated one (lowest finite ``monitor``); its header carries the step and the KL of the tensors it
 holds, never an earlier validation's. ``MetricsJSON`` writes every logged metric and the run summary to
-``metrics.json`` beside it, only once this run has something to record.
+``metrics.json`` beside it, only once this run has something to record (it has started training): an
+interrupted or failed fit writes what it measured, marked ``"interrupted"``.
 """
 from __future__ import annotations
 
@@ -146,11 +147,13 @@ def cuda_peak_gib(pl_module) -> float | None:
 
 class MetricsJSON(L.Callback):
     """Every validation's metrics, the run summary, the last training metrics and the CUDA peak memory
-    (``cuda_peak_gib``, None off CUDA) in ``metrics.json``."""
+    (``cuda_peak_gib``, None off CUDA) in ``metrics.json``; ``interrupted`` says why a run ended early (the
+    exception), None for a run that finished."""
 
     def __init__(self, dirpath: str | None = None, filename: str = "metrics.json"):
         self.dirpath, self.filename = dirpath, filename
         self.records: list[dict] = []
+        self.started = False
 
     @property
     def state_key(self) -> str:
@@ -166,7 +169,7 @@ class MetricsJSON(L.Callback):
     def _plain(metrics) -> dict:
         return {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) or isinstance(v, (int, float))}
 
-    def _write(self, trainer, pl_module):
+    def _write(self, trainer, pl_module, interrupted: str | None = None):
         if not trainer.is_global_zero:
             return
         stage = getattr(trainer.state.fn, "value", str(trainer.state.fn))
@@ -175,7 +178,8 @@ class MetricsJSON(L.Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"stage": stage, "global_step": trainer.global_step,
                    "summary": getattr(pl_module, "summary", {}), "validations": self.records,
-                   "final": self._plain(trainer.callback_metrics), "cuda_peak_gib": cuda_peak_gib(pl_module)}
+                   "final": self._plain(trainer.callback_metrics), "cuda_peak_gib": cuda_peak_gib(pl_module),
+                   "interrupted": interrupted}
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(payload, indent=2))
         os.replace(tmp, path)
@@ -186,9 +190,14 @@ class MetricsJSON(L.Callback):
         self.records.append({"step": trainer.global_step, **self._plain(trainer.callback_metrics)})
         self._write(trainer, pl_module)
 
+    def on_train_start(self, trainer, pl_module):
+        self.started = True
+
     def on_fit_end(self, trainer, pl_module):
         self._write(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception):
-        if self.records:  # an earlier run's metrics.json is kept unless this run validated something
-            self._write(trainer, pl_module)
+        # an earlier run's metrics.json is kept unless this run got as far as training
+        if self.started or self.records:
+            why = str(exception).strip().splitlines()[0] if str(exception).strip() else ""
+            self._write(trainer, pl_module, f"{type(exception).__name__}: {why}".rstrip(": "))

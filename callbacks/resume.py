@@ -7,13 +7,17 @@ writes that to ``<run dir>/resume.safetensors`` (``zoo.core.state.save_checkpoin
 safetensors, the rest as JSON — no pickle) at every validation and when the run is stopped.
 
 Stopping is graceful: the first Ctrl-C or SIGTERM during training asks the run to stop after the step in
-progress (``STOP``), where the state is whole; the checkpoint is written there and the run exits
-non-zero. A second signal stops at once. ``zoo fit --resume RUN_DIR`` hands the file to Lightning as its
+progress (``STOP``), where the state is whole — after the validation, if one is due then or running — ; the
+checkpoint is written there and the run exits non-zero. A second signal stops at once. Lightning's own
+SIGTERM handler is taken out of the way while training: it ends a running validation with ``SystemExit(0)``,
+before any state is written. ``zoo fit --resume RUN_DIR`` hands the file to Lightning as its
 ``ckpt_path`` (through ``SafetensorsCheckpointIO``), and the data loader skips the batches of the epoch
 that were already trained on, so interrupt + resume gives the uninterrupted run's tensors bit for bit.
 """
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -39,6 +43,15 @@ class StopRequest:
 
 
 STOP = StopRequest()
+
+
+def own_signals() -> None:
+    """Route SIGINT and SIGTERM to ``STOP`` alone. Lightning installs its SIGTERM handler just before training
+    (and restores ours at teardown); its loops then raise ``SIGTERMException``, a ``SystemExit`` with status
+    0, partway through a validation, which would leave no resume file and tell a scheduler the job succeeded."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, STOP.signal)
 
 
 class SafetensorsCheckpointIO(CheckpointIO):
@@ -93,6 +106,7 @@ class Resume(L.Callback):
             skip = getattr(trainer.train_dataloader, "skip", 0)
             rank_zero_info(f"resumed at step {trainer.global_step} ({skip} batches into epoch {trainer.current_epoch})")
         STOP.armed, STOP.requested = True, None
+        own_signals()
 
     def _stop(self, trainer) -> None:
         self._save(trainer)

@@ -33,9 +33,12 @@ def lightning_main(args: list[str] | None) -> None:
     # checkpoint (callbacks.resume.STOP); elsewhere, stop at once. Lightning's own SIGTERM handling would
     # exit with status 0 and no interrupt hooks.
     failed = True
+    STOP.armed, STOP.requested = False, None
     previous = {s: signal.signal(s, STOP.signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         _lightning_cli(args)
+        if STOP.requested is not None:  # it came while the finished run wrote its files: those are whole
+            raise KeyboardInterrupt(f"signal {STOP.requested}")
         failed = False
     finally:
         for s, handler in previous.items():
@@ -117,12 +120,32 @@ def main(argv: list[str] | None = None) -> None:
         message = str(user_error).strip()
         if isinstance(user_error, ArgumentError):
             configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+            configs += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+            if message.startswith("Unexpected config") and configs:  # an empty file, or a YAML scalar
+                message = not_a_mapping(configs) or message
             if message.startswith("Problems parsing config") and configs:  # jsonargparse does not say which
                 message = f"{' / '.join(configs)}: {message}"
             message = did_you_mean(message)
             message += f"\n(see: zoo {command} --help)"
         print(f"zoo: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def not_a_mapping(configs: list[str]) -> str | None:
+    """Which of the ``--config`` files is empty or not a mapping of options (jsonargparse says only
+    "Unexpected config"), in one line; None if each is a mapping."""
+    import yaml
+
+    for config in configs:
+        try:
+            content = yaml.safe_load(open(config, encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # reported by jsonargparse in its own words
+        if content is None:
+            return f"config file {config!r} is empty: it must hold the command's options"
+        if not isinstance(content, dict):
+            return f"config file {config!r} holds a YAML {type(content).__name__}, not a mapping of options"
+    return None
 
 
 def _options(cls) -> set[str]:

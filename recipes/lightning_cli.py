@@ -1,5 +1,6 @@
 """The LightningCLI of ``zoo fit``/``validate``/``test`` (``ZooCLI``) and the checks it makes before any
-work: ``--ckpt_path`` as a repair state, ``--resume`` of a run directory, writable output directories.
+work: ``--ckpt_path`` as a repair state, ``--resume`` of a run directory, writable output directories, the
+data's sizes.
 
 ``zoo fit --config configs/recipes/fisher_svd_repair.yaml`` builds the model (any ``RepairModule``,
 subclass mode) and the data (any ``TokenDataModule``) from YAML, links the teacher from the model to the
@@ -22,6 +23,7 @@ from zoo.core.models import META_PREFIX, RANDOM_PREFIX
 from zoo.core.state import RESUME_FILE, load_checkpoint, read_header
 
 from .command import wandb_config
+from .data.modules import check_data_options
 
 
 def default_logger() -> dict:
@@ -86,6 +88,7 @@ class ZooCLI(LightningCLI):
             config["trainer"]["default_root_dir"] = str(Path(resume))
         name_default_logger(config)
         check_output_dirs(config)
+        check_data_options(**(config.get("data") or {}).get("init_args", {}))
         self._parse_ckpt_path()
         if resume:
             config["ckpt_path"] = str(path)  # after the repair-state routing: Lightning restores it

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import Logger
 
+from zoo.core.cache import check_writable
+from zoo.core.errors import check_at_least
 from zoo.core.surgery import teacher_view
 from zoo.evaluation.perplexity import PYDOC_TOPICS, load_texts, perplexity, token_windows
 
@@ -61,7 +63,10 @@ def ppl(
         output: the results JSON (default: <output_dir>/<name>-<source>-<seq_len>.json).
         logger: a Lightning logger for the figures (true: W&B offline in output_dir; null: none).
     """
-    texts = load_texts(source, dataset_config, split, text_field)  # a bad source fails before model loading
+    # what can be wrong without the model fails before it loads
+    check_at_least(1, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows)
+    check_writable(Path(output).parent if output else output_dir, "output directory")
+    texts = load_texts(source, dataset_config, split, text_field)
     lm, tokenizer, teacher, dtype, name = load_subject(model, recipe, repair_state, overrides, dtype, _device(device))
     windows = token_windows(texts.texts, tokenizer, seq_len, max_windows, f"text source {source!r}", lm)
     figures = {}

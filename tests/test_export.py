@@ -287,3 +287,23 @@ def test_the_embedded_teachers_location_is_its_converted_directory():
 
     path = __import__("pathlib").Path(model_location("smollm2-135m-instruct"))
     assert path.is_absolute() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def test_a_truncated_weights_file_is_named_by_both_loaders(tiny_teacher_dir, tmp_path):
+    import transformers
+
+    from zoo.export import modeling_zoo
+
+    out = export_model(built(FisherSVD, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1]), tmp_path / "e")
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ZooError, match=r"model\.safetensors is not a readable safetensors file"):
+        zoo.from_pretrained(out)
+    own = modeling_zoo.zoo_causal_lm(transformers.LlamaForCausalLM)  # what modeling_zoo.py runs without the zoo
+    with pytest.raises(OSError, match=rf"{out}/model\.safetensors is not a readable safetensors file"):
+        own.from_pretrained(str(out))
+    plain = tmp_path / "plain"  # a merged export: transformers' own class
+    subprocess.run(["cp", "-r", tiny_teacher_dir, str(plain)], check=True)
+    (plain / "model.safetensors").write_bytes((plain / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(ZooError, match=r"plain/model\.safetensors'? is not a readable safetensors file"):
+        zoo.from_pretrained(plain)

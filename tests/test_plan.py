@@ -237,4 +237,4 @@ def test_bad_plan_options_name_the_valid_choices(tiny_teacher_dir, tmp_path, cap
     assert code == 2 and "unknown strategy 'deepspeed'" in err and "fsdp" in err
     (tmp_path / "weights.json").write_text("{}")
     code, _, err = zoo_cli(["plan", "--recipe", config, "--model", str(tmp_path / "weights.json")], capsys)
-    assert code == 2 and "could not read the config" in err
+    assert code == 2 and "weights.json has no hidden_size" in err

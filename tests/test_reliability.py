@@ -40,15 +40,19 @@ def test_an_interrupt_saves_the_state_it_reached_with_an_honest_header(signal, t
     assert meta["global_step"] == 6
     assert "heldout_kl" not in meta, "step 6 was never validated: the header must not carry step 4's KL"
     assert "interrupted at step 6" in caplog.text  # Lightning's logger: its handler is not our stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["interrupted"].startswith("KeyboardInterrupt") and metrics["global_step"] == 6
+    assert [v["step"] for v in metrics["validations"]] == [4] and "heldout_kl_before" in metrics["summary"]
 
 
-def test_an_interrupt_before_training_keeps_the_earlier_run_files(tmp_path, tiny_teacher_dir, capsys):
+@pytest.mark.parametrize("signal", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_before_training_keeps_the_earlier_run_files(signal, tmp_path, tiny_teacher_dir, capsys):
     config = write_config(tmp_path, tiny_teacher_dir, max_steps=4)
     assert run(["fit", "--config", config], capsys)[0] == 0
     run_dir = tmp_path / "run"
     before = {name: (run_dir / name).read_bytes()
               for name in ("repair_state.safetensors", "metrics.json", "config.yaml")}
-    stop = {"class_path": SIGNAL, "init_args": {"signal": "SIGINT", "when": "setup"}}
+    stop = {"class_path": SIGNAL, "init_args": {"signal": signal, "when": "setup"}}
     code, err = run(["fit", "--config", config_with(tmp_path, tiny_teacher_dir, stop, max_steps=4)], capsys)
     assert code not in (0, None), err
     assert {name: (run_dir / name).read_bytes() for name in before} == before

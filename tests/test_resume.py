@@ -22,12 +22,16 @@ def finished(run_dir):
     return state, metrics
 
 
-# 12 steps of 4 per epoch; validation at each epoch end: the stops fall mid-epoch (5, 10) and at one's end (8)
+# 12 steps of 4 per epoch; validation at each epoch end: the stops fall mid-epoch (5, 10), on the last step of
+# an epoch with its validation due (8), inside that validation, and while the repair state is being written
 TRAINER = {"max_steps": 12}
 
 
-@pytest.mark.parametrize("signal, step", [("SIGINT", 5), ("SIGTERM", 10), ("SIGINT", 8)])
-def test_interrupt_and_resume_equals_the_uninterrupted_run(signal, step, tmp_path, tiny_teacher_dir, capsys):
+@pytest.mark.parametrize("signal, when, step", [
+    ("SIGINT", "step", 5), ("SIGTERM", "step", 10), ("SIGINT", "step", 8), ("SIGTERM", "step", 8),
+    ("SIGTERM", "validation", 8), ("SIGTERM", "save", 4),
+])
+def test_interrupt_and_resume_equals_the_uninterrupted_run(signal, when, step, tmp_path, tiny_teacher_dir, capsys):
     whole = tmp_path / "whole"
     whole.mkdir()
     assert run(["fit", "--config", write_config(whole, tiny_teacher_dir, **TRAINER)], capsys)[0] == 0
@@ -35,11 +39,15 @@ def test_interrupt_and_resume_equals_the_uninterrupted_run(signal, step, tmp_pat
 
     parts = tmp_path / "parts"
     parts.mkdir()
-    stop = {"class_path": "signals.SignalAt", "init_args": {"signal": signal, "step": step}}
+    stop = {"class_path": "signals.SignalAt", "init_args": {"signal": signal, "when": when, "step": step}}
     config = config_with(parts, tiny_teacher_dir, stop, **TRAINER)
     code, err = run(["fit", "--config", config], capsys)
     assert code not in (0, None), err
-    assert (parts / "run" / "resume.safetensors").is_file()
+    left = {p.name for p in (parts / "run").iterdir()}
+    assert {"resume.safetensors", "repair_state.safetensors", "metrics.json"} <= left, left
+    interrupted = json.loads((parts / "run" / "metrics.json").read_text())
+    assert interrupted["interrupted"] and interrupted["summary"]["heldout_kl_before"] == \
+        want_metrics["summary"]["heldout_kl_before"]
     code, err = run(["fit", "--config", config, "--resume", str(parts / "run")], capsys)
     assert code == 0, err
     got_state, got_metrics = finished(parts / "run")
@@ -51,6 +59,39 @@ def test_interrupt_and_resume_equals_the_uninterrupted_run(signal, step, tmp_pat
     assert got_metrics["summary"]["heldout_kl_after"] == want_metrics["summary"]["heldout_kl_after"]
     assert [v["step"] for v in got_metrics["validations"]] == [v["step"] for v in want_metrics["validations"]]
     assert [v["heldout_kl"] for v in got_metrics["validations"]] == [v["heldout_kl"] for v in want_metrics["validations"]]
+
+
+def test_sigkill_between_steps_leaves_the_last_resume_file_usable(tmp_path, tiny_teacher_dir, capsys, caplog):
+    """SIGKILL cannot be caught: what survives is the resume file of the last validation (written atomically),
+    and resuming from it still ends on the uninterrupted run's tensors."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    assert run(["fit", "--config", write_config(whole, tiny_teacher_dir, **TRAINER)], capsys)[0] == 0
+    want_state, _ = finished(whole / "run")
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    kill = {"class_path": "signals.SignalAt", "init_args": {"signal": "SIGKILL", "step": 6}}
+    config = config_with(parts, tiny_teacher_dir, kill, **TRAINER)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "tests"), str(root)]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", "import torch; torch.set_num_threads(1); from recipes.cli import main;"
+                           f" main(['fit', '--config', {config!r}])"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert not list((parts / "run").glob(".*tmp*")), "no torn temp file is left behind"
+    config = write_config(parts, tiny_teacher_dir, **TRAINER)  # the same recipe without the kill
+    code, err = run(["fit", "--config", config, "--resume", str(parts / "run")], capsys)
+    assert code == 0, err
+    assert "resumed at step 4" in caplog.text  # Lightning's logger: its handler is not our stderr
+    got_state, _ = finished(parts / "run")
+    for name in want_state:
+        assert torch.equal(got_state[name], want_state[name]), name
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path, tiny_teacher_dir, capsys):

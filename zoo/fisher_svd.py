@@ -44,7 +44,7 @@ from torch import nn
 from .core.calibration import ActivationStats, Collector, register_collector
 from .core.errors import ZooError, check_choice
 from .core.linalg import cholesky_jittered, refit_left, rms, singular_values, thin_svd  # noqa: F401 - re-exported
-from .core.ranks import allocate_by_gain, allocate_ranks, resolve_rank  # noqa: F401 - re-exported
+from .core.ranks import allocate_by_gain, allocate_ranks, check_rank, resolve_rank  # noqa: F401 - re-exported
 from .core.replacement import Replacement
 from .core.surgery import replaced_modules
 from .core.technique import Technique, TensorSize
@@ -362,6 +362,7 @@ class FisherSVD(Technique):
         super().__post_init__()
         check_choice("weighting", self.weighting, WEIGHTINGS)
         check_choice("allocation", self.allocation, ALLOCATIONS)
+        check_rank(self.rank)
         if self.allocation != "uniform" and not isinstance(self.rank, float):
             raise ZooError(f"allocation={self.allocation!r} spreads a parameter budget: give rank as a float ratio "
                            f"in (0, 1], not {self.rank!r}")

@@ -28,6 +28,7 @@ from torch import nn
 from .core.calibration import ActivationStats, Collector, register_collector
 from .core.errors import ZooError
 from .core.linalg import cholesky_jittered, thin_svd
+from .core.ranks import check_rank
 from .core.technique import Technique, TensorSize
 from .fisher_svd import FisherSVDLinear, factor_lora_rank, linear_footprint, low_rank_layer, rank_report, resolve_rank
 
@@ -83,8 +84,7 @@ class KFACSVD(Technique):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, float)):
-            raise ZooError(f"rank must be an int or a parameter-ratio float, got {self.rank!r}")
+        check_rank(self.rank)
         factor_lora_rank(self.factor_lora, 1)
 
     def report(self, model: nn.Module) -> dict[str, float]:

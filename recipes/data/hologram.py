@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from zoo.core.cache import move_aside
 from zoo.core.compat import cache_kwargs, output_cache
 from zoo.core.models import load_causal_lm, load_tokenizer
 
@@ -241,10 +242,7 @@ def _load_shard(path: Path, indices: list[int]):
         why = f"it holds rows {shard['index'][:3]}..., expected {indices[:3]}..."
     except Exception as exc:  # noqa: BLE001 - any unreadable shard is regenerated, never used
         why = f"unreadable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    aside = path.with_name(path.name + ".corrupt")
-    shutil.rmtree(aside, ignore_errors=True)
-    os.replace(path, aside)
-    log.warning("hologram shard %s is unusable (%s): moved to %s; generating it again", path, why, aside)
+    move_aside(path, why, "hologram shard", "generating it again")
     return None
 
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from zoo.core.cache import Entry
 from zoo.core.distributed import all_true, rank_world
-from zoo.core.errors import ZooError, check_choice
+from zoo.core.errors import ZooError, check_at_least, check_choice
 from zoo.core.models import DEFAULT_TEACHER, cache_root, load_tokenizer
 
 from .code_corpus import code_documents, code_fingerprint
@@ -33,6 +33,18 @@ from .config import (
 from .hologram import hologram_documents, hologram_key, hologram_samples
 from .packing import PackedDataset, ResumedLoader, Source, packed_splits, store_packed
 from .teacher_cache import TeacherLogitCache
+
+
+#: the smallest value of each size option of a ``TokenDataModule``
+LEAST = {"seq_len": 2, "batch_size": 1, "n_calibration": 1, "n_train": 1, "n_heldout": 1, "num_workers": 0}
+
+
+def check_data_options(**options) -> None:
+    """A one-line ZooError for a size option out of range (those of ``options`` that are given): the data
+    module checks its own, and ``zoo fit`` checks the parsed config with it before the teacher loads."""
+    for name, least in LEAST.items():
+        check_at_least(least, "data ", **{name: options.get(name)})
+    check_at_least(1, "data ", max_repeat=options.get("max_repeat"))  # 1: never repeat a document
 
 
 class TokenDataModule(TeacherLogitCache, L.LightningDataModule):
@@ -81,13 +93,8 @@ class TokenDataModule(TeacherLogitCache, L.LightningDataModule):
             validate_teacher_logits_config(teacher_logits)
         self.teacher_logits = teacher_logits
         self._teacher_cache: dict[str, torch.Tensor] | None = None
-        for name, value, low in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
-                                 ("n_calibration", n_calibration, 1), ("n_train", n_train, 1),
-                                 ("n_heldout", n_heldout, 1), ("num_workers", num_workers, 0)):
-            if value < low:
-                raise ZooError(f"{name}={value} must be at least {low}")
-        if not max_repeat >= 1:
-            raise ZooError(f"max_repeat={max_repeat} must be at least 1 (1 = never repeat documents)")
+        check_data_options(seq_len=seq_len, batch_size=batch_size, n_calibration=n_calibration, n_train=n_train,
+                           n_heldout=n_heldout, num_workers=num_workers, max_repeat=max_repeat)
         self.teacher = teacher
         self.seq_len = seq_len
         self.batch_size = batch_size

@@ -5,7 +5,9 @@ cheap to reuse, so each is stored once under ``cache_root()/<kind>/<key>.safeten
 trusted only if it proves itself: its header carries the inputs its key was made from and a SHA-256
 of its tensors, and both are checked on every read. A torn, truncated or edited entry, or one whose
 inputs differ (a key collision, an older layout), is reported in one line, moved aside as
-``<name>.corrupt`` for inspection and rebuilt — never used.
+``<name>.corrupt`` for inspection and rebuilt — never used. ``Entry`` is a safetensors file the zoo writes;
+``DirEntry`` a directory another library writes (a GGUF teacher converted by transformers), proven by a
+manifest of its files' sizes and SHA-256s; ``move_aside`` is the one way any unusable entry is set aside.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,6 +78,30 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return _atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def move_aside(path: Path, why: str, what: str = "cache entry", then: str = "rebuilding it") -> None:
+    """Report an unusable cache file or directory in one line and move it to ``<name>.corrupt`` (replacing an
+    older one there), where it is kept for inspection and never read again."""
+    path = Path(path)
+    aside = path.with_name(path.name + ".corrupt")
+    try:
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside)  # os.replace cannot put a directory onto a non-empty one
+        os.replace(path, aside)
+        where = f"moved to {aside}"
+    except OSError as exc:
+        where = f"could not be moved aside ({exc.strerror})"
+    log.warning("%s %s is unusable (%s): %s; %s", what, path, why, where, then)
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class Entry:
     """One cache entry: ``Entry(kind, **inputs)`` names it (under ``root``, default ``cache_root()``);
     ``load`` / ``store`` / ``get`` use it."""
@@ -84,13 +111,7 @@ class Entry:
         self.path = Path(root or cache_root()) / kind / f"{cache_key(kind=kind, **inputs)}.safetensors"
 
     def _reject(self, why: str) -> None:
-        aside = self.path.with_name(self.path.name + ".corrupt")
-        try:
-            os.replace(self.path, aside)
-            where = f"moved to {aside}"
-        except OSError as exc:
-            where = f"could not be moved aside ({exc.strerror})"
-        log.warning("cache entry %s is unusable (%s): %s; rebuilding it", self.path, why, where)
+        move_aside(self.path, why)
 
     def load(self) -> tuple[Tensors, dict] | None:
         """(tensors, metadata) if the entry exists and checks out; None (after moving a bad one aside) else."""
@@ -133,6 +154,75 @@ class Entry:
         return tensors, extra
 
 
+DIR_FORMAT = "zoo_cache_dir/1"
+
+
+class DirEntry:
+    """A cache entry that is a directory of files written by another library: ``DirEntry(path, **inputs)``.
+    ``store(write)`` has ``write(tmp)`` fill a temp directory, records ``inputs`` and every file's size and
+    SHA-256 in ``MANIFEST`` and renames it into place; ``load`` returns the path only if all of it checks out.
+    Hashing reads every byte (about a second per GB), once per process while the files stay unchanged."""
+
+    MANIFEST = "zoo_manifest.json"
+    _verified: dict[Path, tuple] = {}  # path -> the (name, size, mtime) of the files this process checked
+
+    def __init__(self, path: str | Path, **inputs):
+        self.path, self.inputs = Path(path), inputs
+
+    def _stamp(self) -> tuple:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in self.path.iterdir()))
+
+    def _problem(self) -> str | None:
+        """Why the entry cannot be used, or None."""
+        try:
+            manifest = json.loads((self.path / self.MANIFEST).read_text())
+        except FileNotFoundError:
+            return f"no {self.MANIFEST}: written before the zoo checked it, or an interrupted write"
+        except (OSError, ValueError) as exc:
+            return f"{self.MANIFEST} unreadable: {exc}"
+        if not isinstance(manifest, dict) or manifest.get("zoo_format") != DIR_FORMAT:
+            return f"{self.MANIFEST} is not a {DIR_FORMAT} manifest"
+        if manifest.get("inputs") != _canonical(self.inputs):
+            return "it was computed from other inputs"
+        for name, (size, digest) in manifest.get("files", {}).items():
+            path = self.path / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, {size} were written (truncated or overwritten)"
+            if file_digest(path) != digest:
+                return f"{name} does not match its checksum"
+        return None
+
+    def load(self) -> Path | None:
+        """The directory if it exists and checks out; None (after moving a bad one aside) else."""
+        if not self.path.is_dir():
+            return None
+        stamp = self._stamp()
+        if self._verified.get(self.path) == stamp:
+            return self.path
+        why = self._problem()
+        if why is not None:
+            move_aside(self.path, why)
+            return None
+        self._verified[self.path] = stamp
+        return self.path
+
+    def store(self, write: Callable[[Path], object]) -> Path:
+        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write(tmp)
+            files = {p.name: [p.stat().st_size, file_digest(p)] for p in sorted(tmp.iterdir()) if p.is_file()}
+            manifest = {"zoo_format": DIR_FORMAT, "inputs": _canonical(self.inputs), "files": files}
+            (tmp / self.MANIFEST).write_text(json.dumps(manifest, indent=1))
+            if not self.path.exists():  # another process may have written it meanwhile
+                tmp.replace(self.path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # the loser of a race, or an interrupted write
+        return self.path
+
+
 def check_writable(directory: str | Path, what: str = "output directory") -> Path:
     """``directory`` (created if missing) if a file can be written in it; else a one-line ZooError now,
     before any work whose result would have nowhere to go."""
@@ -152,8 +242,6 @@ def check_writable(directory: str | Path, what: str = "output directory") -> Pat
 def check_free_space(directory: str | Path, need: int, what: str) -> None:
     """A one-line ZooError now if the file system of ``directory`` has less than ``need`` bytes free (with
     a 10% margin), before the work whose result would not fit."""
-    import shutil
-
     from .errors import ZooError
 
     path = Path(directory).expanduser()

@@ -31,3 +31,11 @@ def check_choice(what: str, value: str, choices: Iterable[str]) -> str:
     if value not in choices:
         raise ZooError(f"unknown {what} {value!r}; valid choices: {', '.join(map(str, choices))}")
     return value
+
+
+def check_at_least(least: float, what: str = "", **values) -> None:
+    """A one-line ZooError for the first of ``values`` (name=value; None: not given) below ``least``: sizes a
+    command checks before it loads any weights."""
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not value >= least):
+            raise ZooError(f"{what}{name}={value} must be at least {least}")

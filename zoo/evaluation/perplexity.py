@@ -60,11 +60,27 @@ def pydoc_topics() -> TextSource:
                       {"python": platform.python_version()})
 
 
+def read_text(path: Path, least_printable: float = 0.95) -> str:
+    """The file as UTF-8 text, refused in one line if it does not decode or is mostly control characters (a
+    binary file would otherwise tokenize into a perplexity of nothing)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ZooError(f"text source {str(path)!r} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                       f"{exc.start}); give a text file") from None
+    printable = sum(c.isprintable() or c in "\t\n\r\f" for c in text)
+    if text and printable < least_printable * len(text):
+        raise ZooError(f"text source {str(path)!r} is not text: {1 - printable / len(text):.0%} of its characters "
+                       "are control characters; give a text file")
+    return text
+
+
 def _local_texts(path: Path, text_field: str) -> list[str]:
     if path.suffix in TEXT_SUFFIXES:
-        return [path.read_text(encoding="utf-8", errors="replace")]
+        return [read_text(path)]
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from ..core.errors import ZooError
 from ..core.models import parse_dtype
 from . import modeling_zoo
@@ -50,6 +52,9 @@ def from_pretrained(path: str | Path, dtype: str | None = None, device: str | No
             raise ZooError(f"{str(path)!r} was exported from a {base!r}, which this transformers does not have")
         cls = modeling_zoo.zoo_causal_lm(getattr(transformers, base))
         model = cls.from_pretrained(str(path), **kwargs)
+    except SafetensorError as exc:  # a merged export: transformers' own loader; name the file
+        raise ZooError(f"{str(Path(path) / 'model.safetensors')!r} is not a readable safetensors file "
+                       f"({str(exc).splitlines()[0]}); the export is damaged or incomplete: export it again") from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise ZooError(f"could not load the export {str(path)!r}: {str(exc).splitlines()[0]}") from None
     return model.eval()

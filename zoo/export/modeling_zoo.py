@@ -241,7 +241,14 @@ def zoo_causal_lm(base: type) -> type:
         def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
             # transformers only warns about missing weights and initializes them at random: an export
             # whose tensors do not fit its program must fail instead
-            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+            try:
+                model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+            except Exception as exc:  # a torn weights file: safetensors' own error does not name it
+                if type(exc).__name__ != "SafetensorError":
+                    raise
+                where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
+                raise OSError(f"{where}/model.safetensors is not a readable safetensors file ({exc}); "
+                              "the export is damaged or incomplete: export it again") from None
             bad = {k: sorted(info[k])[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
             if bad:
                 raise OSError(f"the zoo export's weights do not fit its config.json zoo block: {bad}")
