@@ -8,6 +8,7 @@ its ``metrics.json`` for the model card), then written by ``zoo.export.export_mo
     zoo export --recipe configs/recipes/compress_svdllm.yaml --repair_state runs/compress_svdllm/repair_state.safetensors \\
         --output exports/svdllm --dtype bfloat16
     zoo export --config configs/commands/export.yaml
+    zoo export --run runs/compress_int4 --output exports/int4-ct --format compressed-tensors   # no remote code
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from zoo.core.errors import ZooError
+from zoo.core.errors import ZooError, check_choice
 from zoo.export import export_model
+from zoo.export.stock import FORMATS, export_compressed_tensors
 
 from .command import load_recipe
 
@@ -35,6 +37,7 @@ def export_run(
     dtype: str | None = None,
     merge: bool = False,
     overwrite: bool = False,
+    format: str = "zoo",
 ) -> Path:
     """Write the student of a run (or of a recipe + repair state) as a transformers directory.
 
@@ -50,7 +53,13 @@ def export_run(
         merge: fold every replacement into dense weights and write a plain checkpoint (no remote code); only
             for repairs that keep the architecture's size (LoRA, coefficient adapters, full-rank students).
         overwrite: replace an existing ``output``.
+        format: ``zoo`` (the op programs and ``modeling_zoo.py``, loaded with ``trust_remote_code``; every
+            technique) or ``compressed-tensors`` (a stock pack-quantized checkpoint that transformers and vLLM
+            load without remote code; a student of one symmetric ``zoo.Quantize`` grid alone).
     """
+    check_choice("format", format, FORMATS)
+    if merge and format != "zoo":
+        raise ZooError(f"--merge writes dense weights; it does not combine with --format {format}")
     metrics = None
     if run is not None:
         run_dir = Path(run)
@@ -78,7 +87,10 @@ def export_run(
     info = {"path": str(Path(run) / RUN_CONFIG) if run and set(config) & FIT_ONLY else str(recipe),
             "repair_state": repair_state, "overrides": list(overrides or []),
             "model": config.get("model")}
-    path = export_model(module, output, dtype=dtype, merge=merge, overwrite=overwrite, recipe=info, metrics=metrics)
+    if format == "compressed-tensors":
+        path = export_compressed_tensors(module, output, dtype=dtype, overwrite=overwrite)
+    else:
+        path = export_model(module, output, dtype=dtype, merge=merge, overwrite=overwrite, recipe=info, metrics=metrics)
     summary = json.loads((path / "config.json").read_text()).get("zoo", {}).get("summary", {})
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     ratio = f", {summary['parameter_ratio']:.4f} x the teacher's parameters" if "parameter_ratio" in summary else ""

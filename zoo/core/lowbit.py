@@ -123,6 +123,18 @@ def gptq(W: torch.Tensor, moment: torch.Tensor, grid: Grid, damp: float = 0.01, 
     """(codes, scales, zeros) of ``W`` [out, in] rounded by GPTQ on the input second moment ``moment``
     [in, in] (fp64 throughout; ``damp`` x mean diagonal added, as GPTQ's percdamp). With ``clip``, each
     group's range is the ``clip_search`` choice on the error-fed weights."""
+    if W.device.type == "cpu":  # thousands of small ops: one thread each is faster, and no spin-wait under load
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _gptq(W, moment, grid, damp, block, clip)
+        finally:
+            torch.set_num_threads(threads)
+    return _gptq(W, moment, grid, damp, block, clip)
+
+
+def _gptq(W: torch.Tensor, moment: torch.Tensor, grid: Grid, damp: float, block: int, clip: bool
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     W = W.detach().double().clone()
     out, n = W.shape
     H = moment.double().to(W.device).clone()
