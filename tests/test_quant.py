@@ -186,13 +186,20 @@ def test_bits_per_weight_of_a_grid():
 
 
 @pytest.mark.parametrize("bad, needle", [(dict(bits=5), "bits must be one of 2, 3, 4, 8"),
-                                         (dict(group=0), "group must be a positive int"),
+                                         (dict(group=-1), "group must be an int >= 0"),
                                          (dict(rounding="awq"), "valid choices: nearest, gptq"),
                                          (dict(correction=-1), "correction must be an int rank"),
                                          (dict(hadamard=True, block=12), "power of two")])
 def test_bad_options_name_the_value(bad, needle):
     with pytest.raises(ZooError, match=needle):
         Quantize("t", **bad)
+
+
+def test_group_zero_is_one_scale_per_output_channel():
+    linear = torch.nn.Linear(40, 6)
+    layer = Quantize("t", bits=8, group=0, symmetric=True, rounding="nearest").build("t", linear, None)
+    assert layer.scales.shape == (6, 1) and layer.grid.group == 40
+    torch.testing.assert_close(layer.grid_weight(), linear.weight.detach(), rtol=0, atol=float(layer.scales.max()))
 
 
 def test_calibration_free_settings_need_no_statistics_and_others_say_so():
@@ -203,3 +210,29 @@ def test_calibration_free_settings_need_no_statistics_and_others_say_so():
         Quantize("t", group=8).build("t", linear, None)
     with pytest.raises(ZooError, match="exceeds min"):
         Quantize("t", group=8, correction=5).build("t", linear, stats_of(correlated_inputs(d=16)))
+
+
+def test_bf16_exports_of_4_bit_grids_run_the_int4_kernel_with_the_students_logits(tiny_teacher_dir, tmp_path):
+    """In bf16 a 4-bit grid runs torch's int4 weight-only CPU kernel; its logits stay within bf16's rounding of the
+    fp32 student's (the in-zoo student cast to bf16, dense matmuls of the same grid, is the yardstick)."""
+    import zoo
+    from test_export import batches, built
+    from zoo.export.modeling_zoo import ZooLinear
+
+    module = built(Quantize, tiny_teacher_dir, targets="model.layers.*.mlp.{gate,up,down}_proj", bits=4, group=32)
+    ids = batches(1, seed=3)[0]["input_ids"]
+    with torch.no_grad():
+        expected = module.model(input_ids=ids).logits
+    out = zoo.export_model(module, tmp_path / "export")
+    loaded = zoo.from_pretrained(out, dtype="bfloat16").eval()
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits.float()
+    layers = [m for m in loaded.modules() if isinstance(m, ZooLinear)]
+    assert layers and all(isinstance(v, tuple) for m in layers for v in m._dense.values())  # the kernel's operands
+    import copy
+
+    in_zoo_bf16 = copy.deepcopy(module.model).to(torch.bfloat16)  # dense bf16 matmuls of the same grid
+    with torch.no_grad():
+        yardstick = in_zoo_bf16(input_ids=ids).logits.float()
+    kernel_error = (got - expected).abs().max()
+    assert kernel_error <= 2 * (yardstick - expected).abs().max() + 1e-3

@@ -154,7 +154,8 @@ class Quantize(Technique):
     Args:
         targets: module name patterns (see ``zoo.core.targets``).
         bits: bits per code: 2, 3, 4 or 8.
-        group: input channels sharing one scale (and zero point); the last group of a row may be shorter.
+        group: input channels sharing one scale (and zero point); the last group of a row may be shorter; 0: one
+            scale per output channel (the whole row).
         symmetric: zero points fixed at 2^(bits-1) (not stored); else min-max integer zero points per group.
         rounding: ``nearest`` or ``gptq`` (error feedback through the input covariance; needs calibration).
         clip: search each group's range shrink for the least (input-weighted) rounding error.
@@ -181,7 +182,10 @@ class Quantize(Technique):
 
     def __post_init__(self):
         super().__post_init__()
-        self.grid  # noqa: B018 - validates bits and group
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 0:
+            raise ZooError(f"group must be an int >= 0 (input channels per scale; 0: one scale per output channel), "
+                           f"got {self.group!r}")
+        self.grid(1)  # validates bits
         check_choice("rounding", self.rounding, ROUNDINGS)
         if isinstance(self.correction, bool) or not isinstance(self.correction, int) or self.correction < 0:
             raise ZooError(f"correction must be an int rank >= 0 (0: no low-rank correction), got {self.correction!r}")
@@ -189,9 +193,9 @@ class Quantize(Technique):
             raise ZooError(f"damp must be in [0, 1), got {self.damp!r}")
         PHDFrame(self.block, self.block) if self.hadamard else None  # validates the block
 
-    @property
-    def grid(self) -> Grid:
-        return Grid(self.bits, self.group, self.symmetric)
+    def grid(self, in_features: int) -> Grid:
+        """The grid of a target with ``in_features`` inputs (``group=0``: the whole row is one group)."""
+        return Grid(self.bits, self.group or in_features, self.symmetric)
 
     def needs(self) -> set[str]:
         return {"input"} if self.rounding == "gptq" or self.clip or self.correction else set()
@@ -209,7 +213,7 @@ class Quantize(Technique):
         """codes [out, in] and zero points [out, G] (uint8 buffers), scales [out, G] fp32, the frame's buffers,
         the correction A [out, r], B [r, in] and the bias."""
         out_f, in_f = module.out_features, module.in_features
-        G = self.grid.groups(in_f)
+        G = self.grid(in_f).groups(in_f)
         sizes = {"codes": TensorSize((out_f, in_f), "buffer", "uint8"), "zeros": TensorSize((out_f, G), "buffer", "uint8"),
                  "scales": TensorSize((out_f, G), "trainable" if self.train_scales else "frozen", "float32")}
         r = self._rank(module, name)
@@ -224,7 +228,7 @@ class Quantize(Technique):
 
     def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> QuantizedLinear:
         weight = module.weight
-        grid, frame = self.grid, self._frame(name, module.in_features)
+        grid, frame = self.grid(module.in_features), self._frame(name, module.in_features)
         W = weight.detach().double()
         moment = None
         if stats is not None:
