@@ -238,3 +238,17 @@ def test_bad_plan_options_name_the_valid_choices(tiny_teacher_dir, tmp_path, cap
     (tmp_path / "weights.json").write_text("{}")
     code, _, err = zoo_cli(["plan", "--recipe", config, "--model", str(tmp_path / "weights.json")], capsys)
     assert code == 2 and "weights.json has no hidden_size" in err
+
+
+def test_the_low_bit_recipe_on_llama_31_8b(tmp_path, capsys):
+    """``zoo plan`` sizes ``configs/recipes/compress_int4.yaml`` on an 8B shape from shapes alone: the trainable
+    tensors are the fp32 group scales of every linear (224 maps), one per 64 inputs per output row."""
+    path = tmp_path / "llama-3.1-8b" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(LLAMA_31_8B))
+    planned, table = plan(["--recipe", "configs/recipes/compress_int4.yaml", "--model", str(path), "--dtype", "bfloat16"],
+                          tmp_path, capsys)
+    h, m, kv = 4096, 14336, 1024
+    per_layer = (h * h + 2 * kv * h + h * h + 2 * m * h + h * m) // 64  # q, k, v, o, gate, up, down
+    assert planned["parameters"]["trainable"] == 32 * per_layer
+    assert planned["bytes"]["repair_state"] == 4 * 32 * per_layer
