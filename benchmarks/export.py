@@ -4,6 +4,7 @@ time, peak memory, greedy-generation throughput (prefill and decode separately).
     python benchmarks/export.py                                          # SVD-LLM at 0.8 and 0.5, one PHD recipe
     python benchmarks/export.py --device cuda --dtype bfloat16 --batch 8 --prompt 512 --new 128
     python benchmarks/export.py --tiny                                   # CPU dry run: a tiny random teacher
+    python benchmarks/export.py --students int4-g64 int3-g64 --dtype bfloat16 --fp32-reference   # low-bit grids
 
 Each student is built from its recipe (``load_recipe``: calibration from the recipe's data, cached; no
 repair: repair changes values, not size or speed), written by ``zoo.export.export_model`` in ``--dtype``,
@@ -16,7 +17,9 @@ with ``zoo.from_pretrained`` and measured the same way:
 - prefill: one forward over ``batch x prompt`` tokens into an empty KV cache, tokens/s;
 - decode: ``new`` greedy tokens one at a time from that cache, tokens/s (batch x new / time).
 
-Prints a table with each student's ratio to the dense teacher; ``--json`` writes the numbers.
+Prints a table with each student's ratio to the dense teacher (in the same dtype; with ``--fp32-reference`` also
+the dense fp32 teacher, measured in the same run); ``--json`` writes the numbers. The low-bit students are
+rounded to nearest: rounding decides values, not size or speed.
 """
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ from zoo.export import export_model, from_pretrained  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SVDLLM, PHD = str(ROOT / "configs/recipes/compress_svdllm.yaml"), str(ROOT / "configs/recipes/compress_phd.yaml")
+INT4 = str(ROOT / "configs/recipes/compress_int4.yaml")
+NEAREST = ["--model.init_args.parts.rounding", "nearest", "--model.init_args.calibration", "once"]
 #: name -> (recipe, overrides)
 STUDENTS = {
     "svdllm-0.8": (SVDLLM, ["--model.init_args.parts.rank", "0.8"]),
@@ -49,6 +54,9 @@ STUDENTS = {
     # every MLP map of every layer, blockwise PHD rank 128 (configs/recipes/phd_repair.yaml's
     # one layer is too little to measure)
     "phd-mlp": (PHD, []),
+    # every decoder linear on a symmetric grid of 64 (4.25 / 3.25 bits per weight)
+    "int4-g64": (INT4, NEAREST),
+    "int3-g64": (INT4, [*NEAREST, "--model.init_args.parts.bits", "3"]),
 }
 QUIET = ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
          "--trainer.precision", "32-true"]
@@ -84,6 +92,8 @@ def build_exports(args, root: Path) -> dict[str, Path]:
         module, _, _ = load_recipe(recipe, [*overrides, *extra], device=args.build_device)
         if name == args.students[0]:
             dirs["dense"] = save_dense(module, root / "dense", args.dtype)
+            if args.fp32_reference and args.dtype != "float32":
+                dirs["dense-float32"] = save_dense(module, root / "dense-float32", "float32")
         dirs[name] = export_model(module, root / name, dtype=args.dtype)
         print(f"built and exported {name} in {time.perf_counter() - t0:.0f} s", flush=True)
         del module
@@ -107,13 +117,13 @@ def save_dense(module, path: Path, dtype: str) -> Path:
     return path
 
 
-def measure(path: Path, args) -> dict:
+def measure(path: Path, args, dtype: str | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    model = from_pretrained(path, dtype=args.dtype).to(device)
+    model = from_pretrained(path, dtype=dtype or args.dtype).to(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
@@ -149,15 +159,15 @@ COLUMNS = [("parameters", "parameters", "{:,.0f}"), ("disk_bytes", "disk MiB", "
            ("decode_tokens_per_s", "decode tok/s", "{:.1f}")]
 
 
-def table(results: dict[str, dict]) -> str:
-    dense = results["dense"]
+def table(results: dict[str, dict], reference: str = "dense") -> str:
+    dense = results[reference]
     head = ["model"] + [label for _, label, _ in COLUMNS]
     rows = [head]
     for name, r in results.items():
         cells = [name]
         for key, _, fmt in COLUMNS:
             value = r[key] / 2**20 if key.endswith("bytes") else r[key]
-            ratio = "" if name == "dense" else f" ({r[key] / dense[key]:.3f}x)"
+            ratio = "" if name == reference else f" ({r[key] / dense[key]:.3f}x)"
             cells.append(fmt.format(value) + ratio)
         rows.append(cells)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -176,6 +186,8 @@ def main(argv=None):
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--fp32-reference", action="store_true",
+                        help="also measure the dense teacher in fp32, and print the ratios to it")
     parser.add_argument("--tiny", action="store_true", help="a tiny random teacher and small sizes (CPU dry run)")
     parser.add_argument("--keep", default=None, help="write the exports here instead of a temp dir")
     parser.add_argument("--json", default=None, help="write the measurements to this JSON file")
@@ -192,7 +204,7 @@ def main(argv=None):
         dirs = build_exports(args, root)
         results = {}
         for name, path in dirs.items():
-            results[name] = measure(path, args)
+            results[name] = measure(path, args, "float32" if name == "dense-float32" else None)
             gc.collect()  # the model measured last is gone before the next loads
     finally:
         if not args.keep:
@@ -200,6 +212,9 @@ def main(argv=None):
     print(f"\n{args.device}, {args.dtype}, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens "
           f"(ratios: student / dense)")
     print(table(results))
+    if "dense-float32" in results:
+        print("\nratios to the dense fp32 teacher")
+        print(table(results, "dense-float32"))
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": vars(args), "results": results}, indent=2, default=str))
     return results
