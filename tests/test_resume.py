@@ -22,6 +22,15 @@ def finished(run_dir):
     return state, metrics
 
 
+def uninterrupted(tmp_path, teacher, capsys):
+    """(final state, metrics) of the whole run, and an empty directory for the interrupted one."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    whole.mkdir()
+    parts.mkdir()
+    assert run(["fit", "--config", write_config(whole, teacher, **TRAINER)], capsys)[0] == 0
+    return (*finished(whole / "run"), parts)
+
+
 # 12 steps of 4 per epoch; validation at each epoch end: the stops fall mid-epoch (5, 10), on the last step of
 # an epoch with its validation due (8), inside that validation, and while the repair state is being written
 TRAINER = {"max_steps": 12}
@@ -32,13 +41,7 @@ TRAINER = {"max_steps": 12}
     ("SIGTERM", "validation", 8), ("SIGTERM", "save", 4),
 ])
 def test_interrupt_and_resume_equals_the_uninterrupted_run(signal, when, step, tmp_path, tiny_teacher_dir, capsys):
-    whole = tmp_path / "whole"
-    whole.mkdir()
-    assert run(["fit", "--config", write_config(whole, tiny_teacher_dir, **TRAINER)], capsys)[0] == 0
-    want_state, want_metrics = finished(whole / "run")
-
-    parts = tmp_path / "parts"
-    parts.mkdir()
+    want_state, want_metrics, parts = uninterrupted(tmp_path, tiny_teacher_dir, capsys)
     stop = {"class_path": "signals.SignalAt", "init_args": {"signal": signal, "when": when, "step": step}}
     config = config_with(parts, tiny_teacher_dir, stop, **TRAINER)
     code, err = run(["fit", "--config", config], capsys)
@@ -69,13 +72,7 @@ def test_sigkill_between_steps_leaves_the_last_resume_file_usable(tmp_path, tiny
     import sys
     from pathlib import Path
 
-    whole = tmp_path / "whole"
-    whole.mkdir()
-    assert run(["fit", "--config", write_config(whole, tiny_teacher_dir, **TRAINER)], capsys)[0] == 0
-    want_state, _ = finished(whole / "run")
-
-    parts = tmp_path / "parts"
-    parts.mkdir()
+    want_state, _, parts = uninterrupted(tmp_path, tiny_teacher_dir, capsys)
     kill = {"class_path": "signals.SignalAt", "init_args": {"signal": "SIGKILL", "step": 6}}
     config = config_with(parts, tiny_teacher_dir, kill, **TRAINER)
     root = Path(__file__).resolve().parents[1]

@@ -12,15 +12,13 @@ recovers exactly (each weight is an integer multiple of its fp16 scale).
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..core.errors import ZooError
 from ..core.surgery import replaced_modules
-from .writer import _assemble, _replace_dir, _under
+from .writer import _assemble, _under, write_directory
 
 FORMATS = ("zoo", "compressed-tensors")
 
@@ -92,15 +90,5 @@ def export_compressed_tensors(module, output: str | Path, *, dtype: str | None =
     compressor = ModelCompressor.from_pretrained_model(student, quantization_format="pack-quantized")
     compressor.compress_model(student)
     student.generation_config = copy.deepcopy(model.generation_config)
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        student.save_pretrained(tmp)
-        compressor.update_config(str(tmp))
-        if getattr(module, "tokenizer", None) is not None:
-            module.tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return output
+    return write_directory(student, getattr(module, "tokenizer", None), output,
+                           lambda tmp: compressor.update_config(str(tmp)))

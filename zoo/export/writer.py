@@ -204,16 +204,27 @@ def export_model(module, output: str | Path, *, dtype: str | None = None, merge:
     summary |= {"teacher_parameters": teacher_n, "student_parameters": student_n,
                 "parameter_ratio": student_n / teacher_n, **_measured(metrics)}
     student.generation_config = copy.deepcopy(model.generation_config)
+
+    def extra(tmp: Path) -> None:
+        if not merge:
+            (tmp / MODELING_FILE).write_text(modeling_file(type(model).__name__))
+        (tmp / "README.md").write_text(model_card(module, summary, recipe, merge, entries))
+
+    return write_directory(student, getattr(module, "tokenizer", None), output, extra)
+
+
+def write_directory(student: nn.Module, tokenizer, output: Path, extra=None) -> Path:
+    """``student.save_pretrained``, the tokenizer and ``extra(dir)``'s files into a temp directory beside ``output``,
+    renamed into place at the end: a half-written export never looks complete."""
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         student.save_pretrained(tmp)
-        if not merge:
-            (tmp / MODELING_FILE).write_text(modeling_file(type(model).__name__))
-        if getattr(module, "tokenizer", None) is not None:
-            module.tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(module, summary, recipe, merge, entries))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
         _replace_dir(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
