@@ -139,7 +139,7 @@ class Student:
             self._pending_ranks, self._pending_tokens = {}, 0
         for i, (part, names) in enumerate(zip(self.parts, resolved)):
             self.targets[f"{i}:{type(part).__name__}"] = names
-        if self.parts and not self.trainable_parameters():
+        if any(p.trains for p in self.parts) and not self.trainable_parameters():
             raise ZooError("the student has no trainable tensors; check the technique's options")
         for part in self.parts:
             self.summary.update(part.report(self.model))

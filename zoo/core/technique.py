@@ -65,6 +65,9 @@ class Technique:
     """
 
     target_kind = "linear"
+    #: False for a spec whose replacements hold nothing trainable by design (``zoo.Transplant``: weights read from
+    #: another checkpoint): a student made only of such parts is built and measured, and ``zoo fit`` refuses it
+    trains = True
 
     def __init__(self, targets: str | list[str]):
         self.targets = targets
