@@ -135,9 +135,10 @@ def autoround(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     label = f"auto-round W{bits}G{group}{'' if sym else ' asym'}"
+    patterns = [t for part in module.parts for t in (part.targets or [])]  # the recipe's, not 210 names
     print(f"zoo autoround: {len(targets)} maps quantized ({label}, {settings['bits_per_weight']:.4g} bits per weight) "
           f"in {settings['seconds']:.0f} s -> {out}\nmeasure it against the teacher:\n  zoo validate --config {recipe} "
-          f"--model.init_args.parts '{transplant_part(targets, str(out), settings['bits_per_weight'], label)}'")
+          f"--model.init_args.parts '{transplant_part(patterns, str(out), settings['bits_per_weight'], label)}'")
     return settings
 
 
