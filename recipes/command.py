@@ -74,6 +74,8 @@ COMMANDS: dict[str, Command] = {
                       "rung (source 000, 4.5-4.9)"),
     "frontier": Command("recipes.frontier:run_frontier", "whole-model compression methods x settings (ratios, "
                         "bits): bytes, code/prose ppl before and after repair, one row per (method, value)"),
+    "autoround": Command("recipes.autoround:autoround", "the AutoRound baseline (auto-round's own API) on a recipe's "
+                         "teacher and calibration tokens: a dequantized checkpoint for zoo.Transplant"),
     "tase-sweep": Command("recipes.tase_sweep:run_sweep", "TASE identity deviation over k, one fit per k "
                           "(source 000, 4.9, phase 51)"),
     "bank": Command("recipes.wizorb:train_bank", "a delta bank of LoRA adapters on disjoint code shards "

@@ -13,7 +13,7 @@ import torch
 
 import zoo
 from zoo import (BlockwisePHD, CoupledCore, DistillationModule, EigenAttention, FisherSVD, KFACSVD, LoRA, Quantize,
-                 TASECoupledCore, UniversalBasis)
+                 TASECoupledCore, Transplant, UniversalBasis)
 from zoo.core.models import META_PREFIX, load_causal_lm
 from zoo.core.plan import plan_student
 from zoo.core.surgery import export_student, replaced_modules
@@ -58,7 +58,11 @@ TECHNIQUES = {
                                      dict(targets="model.layers.*.self_attn.{q,o}_proj", bits=2, group=32,
                                           hadamard=True, block=16, correction=64, rounding="nearest"), None),
     "universal_basis": (UniversalBasis, dict(basis="{basis}", k=2), None, _zero_deltas),
+    "transplant": (Transplant, dict(targets=DOWN, source="{perturbed}", bits_per_weight=4.25),
+                   dict(targets=DOWN, source="{teacher}"), None),
 }
+#: rows whose student has nothing to train (a repair has nothing to move)
+FROZEN = {"transplant"}
 #: a second part on targets no row above uses, for the mixing check
 OTHER = FisherSVD("model.layers.0.mlp.gate_proj", rank=4, weighting="none")
 
@@ -67,6 +71,12 @@ def batches(n=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(3, 380, (2, 32), generator=g), "attention_mask": torch.ones(2, 32, dtype=torch.long),
              "loss_mask": torch.ones(2, 32, dtype=torch.long)} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def sources(basis_file, perturbed_teacher_dir, tiny_teacher_dir):
+    """What a row's "{placeholder}" options stand for."""
+    return {"{basis}": basis_file, "{perturbed}": perturbed_teacher_dir, "{teacher}": tiny_teacher_dir}
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +92,10 @@ def basis_file(tmp_path_factory, tiny_teacher_dir):
     return str(extract_basis(bank, "separate").save(tmp / "basis.safetensors"))
 
 
-def spec(name, basis_file, full=False):
+def spec(name, sources, full=False):
     cls, options, full_options, _ = TECHNIQUES[name]
     chosen = dict(full_options if full and full_options is not None else options)
-    return cls(**{k: basis_file if v == "{basis}" else v for k, v in chosen.items()})
+    return cls(**{k: sources.get(v, v) if isinstance(v, str) else v for k, v in chosen.items()})
 
 
 def built(parts, teacher, dtype="float32"):
@@ -104,9 +114,9 @@ def kind(t: torch.Tensor, model_dtype: torch.dtype) -> str:
 
 
 @pytest.mark.parametrize("name", list(TECHNIQUES))
-def test_build_matches_footprint_and_plan(name, basis_file, tiny_teacher_dir):
+def test_build_matches_footprint_and_plan(name, sources, tiny_teacher_dir):
     """bf16 weights, so tensors following the model's dtype and those kept in fp32 differ."""
-    part = spec(name, basis_file)
+    part = spec(name, sources)
     module = built([part], tiny_teacher_dir, dtype="bfloat16")
     merged = 0  # tensors folded into others on export (a factor's LoRA correction)
     for target, wrapper in replaced_modules(module.model).items():
@@ -124,14 +134,15 @@ def test_build_matches_footprint_and_plan(name, basis_file, tiny_teacher_dir):
     meta = load_causal_lm(META_PREFIX + tiny_teacher_dir, "bfloat16")[0]
     plan = plan_student(meta, [part], [part.resolve(meta)], torch.bfloat16)
     trainable = module.trainable_parameters()
-    assert plan.trainable == sum(p.numel() for p in trainable.values()) > 0
+    assert plan.trainable == sum(p.numel() for p in trainable.values())
+    assert (plan.trainable > 0) == (name not in FROZEN)
     assert plan.repair_state_bytes == sum(p.numel() * p.element_size() for p in trainable.values())
     assert plan.student_parameters == sum(p.numel() for p in export_student(module.model).parameters()) - merged
 
 
 @pytest.mark.parametrize("name", list(TECHNIQUES))
-def test_full_rank_or_identity_setting_reproduces_the_teacher(name, basis_file, tiny_teacher_dir):
-    module = built([spec(name, basis_file, full=True)], tiny_teacher_dir)
+def test_full_rank_or_identity_setting_reproduces_the_teacher(name, sources, tiny_teacher_dir):
+    module = built([spec(name, sources, full=True)], tiny_teacher_dir)
     hook = TECHNIQUES[name][3]
     if hook is not None:
         hook(module)
@@ -146,14 +157,14 @@ def test_full_rank_or_identity_setting_reproduces_the_teacher(name, basis_file, 
 
 
 @pytest.mark.parametrize("name", list(TECHNIQUES))
-def test_repair_state_round_trips(name, basis_file, tiny_teacher_dir, tmp_path):
-    a = built([spec(name, basis_file)], tiny_teacher_dir)
+def test_repair_state_round_trips(name, sources, tiny_teacher_dir, tmp_path):
+    a = built([spec(name, sources)], tiny_teacher_dir)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in a.trainable_parameters().values():
             p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
     path = a.save_repair_state(tmp_path / "state.safetensors")
-    b = built([spec(name, basis_file)], tiny_teacher_dir)
+    b = built([spec(name, sources)], tiny_teacher_dir)
     b.load_repair_state(path)
     for n, p in a.trainable_parameters().items():
         assert torch.equal(p, b.trainable_parameters()[n]), n
@@ -162,10 +173,10 @@ def test_repair_state_round_trips(name, basis_file, tiny_teacher_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name", list(TECHNIQUES))
-def test_works_as_one_part_of_a_mix(name, basis_file, tiny_teacher_dir):
-    part = spec(name, basis_file)
+def test_works_as_one_part_of_a_mix(name, sources, tiny_teacher_dir):
+    part = spec(name, sources)
     other = OTHER
-    alone = built([spec(name, basis_file)], tiny_teacher_dir)
+    alone = built([spec(name, sources)], tiny_teacher_dir)
     mixed = built([part, other], tiny_teacher_dir)
     own = set(alone.trainable_parameters())
     assert own < set(mixed.trainable_parameters())

@@ -11,6 +11,7 @@ from .tase import TASECoupledCore, TASEInterface
 from .tase_diagnostic import TASEDiagnostic
 from .kfac import KFACSVD
 from .quant import Quantize, QuantizedLinear
+from .transplant import Transplant, TransplantedLinear
 from .export import export_model, from_pretrained
 
 __all__ = [
@@ -19,5 +20,5 @@ __all__ = [
     "FisherSVD", "FisherSVDLinear", "BlockwisePHD", "BlockwisePHDLinear",
     "CoupledCore", "Shim", "ShimmedLinear", "LoRA", "UniversalBasis", "UniversalBasisLoRA",
     "EigenAttention", "EigenAttentionLayer", "TASECoupledCore", "TASEDiagnostic", "TASEInterface",
-    "KFACSVD", "Quantize", "QuantizedLinear", "export_model", "from_pretrained",
+    "KFACSVD", "Quantize", "QuantizedLinear", "Transplant", "TransplantedLinear", "export_model", "from_pretrained",
 ]

@@ -130,6 +130,10 @@ class RepairModule(L.LightningModule):
         return load_into(path, self.trainable_parameters(), self.header())
 
     def configure_optimizers(self):
+        if not self.trainable_parameters():
+            frozen = ", ".join(f"zoo.{type(p).__name__}" for p in self.parts if not p.trains)
+            raise ZooError(f"nothing to train: the student's parts ({frozen or 'its parts'}) hold no trainable tensor, "
+                           "so a repair has nothing to move; measure it with zoo validate --config ... instead")
         scales = self.lr_scales()
         groups: dict[float, list[nn.Parameter]] = {}
         for name, p in self.trainable_parameters().items():

@@ -160,7 +160,7 @@ def plan_student(model: nn.Module, parts: list[Technique], resolved: list[list[s
         targets.append(TargetPlan(name, f"{i}:{type(parts[i]).__name__}", original, count["trainable"],
                                   count["frozen"], count["buffer"], nbytes["trainable"], nbytes["frozen"],
                                   nbytes["buffer"], merged))
-    if not sum(t.trainable for t in targets):
+    if any(p.trains for p in parts) and not sum(t.trainable for t in targets):
         raise ZooError("the student would have no trainable tensors; check the technique's options")
     notes = [n for n in dict.fromkeys(p.footprint_note() for p in parts) if n]
     n_params = sum(p.numel() for p in model.parameters())

@@ -139,13 +139,15 @@ class Student:
             self._pending_ranks, self._pending_tokens = {}, 0
         for i, (part, names) in enumerate(zip(self.parts, resolved)):
             self.targets[f"{i}:{type(part).__name__}"] = names
-        if self.parts and not self.trainable_parameters():
+        if any(p.trains for p in self.parts) and not self.trainable_parameters():
             raise ZooError("the student has no trainable tensors; check the technique's options")
         for part in self.parts:
             self.summary.update(part.report(self.model))
         from ..export.writer import size_report  # lazily: the export package reads the core
 
-        self.summary.update(size_report(self.model))
+        stored = {n: b for part, names in zip(self.parts, resolved) for n in names
+                  if (b := part.stored_bytes(n, self.model.get_submodule(n).replacement)) is not None}
+        self.summary.update(size_report(self.model, stored=stored))
         self.summary["targets"] = sum(map(len, resolved))
         log.info("student built: %d targets, %d trainable parameters", sum(map(len, resolved)),
                  sum(p.numel() for p in self.trainable_parameters().values()))

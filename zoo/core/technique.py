@@ -65,6 +65,9 @@ class Technique:
     """
 
     target_kind = "linear"
+    #: False for a spec whose replacements hold nothing trainable by design (``zoo.Transplant``: weights read from
+    #: another checkpoint): a student made only of such parts is built and measured, and ``zoo fit`` refuses it
+    trains = True
 
     def __init__(self, targets: str | list[str]):
         self.targets = targets
@@ -87,6 +90,11 @@ class Technique:
     #: ``stats["<target>:<stream>"]``. ``tap_version`` names it in the calibration cache key.
     tap = None
     tap_version = ""
+
+    def stored_bytes(self, name: str, replacement: nn.Module) -> int | None:
+        """The bytes the format this replacement really ships in stores, where that is not what ``zoo export``
+        writes (an external quantizer's codes held dense here); None: what its export description says."""
+        return None
 
     def report(self, model: nn.Module) -> dict[str, float]:
         """Run-level numbers about the built student (e.g. its KV-cache size), added to the run's summary."""

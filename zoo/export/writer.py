@@ -107,16 +107,18 @@ def entry_bytes(entry: dict, float_bytes: int = 2) -> int:
     return sum(torch.Size(m["shape"]).numel() * KIND_BYTES.get(m["dtype"], float_bytes) for m in entry["tensors"].values())
 
 
-def size_report(model: nn.Module, float_bytes: int = 2) -> dict[str, float]:
+def size_report(model: nn.Module, float_bytes: int = 2, stored: dict[str, int] | None = None) -> dict[str, float]:
     """What the student's export stores, with floating tensors at ``float_bytes`` each (16-bit by default, as
     students ship): ``replaced_bytes`` of the replaced modules, ``replaced_weights`` of the originals they
     replace, ``bits_per_weight`` (8 x bytes / weights), ``student_bytes`` (the rest of the model added, each
-    storage once) and ``teacher_bytes`` (the dense teacher at the same width). Empty when a replacement has no
+    storage once) and ``teacher_bytes`` (the dense teacher at the same width). ``stored`` gives the bytes of
+    modules whose real format is not their export's (``Technique.stored_bytes``). Empty when a replacement has no
     export description."""
     replaced = replaced_modules(model)
     if not replaced or not all(exportable(w.replacement) for w in replaced.values()):
         return {}
-    stored = sum(entry_bytes(describe(n, w.replacement)[0], float_bytes) for n, w in replaced.items())
+    stored = sum((stored or {}).get(n) or entry_bytes(describe(n, w.replacement)[0], float_bytes)
+                 for n, w in replaced.items())
     weights = count_parameters(p for w in replaced.values() for p in w.original.parameters())
     rest = count_parameters(p for n, p in model.named_parameters(remove_duplicate=False) if not _under(n, replaced))
     return {"replaced_bytes": stored, "replaced_weights": weights, "bits_per_weight": 8 * stored / weights,
