@@ -309,6 +309,8 @@ class Frontier(Series):
     def row(self, item: Item, result: dict | None, status: str, run_dir: Path) -> dict:
         method, value = self.pairs[item.name]
         record = result or self.record(run_dir)
+        if status == "not run" and record.get("complete") and self.record_of(item, run_dir):
+            status = "ok"  # finished under other repair settings: its row says how long it was repaired
         stages, count = record.get("stages", {}), record.get("count") or {}
         before, after = stages.get("before", {}), stages.get("after", {})
         teacher_ppl = before.get("teacher_ppl") or after.get("teacher_ppl")
