@@ -19,11 +19,13 @@ from .cache import atomic_save
 from .errors import ZooError
 
 FORMAT = "repair_state/1"
+#: the one tensor of a state with nothing trained: safetensors 0.4 writes an empty file it cannot read back
+EMPTY = "__zoo_empty__"
 
 
 def save_state(path: str | Path, tensors: dict[str, torch.Tensor], header: dict) -> Path:
     """Write ``tensors`` (detached to CPU, contiguous) with ``header`` atomically. Returns the path."""
-    payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()} or {EMPTY: torch.zeros(0)}
     meta = {"zoo_format": FORMAT, **{k: json.dumps(v, sort_keys=True) for k, v in header.items()}}
     atomic_save(payload, path, meta)
     return Path(path)
@@ -73,7 +75,9 @@ def load_state(path: str | Path, expect: dict | None = None) -> tuple[dict[str, 
     """(tensors, header). With ``expect``, every key of it must equal the stored header's value."""
     header = check_header(path, expect)
     try:
-        return load_file(str(path)), header
+        tensors = load_file(str(path))
+        tensors.pop(EMPTY, None)
+        return tensors, header
     except (SafetensorError, OSError) as exc:
         raise ZooError(f"repair state {str(path)!r} is damaged: {exc}") from None
 
