@@ -142,6 +142,17 @@ def one_line(exc: Exception) -> str:
     return (reasons[0] if reasons else lines[0] if lines else type(exc).__name__)[:160]
 
 
+def run_stage(args: list[str], log: Path, stale: tuple[Path, ...]) -> tuple[dict, int, str]:
+    """A stage's command in its own process, streamed to ``log``, after the ``stale`` files an earlier attempt
+    left are removed (they must not pass for this run's); ({seconds, exit_code}, exit code, last line)."""
+    for left in stale:
+        left.unlink(missing_ok=True)
+    print(f"$ {shlex.join(['zoo', *args[3:]])}", flush=True)
+    start = time.monotonic()
+    code, last = run_streaming(args, log)
+    return {"seconds": round(time.monotonic() - start, 1), "exit_code": code}, code, last
+
+
 class Frontier(Series):
     title, noun = "frontier item", "item(s)"
 
@@ -202,13 +213,9 @@ class Frontier(Series):
         if subcommand == "validate":  # the whole heldout split, whatever the recipe validates on while training
             overrides = [*overrides, "--trainer.limit_val_batches", "1.0"]
         args = zoo_args(subcommand, item.config, [*item.overrides, *overrides], stage_dir, logger_name)
-        print(f"$ {shlex.join(['zoo', *args[3:]])}", flush=True)
         curve = stage_dir / "repair_curve.json"  # callbacks.RepairCurve's, if the recipe has it
-        for left in (curve, stage_dir / "metrics.json", stage_dir / "metrics_validate.json"):
-            left.unlink(missing_ok=True)  # an earlier attempt's files must not pass for this run's
-        start = time.monotonic()
-        code, last = run_streaming(args, stage_dir / f"{subcommand}.log")
-        entry = {"seconds": round(time.monotonic() - start, 1), "exit_code": code}
+        entry, code, last = run_stage(args, stage_dir / f"{subcommand}.log",
+                                      (curve, stage_dir / "metrics.json", stage_dir / "metrics_validate.json"))
         metrics = stage_dir / ("metrics_validate.json" if subcommand == "validate" else "metrics.json")
         written = json.loads(metrics.read_text()) if metrics.is_file() else {}
         entry["cuda_peak_gib"] = written.get("cuda_peak_gib")  # the stage's process's peak (None off CUDA)
@@ -240,16 +247,13 @@ class Frontier(Series):
         stage_dir = run_dir / name
         stage_dir.mkdir(parents=True, exist_ok=True)
         output = stage_dir / "ppl.json"
-        output.unlink(missing_ok=True)
         state = ["--repair_state", str(run_dir / "repair" / "repair_state.safetensors")] if when == "after" else []
         args = [sys.executable, "-m", "recipes.cli", "ppl", "--recipe", item.config,
                 "--overrides", json.dumps([*item.overrides, "--trainer.enable_progress_bar", "false"]), *state,
                 "--source", PROSE, "--seq_len", str(self.prose_seq_len), "--max_windows", str(self.prose_windows), "--device", "cpu",
                 "--output", str(output), "--logger", "null"]
-        print(f"$ {shlex.join(['zoo', *args[3:]])}", flush=True)
-        start = time.monotonic()
-        code, last = run_streaming(args, stage_dir / "ppl.log")
-        entry = {"seconds": round(time.monotonic() - start, 1), "exit_code": code, "windows": self.prose_windows}
+        entry, code, last = run_stage(args, stage_dir / "ppl.log", (output,))
+        entry["windows"] = self.prose_windows
         if output.is_file():
             ppl = json.loads(output.read_text())["ppl"]
             entry |= {"ppl": ppl["student"]["ppl"], "teacher_ppl": ppl["teacher"]["ppl"]}

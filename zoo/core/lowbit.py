@@ -183,7 +183,3 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     word = (c << (bits * torch.arange(8, device=codes.device))).sum(-1)  # < 2^(8 bits) <= 2^64
     byte = (word[..., None] >> (8 * torch.arange(bits, device=codes.device))) & 0xFF
     return byte.reshape(out, -1).to(torch.uint8)
-
-
-def packed_bytes(out_features: int, in_features: int, bits: int) -> int:
-    return out_features * math.ceil(in_features / 8) * bits

@@ -71,13 +71,19 @@ def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     return codes.reshape(out, -1)[:, :in_features].to(torch.uint8)
 
 
+def zero_points(op: dict, tensors, scales: torch.Tensor) -> torch.Tensor:
+    """A ``qmatmul``'s zero points [out, G] in fp32: stored packed, or 2^(bits-1) for a symmetric grid."""
+    if op["symmetric"]:
+        return torch.full_like(scales, 2.0 ** (op["bits"] - 1))
+    return unpack(tensors(op["t"] + "_zeros"), op["bits"], scales.shape[1]).float()
+
+
 def dequantize_op(op: dict, tensors, dtype: torch.dtype) -> torch.Tensor:
     """The dense [out, in] weight of a ``qmatmul`` op, in ``dtype`` (computed in fp32)."""
     t, bits, group, n = op["t"], op["bits"], op["group"], op["in"]
     scales = tensors(t + "_scales").float()
     codes = unpack(tensors(t + "_codes"), bits, n).float()
-    zeros = (torch.full_like(scales, 2.0 ** (bits - 1)) if op["symmetric"]
-             else unpack(tensors(t + "_zeros"), bits, scales.shape[1]).float())
+    zeros = zero_points(op, tensors, scales)
     return ((codes - (zeros.repeat_interleave(group, -1)[:, :n])) * scales.repeat_interleave(group, -1)[:, :n]).to(dtype)
 
 
@@ -94,7 +100,7 @@ def int4_operands(op: dict, tensors, dtype: torch.dtype) -> tuple[torch.Tensor, 
     t, n = op["t"], op["in"]
     codes = unpack(tensors(t + "_codes"), 4, n).to(torch.int32)
     scales = tensors(t + "_scales").float()
-    zeros = (torch.full_like(scales, 8.0) if op["symmetric"] else unpack(tensors(t + "_zeros"), 4, scales.shape[1]).float())
+    zeros = zero_points(op, tensors, scales)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     return packed, torch.stack([scales.T, ((8 - zeros) * scales).T], -1).to(dtype).contiguous()
 
