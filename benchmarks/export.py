@@ -6,7 +6,7 @@ time, peak memory, greedy-generation throughput (prefill and decode separately).
     python benchmarks/export.py --tiny                                   # CPU dry run: a tiny random teacher
     python benchmarks/export.py --students int4-g64 int3-g64 --dtype bfloat16 --fp32-reference   # low-bit grids
 
-Each student is built from its recipe (``load_recipe``: calibration from the recipe's data, cached; no
+Each student is built from its recipe (``recipes.recipe.load_recipe``: calibration from the recipe's data, cached; no
 repair: repair changes values, not size or speed), written by ``zoo.export.export_model`` in ``--dtype``,
 then every directory - the dense teacher saved in the same dtype, and each export - is loaded from disk
 with ``zoo.from_pretrained`` and measured the same way:
@@ -58,10 +58,6 @@ STUDENTS = {
     "int4-g64": (INT4, NEAREST),
     "int3-g64": (INT4, [*NEAREST, "--model.init_args.parts.bits", "3"]),
 }
-QUIET = ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-         "--trainer.precision", "32-true"]
-
-
 def tiny_teacher(root: Path) -> str:
     """A 2-layer random Llama with the embedded teacher's tokenizer (so the recipes' data loads unchanged)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -78,10 +74,10 @@ def tiny_teacher(root: Path) -> str:
 
 
 def build_exports(args, root: Path) -> dict[str, Path]:
-    from recipes.command import load_recipe
+    from recipes.recipe import load_recipe
 
     dirs = {}
-    extra = list(QUIET) + (["--model.init_args.teacher", args.teacher] if args.teacher else [])
+    extra = (["--model.init_args.teacher", args.teacher] if args.teacher else [])
     if args.tiny:
         extra += ["--data.init_args.n_calibration", "2", "--data.init_args.seq_len", "32"]
     for name in args.students:
@@ -89,7 +85,7 @@ def build_exports(args, root: Path) -> dict[str, Path]:
         if args.tiny and name.startswith("phd"):
             overrides = [*overrides, "--model.init_args.parts.rank", "16", "--model.init_args.parts.block", "64"]
         t0 = time.perf_counter()
-        module, _, _ = load_recipe(recipe, [*overrides, *extra], device=args.build_device)
+        module = load_recipe(recipe, [*overrides, *extra], device=args.build_device).module
         if name == args.students[0]:
             dirs["dense"] = save_dense(module, root / "dense", args.dtype)
             if args.fp32_reference and args.dtype != "float32":
@@ -192,7 +188,6 @@ def main(argv=None):
     parser.add_argument("--keep", default=None, help="write the exports here instead of a temp dir")
     parser.add_argument("--json", default=None, help="write the measurements to this JSON file")
     args = parser.parse_args(argv)
-    sys.argv = sys.argv[:1]  # load_recipe's LightningCLI reads its own args, not this script's
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="zoo-export-bench-"))
     if args.keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -60,10 +60,11 @@ def dump_heldout(recipe: str, overrides: list[str], path: Path) -> str:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
-    from recipes.command import load_recipe
+    from recipes.recipe import load_recipe
     from zoo.core.models import model_location
 
-    module, data, _ = load_recipe(recipe, [*overrides, "--trainer.logger", "false"], build=False)
+    loaded = load_recipe(recipe, overrides, build=False)
+    module, data = loaded.module, loaded.data
     data.setup("validate")
     tensors = {}
     for i, batch in enumerate(data.val_dataloader()):
@@ -87,7 +88,6 @@ def main(argv=None) -> int:
     if args.child:
         child(*args.child)
         return 0
-    sys.argv = sys.argv[:1]  # load_recipe's LightningCLI reads its own args, not this script's
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "heldout.safetensors"
         teacher = dump_heldout(args.recipe, args.overrides, data)

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from recipes.cli import _quiet
-from recipes.command import load_recipe
+from recipes.recipe import load_recipe
 from zoo.core.losses import cached_token_kl, prediction_mask, teacher_top_k, token_kl
 from zoo.core.surgery import teacher_view
 
@@ -30,7 +30,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _quiet()
 
-    model, data, _ = load_recipe(args.config, repair_state=args.repair_state)  # builds the student (calibration cached)
+    loaded = load_recipe(args.config, repair_state=args.repair_state)
+    model, data = loaded.module, loaded.data  # builds the student (calibration cached)
     dataset = data._dataset(args.split)
     loader = torch.utils.data.DataLoader(dataset, batch_size=data.batch_size)
     t = model.temperature

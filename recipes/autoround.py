@@ -34,7 +34,7 @@ from zoo.core.errors import ZooError, check_choice
 from zoo.core.models import claim
 from zoo.transplant import safetensors_index
 
-from .command import load_recipe
+from .recipe import load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ def autoround(
         raise ZooError(f"output {str(out)!r} exists and is not a finished zoo autoround result (no {MARKER}); "
                        "give another --output or --overwrite true")
 
-    module, data, _ = load_recipe(recipe, [*overrides, "--trainer.logger", "false"], build=False)
+    loaded = load_recipe(recipe, overrides, build=False)
+    module, data = loaded.module, loaded.data
     model, tokenizer = module.model, module.tokenizer
     targets = [n for names in module.resolve_targets() for n in names]
     for name in targets:

@@ -4,8 +4,7 @@ Every subcommand beside LightningCLI's ``fit``/``validate``/``test`` is a typed 
 its parameters, their help its docstring's ``Args:`` section). ``COMMANDS`` names each one with a one-line
 description; ``command_parser`` builds its jsonargparse parser (``--config``, optionally ``--data``, a
 recipe DataModule whose teacher follows the command's, and ``--logger``); ``run_command`` parses,
-instantiates and calls it. ``load_recipe`` builds a recipe's model and data as ``zoo fit`` would, without
-running: how the commands that measure or export a student rebuild it. Logging is W&B, offline unless
+instantiates and calls it. Logging is W&B, offline unless
 ``WANDB_MODE=online``.
 """
 from __future__ import annotations
@@ -126,32 +125,6 @@ def run_command(name: str, argv: list[str]):
     if command.logger and isinstance(kwargs.get("logger"), bool | None):
         kwargs["logger"] = command_logger(kwargs["logger"], command.logger_name or name, kwargs["output_dir"])
     return command.function()(**kwargs)
-
-
-def load_recipe(config: str, overrides: list[str] | tuple[str, ...] = (), repair_state: str | None = None,
-                build: bool = True, device: str | None = None, meta: bool = False):
-    """(model, datamodule, trainer) of a recipe YAML, as ``zoo fit --config`` would build them.
-
-    With ``build`` the student is built (calibration from the recipe's data, cached) and
-    ``repair_state`` loaded into it: this is how multi-stage commands (``zoo eval``, ...) rebuild a
-    student from (config, repair state). With ``meta`` the teacher is its architecture alone on the
-    meta device (``meta:<teacher>``; no weights, no tokenizer): what ``zoo plan`` sizes.
-    """
-    from zoo.core.module import RepairModule
-
-    from .data import TokenDataModule
-    from .lightning_cli import ZooCLI
-
-    args = ["--config", str(config), *overrides]
-    if repair_state:
-        args += ["--model.init_args.repair_state", str(repair_state)]
-    cli = ZooCLI(RepairModule, TokenDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 args=args, run=False, meta=meta, auto_configure_optimizers=False, save_config_callback=None,
-                 trainer_defaults={"logger": False, "enable_checkpointing": False},
-                 parser_kwargs={"prog": "zoo", "exit_on_error": False})
-    if build:
-        cli.model.build_student_from(cli.datamodule, device)
-    return cli.model, cli.datamodule, cli.trainer
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from zoo.core.surgery import teacher_view
 from zoo.evaluation import (PROMPT_STYLES, EvalResult, Limits, compare, evaluate, load_problems, load_result,
                             parse_teacher_solved, samples_path, select, teacher_solved)
 
-from .command import load_recipe
+from .recipe import load_recipe
 
 log = logging.getLogger("zoo.eval")
 VIEWS = ("student", "teacher")
@@ -127,7 +127,7 @@ def load_subject(model: str | None, recipe: str | None, repair_state: str | None
             extra += ["--model.init_args.teacher", model]
         if dtype:
             extra += ["--model.init_args.dtype", dtype]
-        module, _, _ = load_recipe(recipe, extra, repair_state, device=device)
+        module = load_recipe(recipe, extra, repair_state, device=device).module
         lm, tokenizer, teacher, dtype = module.model, module.tokenizer, module.teacher, module.dtype_name
         name = Path(recipe).stem + (f"+{Path(repair_state).stem}" if repair_state else "") + f":{view}"
     else:

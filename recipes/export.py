@@ -1,8 +1,9 @@
 """``zoo export``: a compressed student as a self-contained transformers directory (issue 15).
 
-The student is rebuilt from a recipe and its repair state (``load_recipe``: calibration from the recipe's
-data, cached), or from a finished run directory (its ``config.yaml`` and ``repair_state.safetensors``, and
-its ``metrics.json`` for the model card), then written by ``zoo.export.export_model``:
+The student is rebuilt from a recipe and its repair state (``recipes.recipe.load_recipe``: calibration from
+the recipe's data, cached), or from a finished run directory (its ``config.yaml``, which is a recipe, its
+``repair_state.safetensors`` and its ``metrics.json`` for the model card), then written by
+``zoo.export.export_model``:
 
     zoo export --run runs/fisher_svd_repair --output runs/fisher_svd_repair/export
     zoo export --recipe configs/recipes/compress_svdllm.yaml --repair_state runs/compress_svdllm/repair_state.safetensors \\
@@ -15,17 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from zoo.core.errors import ZooError, check_choice
 from zoo.export import export_model
 from zoo.export.stock import FORMATS, export_compressed_tensors
 
-from .command import load_recipe
+from .recipe import load_recipe
 
 RUN_CONFIG, RUN_STATE, RUN_METRICS = "config.yaml", "repair_state.safetensors", "metrics.json"
-#: keys `zoo fit` writes into a run's config.yaml that a recipe (``load_recipe``) does not take
-FIT_ONLY = {"ckpt_path", "weights_only"}
 
 
 def export_run(
@@ -73,20 +70,10 @@ def export_run(
         raise ZooError("give --run (a finished run directory) or --recipe (a recipe YAML, with --repair_state)")
     if Path(output).exists() and not overwrite:  # before the minutes of rebuilding the student
         raise ZooError(f"output directory {output!r} exists; pass --overwrite to replace it")
-    extra = [*(overrides or []), "--trainer.logger", "false", "--trainer.accelerator", "cpu",
-             "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.precision", "32-true"]
-    config = yaml.safe_load(Path(recipe).read_text())
-    if run is not None and set(config) & FIT_ONLY:
-        # a run's config.yaml is `zoo fit`'s full config: its fit-only keys are no recipe options
-        recipe = str(_stripped_config(config, Path(output)))
-    try:
-        module, _, _ = load_recipe(recipe, extra, repair_state=repair_state)
-    finally:
-        if run is not None and set(config) & FIT_ONLY:
-            Path(recipe).unlink(missing_ok=True)
-    info = {"path": str(Path(run) / RUN_CONFIG) if run and set(config) & FIT_ONLY else str(recipe),
-            "repair_state": repair_state, "overrides": list(overrides or []),
-            "model": config.get("model")}
+    loaded = load_recipe(recipe, list(overrides or []), repair_state=repair_state)
+    module = loaded.module
+    info = {"path": str(recipe), "repair_state": repair_state, "overrides": list(overrides or []),
+            "model": loaded.config["model"]}
     if format == "compressed-tensors":
         path = export_compressed_tensors(module, output, dtype=dtype, overwrite=overwrite)
     else:
@@ -95,14 +82,6 @@ def export_run(
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     ratio = f", {summary['parameter_ratio']:.4f} x the teacher's parameters" if "parameter_ratio" in summary else ""
     print(f"zoo export: wrote {path} ({size / 2**20:.1f} MiB of weights{ratio})")
-    return path
-
-
-def _stripped_config(config: dict, output: Path) -> Path:
-    """The run's config without the fit-only keys, in a temp file beside ``output``."""
-    path = output.with_name(f".{output.name}.recipe.yaml")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({k: v for k, v in config.items() if k not in FIT_ONLY}))
     return path
 
 

@@ -103,11 +103,9 @@ def count_parameters(config: str, overrides: list[str]) -> dict:
     from zoo.core import plan as zp
     from zoo.core.models import parse_dtype
 
-    from .command import load_recipe
+    from .recipe import load_recipe
 
-    cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
-           "--trainer.precision", "32-true", "--trainer.logger", "false"]
-    module, _, _ = load_recipe(config, [*overrides, *cpu], build=False, meta=True)
+    module = load_recipe(config, overrides, build=False, meta=True).module
     resolved = module.resolve_targets()
     plan = zp.plan_student(module.model, module.parts, resolved, parse_dtype(module.dtype_name))
     return {"parameters": plan.student_parameters, "teacher_parameters": plan.model_parameters,

@@ -5,8 +5,8 @@ data's sizes.
 ``zoo fit --config configs/recipes/fisher_svd_repair.yaml`` builds the model (any ``RepairModule``,
 subclass mode) and the data (any ``TokenDataModule``) from YAML, links the teacher from the model to the
 data, and always writes ``metrics.json`` next to the repair state. ``--ckpt_path`` accepts a repair state
-(``.safetensors``): the student is rebuilt and the state loaded into it. ``recipes.command.load_recipe``
-builds the same objects without running.
+(``.safetensors``): the student is rebuilt and the state loaded into it. ``recipes.recipe.load_recipe``
+builds the same objects without a Trainer (the zoo's options come from one function, ``add_zoo_arguments``).
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from callbacks import MetricsJSON
 from callbacks.resume import Resume, SafetensorsCheckpointIO
 from zoo.core.cache import check_writable
 from zoo.core.errors import ZooError
-from zoo.core.models import META_PREFIX, RANDOM_PREFIX
 from zoo.core.state import RESUME_FILE, load_checkpoint, read_header
 
 from .command import wandb_config
-from .data.modules import check_data_options
+from .data.modules import check_data_options, check_teacher_logits
+from .recipe import add_zoo_arguments
 
 
 def default_logger() -> dict:
@@ -61,21 +61,10 @@ class SaveConfigOnStart(SaveConfigCallback):
 
 
 class ZooCLI(LightningCLI):
-    def __init__(self, *args, meta: bool = False, **kwargs):
-        self.meta = meta
-        super().__init__(*args, **kwargs)
-
     def add_arguments_to_parser(self, parser):
-        parser.link_arguments("model.init_args.teacher", "data.init_args.teacher")
-        parser.add_argument("--resume", type=str | None, default=None,
-                            help="fit: continue the interrupted run in this directory exactly where it stopped")
+        add_zoo_arguments(parser)
 
     def before_instantiate_classes(self):
-        if self.meta:  # shapes only (zoo plan): the model's architecture on the meta device, no weights
-            init = (self.config if self.subcommand is None else self.config[self.subcommand])["model"]["init_args"]
-            init["teacher"] = META_PREFIX + init["teacher"].removeprefix(RANDOM_PREFIX).removeprefix(META_PREFIX)
-        if self.subcommand is None:  # run=False (load_recipe): no ckpt_path to route
-            return
         config = self.config[self.subcommand]
         resume = config.get("resume")
         if resume:
@@ -88,7 +77,9 @@ class ZooCLI(LightningCLI):
             config["trainer"]["default_root_dir"] = str(Path(resume))
         name_default_logger(config)
         check_output_dirs(config)
-        check_data_options(**(config.get("data") or {}).get("init_args", {}))
+        data_init = (config.get("data") or {}).get("init_args", {})
+        check_data_options(**data_init)
+        check_teacher_logits(config["model"].get("init_args", {}), data_init)
         self._parse_ckpt_path()
         if resume:
             config["ckpt_path"] = str(path)  # after the repair-state routing: Lightning restores it

@@ -1,6 +1,6 @@
 """``zoo plan``: size a recipe on a model without loading its weights (issue 9, "zoo plan").
 
-The recipe is instantiated through the same CLI machinery as ``zoo fit`` (``load_recipe``), with the
+The recipe is parsed and instantiated as ``zoo fit`` does (``recipes.recipe.load_recipe``), with the
 teacher replaced by ``meta:<model>``: the model is built from its config on the meta device, so an
 8B model costs a second and no memory. Each technique sizes its replacements from shapes
 (``Technique.footprint``); ``zoo.core.plan`` counts parameters and estimates the peak memory per GPU of
@@ -18,7 +18,7 @@ from zoo.core import plan as zp
 from zoo.core.errors import ZooError
 from zoo.core.models import META_PREFIX, parse_dtype
 
-from .command import load_recipe
+from .recipe import load_recipe
 from .report import Outputs
 
 
@@ -55,11 +55,8 @@ def plan_recipe(
         extra += ["--model.init_args.teacher", model]
     if dtype:
         extra += ["--model.init_args.dtype", dtype]
-    # only the model is used: the trainer is built on the CPU whatever the recipe asks (a recipe for 8
-    # GPUs can be planned on a laptop), without a logger
-    extra += ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
-              "--trainer.precision", "32-true", "--trainer.logger", "false"]
-    module, data, _ = load_recipe(recipe, extra, build=False, meta=True)
+    loaded = load_recipe(recipe, extra, build=False, meta=True)  # no trainer: an 8-GPU recipe plans on a laptop
+    module, data = loaded.module, loaded.data
     load_dtype = parse_dtype(module.dtype_name)
     batch_size = batch_size or getattr(data, "batch_size", None)
     seq_len = seq_len or getattr(data, "seq_len", None)

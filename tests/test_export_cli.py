@@ -7,7 +7,7 @@ import json
 import torch
 
 import zoo
-from recipes.command import load_recipe
+from recipes.recipe import load_recipe
 from zoo.core.losses import token_kl
 from zoo.core.surgery import teacher_view
 from zoo_cli import repair_model, write_config, zoo_cli
@@ -50,7 +50,8 @@ def test_fit_export_and_reload_reproduce_the_heldout_kl(tmp_path, tiny_teacher_d
     final = json.loads((run / "metrics.json").read_text())["final"]["heldout_kl"]
     card = (tmp_path / "export" / "README.md").read_text()
     assert f"{final:.6g}" in card
-    module, data, _ = load_recipe(config, ["--trainer.logger", "false"])
+    loaded = load_recipe(config)
+    module, data = loaded.module, loaded.data
     data.setup("validate")
     loaded = zoo.from_pretrained(tmp_path / "export")
     assert abs(heldout_kl(loaded, module, data) - final) < 1e-4 * max(1.0, final)
@@ -93,8 +94,7 @@ def test_lora_fit_writes_a_peft_adapter_that_peft_loads_offline(tmp_path, tiny_t
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(__import__("pathlib").Path(tiny_teacher_dir).resolve())
     assert (adapter / "adapter_model.safetensors").is_file() and tiny_teacher_dir in (adapter / "README.md").read_text()
-    module, _, _ = load_recipe(config, ["--trainer.logger", "false"],
-                               repair_state=str(tmp_path / "run" / "repair_state.safetensors"))
+    module = load_recipe(config, repair_state=str(tmp_path / "run" / "repair_state.safetensors")).module
     peft_model = AutoPeftModelForCausalLM.from_pretrained(str(adapter), dtype=torch.float32).eval()
     ids = torch.randint(3, 380, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

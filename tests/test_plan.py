@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from zoo_cli import repair_model, write_config, zoo_cli
 
-from recipes.command import load_recipe
+from recipes.recipe import load_recipe
 from zoo.core import plan as zp
 from zoo.core.models import load_causal_lm
 from zoo.core.surgery import export_student, replaced_modules
@@ -62,7 +62,7 @@ def test_plan_counts_equal_the_built_students(recipe, tiny_teacher_dir, tmp_path
     config = write_config(tmp_path, tiny_teacher_dir, model=model_cfg)
     planned, table = plan(["--recipe", config, "--precision", "bf16-true"], tmp_path, capsys)
 
-    module, _, _ = load_recipe(config, build=False)
+    module = load_recipe(config, build=False).module
     teacher_params = sum(p.numel() for p in module.model.parameters())
     module.build_student(batches(), data_fingerprint="test")
     built = {}

@@ -39,6 +39,17 @@ from .teacher_cache import TeacherLogitCache
 LEAST = {"seq_len": 2, "batch_size": 1, "n_calibration": 1, "n_train": 1, "n_heldout": 1, "num_workers": 0}
 
 
+def check_teacher_logits(model_init: dict, data_init: dict) -> None:
+    """A cached teacher distribution is softened at the temperature the repair distills at (parsed config)."""
+    cached = data_init.get("teacher_logits")
+    if cached is None:
+        return
+    want, have = model_init.get("temperature", 1.0), cached["temperature"]
+    if have != want:
+        raise ZooError(f"data.teacher_logits.temperature={have} differs from the model's distillation "
+                       f"temperature={want}; set them equal")
+
+
 def check_data_options(**options) -> None:
     """A one-line ZooError for a size option out of range (those of ``options`` that are given): the data
     module checks its own, and ``zoo fit`` checks the parsed config with it before the teacher loads."""
@@ -156,12 +167,7 @@ class TokenDataModule(TeacherLogitCache, L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._ensure_data()
-        trainer = getattr(self, "trainer", None)
-        if self.teacher_logits is not None and stage == "fit" and trainer is not None:
-            temperature = getattr(trainer.lightning_module, "temperature", self.teacher_logits.temperature)
-            if temperature != self.teacher_logits.temperature:
-                raise ZooError(f"teacher_logits.temperature={self.teacher_logits.temperature} differs from the "
-                               f"model's distillation temperature={temperature}; set them equal")
+        if self.teacher_logits is not None and stage == "fit" and getattr(self, "trainer", None) is not None:
             # now, while the teacher is still pristine and shared (the module's surgery comes after)
             self.teacher_cache()
 

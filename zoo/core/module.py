@@ -100,9 +100,11 @@ class RepairModule(L.LightningModule):
             self.student.build(calibration_loader, data_fingerprint, device)
             self._after_build()
 
-    def build_student_from(self, datamodule=None, device=None) -> None:
+    def build_student_from(self, source=None, device=None) -> None:
+        """``Student.build_from``: how ``zoo fit``/``validate`` (``setup``) and every command
+        (``recipes.recipe.load_recipe``) build the student, calibrating on ``source`` (a ``CalibrationSource``)."""
         if not self.student.built:
-            self.student.build_from(datamodule, device)
+            self.student.build_from(source, device)
             self._after_build()
 
     def _after_build(self) -> None:

@@ -11,7 +11,10 @@ and the diagnostics hold a ``Student``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
+from typing import Protocol, runtime_checkable
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,6 +34,17 @@ log = logging.getLogger(__name__)
 
 #: how the targets' statistics are collected (see ``Student``)
 CALIBRATIONS = ("once", "sequential")
+
+
+@runtime_checkable
+class CalibrationSource(Protocol):
+    """Where a student's calibration tokens come from (the recipes' data modules implement it): batches of
+    ``input_ids`` (and ``attention_mask``/``loss_mask``), and a stable hash of exactly those tokens, which keys
+    the cached statistics (``""``: not cacheable)."""
+
+    def calibration_dataloader(self) -> Iterable[Mapping[str, torch.Tensor]]: ...
+
+    def fingerprint(self, split: str) -> str: ...
 
 
 def parts_header(parts: list[Technique], teacher: str, calibration: str = "once") -> dict:
@@ -152,13 +166,13 @@ class Student:
         log.info("student built: %d targets, %d trainable parameters", sum(map(len, resolved)),
                  sum(p.numel() for p in self.trainable_parameters().values()))
 
-    def build_from(self, datamodule=None, device=None) -> None:
-        """``build`` with the calibration split and fingerprint of ``datamodule``."""
-        loader = fingerprint = None
-        if datamodule is not None and hasattr(datamodule, "calibration_dataloader"):
-            datamodule.setup("fit")
-            loader, fingerprint = datamodule.calibration_dataloader(), datamodule.fingerprint("calibration")
-        self.build(loader, fingerprint or "", device)
+    def build_from(self, source: CalibrationSource | None = None, device=None) -> None:
+        """``build`` on the calibration batches of ``source`` (keyed in the cache by its fingerprint); a source
+        that is no ``CalibrationSource`` (a data module with train/heldout splits only) gives none."""
+        if isinstance(source, CalibrationSource):
+            self.build(source.calibration_dataloader(), source.fingerprint("calibration"), device)
+        else:
+            self.build(None, "", device)
 
     @staticmethod
     def layer_groups(resolved: list[list[str]]) -> list[list[list[str]]]:
