@@ -28,9 +28,9 @@ from torch import nn
 from .core.calibration import ActivationStats, Collector, register_collector
 from .core.errors import ZooError
 from .core.linalg import cholesky_jittered, thin_svd
-from .core.ranks import check_rank
+from .core.lowrank import FisherSVDLinear, factor_lora_rank, linear_footprint, low_rank_layer, rank_report
+from .core.ranks import check_rank, resolve_rank
 from .core.technique import Technique, TensorSize
-from .fisher_svd import FisherSVDLinear, factor_lora_rank, linear_footprint, low_rank_layer, rank_report, resolve_rank
 
 
 @register_collector
@@ -72,7 +72,7 @@ class KFACSVD(Technique):
         targets: module name patterns (see ``zoo.core.targets``).
         rank: an int rank, or a float parameter ratio in (0, 1] (as ``zoo.FisherSVD``).
         train_factors: also train U and V (default: sigma and bias only).
-        refit: re-fit U diag(sigma) in closed form after truncation, V fixed (``zoo.fisher_svd.refit_factors``).
+        refit: re-fit U diag(sigma) in closed form after truncation, V fixed (``zoo.core.lowrank.refit_factors``).
         factor_lora: rank of a trained LoRA correction of U and of V (0: none; as ``zoo.FisherSVD``).
     """
 

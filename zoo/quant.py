@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from .core.calibration import ActivationStats
 from .core.errors import ZooError, check_choice
 from .core.hadamard import PHDFrame
-from .core.linalg import cholesky_jittered, rms, thin_svd
+from .core.linalg import rms, thin_svd, whitening
 from .core.lowbit import ROUNDINGS, Grid, clip_search, dequantize, gptq, grid_params, pack, quantize
 from .core.replacement import Replacement
 from .core.seeds import derive_seed
@@ -141,10 +141,9 @@ def weighted_correction(residual: torch.Tensor, moment: torch.Tensor | None, ran
     if moment is None:
         P, s, Qh = thin_svd(R)
         return P[:, :rank] * s[:rank], Qh[:rank]
-    S = cholesky_jittered(moment.to(R.device, torch.float64), name=name)
+    S, unwhiten = whitening(moment.to(R.device), name)
     P, s, Qh = thin_svd(R @ S)
-    B = torch.linalg.solve_triangular(S.T, Qh[:rank].T, upper=True).T  # Qh_r S^-1
-    return P[:, :rank] * s[:rank], B
+    return P[:, :rank] * s[:rank], unwhiten(Qh[:rank]).T
 
 
 @dataclass(eq=False, repr=False)
