@@ -44,8 +44,8 @@ from torch import nn
 from .core.calibration import ActivationStats, Collector, register_collector
 from .core.errors import ZooError, check_choice
 from .core.linalg import refit_left, rms, singular_values, thin_svd, whitening  # noqa: F401 - re-exported
-from .core.lowrank import (FisherSVDLinear, factor_lora_rank, linear_footprint, low_rank_layer,  # noqa: F401
-                           rank_report, refit_factors)
+from .core.lowrank import (FisherSVDLinear, check_factor_bits, factor_lora_rank, linear_footprint,  # noqa: F401
+                           low_rank_layer, rank_report, refit_factors)
 from .core.ranks import allocate_by_gain, allocate_ranks, check_rank, resolve_rank  # noqa: F401 - re-exported
 from .core.technique import Technique, TensorSize
 
@@ -196,6 +196,9 @@ class FisherSVD(Technique):
             weighted truncation error per parameter), ``sensitivity`` by ``allocate_by_gain`` on each
             component's estimated loss (``sensitivity_gains``: needs a backward pass per calibration batch).
         allocation_floor: under ``sensitivity``, no target below this fraction of its uniform rank.
+        factor_bits: store the factors on a grid of this many bits (2, 3, 4 or 8; 0: full precision), sigma
+            folded in, group scales trained (``zoo.core.lowrank.QuantizedFactorsLinear``).
+        factor_group: factor inputs per scale under ``factor_bits`` (0: one scale per factor row).
     """
 
     targets: str | list[str]
@@ -207,6 +210,8 @@ class FisherSVD(Technique):
     refit: bool = False
     allocation_floor: float = 0.25
     factor_lora: int = 0
+    factor_bits: int = 0
+    factor_group: int = 64
     planned_ranks: dict[str, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self):
@@ -220,6 +225,7 @@ class FisherSVD(Technique):
         if not 0 <= self.allocation_floor <= 1:
             raise ZooError(f"allocation_floor must be in [0, 1], got {self.allocation_floor}")
         factor_lora_rank(self.factor_lora, 1)
+        check_factor_bits(self.factor_bits, self.factor_group, self.train_factors, self.factor_lora)
 
     def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> dict[str, int]:
         """With ``allocation='global'``, fix every target's rank from its weighted spectrum (else a no-op)."""
@@ -252,7 +258,7 @@ class FisherSVD(Technique):
     def needs(self) -> set[str]:
         needs = {"covariance": {"input"}, "asvd": {"input", "abs_mean"}, "diagonal": {"input"}, "fisher": {"fisher"},
                  "none": set()}[self.weighting]
-        return needs | ({"input"} if self.refit else set()) | \
+        return needs | ({"input"} if self.refit or self.factor_bits else set()) | \
             ({"input", "grad_output_diag"} if self.allocation == "sensitivity" else set())
 
     def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
@@ -260,7 +266,7 @@ class FisherSVD(Technique):
         ``allocation='global'`` r is the uniform rank of the ratio: the data moves rank between targets
         within the same total (see ``footprint_note``)."""
         return linear_footprint(module, resolve_rank(self.rank, module.out_features, module.in_features, name),
-                                self.train_factors, self.factor_lora)
+                                self.train_factors, self.factor_lora, self.factor_bits, self.factor_group)
 
     def footprint_note(self) -> str | None:
         if self.allocation != "uniform":
@@ -268,7 +274,7 @@ class FisherSVD(Technique):
                     "are those of the uniform rank, and the total is an upper bound (same budget)")
         return None
 
-    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> FisherSVDLinear:
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
         weight = module.weight
         if self.allocation != "uniform":
             if name not in self.planned_ranks:  # plan() runs over all targets before the first build
@@ -277,4 +283,5 @@ class FisherSVD(Technique):
         else:
             rank = resolve_rank(self.rank, module.out_features, module.in_features, name)
         U, sigma, V, used = weighted_svd(weight, rank, self.weighting, stats, self.alpha, name)
-        return low_rank_layer(module, U, sigma, V, stats, self.refit, self.train_factors, name, self.factor_lora)
+        return low_rank_layer(module, U, sigma, V, stats, self.refit, self.train_factors, name, self.factor_lora,
+                              self.factor_bits, self.factor_group)

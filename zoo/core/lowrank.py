@@ -8,6 +8,14 @@ a student's ranks; and the row Fisher collector (``fisher``: FWSVD's weighting, 
 also trains U and V; ``factor_lora=k`` reads U and V as ``U + B_U A_U`` and ``V + B_V A_V`` with rank-k
 corrections (B zero at the start), merged on export. ``zoo.FisherSVD`` and ``zoo.KFACSVD`` differ only in how
 they weight the SVD whose truncated factors ``low_rank_layer`` turns into this layer.
+
+``factor_bits=b`` stores the factors on a b-bit grid instead (``QuantizedFactorsLinear``; issue 25's "low-rank
+techniques can store their factors quantized"): sigma is folded into the first factor, ``down = diag(sigma) V^T``
+[r, in] (a per-row scale, which each row's group scales absorb, so it costs no rounding error), ``up = U``
+[out, r]; each is a ``zoo.core.lowbit.QuantizedLinear`` with groups of ``factor_group`` along its input.
+``down`` is rounded by GPTQ through the calibration's E[x x^T] (to nearest without it), then ``up`` by GPTQ
+through the moment of ``down``'s dequantized output, so the second rounding sees the first one's error. The
+codes are frozen; the group scales (fp32, read as fp16 like ``zoo.Quantize``'s) and the bias train.
 """
 from __future__ import annotations
 
@@ -16,8 +24,10 @@ from torch import nn
 
 from .calibration import ActivationStats
 from .collectors import Collector, register_collector
+from ..export.spec import nested
 from .errors import ZooError
 from .linalg import refit_left, rms
+from .lowbit import Grid, QuantizedLinear, dequantize, gptq, grid_params, quantize
 from .replacement import Replacement
 from .surgery import replaced_modules
 from .technique import TensorSize
@@ -124,8 +134,12 @@ def rank_report(model: nn.Module) -> dict[str, float]:
     return report | ({"low_rank_maps": maps, "low_rank_parameters": exported} if maps else {})
 
 
-def linear_footprint(module: nn.Module, rank: int, train_factors: bool, factor_lora: int = 0) -> dict[str, TensorSize]:
-    """The tensors of a rank-``rank`` ``FisherSVDLinear`` replacing ``module``."""
+def linear_footprint(module: nn.Module, rank: int, train_factors: bool, factor_lora: int = 0, factor_bits: int = 0,
+                     factor_group: int = 64) -> dict[str, TensorSize]:
+    """The tensors of a rank-``rank`` ``FisherSVDLinear`` (``QuantizedFactorsLinear`` with ``factor_bits``)
+    replacing ``module``."""
+    if factor_bits:
+        return quantized_footprint(module, rank, factor_bits, factor_group)
     out_f, in_f = module.out_features, module.in_features
     factors = "trainable" if train_factors else "frozen"
     sizes = {"U": TensorSize((out_f, rank), factors), "sigma": TensorSize((rank,), "trainable", "float32"),
@@ -158,17 +172,123 @@ def refit_factors(weight: torch.Tensor, V: torch.Tensor, stats: ActivationStats 
 
 def low_rank_layer(module: nn.Module, U: torch.Tensor, sigma: torch.Tensor, V: torch.Tensor,
                    stats: ActivationStats | None, refit: bool, train_factors: bool, name: str = "",
-                   factor_lora: int = 0) -> FisherSVDLinear:
+                   factor_lora: int = 0, factor_bits: int = 0, factor_group: int = 64) -> nn.Module:
     """The ``FisherSVDLinear`` replacing ``module`` from truncated factors (refit first with ``refit``), with
     the module's bias, in its dtype and on its device: the one builder of every low-rank technique's layer, so
-    each gets the refit and the repair modes (``train_factors``, ``factor_lora``)."""
+    each gets the refit, the repair modes (``train_factors``, ``factor_lora``) and ``factor_bits`` (then a
+    ``QuantizedFactorsLinear``)."""
     weight = module.weight
     if refit:
         U, sigma = refit_factors(weight, V, stats, name)
     bias = getattr(module, "bias", None)
+    if factor_bits:
+        moment = None
+        if stats is not None:
+            moment = (stats.second_moment if stats.second_moment is not None else stats.diag).to(U.device)
+        layer = quantized_factors(U, sigma, V, factor_bits, factor_group, moment,
+                                  None if bias is None else bias.detach())
+        return layer.to(weight.device, weight.dtype)
     layer = FisherSVDLinear(U.to(weight.dtype), sigma, V.to(weight.dtype), None if bias is None else bias.detach(),
                             train_factors, factor_lora)
     return layer.to(weight.device)
+
+
+class QuantizedFactorsLinear(Replacement):
+    """y = up(down(x)) + b: the rank-r map with its factors on low-bit grids (see the module docstring)."""
+
+    def __init__(self, down: QuantizedLinear, up: QuantizedLinear, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = down.in_features, up.out_features
+        self.down, self.up = down, up
+        self.bias = nn.Parameter(bias.clone()) if bias is not None else None
+        self.lr_scales = {"bias": rms(self.bias)} if bias is not None else {}
+
+    @property
+    def rank(self) -> int:
+        return self.down.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.up(self.down(x))
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.up.dense_weight() @ self.down.dense_weight()
+
+    def export_spec(self) -> dict:
+        """Two ``qmatmul`` ops (the first with sigma folded in), then the bias."""
+        down, up = nested("down_", self.down)[0], nested("up_", self.up)[0]
+        program, tensors = down["program"] + up["program"], {**down["tensors"], **up["tensors"]}
+        if self.bias is not None:
+            program.append({"op": "add", "t": "bias"})
+            tensors["bias"] = "model"
+        g = self.down.grid
+        return {"program": program, "tensors": tensors, "ranks": {"rank": self.rank, "bits": g.bits, "group": g.group}}
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        return {**nested("down_", self.down)[1], **nested("up_", self.up)[1],
+                **({"bias": self.bias} if self.bias is not None else {})}
+
+    def extra_repr(self) -> str:
+        g = self.down.grid
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bits={g.bits}"
+
+
+def check_factor_bits(bits: int, group: int, train_factors: bool, factor_lora: int) -> None:
+    """``factor_bits`` (0: full-precision factors) and ``factor_group`` of a low-rank spec, and the repair modes
+    they exclude: quantized factors are frozen codes, so neither ``train_factors`` nor ``factor_lora`` applies."""
+    if isinstance(group, bool) or not isinstance(group, int) or group < 0:
+        raise ZooError(f"factor_group must be an int >= 0 (0: one scale per factor row), got {group!r}")
+    if not bits:
+        return
+    Grid(bits, 1)  # validates bits
+    if train_factors or factor_lora:
+        raise ZooError("factor_bits stores the factors as frozen low-bit codes (their group scales train): "
+                       "it excludes train_factors and factor_lora")
+
+
+def factor_grid(bits: int, group: int, width: int) -> Grid:
+    """The grid of a factor with ``width`` inputs: groups of ``group`` (0, or more than the width: the whole row)."""
+    return Grid(bits, min(group or width, width))
+
+
+def _on_grid(W: torch.Tensor, grid: Grid, moment: torch.Tensor | None) -> QuantizedLinear:
+    """``W`` [out, in] (fp64) as a ``QuantizedLinear``: GPTQ through ``moment`` (E[x x^T] of its inputs), else
+    rounded to nearest; the scales rounded to fp16 from the start, as the export stores them."""
+    if moment is not None:
+        codes, scales, zeros = gptq(W, moment, grid)
+    else:
+        scales, zeros = grid_params(W, grid)
+        codes = quantize(W, scales, zeros, grid)
+    return QuantizedLinear(codes, scales.half().float(), zeros, grid)
+
+
+def quantized_factors(U: torch.Tensor, sigma: torch.Tensor, V: torch.Tensor, bits: int, group: int,
+                      moment: torch.Tensor | None, bias: torch.Tensor | None = None) -> QuantizedFactorsLinear:
+    """The ``QuantizedFactorsLinear`` of ``U diag(sigma) V^T`` (``moment``: the full or diagonal E[x x^T] of its
+    inputs, fp64 on the factors' device; None rounds both factors to nearest)."""
+    down_W = sigma.double()[:, None] * V.double().T  # [r, in]
+    if moment is not None and moment.dim() == 1:
+        moment = torch.diag(moment)
+    down = _on_grid(down_W, factor_grid(bits, group, down_W.shape[1]), moment)
+    mid = None
+    if moment is not None:
+        D = dequantize(down.codes, down.scales.double(), down.zeros, down.grid)
+        mid = D @ moment.double() @ D.T
+    up = _on_grid(U.double(), factor_grid(bits, group, U.shape[1]), mid)
+    return QuantizedFactorsLinear(down, up, bias)
+
+
+def quantized_footprint(module: nn.Module, rank: int, bits: int, group: int) -> dict[str, TensorSize]:
+    """The tensors of a rank-``rank`` ``QuantizedFactorsLinear`` replacing ``module``."""
+    sizes = {}
+    for f, rows, width in (("down", rank, module.in_features), ("up", module.out_features, rank)):
+        G = factor_grid(bits, group, width).groups(width)
+        sizes |= {f"{f}.codes": TensorSize((rows, width), "buffer", "uint8"),
+                  f"{f}.zeros": TensorSize((rows, G), "buffer", "uint8"),
+                  f"{f}.scales": TensorSize((rows, G), "trainable", "float32")}
+    if getattr(module, "bias", None) is not None:
+        sizes["bias"] = TensorSize((module.out_features,))
+    return sizes
 
 
 @register_collector
