@@ -22,7 +22,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from zoo.core.distributed import gathered_parameters, is_sharded
-from zoo.lora import lora_part, save_lora_adapter
 
 
 def _dir(trainer: L.Trainer, dirpath: str | None) -> Path:
@@ -37,8 +36,8 @@ class RepairStateCheckpoint(L.Callback):
         filename: file name of the latest state.
         save_best: also keep ``best_<filename>`` at the lowest ``monitor`` seen.
         monitor: metric for ``save_best``.
-        adapter_dirname: for a LoRA run (``zoo.lora.lora_part``), the PEFT adapter directory written
-            beside the state at the end of training.
+        adapter_dirname: for a run of one technique with an adapter format (``Technique.write_adapter``: LoRA's
+            PEFT adapter), the directory it is written to beside the state at the end of training.
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "repair_state.safetensors",
@@ -116,10 +115,12 @@ class RepairStateCheckpoint(L.Callback):
         if self.last_path is not None:
             size = self.last_path.stat().st_size
             rank_zero_info(f"repair state: {self.last_path} ({size / 1024:.1f} KiB)")
-            if lora_part(pl_module) is not None:  # a LoRA run: also the PEFT adapter other tools load
-                adapter = save_lora_adapter(pl_module, self.last_path.parent / self.adapter_dirname,
-                                            {"repair_state": str(self.last_path), "global_step": trainer.global_step})
-                rank_zero_info(f"PEFT adapter: {adapter}")
+            parts = getattr(pl_module, "parts", [])
+            adapter = parts[0].write_adapter(pl_module, self.last_path.parent / self.adapter_dirname,
+                                             {"repair_state": str(self.last_path), "global_step": trainer.global_step}
+                                             ) if len(parts) == 1 else None
+            if adapter is not None:  # also the adapter other tools load
+                rank_zero_info(f"adapter: {adapter}")
 
     def on_exception(self, trainer, pl_module, exception):
         if not (isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit"):

@@ -53,6 +53,8 @@ TECHNIQUES = {
                                            residual_side="input", expansion=2, tase_init="random")),
     "lora": (LoRA, dict(targets="model.layers.*.self_attn.{q,v}_proj", rank=4)),
     "quantize_int4": (Quantize, dict(targets=MLP, bits=4, group=48)),
+    "fisher_svd_factor_bits": (FisherSVD, dict(targets="model.layers.*.self_attn.{q,o}_proj", rank=8, factor_bits=4,
+                                                factor_group=32)),
     "quantize_int3_hadamard_correction": (Quantize, dict(targets="model.layers.*.mlp.{gate,up}_proj", bits=3, group=64,
                                                          symmetric=True, hadamard=True, block=32, correction=4)),
     "eigen_attention": (EigenAttention, dict(targets="model.layers.*.self_attn", k_keys=8, k_values=12)),

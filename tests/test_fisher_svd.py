@@ -15,7 +15,7 @@ def calibrated(tiny_model):
     torch.manual_seed(0)
     batches = [{"input_ids": torch.randint(3, 380, (4, 64)), "attention_mask": torch.ones(4, 64, dtype=torch.long)}
                for _ in range(3)]
-    stats = calib.collect(tiny_model, batches, [TARGET], fisher=True, progress=False)[TARGET]
+    stats = calib.collect(tiny_model, batches, [TARGET], collectors={"fisher": [TARGET]}, progress=False)[TARGET]
     inputs = []
     hook = tiny_model.get_submodule(TARGET).register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
     with torch.no_grad():

@@ -104,7 +104,7 @@ def test_an_unknown_statistic_is_a_clear_error(tiny_teacher_dir):
             return {"input", "hessian_of_everything"}
 
     module = DistillationModule(parts=[NeedsNothingKnown(TARGET, rank=4)], teacher=tiny_teacher_dir)
-    with pytest.raises(ZooError, match="'hessian_of_everything'.*valid: input, fisher, taps, abs_mean, grad_output"):
+    with pytest.raises(ZooError, match="'hessian_of_everything'.*valid: input, taps, fisher, abs_mean, grad_output"):
         module.build_student(batches(), data_fingerprint="unknown")
 
 

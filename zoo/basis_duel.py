@@ -357,7 +357,8 @@ def collect_activations(model: nn.Module, target: str, calibration_loader, heldo
     device = model_device(model, device)
     with Recorder(model, target) as recorder:
         stats = calib.collect(model, recorder.track(calibration_loader), [target], full_cov_max=full_cov_max,
-                              max_tokens=max_tokens, fisher=fisher, device=device, progress=progress)[target]
+                              max_tokens=max_tokens, collectors={"fisher": [target]} if fisher else None,
+                              device=device, progress=progress)[target]
         x_train = recorder.rows().double()
     x_heldout = record(model, target, heldout_loader, device)[1].double()
     if len(x_heldout) == 0:

@@ -42,11 +42,11 @@ from .core.linalg import procrustes, rms
 from .core.metrics import NormRatio
 from .core.replacement import Replacement
 from .core.seeds import derive_seed, generator
+from .core.subframes import (COMPUTES, CORE_INITS, BlockwisePHDLinear, Subframe, check_ranks, core_footprint,
+                             frame_energy, init_core, input_energy, output_moment, phd_subframe, resolve_compute,
+                             second_moment, subframe_footprint, top_index)
 from .core.technique import Technique, TensorSize
 from .export.spec import nested
-from .phd import (COMPUTES, CORE_INITS, BlockwisePHDLinear, Subframe, check_ranks, core_footprint, frame_energy,
-                  init_core, input_energy, output_moment, phd_subframe, resolve_compute, second_moment,
-                  subframe_footprint, top_index)
 
 log = logging.getLogger(__name__)
 

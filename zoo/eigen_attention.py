@@ -52,11 +52,11 @@ from torch import nn
 from .core.calibration import ActivationStats
 from .core.compat import layer_cache
 from .core.errors import ZooError, check_choice
+from .core.linalg import rms
 from .core.spectrum import block_diagonal, cumulative_variance, eigh_descending, rank_for_variance
 from .core.replacement import Replaced, Replacement
 from .core.technique import Technique, TensorSize
 from .export.modeling_zoo import eigen_attention_forward
-from .fisher_svd import rms
 
 log = logging.getLogger(__name__)
 

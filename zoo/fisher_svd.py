@@ -43,133 +43,16 @@ from torch import nn
 
 from .core.calibration import ActivationStats, Collector, register_collector
 from .core.errors import ZooError, check_choice
-from .core.linalg import cholesky_jittered, refit_left, rms, singular_values, thin_svd  # noqa: F401 - re-exported
+from .core.linalg import refit_left, rms, singular_values, thin_svd, whitening  # noqa: F401 - re-exported
+from .core.lowrank import (FisherSVDLinear, check_factor_bits, factor_lora_rank, linear_footprint,  # noqa: F401
+                           low_rank_layer, rank_report, refit_factors)
 from .core.ranks import allocate_by_gain, allocate_ranks, check_rank, resolve_rank  # noqa: F401 - re-exported
-from .core.replacement import Replacement
-from .core.surgery import replaced_modules
 from .core.technique import Technique, TensorSize
 
 log = logging.getLogger(__name__)
 
 WEIGHTINGS = ("covariance", "diagonal", "fisher", "none", "asvd")
 ALLOCATIONS = ("uniform", "global", "sensitivity")
-
-
-class FisherSVDLinear(Replacement):
-    """y = U diag(sigma) V^T x + b, sigma kept in fp32 (also when the model is cast to bf16)."""
-
-    fp32_params = ("sigma",)
-
-    def __init__(self, U: torch.Tensor, sigma: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None,
-                 train_factors: bool = False, factor_lora: int = 0):
-        super().__init__()
-        self.in_features, self.out_features = V.shape[0], U.shape[0]
-        self.U = nn.Parameter(U, requires_grad=train_factors)  # [out, r]
-        self.V = nn.Parameter(V, requires_grad=train_factors)  # [in, r]
-        self.sigma = nn.Parameter(sigma.float())  # [r], fp32 whatever the model's dtype
-        self.bias = nn.Parameter(bias.clone()) if bias is not None else None
-        # Adafactor-style relative step: each tensor's lr is scaled by its initial RMS, so one lr
-        # means the same relative change for a layer whose singular values are 1e-3 or 10
-        self.lr_scales = {n: rms(p) for n, p in self.named_parameters()}
-        self.factor_lora = factor_lora_rank(factor_lora, self.rank)
-        if self.factor_lora:
-            r, k = self.rank, self.factor_lora
-            for f, factor in (("U", U), ("V", V)):
-                # A: orthonormal rows, so no direction of the rank space is favoured; B: zero, so dW = 0 at start
-                A = torch.linalg.qr(torch.randn(r, k, dtype=torch.float64)).Q.T.to(factor.dtype).to(factor.device)
-                setattr(self, f"{f}_lora_A", nn.Parameter(A.contiguous()))  # [k, r]
-                setattr(self, f"{f}_lora_B", nn.Parameter(torch.zeros(factor.shape[0], k, dtype=factor.dtype,
-                                                                      device=factor.device)))  # [out or in, k]
-                # a step of B moves the factor by about lr x its own RMS (B A sums k terms of size 1/sqrt(r))
-                self.lr_scales[f"{f}_lora_A"] = rms(A)
-                self.lr_scales[f"{f}_lora_B"] = rms(factor) * (r / k) ** 0.5
-
-    @property
-    def rank(self) -> int:
-        return self.sigma.numel()
-
-    def factor(self, name: str) -> torch.Tensor:
-        """U or V as the forward reads it: with ``factor_lora``, plus its trained correction."""
-        base = getattr(self, name)
-        if not self.factor_lora:
-            return base
-        return base + getattr(self, f"{name}_lora_B") @ getattr(self, f"{name}_lora_A")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the matmuls run in the input dtype (autocast picks bf16 under bf16-mixed); the diagonal
-        # scale runs in fp32 and the result goes back to the matmul dtype. LoRA corrections are applied as
-        # their own rank-k products, which cost less than re-forming U + B A and V + B A at every step
-        h = x @ self.V.to(x.dtype)
-        if self.factor_lora:
-            h = h + (x @ self.V_lora_B.to(x.dtype)) @ self.V_lora_A.to(x.dtype)
-        h = (h.float() * self.sigma.float()).to(h.dtype)
-        y = h @ self.U.T.to(h.dtype)
-        if self.factor_lora:
-            y = y + (h @ self.U_lora_A.T.to(h.dtype)) @ self.U_lora_B.T.to(h.dtype)
-        return y + self.bias.to(y.dtype) if self.bias is not None else y
-
-    def dense_weight(self) -> torch.Tensor:
-        return (self.factor("U").double() * self.sigma.double()) @ self.factor("V").double().T
-
-    def export_spec(self) -> dict:
-        """The forward above in ``zoo.export`` ops (issue 15): U and V in the model dtype, sigma fp32."""
-        program = [{"op": "matmul", "t": "V"}, {"op": "scale", "t": "sigma"}, {"op": "matmul", "t": "U", "transpose": True}]
-        tensors = {"V": "model", "sigma": "float32", "U": "model"}
-        if self.bias is not None:
-            program.append({"op": "add", "t": "bias"})
-            tensors["bias"] = "model"
-        return {"program": program, "tensors": tensors, "ranks": {"rank": self.rank}}
-
-    def export_tensors(self) -> dict[str, torch.Tensor]:
-        """U and V merged with their LoRA corrections: the exported map is the plain rank-r one."""
-        return {"V": self.factor("V"), "sigma": self.sigma, "U": self.factor("U"),
-                **({"bias": self.bias} if self.bias is not None else {})}
-
-    def extra_repr(self) -> str:
-        lora = f", factor_lora={self.factor_lora}" if self.factor_lora else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{lora}"
-
-
-def factor_lora_rank(k: int, rank: int) -> int:
-    """The LoRA rank of the factors of a rank-``rank`` map: ``k``, at most ``rank`` (a correction of U [out, r]
-    through more than r directions is no more expressive)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ZooError(f"factor_lora must be an int >= 0 (0: no LoRA on the factors), got {k!r}")
-    return min(k, rank)
-
-
-def rank_report(model: nn.Module) -> dict[str, float]:
-    """Min, mean and max rank of the ``FisherSVDLinear`` maps of ``model`` per layer type (the last part of the
-    module name, e.g. ``ranks/q_proj/mean``): what a frontier table shows of an allocation; and
-    ``low_rank_maps`` and ``low_rank_parameters``, how many maps and what they export (``export_tensors``: the
-    student's size under any allocation, where the plan only knows the uniform rank)."""
-    by_type: dict[str, list[int]] = {}
-    exported = 0
-    for name, wrapper in replaced_modules(model).items():
-        layer = wrapper.replacement
-        if isinstance(layer, FisherSVDLinear):
-            by_type.setdefault(name.rsplit(".", 1)[-1], []).append(layer.rank)
-            exported += sum(t.numel() for t in layer.export_tensors().values())
-    report = {f"ranks/{t}/{stat}": float(f(rs)) for t, rs in sorted(by_type.items())
-              for stat, f in (("min", min), ("mean", lambda x: sum(x) / len(x)), ("max", max))}
-    maps = sum(map(len, by_type.values()))
-    return report | ({"low_rank_maps": maps, "low_rank_parameters": exported} if maps else {})
-
-
-def linear_footprint(module: nn.Module, rank: int, train_factors: bool, factor_lora: int = 0) -> dict[str, TensorSize]:
-    """The tensors of a rank-``rank`` ``FisherSVDLinear`` replacing ``module``."""
-    out_f, in_f = module.out_features, module.in_features
-    factors = "trainable" if train_factors else "frozen"
-    sizes = {"U": TensorSize((out_f, rank), factors), "sigma": TensorSize((rank,), "trainable", "float32"),
-             "V": TensorSize((in_f, rank), factors)}
-    k = factor_lora_rank(factor_lora, rank)
-    if k:
-        for f, rows in (("U", out_f), ("V", in_f)):
-            sizes[f"{f}_lora_A"] = TensorSize((k, rank), "trainable", exported=False)  # merged into the factor
-            sizes[f"{f}_lora_B"] = TensorSize((rows, k), "trainable", exported=False)
-    if getattr(module, "bias", None) is not None:
-        sizes["bias"] = TensorSize((out_f,))
-    return sizes
 
 
 def _floored(d: torch.Tensor) -> torch.Tensor:
@@ -238,9 +121,8 @@ def _weighted_problem(weight: torch.Tensor, weighting: str, stats: ActivationSta
         raise ZooError(f"{weighting} weighting of {name} needs calibration statistics")
 
     if weighting == "covariance":
-        S = cholesky_jittered(stats.second_moment.to(device, torch.float64), name=name)
-        # V = S^-T Q_r, so that x @ V = (S^-1 ... )-whitened coordinates
-        return W @ S, weighting, lambda P, Qh: (P, torch.linalg.solve_triangular(S.T, Qh.T, upper=True))
+        S, unwhiten = whitening(stats.second_moment.to(device), name)
+        return W @ S, weighting, lambda P, Qh: (P, unwhiten(Qh))
     if weighting in ("diagonal", "asvd"):
         d = (diagonal_scale if weighting == "diagonal" else asvd_scale)(stats, alpha).to(device)
         return W * d, weighting, lambda P, Qh: (P, Qh.T / d[:, None])
@@ -265,37 +147,6 @@ def weighted_svd(
     P, s, Qh = thin_svd(A)
     U, V = unweight(P[:, :rank], Qh[:rank])
     return U, s[:rank], V, used
-
-
-def refit_factors(weight: torch.Tensor, V: torch.Tensor, stats: ActivationStats | None, name: str = ""
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, sigma) of the closed-form refit ``refit_left`` with V fixed: sigma the column norms of the refit B
-    (unit columns of U, as a truncated SVD gives them), on the student's inputs and, where calibration
-    measured it, the cross moment with the teacher's."""
-    if stats is None:
-        raise ZooError(f"refit of {name} needs calibration statistics")
-    moment = stats.second_moment if stats.second_moment is not None else stats.diag
-    cross = stats.extra.get("cross.second_moment")
-    if cross is None and stats.second_moment is None:
-        cross = stats.extra.get("cross.diag")
-    B = refit_left(weight, V, moment, cross)
-    sigma = B.norm(dim=0).clamp_min(1e-30)
-    return B / sigma, sigma
-
-
-def low_rank_layer(module: nn.Module, U: torch.Tensor, sigma: torch.Tensor, V: torch.Tensor,
-                   stats: ActivationStats | None, refit: bool, train_factors: bool, name: str = "",
-                   factor_lora: int = 0) -> FisherSVDLinear:
-    """The ``FisherSVDLinear`` replacing ``module`` from truncated factors (refit first with ``refit``), with
-    the module's bias, in its dtype and on its device: the one builder of every low-rank technique's layer, so
-    each gets the refit and the repair modes (``train_factors``, ``factor_lora``)."""
-    weight = module.weight
-    if refit:
-        U, sigma = refit_factors(weight, V, stats, name)
-    bias = getattr(module, "bias", None)
-    layer = FisherSVDLinear(U.to(weight.dtype), sigma, V.to(weight.dtype), None if bias is None else bias.detach(),
-                            train_factors, factor_lora)
-    return layer.to(weight.device)
 
 
 def weighted_spectrum(weight: torch.Tensor, weighting: str = "covariance", stats: ActivationStats | None = None,
@@ -345,6 +196,9 @@ class FisherSVD(Technique):
             weighted truncation error per parameter), ``sensitivity`` by ``allocate_by_gain`` on each
             component's estimated loss (``sensitivity_gains``: needs a backward pass per calibration batch).
         allocation_floor: under ``sensitivity``, no target below this fraction of its uniform rank.
+        factor_bits: store the factors on a grid of this many bits (2, 3, 4 or 8; 0: full precision), sigma
+            folded in, group scales trained (``zoo.core.lowrank.QuantizedFactorsLinear``).
+        factor_group: factor inputs per scale under ``factor_bits`` (0: one scale per factor row).
     """
 
     targets: str | list[str]
@@ -356,6 +210,8 @@ class FisherSVD(Technique):
     refit: bool = False
     allocation_floor: float = 0.25
     factor_lora: int = 0
+    factor_bits: int = 0
+    factor_group: int = 64
     planned_ranks: dict[str, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self):
@@ -369,6 +225,7 @@ class FisherSVD(Technique):
         if not 0 <= self.allocation_floor <= 1:
             raise ZooError(f"allocation_floor must be in [0, 1], got {self.allocation_floor}")
         factor_lora_rank(self.factor_lora, 1)
+        check_factor_bits(self.factor_bits, self.factor_group, self.train_factors, self.factor_lora)
 
     def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> dict[str, int]:
         """With ``allocation='global'``, fix every target's rank from its weighted spectrum (else a no-op)."""
@@ -401,7 +258,7 @@ class FisherSVD(Technique):
     def needs(self) -> set[str]:
         needs = {"covariance": {"input"}, "asvd": {"input", "abs_mean"}, "diagonal": {"input"}, "fisher": {"fisher"},
                  "none": set()}[self.weighting]
-        return needs | ({"input"} if self.refit else set()) | \
+        return needs | ({"input"} if self.refit or self.factor_bits else set()) | \
             ({"input", "grad_output_diag"} if self.allocation == "sensitivity" else set())
 
     def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
@@ -409,7 +266,7 @@ class FisherSVD(Technique):
         ``allocation='global'`` r is the uniform rank of the ratio: the data moves rank between targets
         within the same total (see ``footprint_note``)."""
         return linear_footprint(module, resolve_rank(self.rank, module.out_features, module.in_features, name),
-                                self.train_factors, self.factor_lora)
+                                self.train_factors, self.factor_lora, self.factor_bits, self.factor_group)
 
     def footprint_note(self) -> str | None:
         if self.allocation != "uniform":
@@ -417,7 +274,7 @@ class FisherSVD(Technique):
                     "are those of the uniform rank, and the total is an upper bound (same budget)")
         return None
 
-    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> FisherSVDLinear:
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
         weight = module.weight
         if self.allocation != "uniform":
             if name not in self.planned_ranks:  # plan() runs over all targets before the first build
@@ -426,4 +283,5 @@ class FisherSVD(Technique):
         else:
             rank = resolve_rank(self.rank, module.out_features, module.in_features, name)
         U, sigma, V, used = weighted_svd(weight, rank, self.weighting, stats, self.alpha, name)
-        return low_rank_layer(module, U, sigma, V, stats, self.refit, self.train_factors, name, self.factor_lora)
+        return low_rank_layer(module, U, sigma, V, stats, self.refit, self.train_factors, name, self.factor_lora,
+                              self.factor_bits, self.factor_group)

@@ -28,9 +28,9 @@ from torch import nn
 from .core.calibration import ActivationStats, Collector, register_collector
 from .core.errors import ZooError
 from .core.linalg import cholesky_jittered, thin_svd
-from .core.ranks import check_rank
+from .core.lowrank import check_factor_bits, factor_lora_rank, linear_footprint, low_rank_layer, rank_report
+from .core.ranks import check_rank, resolve_rank
 from .core.technique import Technique, TensorSize
-from .fisher_svd import FisherSVDLinear, factor_lora_rank, linear_footprint, low_rank_layer, rank_report, resolve_rank
 
 
 @register_collector
@@ -72,8 +72,9 @@ class KFACSVD(Technique):
         targets: module name patterns (see ``zoo.core.targets``).
         rank: an int rank, or a float parameter ratio in (0, 1] (as ``zoo.FisherSVD``).
         train_factors: also train U and V (default: sigma and bias only).
-        refit: re-fit U diag(sigma) in closed form after truncation, V fixed (``zoo.fisher_svd.refit_factors``).
+        refit: re-fit U diag(sigma) in closed form after truncation, V fixed (``zoo.core.lowrank.refit_factors``).
         factor_lora: rank of a trained LoRA correction of U and of V (0: none; as ``zoo.FisherSVD``).
+        factor_bits, factor_group: store the factors on a low-bit grid (as ``zoo.FisherSVD``).
     """
 
     targets: str | list[str]
@@ -81,11 +82,14 @@ class KFACSVD(Technique):
     train_factors: bool = False
     refit: bool = False
     factor_lora: int = 0
+    factor_bits: int = 0
+    factor_group: int = 64
 
     def __post_init__(self):
         super().__post_init__()
         check_rank(self.rank)
         factor_lora_rank(self.factor_lora, 1)
+        check_factor_bits(self.factor_bits, self.factor_group, self.train_factors, self.factor_lora)
 
     def report(self, model: nn.Module) -> dict[str, float]:
         return rank_report(model)
@@ -95,11 +99,12 @@ class KFACSVD(Technique):
 
     def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
         return linear_footprint(module, resolve_rank(self.rank, module.out_features, module.in_features, name),
-                                self.train_factors, self.factor_lora)
+                                self.train_factors, self.factor_lora, self.factor_bits, self.factor_group)
 
-    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> FisherSVDLinear:
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
         if stats is None:
             raise ZooError(f"K-FAC weighting of {name} needs calibration statistics")
         U, sigma, V = kfac_svd(module.weight, resolve_rank(self.rank, module.out_features, module.in_features, name),
                                stats, name)
-        return low_rank_layer(module, U, sigma, V, stats, self.refit, self.train_factors, name, self.factor_lora)
+        return low_rank_layer(module, U, sigma, V, stats, self.refit, self.train_factors, name, self.factor_lora,
+                              self.factor_bits, self.factor_group)

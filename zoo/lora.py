@@ -280,6 +280,10 @@ class LoRA(Technique):
                 B[name] = layer.lora_B["default"].weight.detach().float().cpu()
         return A, B
 
+    def write_adapter(self, module, path: str | Path, metadata: dict | None = None) -> Path:
+        """The PEFT adapter directory of a student whose one part is this spec (``save_lora_adapter``)."""
+        return save_lora_adapter(module, path, metadata)
+
 
 def lora_part(module) -> LoRA | None:
     """The LoRA spec of a training module whose one part is LoRA, else None."""

@@ -23,7 +23,8 @@ Repair trains S (and A, B) by the same KL distillation as every technique: the c
 gradient reaches the scales through the dequantized weight (EfficientQAT's end-to-end stage). Bytes, not
 parameters, are what this saves: a student's ``bits_per_weight`` and ``student_bytes``
 (``zoo.export.writer.size_report``, in every run's summary) count the packed codes, fp16 scales, packed zero
-points and the correction as the export stores them.
+points and the correction as the export stores them. The layer, ``QuantizedLinear``, lives in ``zoo.core.lowbit``
+(the low-rank techniques store their factors with it: ``factor_bits``).
 """
 from __future__ import annotations
 
@@ -32,105 +33,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .core.calibration import ActivationStats
 from .core.errors import ZooError, check_choice
 from .core.hadamard import PHDFrame
-from .core.linalg import cholesky_jittered, rms, thin_svd
-from .core.lowbit import ROUNDINGS, Grid, clip_search, dequantize, gptq, grid_params, pack, quantize
-from .core.replacement import Replacement
+from .core.linalg import thin_svd, whitening
+from .core.lowbit import (ROUNDINGS, Grid, QuantizedLinear, clip_search, dequantize, gptq,  # noqa: F401 - re-exported
+                          grid_params, quantize)
 from .core.seeds import derive_seed
 from .core.technique import Technique, TensorSize
 
 log = logging.getLogger(__name__)
-
-
-def _fp16(t: torch.Tensor) -> torch.Tensor:
-    """``t`` rounded to fp16 in the forward, identity in the backward (a straight-through rounding)."""
-    return t + (t.half().float() - t).detach()
-
-
-class QuantizedLinear(Replacement):
-    """y = (deq(codes) + A B) (T x) + b: a low-bit grid with trainable group scales (see the module docstring)."""
-
-    fp32_params = ("scales",)
-
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, grid: Grid,
-                 bias: torch.Tensor | None = None, frame: PHDFrame | None = None,
-                 A: torch.Tensor | None = None, B: torch.Tensor | None = None, train_scales: bool = True):
-        super().__init__()
-        self.out_features, self.in_features = codes.shape
-        self.grid = grid
-        self.frame = frame
-        self.register_buffer("codes", codes.to(torch.uint8))  # [out, in], rebuilt from weights + calibration
-        self.register_buffer("zeros", zeros.to(torch.uint8))  # [out, G]
-        self.scales = nn.Parameter(scales.float(), requires_grad=train_scales)  # [out, G], fp32 in memory
-        self.A = nn.Parameter(A) if A is not None else None  # [out, r]
-        self.B = nn.Parameter(B) if B is not None else None  # [r, in]
-        self.bias = nn.Parameter(bias.clone(), requires_grad=False) if bias is not None else None
-        # relative steps, as for the low-rank factors: one lr moves every scale by the same fraction
-        self.lr_scales = {n: rms(p) for n, p in self.named_parameters() if p.requires_grad}
-
-    @property
-    def correction_rank(self) -> int:
-        return 0 if self.A is None else self.A.shape[1]
-
-    def grid_weight(self) -> torch.Tensor:
-        """deq(codes) [out, in] in fp32, with the scales as the export stores them (fp16)."""
-        return dequantize(self.codes, _fp16(self.scales), self.zeros, self.grid)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.frame(x) if self.frame is not None else x
-        y = F.linear(h, self.grid_weight().to(h.dtype))
-        if self.A is not None:
-            y = y + (h @ self.B.T.to(h.dtype)) @ self.A.T.to(h.dtype)
-        return y + self.bias.to(y.dtype) if self.bias is not None else y
-
-    def dense_weight(self) -> torch.Tensor:
-        W = self.grid_weight().double()
-        if self.A is not None:
-            W = W + self.A.double() @ self.B.double()
-        return W @ self.frame.matrix().to(W.device) if self.frame is not None else W
-
-    def export_spec(self) -> dict:
-        """Packed codes and zero points (uint8), fp16 scales; the frame as its signs, permutation and
-        Hadamard block size; the correction as two matmuls beside the grid's."""
-        g = self.grid
-        frame = []
-        tensors = {"w_codes": "uint8", "w_scales": "float16", **({} if g.symmetric else {"w_zeros": "uint8"})}
-        if self.frame is not None:
-            frame = [{"op": "scale", "t": "signs"}, {"op": "gather", "t": "perm"},
-                     {"op": "hadamard", "block": self.frame.block}]
-            tensors |= {"signs": "model", "perm": "int64"}
-        grid = [{"op": "qmatmul", "t": "w", "bits": g.bits, "group": g.group, "in": self.in_features,
-                 "symmetric": g.symmetric}]
-        if self.A is not None:
-            grid = [{"op": "sum", "branches": [grid, [{"op": "matmul", "t": "B", "transpose": True},
-                                                      {"op": "matmul", "t": "A", "transpose": True}]]}]
-            tensors |= {"A": "model", "B": "model"}
-        program = frame + grid
-        if self.bias is not None:
-            program.append({"op": "add", "t": "bias"})
-            tensors["bias"] = "model"
-        return {"program": program, "tensors": tensors,
-                "ranks": {"bits": g.bits, "group": g.group, "correction": self.correction_rank}}
-
-    def export_tensors(self) -> dict[str, torch.Tensor]:
-        g = self.grid
-        out = {"w_codes": pack(self.codes, g.bits), "w_scales": self.scales.detach().half()}
-        if not g.symmetric:
-            out["w_zeros"] = pack(self.zeros, g.bits)
-        if self.frame is not None:
-            out |= {"signs": self.frame.signs, "perm": self.frame.perm}
-        if self.A is not None:
-            out |= {"A": self.A, "B": self.B}
-        return out | ({"bias": self.bias} if self.bias is not None else {})
-
-    def extra_repr(self) -> str:
-        g = self.grid
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={g.bits}, group={g.group}, "
-                f"symmetric={g.symmetric}, hadamard={self.frame is not None}, correction={self.correction_rank}")
 
 
 def weighted_correction(residual: torch.Tensor, moment: torch.Tensor | None, rank: int, name: str
@@ -141,10 +54,9 @@ def weighted_correction(residual: torch.Tensor, moment: torch.Tensor | None, ran
     if moment is None:
         P, s, Qh = thin_svd(R)
         return P[:, :rank] * s[:rank], Qh[:rank]
-    S = cholesky_jittered(moment.to(R.device, torch.float64), name=name)
+    S, unwhiten = whitening(moment.to(R.device), name)
     P, s, Qh = thin_svd(R @ S)
-    B = torch.linalg.solve_triangular(S.T, Qh[:rank].T, upper=True).T  # Qh_r S^-1
-    return P[:, :rank] * s[:rank], B
+    return P[:, :rank] * s[:rank], unwhiten(Qh[:rank]).T
 
 
 @dataclass(eq=False, repr=False)

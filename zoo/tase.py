@@ -42,7 +42,7 @@ from .core.seeds import derive_seed, generator
 from .core.technique import TensorSize
 from .coupled import CoupledCore
 from .export.spec import nested
-from .phd import BlockwisePHDLinear
+from .core.subframes import BlockwisePHDLinear
 
 INITS = ("random", "identity")
 LOSSES = ("relative", "mse")
@@ -101,6 +101,8 @@ class TASEInterface(Replacement):
         center: initial b (e.g. the data mean; default zero).
         scale: typical size of one coordinate of x - b: sets the relative learning-rate scales of b and c.
     """
+
+    affine = False  # the top-k code
 
     fp32_params = ("W_e", "c", "W_d", "b")
 

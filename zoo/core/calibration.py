@@ -3,9 +3,7 @@ section 2.2: the covariance/Fisher weights of the projection).
 
 For each target, ``collect`` accumulates over the real (attention-masked) tokens of a calibration
 loader: the token count, the input mean, and the uncentered input second moment E[x x^T] — the full
-matrix when ``in_features <= full_cov_max``, else only its diagonal E[x_i^2]. With ``fisher=True`` it
-also accumulates the empirical Fisher of each weight row (sum over batches of the squared gradient of
-the next-token loss, summed over the row), as FWSVD uses. Sums are kept in fp64.
+matrix when ``in_features <= full_cov_max``, else only its diagonal E[x_i^2]. Sums are kept in fp64.
 
 ``taps`` generalize what is collected beyond a linear target's input: a tap is a function of one
 module's forward, ``tap(module, args, kwargs, output) -> {stream: tensor [batch, seq, ..., width]}``;
@@ -15,10 +13,9 @@ pair ``(tensor, keep)`` with ``keep`` a [batch, seq] bool mask that further rest
 linear module is ``output_tap``; EigenAttention taps the rotated queries and keys of an attention block.
 
 Statistics beyond the input moments come from **collectors** (``zoo.core.collectors``: ``Collector``, ``register_collector``): a
-named statistic with its own hooks and fp64 sums, which a technique asks for by name in ``needs()``. The
-row Fisher above is the built-in ``fisher`` collector; a technique that needs another statistic (e.g.
-``zoo.kfac``'s output-gradient covariance) registers a collector in its own module, and ``build`` finds its
-tensors in ``stats.extra["<collector>.<key>"]``.
+named statistic with its own hooks and fp64 sums, which a technique asks for by name in ``needs()``: e.g. the
+row Fisher of FWSVD (``fisher``, in ``zoo.core.lowrank``) or ``zoo.kfac``'s output-gradient covariance, each
+registered where it is defined; ``build`` finds its tensors in ``stats.extra["<collector>.<key>"]``.
 
 Statistics are cached (``zoo.core.cache``: checked on every read) keyed by (model id, targets, data
 fingerprint, token budget, options), so a second run — or ``zoo validate`` rebuilding a student — reuses them.
@@ -39,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cache import Entry
-from .collectors import COLLECTORS, Collector, FisherRows, _rows, register_collector  # noqa: F401 - re-exported
+from .collectors import COLLECTORS, Collector, _rows, register_collector  # noqa: F401 - re-exported
 from .distributed import all_reduce_sum_, rank_world
 from .errors import ZooError
 from .surgery import teacher_view
@@ -49,14 +46,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ActivationStats:
-    """Statistics of one target's inputs (and optionally its Fisher row weights)."""
+    """Statistics of one target's inputs, and of its named collectors (``extra``)."""
 
     count: int
     mean: torch.Tensor  # [in] fp64
     diag: torch.Tensor  # [in] fp64, E[x_i^2]
     second_moment: torch.Tensor | None = None  # [in, in] fp64, E[x x^T]; None above full_cov_max
-    fisher_rows: torch.Tensor | None = None  # [out] fp64, summed squared gradients per weight row
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def fisher_rows(self) -> torch.Tensor | None:
+        """[out] fp64, the ``fisher`` collector's summed squared gradients per weight row, if collected."""
+        return self.extra.get("fisher.rows")
 
     def covariance(self) -> torch.Tensor | None:
         """Centered covariance E[x x^T] - mu mu^T, when the full second moment is available."""
@@ -69,8 +70,6 @@ class ActivationStats:
                f"{prefix}.diag": self.diag}
         if self.second_moment is not None:
             out[f"{prefix}.second_moment"] = self.second_moment
-        if self.fisher_rows is not None:
-            out[f"{prefix}.fisher_rows"] = self.fisher_rows
         for k, v in self.extra.items():
             out[f"{prefix}.extra.{k}"] = v
         return {k: v.contiguous() for k, v in out.items()}
@@ -78,13 +77,15 @@ class ActivationStats:
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "ActivationStats":
         extra_prefix = f"{prefix}.extra."
+        extra = {k[len(extra_prefix):]: v for k, v in tensors.items() if k.startswith(extra_prefix)}
+        if f"{prefix}.fisher_rows" in tensors:  # cache entries written when the row Fisher was a field of its own
+            extra["fisher.rows"] = tensors[f"{prefix}.fisher_rows"]
         return cls(
             count=int(tensors[f"{prefix}.count"][0]),
             mean=tensors[f"{prefix}.mean"],
             diag=tensors[f"{prefix}.diag"],
             second_moment=tensors.get(f"{prefix}.second_moment"),
-            fisher_rows=tensors.get(f"{prefix}.fisher_rows"),
-            extra={k[len(extra_prefix):]: v for k, v in tensors.items() if k.startswith(extra_prefix)},
+            extra=extra,
         )
 
 
@@ -218,7 +219,6 @@ def collect(
     targets: list[str],
     full_cov_max: int = 8192,
     max_tokens: int | None = None,
-    fisher: bool = False,
     device: torch.device | str | None = None,
     progress: bool = True,
     distributed: bool = False,
@@ -230,14 +230,13 @@ def collect(
     """Statistics of the inputs of each module in ``targets`` over the real tokens of ``loader``.
 
     Batches are dicts with ``input_ids`` and ``attention_mask``. Stops after ``max_tokens`` real
-    tokens (whole batches). ``fisher=True`` runs a backward pass of the next-token loss per batch.
-    With ``distributed`` and a process group, every process must call this with the same loader:
+    tokens (whole batches). With ``distributed`` and a process group, every process must call this with the same loader:
     each runs the model on batches ``i % world == rank`` only, the token budget counts every
-    process's batches, and the sums are all-reduced (the Fisher sums too: they are per batch).
+    process's batches, and the sums are all-reduced (the collectors' sums too).
     ``taps`` maps module names to tap functions (see the module docstring); their streams come back
     as ``"<module>:<stream>"``, the full second moment when a stream is at most ``full_cov_max`` wide.
     ``collectors`` maps registered collector names (``COLLECTORS``) to the targets they run on (each also
-    in ``targets``); ``fisher=True`` is ``collectors={"fisher": targets}``.
+    in ``targets``); one whose stream is the loss's gradient runs a backward pass per batch.
     ``cross``: each batch also runs in the teacher view first (``zoo.core.surgery.teacher_view``: every
     replaced module as its original) and every target accumulates E[x_teacher x^T] against its input x in
     the model as it is (``extra["cross.second_moment"]``, or ``"cross.diag"`` above ``full_cov_max``): what
@@ -248,8 +247,6 @@ def collect(
     """
     taps = dict(taps or {})
     wanted = {k: list(v) for k, v in (collectors or {}).items()}
-    if fisher:
-        wanted.setdefault("fisher", list(targets))
     unknown = sorted(set(wanted) - set(COLLECTORS))
     if unknown:
         raise ZooError(f"unknown calibration collector(s) {unknown}; registered: {sorted(COLLECTORS)}")
@@ -395,10 +392,7 @@ def collect(
         stats[name].extra[key] = total.cpu() / max(stats[name].count, 1)
     for (kind, name), c in extras.items():
         for key, value in c.result().items():
-            if key in c.fields:
-                setattr(stats[name], key, value)
-            else:
-                stats[name].extra[f"{kind}.{key}"] = value
+            stats[name].extra[f"{kind}.{key}"] = value
     return stats
 
 

@@ -1,5 +1,5 @@
 """Calibration collectors: the named statistics beyond a target's input moments that a technique asks for in
-``needs()`` (ZOMBORG, source 000, section 2.2: the projection's weights; FWSVD's row Fisher, source 000 4.1).
+``needs()`` (ZOMBORG, source 000, section 2.2: the statistics that weight the projection).
 
 A ``Collector`` hooks one target's stream, keeps an fp64 sum and a token count, and ``collect``
 (``zoo.core.calibration``) all-reduces and normalizes them; ``register_collector`` makes one available by name.
@@ -26,18 +26,16 @@ class Collector:
     gradient of the next-token loss at its output, rows of dL/dy; calibration then runs a backward pass, with
     the target's weight requiring grad). A subclass says its sum's shape (``zeros``) and the per-batch sum
     (``statistic``, of masked fp64 rows [tokens, width]). A statistic of another kind sets ``stream = None``
-    and overrides ``attach``/``after_backward``/``sums``/``result`` (the built-in ``FisherRows``).
+    and overrides ``attach``/``after_backward``/``sums``/``result`` (``zoo.core.lowrank.FisherRows``).
 
     Sums are all-reduced across processes before ``result``; its tensors land in
-    ``stats.extra["<name>.<key>"]``, except the keys in ``fields``, which fill those ``ActivationStats``
-    fields. ``version`` enters the calibration cache key.
+    ``stats.extra["<name>.<key>"]``. ``version`` enters the calibration cache key.
     """
 
     name = ""
     version = "1"
     stream: str | None = "input"
     key = "mean"  #: the result's key
-    fields: tuple[str, ...] = ()
 
     def __init__(self, module: nn.Module, device: torch.device):
         self.module, self.device = module, device
@@ -86,26 +84,6 @@ class Collector:
         return {self.key: (self.total / self.tokens.clamp_min(1).to(self.total.device)).cpu()}
 
 
-class FisherRows(Collector):
-    """FWSVD's row Fisher: per weight row, the squared gradient of the next-token loss summed over batches."""
-
-    name, stream, fields = "fisher", None, ("fisher_rows",)
-    backward = True
-
-    def __init__(self, module, device):
-        super().__init__(module, device)
-        self.fisher = torch.zeros(module.out_features, dtype=torch.float64, device=device)
-
-    def after_backward(self) -> None:
-        self.fisher += self.module.weight.grad.detach().double().pow(2).sum(1).to(self.fisher.device)
-
-    def sums(self):
-        return [self.fisher]
-
-    def result(self):
-        return {"fisher_rows": self.fisher.cpu()}
-
-
 #: collector name -> class; ``needs()`` names these (plus "input" and "taps")
 COLLECTORS: dict[str, type[Collector]] = {}
 
@@ -120,5 +98,3 @@ def register_collector(cls: type[Collector]) -> type[Collector]:
     COLLECTORS[cls.name] = cls
     return cls
 
-
-register_collector(FisherRows)

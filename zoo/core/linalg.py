@@ -1,5 +1,6 @@
 """Numerics shared by the techniques (source 000, sections 2.2-2.4): fp32 parameters that survive a cast of
-the model, relative learning-rate scales, jittered Cholesky and PSD solves, orthogonal Procrustes."""
+the model, relative learning-rate scales, jittered Cholesky, covariance whitening and PSD solves, orthogonal
+Procrustes."""
 from __future__ import annotations
 
 import logging
@@ -59,6 +60,14 @@ def thin_svd(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         return torch.linalg.svd(A, full_matrices=False)
     Q, s, Ph = torch.linalg.svd(A.mT, full_matrices=False)
     return Ph.mT.contiguous(), s, Q.mT.contiguous()  # factors become Parameters: dense, row-major
+
+
+def whitening(moment: torch.Tensor, name: str = "") -> tuple[torch.Tensor, object]:
+    """(S, unwhiten) for input second moment ``moment`` = E[x x^T]: S = chol(E[x x^T]) (jittered), so the SVD of
+    ``M S`` truncated to rank r minimizes E||(M - M_r) x||^2 (SVD-LLM's truncation-aware whitening);
+    ``unwhiten(Qh_r)`` maps its right factor Qh_r [r, in] back to the input coordinates, ``S^-T Qh_r^T`` [in, r]."""
+    S = cholesky_jittered(moment.to(torch.float64), name=name)
+    return S, lambda Qh: torch.linalg.solve_triangular(S.T, Qh.T, upper=True)
 
 
 def singular_values(A: torch.Tensor) -> torch.Tensor:

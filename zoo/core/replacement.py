@@ -6,7 +6,7 @@ also says
 
 - which of its tensors train (``requires_grad``) and at what learning-rate scale (``lr_scales``),
 - which metrics it updates while ``tracking`` is on (``metrics()``, e.g. shim dominance),
-- the dense map it computes, when it is a linear map (``dense_weight``), and
+- the dense map it computes, when it is a linear map (``dense_weight``; ``affine`` False when it is not), and
 - how ``zoo export`` writes it (``export_spec``/``export_tensors``, in ``zoo.export.spec``'s ops).
 
 Layers of other libraries (PEFT's LoRA) are accepted as they are; the protocol functions below give them
@@ -33,6 +33,9 @@ class Replacement(FP32Params):
     lr_scales: dict[str, float] = {}
     #: set by the training module during validation epochs: the layer updates its ``metrics()`` then
     tracking: bool = False
+    #: False for a layer whose map is not affine in its input (a top-k sparse code): ``zoo export --merge``
+    #: cannot fold it, or any replacement holding it, into a dense weight
+    affine: bool = True
 
     def metrics(self) -> dict[str, torchmetrics.Metric]:
         """{metric name: metric this layer updates in its forward while ``tracking``}; default none."""
@@ -56,6 +59,12 @@ def lr_scales_of(module: nn.Module) -> dict[str, float]:
 
 def metrics_of(module: nn.Module) -> dict[str, torchmetrics.Metric]:
     return module.metrics() if isinstance(module, Replacement) else {}
+
+
+def is_affine(module: nn.Module) -> bool:
+    """Whether ``module`` and every layer inside it compute an affine map (``Replacement.affine``); layers of
+    other libraries (PEFT's LoRA) are."""
+    return all(getattr(m, "affine", True) for m in module.modules())
 
 
 def set_tracking(module: nn.Module, on: bool) -> None:

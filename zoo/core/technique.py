@@ -25,10 +25,9 @@ from .calibration import ActivationStats
 from .errors import ZooError
 from .targets import find_targets
 
-#: statistics every calibration offers: "input" moments, the built-in "fisher" collector, and "taps" (the
-#: streams of ``Technique.tap``); a technique may also name any collector registered in
-#: ``zoo.core.calibration.COLLECTORS``
-NEEDS = ("input", "fisher", "taps")
+#: statistics every calibration offers: "input" moments and "taps" (the streams of ``Technique.tap``); a
+#: technique may also name any collector registered in ``zoo.core.calibration.COLLECTORS`` (e.g. "fisher")
+NEEDS = ("input", "taps")
 
 #: what a tensor of a replacement is: trained, stored but frozen, or a buffer rebuilt from the config
 ROLES = ("trainable", "frozen", "buffer")
@@ -94,6 +93,12 @@ class Technique:
     def stored_bytes(self, name: str, replacement: nn.Module) -> int | None:
         """The bytes the format this replacement really ships in stores, where that is not what ``zoo export``
         writes (an external quantizer's codes held dense here); None: what its export description says."""
+        return None
+
+    def write_adapter(self, module: nn.Module, path, metadata: dict | None = None):
+        """Write the trained student ``module`` (a training module whose one part is this spec) at ``path`` in
+        the adapter format other tools load (a PEFT directory for ``zoo.LoRA``) and return that path; None: this
+        technique has no such format (its repair state and ``zoo export`` are how it ships)."""
         return None
 
     def report(self, model: nn.Module) -> dict[str, float]:

@@ -19,7 +19,6 @@ give back a teacher-sized model.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import nn
 
 from ..core.errors import ZooError
 from ..core.models import parse_dtype
+from ..core.replacement import is_affine
 from ..core.surgery import replaced_modules
 from . import modeling_zoo
 from .spec import describe, exportable
@@ -130,10 +130,9 @@ def merged_state(model: nn.Module, entries: dict[str, dict], state: dict[str, to
     replaced = replaced_modules(model)
     refused = []
     for name, entry in entries.items():
-        ops = json.dumps(entry["program"])
         stored = sum(torch.Size(m["shape"]).numel() for m in entry["tensors"].values() if m["dtype"] not in ("int64", "uint8"))
         dense = (entry["in_features"] or 0) * (entry["out_features"] or 0)
-        if entry["module"] != "linear" or '"topk_relu"' in ops:
+        if entry["module"] != "linear" or not is_affine(replaced[name].replacement):
             refused.append(f"{name} ({entry['kind']}: not an affine map)")
         elif stored < dense:
             refused.append(f"{name} ({entry['kind']}: {stored} numbers where the dense map has {dense})")
