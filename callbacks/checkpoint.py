@@ -3,9 +3,9 @@
 ``RepairStateCheckpoint`` writes the repair state (the trainable tensors only, safetensors, with the
 header of ``zoo.core.state``) atomically — temp file then rename — at every validation, at the end of
 training, and when the run is interrupted (Ctrl-C or SIGTERM) once training has started, so nothing is
-lost and an earlier run's state is never replaced by an empty one. The state written at the end is the
-best validated one (lowest finite ``monitor``); its header carries the step and the KL of the tensors it
-holds, never an earlier validation's. ``MetricsJSON`` writes every logged metric and the run summary to
+lost and an earlier run's state is never replaced by an empty one. The state written at the end holds the
+tensors the module's repair loop kept (``zoo.core.repair``: the best validated by its ``monitor``, or a
+gate's); its header carries their step and monitored value, never an earlier validation's. ``MetricsJSON`` writes every logged metric and the run summary to
 ``metrics.json`` beside it, only once this run has something to record (it has started training): an
 interrupted or failed fit writes what it measured, marked ``"interrupted"``.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from pathlib import Path
 
@@ -34,20 +33,15 @@ class RepairStateCheckpoint(L.Callback):
     Args:
         dirpath: directory (default: the trainer's ``default_root_dir``).
         filename: file name of the latest state.
-        save_best: also keep ``best_<filename>`` at the lowest ``monitor`` seen.
-        monitor: metric for ``save_best``.
-        adapter_dirname: for a run of one technique with an adapter format (``Technique.write_adapter``: LoRA's
-            PEFT adapter), the directory it is written to beside the state at the end of training.
+        save_best: also keep ``best_<filename>``, the best validated tensors by the module's ``monitor``.
+        adapter_dirname: for a student whose part writes an adapter format (``Technique.write_adapter``: LoRA's
+            PEFT adapter), the directory written beside the state at the end of training.
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "repair_state.safetensors",
-                 save_best: bool = True, monitor: str = "heldout_kl", adapter_dirname: str = "adapter"):
-        self.dirpath, self.filename, self.save_best, self.monitor = dirpath, filename, save_best, monitor
+                 save_best: bool = True, adapter_dirname: str = "adapter"):
+        self.dirpath, self.filename, self.save_best = dirpath, filename, save_best
         self.adapter_dirname = adapter_dirname
-        self.best = math.inf
-        self.best_step: int | None = None
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.validated: dict[int, float] = {}  # step -> monitor value of the tensors at that step
         self.started = False
         self.last_path: Path | None = None
 
@@ -57,23 +51,17 @@ class RepairStateCheckpoint(L.Callback):
         with gathered_parameters(trainer.model) if gather else contextlib.nullcontext():
             if not trainer.is_global_zero:
                 return None
-            step = pl_module.summary.get("repair_state_step", trainer.global_step)
+            run = pl_module.run
+            step = run.restored_step if run.restored_step is not None else trainer.global_step
             extra = {"global_step": step}
-            if step in self.validated:
-                extra[self.monitor] = self.validated[step]
+            validated = run.validated(step)
+            if validated is not None and validated.monitor is not None and not run.stopped_by:
+                extra[pl_module.monitor] = validated.monitor
             return pl_module.save_repair_state(_dir(trainer, self.dirpath) / name, extra)
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(dirpath=self.dirpath, filename=self.filename)
-
-    def state_dict(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step, "best_state": self.best_state,
-                "validated": self.validated}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best, self.best_step, self.best_state = state["best"], state["best_step"], state["best_state"]
-        self.validated = state["validated"]
 
     def on_train_start(self, trainer, pl_module):
         self.started = True
@@ -81,44 +69,20 @@ class RepairStateCheckpoint(L.Callback):
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        if "stopped_by" in pl_module.summary:
-            # a gate restored an earlier state: this validation's metrics do not describe it
-            self.last_path = self._save(trainer, pl_module, self.filename)
-            return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is not None:
-            self.validated[trainer.global_step] = float(value)
+        validated = pl_module.repair_validated()
         self.last_path = self._save(trainer, pl_module, self.filename)
-        if value is not None and math.isfinite(float(value)) and float(value) < self.best:
-            self.best, self.best_step = float(value), trainer.global_step
-            with gathered_parameters(trainer.model):
-                self.best_state = {k: v.detach().to("cpu", copy=True)
-                                   for k, v in pl_module.trainable_parameters().items()}
-            if self.save_best:
-                self._save(trainer, pl_module, "best_" + self.filename)
-
-    def _keep_best(self, trainer, pl_module) -> None:
-        """Put the best validated tensors back when the run ended on worse (or unvalidated) ones."""
-        if (self.best_state is None or "stopped_by" in pl_module.summary
-                or self.best_step == trainer.global_step):
-            return
-        with torch.no_grad(), gathered_parameters(trainer.model):
-            for name, p in pl_module.trainable_parameters().items():
-                p.copy_(self.best_state[name].to(p.device))
-        pl_module.summary["repair_state_step"] = self.best_step
-        rank_zero_info(f"the final repair state holds the best validated tensors: step {self.best_step}, "
-                       f"{self.monitor} {self.best:.6f} (the last step, {trainer.global_step}, was not better)")
+        best = pl_module.run.best
+        if self.save_best and validated is not None and best is validated:
+            self._save(trainer, pl_module, "best_" + self.filename)
 
     def on_train_end(self, trainer, pl_module):
-        self._keep_best(trainer, pl_module)
+        pl_module.end_repair()
         self.last_path = self._save(trainer, pl_module, self.filename)
         if self.last_path is not None:
             size = self.last_path.stat().st_size
             rank_zero_info(f"repair state: {self.last_path} ({size / 1024:.1f} KiB)")
-            parts = getattr(pl_module, "parts", [])
-            adapter = parts[0].write_adapter(pl_module, self.last_path.parent / self.adapter_dirname,
-                                             {"repair_state": str(self.last_path), "global_step": trainer.global_step}
-                                             ) if len(parts) == 1 else None
+            adapter = pl_module.write_adapter(self.last_path.parent / self.adapter_dirname,
+                                              {"repair_state": str(self.last_path), "global_step": trainer.global_step})
             if adapter is not None:  # also the adapter other tools load
                 rank_zero_info(f"adapter: {adapter}")
 
@@ -196,6 +160,11 @@ class MetricsJSON(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         self._write(trainer, pl_module)
+
+    def teardown(self, trainer, pl_module, stage):
+        # after every callback's on_fit_end: the gates' verdicts are in the summary whatever their order
+        if stage == "fit" and self.started:
+            self._write(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception):
         # an earlier run's metrics.json is kept unless this run got as far as training

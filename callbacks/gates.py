@@ -6,75 +6,16 @@ expanded interface must end near identity.
 """
 from __future__ import annotations
 
-import itertools
 import math
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from zoo.core.errors import ZooError
 
 
-def heldout_loader(trainer: L.Trainer):
-    """The heldout batches validation reads: the DataModule's val loader, cut at the trainer's
-    ``limit_val_batches`` (an int: that many batches; a float: that fraction), so a gate's or a curve's number
-    is the one validation logs, on the same tokens."""
-    loader = trainer.datamodule.val_dataloader()
-    limit = trainer.limit_val_batches
-    if limit is None or (isinstance(limit, float) and limit >= 1.0):
-        return loader
-    n = int(limit) if isinstance(limit, int) else int(len(loader) * limit)
-    return itertools.islice(loader, max(n, 1))
-
-
-@torch.no_grad()
-def evaluate_heldout(trainer, pl_module) -> tuple[float | None, float | None]:
-    """(heldout KL, heldout ppl) of the student now, token-weighted over the heldout split as validation
-    computes them; (None, None) for a module that is not a distillation. Under ddp each process evaluates
-    its share of the batches and the sums are reduced, so every process enters the same collectives."""
-    from zoo.core.losses import next_token_nll
-
-    if not hasattr(pl_module, "distillation_outputs"):
-        return None, None
-    loader = heldout_loader(trainer)
-    rank, world = trainer.global_rank, trainer.world_size
-    sums = torch.zeros(4, dtype=torch.float64, device=pl_module.device)  # kl * n, n, nll, nll tokens
-    was_training = pl_module.training
-    pl_module.eval()
-    for i, batch in enumerate(loader):
-        if i % world != rank:
-            continue
-        batch = {k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with trainer.strategy.precision_plugin.forward_context():
-            kl, count, _, student_logits = pl_module.distillation_outputs(batch)
-            nll, tokens = next_token_nll(student_logits, batch["input_ids"], batch.get("loss_mask"),
-                                         batch.get("attention_mask"), pl_module.kl_chunk)
-        sums += torch.stack([kl.double() * count, count.double(), nll.double(), tokens.double()]).to(sums.device)
-    pl_module.train(was_training)
-    if world > 1:
-        sums = trainer.strategy.reduce(sums, reduce_op="sum")
-    kl_mean = float(sums[0] / sums[1].clamp_min(1))
-    return kl_mean, float(torch.exp(sums[2] / sums[3].clamp_min(1)))
-
-
-def heldout_at_train_start(trainer: L.Trainer, pl_module) -> tuple[float | None, float | None]:
-    """``evaluate_heldout`` of the student as training starts, computed once per trainer and step for every
-    callback that asks (the KL gate's "before" and the repair curve's first point read the same student)."""
-    key = (id(pl_module), trainer.global_step)
-    memo = getattr(trainer, "_zoo_heldout_at_start", None)  # on the trainer: a new fit's trainer has none
-    if memo is None or memo[0] != key:
-        memo = (key, evaluate_heldout(trainer, pl_module))
-        trainer._zoo_heldout_at_start = memo
-    return memo[1]
-
-
 class GateFailed(ZooError):
     """A gate rejected the run; the CLI exits non-zero with the message."""
-
-
-def run_dir(trainer: L.Trainer) -> str:
-    return trainer.default_root_dir
 
 
 def left_state(trainer: L.Trainer, pl_module) -> str:
@@ -83,13 +24,15 @@ def left_state(trainer: L.Trainer, pl_module) -> str:
 
     for callback in trainer.callbacks:
         if isinstance(callback, RepairStateCheckpoint) and callback.last_path is not None:
-            step = pl_module.summary.get("repair_state_step", trainer.global_step)
+            step = pl_module.run.restored_step if pl_module.run.restored_step is not None else trainer.global_step
             return f"; the run left its repair state (step {step}) in {callback.last_path}"
     return "; no repair state was written (add callbacks.RepairStateCheckpoint to keep one)"
 
 
 class HeldoutKLGate(L.Callback):
-    """Heldout KL (teacher vs student) before repair and at each validation; checked at fit end.
+    """Heldout KL (teacher vs student) of the tensors the repair ends with, against the student as training
+    started; checked at fit end. Both numbers are the module's record (``pl_module.run``), measured once for
+    every reader.
 
     Args:
         tolerance: the final KL may exceed the initial KL by at most this much.
@@ -98,69 +41,35 @@ class HeldoutKLGate(L.Callback):
 
     def __init__(self, tolerance: float = 0.0, max_kl: float | None = None):
         self.tolerance, self.max_kl = tolerance, max_kl
-        self.initial: float | None = None
-        self.history: list[tuple[int, float]] = []
-
-    def _evaluate(self, trainer, pl_module) -> float:
-        loader = heldout_loader(trainer)
-        was_training = pl_module.training
-        pl_module.eval()
-        # under ddp each process evaluates its share of the heldout batches; the token-weighted sums are
-        # all-reduced, so every process decides on the same number
-        value = pl_module.evaluate_kl(loader, pl_module.device, trainer.strategy.precision_plugin.forward_context,
-                                      distributed=trainer.world_size > 1)
-        pl_module.train(was_training)
-        return value
 
     def _log(self, trainer, metrics: dict[str, float]):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
-    @property
-    def state_key(self) -> str:  # one per setting: a recipe may gate on several
-        return self._generate_state_key(tolerance=self.tolerance, max_kl=self.max_kl)
-
-    def state_dict(self) -> dict:
-        return {"initial": self.initial, "history": self.history}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.initial, self.history = state["initial"], [tuple(h) for h in state["history"]]
+    def on_fit_start(self, trainer, pl_module):
+        if not hasattr(pl_module, "distillation_outputs"):
+            raise ZooError(f"HeldoutKLGate: {type(pl_module).__name__} measures no heldout KL (it does not distill); "
+                           "remove the gate")
 
     def on_train_start(self, trainer, pl_module):
-        if self.initial is not None:  # resumed: "before" is the interrupted run's
-            return
-        kl, _ = heldout_at_train_start(trainer, pl_module)
-        self.initial = float(kl if kl is not None else self._evaluate(trainer, pl_module))
-        pl_module.summary["heldout_kl_before"] = self.initial
-        self._log(trainer, {"heldout_kl_before": self.initial})
-        rank_zero_info(f"heldout KL before repair: {self.initial:.6f}")
-
-    def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or "heldout_kl" not in trainer.callback_metrics:
-            return
-        self.history.append((trainer.global_step, float(trainer.callback_metrics["heldout_kl"])))
+        before = pl_module.repair_before()
+        self._log(trainer, {"heldout_kl_before": before.kl})
+        rank_zero_info(f"heldout KL before repair: {before.kl:.6f}")
 
     def on_fit_end(self, trainer, pl_module):
-        if self.initial is None:
+        before = pl_module.run.before
+        if before is None:
             return  # no training happened
-        kept = pl_module.summary.get("repair_state_step")  # the checkpoint put an earlier, better state back
-        validated = dict(self.history)
-        if kept is not None and kept in validated:
-            final = validated[kept]
-        elif self.history and self.history[-1][0] == trainer.global_step:
-            final = self.history[-1][1]
-        else:
-            final = float(self._evaluate(trainer, pl_module))
-        pl_module.summary["heldout_kl_after"] = final
+        final = pl_module.end_repair().kl
         self._log(trainer, {"heldout_kl_after": final})
-        rank_zero_info(f"heldout KL after repair:  {final:.6f} (before {self.initial:.6f}, "
-                       f"change {final - self.initial:+.6f})")
+        rank_zero_info(f"heldout KL after repair:  {final:.6f} (before {before.kl:.6f}, "
+                       f"change {final - before.kl:+.6f})")
         if not math.isfinite(final):
             raise GateFailed(f"HeldoutKLGate: final heldout KL is {final} (the run diverged; before repair "
-                             f"{self.initial:.6f}){left_state(trainer, pl_module)}")
-        if final > self.initial + self.tolerance:
+                             f"{before.kl:.6f}){left_state(trainer, pl_module)}")
+        if final > before.kl + self.tolerance:
             raise GateFailed(
-                f"HeldoutKLGate: heldout KL got worse through repair: {self.initial:.6f} -> {final:.6f} "
+                f"HeldoutKLGate: heldout KL got worse through repair: {before.kl:.6f} -> {final:.6f} "
                 f"(tolerance {self.tolerance}){left_state(trainer, pl_module)}"
             )
         if self.max_kl is not None and final > self.max_kl:
@@ -242,12 +151,7 @@ class ShimDominanceGate(L.Callback):
                    f"{trainer.global_step} in {len(over)} layer(s): {listing}")
         if self.action == "fail":
             raise GateFailed(message)
-        with torch.no_grad():
-            for name, p in pl_module.trainable_parameters().items():
-                p.copy_(self.passing_state[name])
-        pl_module.summary["stopped_by"] = "ShimDominanceGate"
-        pl_module.summary["restored_step"] = self.passing_step
-        trainer.should_stop = True
+        pl_module.stop_repair("ShimDominanceGate", self.passing_state, self.passing_step)
         rank_zero_info(f"{message}; stopping and restoring the state of step {self.passing_step}")
 
 

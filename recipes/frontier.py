@@ -10,8 +10,8 @@ stages, each in its own process into ``OUTPUT_DIR/<method>@<value>/<stage>``:
   the teacher's ppl). A validate, not a ``zoo fit --trainer.max_steps 0``: a fit that takes no step never
   reaches ``on_train_start``, so the gate's ``heldout_kl_before`` is not written, nor any validation.
 - ``repair`` (only with ``repair_steps`` or ``repair_minutes``): ``zoo fit`` of the recipe with
-  ``--trainer.max_steps`` (and ``--trainer.max_time``, Lightning's wall-clock limit); its repair state is the
-  best validated one. With ``callbacks.RepairCurve`` in the recipe, the stage's entry holds its points
+  ``--trainer.max_steps`` (and ``--model.init_args.max_minutes``, the repair's wall-clock budget); its repair
+  state is the best validated one. With ``callbacks.RepairCurve`` in the recipe, the stage's entry holds its points
   (``curve``: step, wall seconds, heldout KL and ppl at train start and each validation).
 - ``after``: ``zoo validate --ckpt_path <repair state>``: the repaired student scored exactly as ``before``.
 - ``prose_before`` and ``prose_after`` (with ``prose_windows``): ``zoo ppl`` of the student (unrepaired, then
@@ -82,12 +82,6 @@ class Method:
 
 def item_name(method: str, value: float) -> str:
     return f"{method}@{value:g}"
-
-
-def max_time(minutes: float) -> str:
-    """Lightning's ``max_time`` (``DD:HH:MM:SS``) of a number of minutes."""
-    s = max(int(round(minutes * 60)), 1)
-    return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def heldout(metrics: dict) -> dict | None:
@@ -290,7 +284,7 @@ class Frontier(Series):
                 steps, minutes = self.repair["steps"], self.repair["minutes"]
                 extra = ["--trainer.max_steps", str(steps if steps > 0 else -1)]
                 if minutes is not None:
-                    extra += ["--trainer.max_time", max_time(minutes)]
+                    extra += ["--model.init_args.max_minutes", f"{minutes:g}"]
                 failure = self.stage("repair", "fit", item, run_dir, extra, record)
             save()
             state = run_dir / "repair" / "repair_state.safetensors"
@@ -397,7 +391,7 @@ def run_frontier(
         overrides: recipe options given to every item (before the method's own), e.g. a heldout size.
         repair_steps: repair steps per item (``zoo fit --trainer.max_steps``); 0 with no ``repair_minutes``:
             no repair, the unrepaired student only.
-        repair_minutes: a wall-clock limit of each repair (``--trainer.max_time``); None: none.
+        repair_minutes: the wall-clock budget of each repair (``--model.init_args.max_minutes``); None: none.
         output_dir: each item runs in ``output_dir/<method>@<value>``; the table, JSON and chart go here.
         only: run only these items (``<method>@<value>``, e.g. ``svdllm@0.8``); the table shows every finished one.
         rerun: run finished items (and their finished stages) again.

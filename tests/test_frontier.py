@@ -60,12 +60,12 @@ def test_frontier_rows_table_chart_resume_and_failures(tmp_path, tiny_teacher_di
     code, out, err = zoo_cli(["frontier", "--config", str(path), "--only", "[svd@0.8]"], capsys)
     assert code == 0, err
     assert "svd@0.8: finished earlier" in out and "$ zoo" not in out
-    # a repair (2 steps, or 5 minutes: Lightning's max_time): the finished "before" stage is kept, the repair
+    # a repair (2 steps, or a budget of 5 minutes): the finished "before" stage is kept, the repair
     # and the validate of its state run
     code, out, err = zoo_cli(["frontier", "--config", str(path), "--only", "[svd@0.5]", "--repair_steps", "2",
                               "--repair_minutes", "5"], capsys)
     assert code == 0, err
-    assert "--trainer.max_steps 2 --trainer.max_time 00:00:05:00" in out and "$ zoo fit" in out and "$ zoo validate" in out and "svd@0.5/before" not in out
+    assert "--trainer.max_steps 2 --model.init_args.max_minutes 5" in out and "$ zoo fit" in out and "$ zoo validate" in out and "svd@0.5/before" not in out
     assert out.count("$ zoo validate") == 1 and "repair_state.safetensors" in out
     rows = {r["item"]: r for r in json.loads((out_dir / "frontier.json").read_text())["rows"]}
     repaired = rows["svd@0.5"]

@@ -73,10 +73,23 @@ def test_a_diverged_run_keeps_its_best_finite_state_with_that_states_kl(tmp_path
 
 
 def test_a_nan_final_kl_fails_the_gate(tmp_path, tiny_teacher_dir, capsys):
+    # diverged before the first validation (step 4): no finite state to fall back on
+    callbacks = [{"class_path": "callbacks.HeldoutKLGate", "init_args": {"tolerance": 1e9}},
+                 {"class_path": "signals.PoisonAt", "init_args": {"step": 2}}]
+    config = write_config(tmp_path, tiny_teacher_dir, callbacks=callbacks)
+    assert_clean_error(*run(["fit", "--config", config], capsys), "HeldoutKLGate", "nan", "diverged")
+
+
+def test_a_run_that_diverges_after_a_finite_validation_ends_on_it(tmp_path, tiny_teacher_dir, capsys):
+    # validated at 4, poisoned at 6: the repair keeps step 4's tensors, with or without a checkpoint callback
     callbacks = [{"class_path": "callbacks.HeldoutKLGate", "init_args": {"tolerance": 1e9}},
                  {"class_path": "signals.PoisonAt", "init_args": {"step": 6}}]
     config = write_config(tmp_path, tiny_teacher_dir, callbacks=callbacks)
-    assert_clean_error(*run(["fit", "--config", config], capsys), "HeldoutKLGate", "nan", "diverged")
+    code, err = run(["fit", "--config", config], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    at_4 = next(v["heldout_kl"] for v in metrics["validations"] if v["step"] == 4)
+    assert metrics["summary"]["repair_state_step"] == 4 and metrics["summary"]["heldout_kl_after"] == at_4
 
 
 @pytest.mark.parametrize("lr", ["inf", "nan", "-0.001"])

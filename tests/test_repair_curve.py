@@ -1,6 +1,7 @@
 """``callbacks.RepairCurve`` on the tiny teacher: the curve's points (train start, every validation, the end
-state), its JSON, PNG and logged ``repair/wall_s``, the ``max_minutes`` budget, a resumed fit's curve, bad
-budgets, and the documented command-line override of a recipe's budget."""
+state), its JSON, PNG and logged ``repair/wall_s``, the repair's ``max_minutes`` budget, a resumed fit's curve,
+bad budgets, the documented command-line override of a recipe's budget, and one record whatever the order of
+the callbacks that read it."""
 from __future__ import annotations
 
 import csv
@@ -9,10 +10,13 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from test_cli import run
 from test_reliability import config_with
+from zoo.core.errors import ZooError
+from zoo.core.repair import RepairLoop
 from zoo_cli import zoo_cli
 
 CURVE = {"class_path": "callbacks.RepairCurve"}
@@ -30,15 +34,11 @@ def assert_ordered(points):
 
 
 def test_curve_points_files_and_logged_wall_time(tmp_path, tiny_teacher_dir, capsys, monkeypatch):
-    import callbacks.gates as gates
-
-    calls = []  # the heldout passes of the callbacks (the real function, counted)
-    real = gates.evaluate_heldout
-    monkeypatch.setattr(gates, "evaluate_heldout", lambda *a: calls.append(1) or real(*a))
     from zoo.core.module import DistillationModule
 
-    real_kl = DistillationModule.evaluate_kl
-    monkeypatch.setattr(DistillationModule, "evaluate_kl", lambda *a, **k: calls.append(1) or real_kl(*a, **k))
+    calls = []  # the heldout passes outside validation (the one evaluator, counted)
+    real = DistillationModule.evaluate_heldout
+    monkeypatch.setattr(DistillationModule, "evaluate_heldout", lambda *a, **k: calls.append(1) or real(*a, **k))
     # 8 steps of 4 per epoch: validations at steps 4 and 8
     config = config_with(tmp_path, tiny_teacher_dir, CURVE, max_steps=8)
     logs = tmp_path / "csv"
@@ -67,9 +67,8 @@ def test_curve_points_files_and_logged_wall_time(tmp_path, tiny_teacher_dir, cap
 
 
 def test_max_minutes_stops_early_and_the_last_point_is_the_end_state(tmp_path, tiny_teacher_dir, capsys):
-    budget = {"class_path": "callbacks.RepairCurve", "init_args": {"max_minutes": 1e-4}}  # 6 ms: after one step
-    config = config_with(tmp_path, tiny_teacher_dir, budget, max_steps=8)
-    code, err = run(["fit", "--config", config], capsys)
+    config = config_with(tmp_path, tiny_teacher_dir, CURVE, max_steps=8)
+    code, err = run(["fit", "--config", config, "--model.init_args.max_minutes", "1e-4"], capsys)  # 6 ms: one step
     assert code == 0, err
     run_dir = tmp_path / "run"
     curve, metrics = curve_of(run_dir), json.loads((run_dir / "metrics.json").read_text())
@@ -100,8 +99,9 @@ def test_a_resumed_fit_continues_the_curve_and_its_wall_time(tmp_path, tiny_teac
     run_dir = tmp_path / "run"
     first = curve_of(run_dir)["points"]
     assert [p["step"] for p in first] == [0, 4]
-    saved = load_checkpoint(run_dir / "resume.safetensors")["callbacks"]["RepairCurve"]
-    assert saved["points"] == first and saved["wall_s"] >= first[-1]["wall_s"]
+    saved = load_checkpoint(run_dir / "resume.safetensors")["zoo_run"]  # the module's record of the repair
+    assert [saved["before"]["step"]] + [v["step"] for v in saved["validations"]] == [0, 4]
+    assert saved["wall_s"] >= first[-1]["wall_s"]
     code, err = run(["fit", "--config", config, "--resume", str(run_dir)], capsys)
     assert code == 0, err
     points = curve_of(run_dir)["points"]
@@ -110,34 +110,40 @@ def test_a_resumed_fit_continues_the_curve_and_its_wall_time(tmp_path, tiny_teac
     assert_ordered(points)
 
 
-def test_loaded_wall_time_is_carried_on():
-    from callbacks import RepairCurve
+class Loop(RepairLoop):
+    summary: dict = {}
 
-    curve = RepairCurve()
-    curve.load_state_dict({"points": [{"step": 3, "wall_s": 5000.0}], "wall_s": 5000.0, "stopped_at": None})
-    curve.on_fit_start(None, None)
-    assert 5000.0 <= curve.wall_s() < 5060.0 and curve.points == [{"step": 3, "wall_s": 5000.0}]
-    assert curve.state_dict()["wall_s"] >= 5000.0
+
+def test_loaded_wall_time_is_carried_on():
+    loop = Loop()
+    loop.init_repair("heldout_kl", None)
+    loop.on_fit_start()
+    loop.load_repair_run({"zoo_run": {"validations": [{"step": 3, "wall_s": 5000.0}], "wall_s": 5000.0}})
+    assert 5000.0 <= loop.wall_s() < 5060.0 and loop.run.validated(3).wall_s == 5000.0
+    checkpoint = {}
+    loop.save_repair_run(checkpoint)
+    assert checkpoint["zoo_run"]["wall_s"] >= 5000.0
 
 
 @pytest.mark.parametrize("value", [0, -1.5, float("nan")])
 def test_bad_max_minutes_is_refused_with_its_value(value):
-    from callbacks import RepairCurve
-    from zoo.core.errors import ZooError
-
     with pytest.raises(ZooError, match=rf"max_minutes must be > 0.*got {value}"):
-        RepairCurve(max_minutes=value)
+        Loop().init_repair("heldout_kl", value)
+
+
+def test_the_curve_names_where_its_old_budget_went():
+    from callbacks import RepairCurve
+
+    with pytest.raises(ZooError, match="model.init_args.max_minutes"):
+        RepairCurve(max_minutes=30)
 
 
 def test_a_recipes_budget_is_set_on_the_command_line(capsys):
-    # the command docs/guides/recipes.md gives; RepairCurve is the recipe's last callback, so it gets the option
+    # the command docs/guides/recipes.md gives: the budget is the repair's own option
     code, out, err = zoo_cli(["fit", "--config", str(ROOT / "configs/recipes/compress_svdllm.yaml"),
-                              "--trainer.callbacks.max_minutes", "30", "--print_config"], capsys)
+                              "--model.init_args.max_minutes", "30", "--print_config"], capsys)
     assert code in (0, None), err
-    callbacks = yaml.safe_load(out)["trainer"]["callbacks"]
-    assert [c["class_path"] for c in callbacks][-1] == "callbacks.RepairCurve"
-    assert callbacks[-1]["init_args"]["max_minutes"] == 30.0
-    assert "max_minutes" not in callbacks[0]["init_args"]  # the gate's options are untouched
+    assert yaml.safe_load(out)["model"]["init_args"]["max_minutes"] == 30.0
 
 
 @pytest.mark.parametrize("limit,expected", [(1.0, 5), (2, 2), (0.5, 2), (0.01, 1), (None, 5)])
@@ -145,8 +151,32 @@ def test_gates_and_curves_read_the_batches_validation_reads(limit, expected):
     """A recipe that validates on ``limit_val_batches`` gets its gate and curve numbers on the same batches."""
     from types import SimpleNamespace
 
-    from callbacks.gates import heldout_loader
-
     trainer = SimpleNamespace(datamodule=SimpleNamespace(val_dataloader=lambda: list(range(5))),
                               limit_val_batches=limit)
-    assert list(heldout_loader(trainer)) == list(range(expected))
+    assert list(RepairLoop.heldout_loader(SimpleNamespace(trainer=trainer))) == list(range(expected))
+
+
+def test_the_record_is_the_same_whatever_the_order_of_the_callbacks(tmp_path, tiny_teacher_dir, capsys):
+    """Gate, checkpoint, curve and metrics each ask the module's repair loop; reversed, they find the same
+    numbers and the run keeps the same tensors (6 steps: validated at 4, ended unvalidated at 6)."""
+    from safetensors.torch import load_file
+
+    results = []
+    for order in ("forward", "reversed"):
+        (tmp_path / order).mkdir()
+        config = config_with(tmp_path / order, tiny_teacher_dir, CURVE, {"class_path": "callbacks.MetricsJSON"},
+                             max_steps=6, default_root_dir=str(tmp_path / order / "run"))
+        recipe = yaml.safe_load(open(config))
+        if order == "reversed":
+            recipe["trainer"]["callbacks"].reverse()
+            open(config, "w").write(yaml.safe_dump(recipe))
+        assert run(["fit", "--config", config], capsys)[0] == 0
+        run_dir = tmp_path / order / "run"
+        summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
+        points = [(p["step"], p["heldout_kl"]) for p in curve_of(run_dir)["points"]]
+        results.append(({k: v for k, v in summary.items() if "wall" not in k}, points,
+                        load_file(run_dir / "repair_state.safetensors")))
+    (first, points, state), (second, points_b, state_b) = results
+    assert {"heldout_kl_before", "heldout_kl_after"} <= set(first) and first == second
+    assert [s for s, _ in points] == [0, 4, 6] and points == points_b
+    assert state.keys() == state_b.keys() and all(torch.equal(state[k], state_b[k]) for k in state)

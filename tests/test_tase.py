@@ -137,11 +137,10 @@ def test_recorded_interface_is_the_residual_stream_between_layers_and_lookup_by_
 
 def diagnostic_config(tmp_path, teacher, init, threshold, steps=4, k="m", lr=0.01):
     model = {"class_path": "zoo.TASEDiagnostic",
-             "init_args": {"layer": 0, "width": "4d", "k": k, "init": init, "lr": lr}}
+             "init_args": {"layer": 0, "width": "4d", "k": k, "init": init, "lr": lr, "monitor": "d_id_mean"}}
     path = write_config(tmp_path, teacher, model, max_steps=steps,
                         callbacks=[{"class_path": "callbacks.IdentityGate", "init_args": {"threshold": threshold}},
-                                   {"class_path": "callbacks.RepairStateCheckpoint",
-                                    "init_args": {"monitor": "d_id_mean"}}])
+                                   {"class_path": "callbacks.RepairStateCheckpoint"}])
     return path
 
 

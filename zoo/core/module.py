@@ -2,7 +2,8 @@
 
 ``RepairModule`` is what every zoo LightningModule shares: a ``zoo.core.student.Student`` (the teacher with
 its targets replaced), the trainable tensors, AdamW with the per-tensor learning-rate scales the
-replacements declare, checkpoints and repair states that hold only the trainable tensors.
+replacements declare, checkpoints and repair states that hold only the trainable tensors, and the repair
+loop's record and budget (``zoo.core.repair.RepairLoop``: what gates, curve and checkpoint read).
 
 ``DistillationModule(parts=[spec, ...])`` is the training side of every technique: it trains the tensors the
 specs mark trainable to minimize KL(teacher || student) on next-token predictions, the teacher's logits
@@ -26,6 +27,7 @@ from .losses import cached_token_kl, hidden_token_kl, next_token_nll, prediction
 from .metrics import TokenMean, TokenPerplexity
 from .models import DEFAULT_TEACHER
 from .prefix import SUPPORTED_MODEL_TYPES, SharedPrefix, decoder_layers
+from .repair import Heldout, RepairLoop
 from .state import _short, check_header, load_into, save_state
 from .student import CALIBRATIONS, Student, parts_header
 from .surgery import replaced_modules, teacher_view
@@ -39,7 +41,7 @@ OBJECTIVES = ("distillation", "next_token")
 __all__ = ["OBJECTIVES", "Composite", "DistillationModule", "RepairModule", "next_token_nll"]
 
 
-class RepairModule(L.LightningModule):
+class RepairModule(RepairLoop, L.LightningModule):
     """A LightningModule over a ``Student`` whose trainable tensors are the run's (see the module docstring).
 
     Subclasses whose trainable tensors live outside the student's replacements (``zoo.TASEDiagnostic``'s
@@ -57,13 +59,18 @@ class RepairModule(L.LightningModule):
         repair_state: a repair state (safetensors) to load after building the student.
         calibration: ``once`` or ``sequential`` (error-aware: each decoder layer's targets calibrated on
             what the compressed layers below produce; see ``zoo.core.student.Student``).
+        max_minutes: the repair's wall-clock budget: training stops after the first step that ends past it
+            (summed over the sessions of a resumed run); None: none.
+        monitor: the validated metric whose lowest finite value picks the tensors the run ends with (and the
+            ``best_`` repair state).
     """
 
     def __init__(self, parts: list[Technique], teacher: str = DEFAULT_TEACHER, dtype: str = "float32",
                  lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0,
                  calibration_tokens: int | None = None, full_cov_max: int = 8192, repair_state: str | None = None,
-                 calibration: str = "once"):
+                 calibration: str = "once", max_minutes: float | None = None, monitor: str = "heldout_kl"):
         super().__init__()
+        self.init_repair(monitor, max_minutes)
         # NaN fails this too; lr 0 is allowed (a run that measures without changing anything)
         if not 0 <= lr < math.inf:
             raise ZooError(f"lr must be a finite number >= 0, got {lr}")
@@ -125,6 +132,11 @@ class RepairModule(L.LightningModule):
         """Per-tensor learning-rate multipliers (the replacements' ``lr_scales``), by parameter name."""
         return self.student.lr_scales()
 
+    def write_adapter(self, path: str | Path, metadata: dict | None = None) -> Path | None:
+        """The adapter directory of a student whose one part has its own adapter format
+        (``Technique.write_adapter``), else None."""
+        return self.parts[0].write_adapter(self, path, metadata) if len(self.parts) == 1 else None
+
     def save_repair_state(self, path: str | Path, extra: dict | None = None) -> Path:
         return save_state(path, self.trainable_parameters(), {**self.header(), **(extra or {})})
 
@@ -151,6 +163,7 @@ class RepairModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["zoo_header"] = self.header()
         checkpoint["zoo_summary"] = dict(self.summary)
+        self.save_repair_run(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         have, want = checkpoint.get("zoo_header"), self.header()
@@ -158,6 +171,7 @@ class RepairModule(L.LightningModule):
             raise ZooError(f"the resume checkpoint was written by another recipe: {_short(have)}; this run is "
                            f"{_short(want)}")
         self.summary.update(checkpoint.get("zoo_summary", {}))
+        self.load_repair_run(checkpoint)
 
     def state_dict(self, *args, **kwargs):
         """Only the trainable tensors: a Lightning checkpoint must not copy the whole teacher."""
@@ -200,7 +214,7 @@ class DistillationModule(RepairModule):
     Args:
         parts: technique specs applied to disjoint targets of one student.
         teacher, dtype, lr, weight_decay, warmup_steps, calibration_tokens, full_cov_max, repair_state,
-            calibration: see
+            calibration, max_minutes, monitor: see
             ``RepairModule`` (``lr`` is relative where a replacement declares ``lr_scales``: e.g.
             ``FisherSVDLinear`` scales it by each tensor's initial RMS, so one lr suits every layer and model).
         temperature: distillation temperature (KL of softened distributions, times T^2).
@@ -234,6 +248,8 @@ class DistillationModule(RepairModule):
         shared_prefix: bool = True,
         fused_head: bool = True,
         calibration: str = "once",
+        max_minutes: float | None = None,
+        monitor: str = "heldout_kl",
     ):
         if not parts:
             raise ZooError("a DistillationModule needs at least one technique part")
@@ -241,7 +257,7 @@ class DistillationModule(RepairModule):
             raise ZooError(f"temperature must be a positive finite number, got {temperature}")
         objective = check_choice("objective", objective, OBJECTIVES)
         super().__init__(parts, teacher, dtype, lr, weight_decay, warmup_steps, calibration_tokens, full_cov_max,
-                         repair_state, calibration)
+                         repair_state, calibration, max_minutes, monitor)
         self.temperature, self.kl_chunk = temperature, kl_chunk
         self.objective = objective
         self.shared_prefix, self.fused_head = shared_prefix, fused_head
@@ -335,26 +351,31 @@ class DistillationModule(RepairModule):
         return None
 
     @torch.no_grad()
-    def evaluate_kl(self, loader, device=None, forward_context=None, distributed: bool = False) -> float:
-        """Token-weighted mean KL(teacher || student) over ``loader`` (the same number validation logs).
+    def evaluate_heldout(self, loader, forward_context=None, distributed: bool = False) -> Heldout:
+        """Token-weighted KL(teacher || student) and the student's perplexity over ``loader``: what validation
+        logs (``heldout_kl``, ``heldout_ppl``) from the same per-batch ``distillation_outputs``, measured
+        outside the validation loop (the repair's start and end, the gates, the curve). The one evaluator.
 
         With ``distributed`` (every process calls it with the same loader) each process evaluates
-        batches ``i % world == rank`` and the sums are all-reduced: every process returns the mean
+        batches ``i % world == rank`` and the sums are all-reduced: every process returns the means
         over the whole loader.
         """
-        device = device or next(self.model.parameters()).device
+        device = next(self.model.parameters()).device
         rank, world = rank_world() if distributed else (0, 1)
-        sums = torch.zeros(2, dtype=torch.float64)  # (sum of kl * count, count)
+        sums = torch.zeros(4, dtype=torch.float64)  # kl * count, count, nll, nll tokens
         for i, batch in enumerate(loader):
             if i % world != rank:
                 continue
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with forward_context() if forward_context else contextlib.nullcontext():
-                kl, n = self.distillation_loss(batch)
-            sums += torch.tensor([float(kl) * int(n), int(n)], dtype=torch.float64)
+                kl, count, _, student_logits = self.distillation_outputs(batch)
+                nll, tokens = next_token_nll(student_logits, batch["input_ids"], batch.get("loss_mask"),
+                                             batch.get("attention_mask"), self.kl_chunk)
+            sums += torch.stack([kl.double() * count, count.double(), nll.double(), tokens.double()]).cpu()
         if world > 1:
             all_reduce_sum_(sums)
-        return float(sums[0] / sums[1].clamp_min(1))
+        return Heldout(step=0, kl=float(sums[0] / sums[1].clamp_min(1)),
+                       ppl=float(torch.exp(sums[2] / sums[3].clamp_min(1))))
 
     def _global_token_mean(self, kl: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to back-propagate, KL to log) so that a data-parallel step equals the single-process
