@@ -72,7 +72,8 @@ def load_recipe(config: str | Path | dict, overrides: list[str] | tuple[str, ...
     Args:
         config: a recipe YAML's path, or the recipe itself (a dict, or a YAML string).
         overrides: command-line style options, e.g. ``['--model.init_args.parts.rank', '0.5']``.
-        repair_state: a repair state loaded into the student once built.
+        repair_state: a repair state loaded into the student once built; one that holds every tensor of the
+            student (a low-rank repair with ``train_factors``) rebuilds it alone, with no calibration.
         build: build the student (calibration from the recipe's data, cached); false: the teacher with its
             targets resolved, nothing replaced (what ``zoo autoround`` and shape counts need).
         device: where calibration runs (default: where the model is, the CPU).
@@ -96,5 +97,5 @@ def load_recipe(config: str | Path | dict, overrides: list[str] | tuple[str, ...
     objects = recipe_parser().instantiate_classes(cfg)
     recipe = Recipe(objects.model, objects.get("data"), cfg.as_dict())
     if build:
-        recipe.module.build_student_from(recipe.data, device)
+        recipe.module.build_student_from(recipe.data, device, from_state=True)
     return recipe

@@ -102,3 +102,42 @@ def test_lora_fit_writes_a_peft_adapter_that_peft_loads_offline(tmp_path, tiny_t
         torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
         with teacher_view(module.model):  # the adapter is trained: not the base model
             assert not torch.allclose(module.model(input_ids=ids).logits, expected)
+
+
+def test_export_of_a_train_factors_run_reads_its_state_alone(tmp_path, tiny_teacher_dir, capsys, monkeypatch):
+    """A repair that trained every tensor of its low-rank layers (``train_factors``) is exported from its state:
+    no calibration, no Cholesky or SVD (they would raise here), the ranks the data allocated read from the
+    state's shapes; the export computes what the calibrated rebuild with the state loaded computes."""
+    import zoo.core.calibration as calibration
+
+    model = repair_model("zoo.FisherSVD", targets="model.layers.{0..1}.mlp.{down,up}_proj", rank=0.5,
+                         allocation="global", train_factors=True, lr=0.01)
+    config = write_config(tmp_path, tiny_teacher_dir, model=model, max_steps=3)
+    assert zoo_cli(["fit", "--config", config], capsys)[0] == 0
+    state = str(tmp_path / "run" / "repair_state.safetensors")
+    reference = load_recipe(config, build=False)
+    reference.module.repair_state = state
+    reference.module.build_student_from(reference.data)  # calibrated and factorized, then the state loaded
+    ranks = {n: m.replacement.rank for n, m in reference.module.model.named_modules() if hasattr(m, "replacement")}
+    assert len(set(ranks.values())) > 1  # the global allocation gave the targets different ranks
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibration or a factorization ran")
+
+    for owner, name in ((calibration, "collect"), (torch.linalg, "svd"), (torch.linalg, "cholesky"),
+                        (torch.linalg, "cholesky_ex"), (torch.linalg, "eigh")):
+        monkeypatch.setattr(owner, name, refuse)
+    code, out, err = zoo_cli(["export", "--run", str(tmp_path / "run"), "--output", str(tmp_path / "export")], capsys)
+    assert code == 0 and "rebuilt from its repair state alone" in err, err
+    exported = zoo.from_pretrained(tmp_path / "export")
+    ids = torch.randint(3, 380, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, reference.module.model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_a_state_without_its_frozen_factors_says_why_it_calibrates(tmp_path, tiny_teacher_dir, capsys):
+    config = write_config(tmp_path, tiny_teacher_dir, max_steps=2)  # sigma repair: U and V stay frozen
+    assert zoo_cli(["fit", "--config", config], capsys)[0] == 0
+    code, _, err = zoo_cli(["export", "--run", str(tmp_path / "run"), "--output", str(tmp_path / "export")], capsys)
+    assert code == 0 and "cannot rebuild the student alone" in err and "train_factors: true" in err, err

@@ -45,7 +45,7 @@ from .core.calibration import ActivationStats, Collector, register_collector
 from .core.errors import ZooError, check_choice
 from .core.linalg import refit_left, rms, singular_values, thin_svd, whitening  # noqa: F401 - re-exported
 from .core.lowrank import (FisherSVDLinear, check_factor_bits, factor_lora_rank, linear_footprint,  # noqa: F401
-                           low_rank_layer, rank_report, refit_factors)
+                           low_rank_from_state, low_rank_layer, rank_report, refit_factors)
 from .core.ranks import allocate_by_gain, allocate_ranks, check_rank, resolve_rank  # noqa: F401 - re-exported
 from .core.technique import Technique, TensorSize
 
@@ -273,6 +273,10 @@ class FisherSVD(Technique):
             return (f"allocation={self.allocation!r}: per-target ranks are decided from calibration data; the sizes "
                     "are those of the uniform rank, and the total is an upper bound (same budget)")
         return None
+
+    def from_state(self, name: str, module: nn.Module, tensors: dict) -> nn.Module | None:
+        """With ``train_factors`` the repair state holds the whole layer (``low_rank_from_state``)."""
+        return low_rank_from_state(module, tensors, self.train_factors, self.factor_lora, self.factor_bits)
 
     def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
         weight = module.weight

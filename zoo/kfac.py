@@ -28,7 +28,8 @@ from torch import nn
 from .core.calibration import ActivationStats, Collector, register_collector
 from .core.errors import ZooError
 from .core.linalg import cholesky_jittered, thin_svd
-from .core.lowrank import check_factor_bits, factor_lora_rank, linear_footprint, low_rank_layer, rank_report
+from .core.lowrank import (check_factor_bits, factor_lora_rank, linear_footprint, low_rank_from_state, low_rank_layer,
+                           rank_report)
 from .core.ranks import check_rank, resolve_rank
 from .core.technique import Technique, TensorSize
 
@@ -100,6 +101,10 @@ class KFACSVD(Technique):
     def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
         return linear_footprint(module, resolve_rank(self.rank, module.out_features, module.in_features, name),
                                 self.train_factors, self.factor_lora, self.factor_bits, self.factor_group)
+
+    def from_state(self, name: str, module: nn.Module, tensors: dict) -> nn.Module | None:
+        """With ``train_factors`` the repair state holds the whole layer (``low_rank_from_state``)."""
+        return low_rank_from_state(module, tensors, self.train_factors, self.factor_lora, self.factor_bits)
 
     def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
         if stats is None:

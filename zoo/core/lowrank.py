@@ -193,6 +193,23 @@ def low_rank_layer(module: nn.Module, U: torch.Tensor, sigma: torch.Tensor, V: t
     return layer.to(weight.device)
 
 
+def low_rank_from_state(module: nn.Module, tensors: dict[str, torch.Tensor], train_factors: bool, factor_lora: int,
+                        factor_bits: int) -> FisherSVDLinear | None:
+    """The ``FisherSVDLinear`` a repair state alone rebuilds: one that trained its factors (``train_factors``, no
+    ``factor_lora`` or ``factor_bits``) holds U, V, sigma and the bias, every tensor of the layer, so no
+    calibration or factorization is needed; None otherwise (frozen factors come from calibration). The layer's
+    ``lr_scales`` are then those of the state's tensors: fit for evaluating and exporting, not for going on
+    training from it."""
+    bias = getattr(module, "bias", None)
+    need = {"U", "V", "sigma"} | ({"bias"} if bias is not None else set())
+    if not train_factors or factor_lora or factor_bits or not need <= tensors.keys():
+        return None
+    weight = module.weight
+    layer = FisherSVDLinear(tensors["U"].to(weight.dtype), tensors["sigma"], tensors["V"].to(weight.dtype),
+                            tensors["bias"].to(weight.dtype) if bias is not None else None, train_factors=True)
+    return layer.to(weight.device)
+
+
 class QuantizedFactorsLinear(Replacement):
     """y = up(down(x)) + b: the rank-r map with its factors on low-bit grids (see the module docstring)."""
 

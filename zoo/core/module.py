@@ -28,7 +28,7 @@ from .metrics import TokenMean, TokenPerplexity
 from .models import DEFAULT_TEACHER
 from .prefix import SUPPORTED_MODEL_TYPES, SharedPrefix, decoder_layers
 from .repair import Heldout, RepairLoop
-from .state import _short, check_header, load_into, save_state
+from .state import _short, check_header, load_into, load_state, save_state
 from .student import CALIBRATIONS, Student, parts_header
 from .surgery import replaced_modules, teacher_view
 from .technique import Technique
@@ -107,12 +107,25 @@ class RepairModule(RepairLoop, L.LightningModule):
             self.student.build(calibration_loader, data_fingerprint, device)
             self._after_build()
 
-    def build_student_from(self, source=None, device=None) -> None:
+    def build_student_from(self, source=None, device=None, from_state: bool = False) -> None:
         """``Student.build_from``: how ``zoo fit``/``validate`` (``setup``) and every command
-        (``recipes.recipe.load_recipe``) build the student, calibrating on ``source`` (a ``CalibrationSource``)."""
+        (``recipes.recipe.load_recipe``) build the student, calibrating on ``source`` (a ``CalibrationSource``).
+
+        With ``from_state`` (commands that evaluate or export, never a fit: a layer rebuilt from repaired tensors
+        has their learning-rate scales) and a ``repair_state`` that holds every tensor of the student, the
+        student is rebuilt from it alone (``Student.build_from_state``); otherwise one log line says why the
+        state cannot, and the student is calibrated and factorized as usual."""
+        if self.student.built:
+            return
+        if from_state and self.repair_state:
+            why = self.student.build_from_state(load_state(self.repair_state, expect=self.header())[0])
+            if why is None:
+                log.info("student rebuilt from its repair state alone (no calibration, no factorization)")
+            else:
+                log.info("the repair state cannot rebuild the student alone, so it is calibrated again: %s", why)
         if not self.student.built:
             self.student.build_from(source, device)
-            self._after_build()
+        self._after_build()
 
     def _after_build(self) -> None:
         if self.repair_state:

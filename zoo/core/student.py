@@ -151,6 +151,32 @@ class Student:
         finally:
             self._layer_inputs = None  # the hidden states of the calibration tokens: one depth's worth, freed
             self._pending_ranks, self._pending_tokens = {}, 0
+        self._built(resolved)
+
+    def build_from_state(self, tensors: dict) -> str | None:
+        """Build every target from a repair state's ``tensors`` alone (``Technique.from_state``: no calibration,
+        no factorization), or nothing: returns None once built, else why the state cannot rebuild the student
+        (a part keeps frozen tensors out of its state, which calibration rebuilds)."""
+        if self.built:
+            return None
+        resolved = self.resolve_targets()
+        layers = {}
+        for part, names in zip(self.parts, resolved):
+            for name in names:
+                prefix = f"{name}.replacement."
+                own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                layers[name] = part.from_state(name, self.model.get_submodule(name), own)
+                if layers[name] is None:
+                    return (f"{type(part).__name__} ({name}) keeps tensors out of its repair state that calibration "
+                            "rebuilds (a low-rank part holds its whole layer with train_factors: true)")
+        claim(self.model)
+        for part, names in zip(self.parts, resolved):
+            replace(self.model, names, lambda name, module: layers[name], part.target_kind)
+        self._built(resolved)
+        return None
+
+    def _built(self, resolved: list[list[str]]) -> None:
+        """What every built student records: its targets and the parts' reports and byte counts."""
         for i, (part, names) in enumerate(zip(self.parts, resolved)):
             self.targets[f"{i}:{type(part).__name__}"] = names
         if any(p.trains for p in self.parts) and not self.trainable_parameters():

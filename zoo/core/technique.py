@@ -101,6 +101,13 @@ class Technique:
         technique has no such format (its repair state and ``zoo export`` are how it ships)."""
         return None
 
+    def from_state(self, name: str, module: nn.Module, tensors: dict) -> nn.Module | None:
+        """The replacement of target ``name`` rebuilt from its tensors in a repair state alone (no calibration, no
+        factorization: how ``zoo export`` and the evaluation commands rebuild a student whose state holds every
+        tensor), or None where the state does not hold them all (frozen tensors come from calibration).
+        ``tensors`` are the target's, named as in the replacement. Default: None."""
+        return None
+
     def report(self, model: nn.Module) -> dict[str, float]:
         """Run-level numbers about the built student (e.g. its KV-cache size), added to the run's summary."""
         return {}
