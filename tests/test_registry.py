@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 import zoo
-from zoo import FisherSVD, Student
+from zoo import CoupledCore, EigenAttention, FisherSVD, Student
 from zoo.core.errors import ZooError
 from zoo.core.registry import LEGACY_CLASS_PATHS, REGISTRY, canonical_parts, register, registered, technique_class
 from zoo.core.state import check_header, save_state
@@ -41,6 +41,18 @@ def test_one_spec_builds_students_on_different_data_and_stays_as_given(tiny_teac
     for kind, s in students.items():
         built = {n: s.model.get_submodule(n).replacement.rank for n in plans[kind]}
         assert built == plans[kind] and len(built) == 4
+
+
+@pytest.mark.parametrize("spec", [
+    CoupledCore("model.layers.{0..1}.mlp.down_proj", rank=8, block=16),
+    EigenAttention(targets="model.layers.*.self_attn", variance=0.9),
+], ids=["coupled_core", "eigen_attention"])
+def test_specs_that_plan_keep_nothing_planned(spec, tiny_teacher_dir):
+    fields = copy.deepcopy(vars(spec))
+    student = Student([spec], tiny_teacher_dir)
+    student.build(calibration("random"), data_fingerprint="registry-plans")
+    assert vars(spec) == fields
+    assert set(student.plans[0]) == set(spec.resolve(student.model)) and len(student.plans[0]) == 2
 
 
 def test_a_plan_is_read_only_and_build_outside_a_student_says_what_is_missing(tiny_model):

@@ -102,7 +102,8 @@ NO_PLAN = Plan()
 
 class Technique:
     """Base class of technique specs; subclasses are ``@dataclass(eq=False)`` whose first field is
-    ``targets`` and whose ``__post_init__`` calls ``super().__post_init__()``.
+    ``targets`` and whose ``__post_init__`` calls ``super().__post_init__()``, registered under a stable name
+    with ``zoo.core.registry.register`` (the name repair states record).
 
     ``target_kind`` is what the spec's patterns match (``zoo.core.targets.TARGET_KINDS``).
     """
