@@ -40,9 +40,9 @@ def eigen_student(model, spec: EigenAttention, data=None):
     names = spec.resolve(model)
     taps = {n: spec.tap for n in names}
     stats = calib.collect(model, data or batches(), [], progress=False, taps=taps)
-    spec.plan({n: model.get_submodule(n) for n in names}, stats)
-    replace(model, names, lambda name, module: spec.build(name, module, None), spec.target_kind)
-    return model, stats
+    plan = spec.plan({n: model.get_submodule(n) for n in names}, stats)
+    replace(model, names, lambda name, module: spec.build(name, module, None, plan), spec.target_kind)
+    return stats, plan
 
 
 def logits_both(model, ids, mask=None):
@@ -131,14 +131,14 @@ def test_projectors_come_from_the_rotated_queries_and_keys():
         model(**data[0])
     handle.remove()
     spec = EigenAttention(targets="model.layers.1.self_attn", k=5, key_basis="keys")
-    _, stats = eigen_student(model, spec, data)
+    stats, plan = eigen_student(model, spec, data)
     keys = captured["keys"].reshape(-1, 2 * HEAD_DIM).double()
     C = keys.T @ keys / len(keys)
     assert torch.allclose(stats["model.layers.1.self_attn:keys"].second_moment, C, atol=1e-5)
     # the projector of group 1 spans the top-5 eigenvectors of its block
     vals, vecs = torch.linalg.eigh(C[HEAD_DIM:, HEAD_DIM:])
     top = vecs[:, -5:]
-    U = spec.planned["model.layers.1.self_attn"]["U_keys"][1]
+    U = plan["model.layers.1.self_attn"]["U_keys"][1]
     assert torch.allclose(U @ U.T, top @ top.T, atol=1e-6)
     # queries: each head is a sample of its group (head h in group h // n_rep)
     assert stats["model.layers.1.self_attn:queries"].count == 2 * stats["model.layers.1.self_attn:keys"].count
@@ -147,17 +147,15 @@ def test_projectors_come_from_the_rotated_queries_and_keys():
 def test_variance_and_error_thresholds_choose_k():
     model = tiny(seed=4)
     spec = EigenAttention(variance=1.0)
-    eigen_student(model, spec)
-    assert all(p["k_keys"] == HEAD_DIM and p["k_values"] == HEAD_DIM for p in spec.planned.values())
-    loose, tight = EigenAttention(variance=0.5), EigenAttention(variance=0.9)
-    eigen_student(tiny(seed=4), loose)
-    eigen_student(tiny(seed=4), tight)
-    for name, p in loose.planned.items():
-        assert p["k_keys"] <= tight.planned[name]["k_keys"] and p["k_values"] <= tight.planned[name]["k_values"]
-        assert p["variance_keys"] >= 0.5 and tight.planned[name]["variance_values"] >= 0.9
-    spec = EigenAttention(error=0.1, round_to=4)
-    eigen_student(tiny(seed=4), spec)
-    for p in spec.planned.values():
+    _, plan = eigen_student(model, spec)
+    assert all(p["k_keys"] == HEAD_DIM and p["k_values"] == HEAD_DIM for p in plan.values())
+    _, loose = eigen_student(tiny(seed=4), EigenAttention(variance=0.5))
+    _, tight = eigen_student(tiny(seed=4), EigenAttention(variance=0.9))
+    for name, p in loose.items():
+        assert p["k_keys"] <= tight[name]["k_keys"] and p["k_values"] <= tight[name]["k_values"]
+        assert p["variance_keys"] >= 0.5 and tight[name]["variance_values"] >= 0.9
+    _, plan = eigen_student(tiny(seed=4), EigenAttention(error=0.1, round_to=4))
+    for p in plan.values():
         assert p["logit_error"] <= 0.1 and p["k_keys"] % 4 == 0 and 1 - p["variance_values"] <= 0.1 + 1e-9
 
 

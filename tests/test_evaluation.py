@@ -347,7 +347,7 @@ class Scaled(Technique):
         super().__init__(targets)
         self.scale = scale
 
-    def build(self, name, module, stats):
+    def build(self, name, module, stats, plan):
         return ScaledLinear(module, self.scale)
 
 

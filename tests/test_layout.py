@@ -21,16 +21,11 @@ def module_name(path: Path) -> str:
 
 
 def imports(path: Path) -> set[str]:
-    """Modules a file imports, at module level or inside functions (a lazy import still ties two modules), except
-    in a module ``__getattr__`` (the old path of a class that moved, which repair states may still name)."""
+    """Modules a file imports, at module level or inside functions (a lazy import still ties two modules)."""
     tree = ast.parse(path.read_text())
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     found = set()
-    shims = [f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "__getattr__"]
-    skip = {id(n) for f in shims for n in ast.walk(f)}  # a moved class's old path, resolved on demand
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):

@@ -34,9 +34,9 @@ def test_repair_state_round_trips_bit_exactly(tiny_teacher_dir, tmp_path):
     with safe_open(str(path), "pt") as f:
         assert set(f.keys()) == set(a.trainable_parameters())  # trainable tensors only
         header = f.metadata()
-        # keyed on the parts (spec class and options) and the teacher, not on a LightningModule class
+        # keyed on the parts (registered spec name, version and options) and the teacher, not on a LightningModule
         assert "technique" not in header
-        assert [p["technique"] for p in json.loads(header["parts"])] == ["zoo.fisher_svd.FisherSVD"]
+        assert [(p["technique"], p["version"]) for p in json.loads(header["parts"])] == [("fisher_svd", 1)]
     b = built(tiny_teacher_dir)
     b.load_repair_state(path)
     for name, p in a.trainable_parameters().items():

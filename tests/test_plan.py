@@ -153,10 +153,10 @@ def test_a_sequential_build_keeps_one_layers_statistics(tiny_teacher_dir, monkey
     live = []
     real = FisherSVD.build
 
-    def counting(self, name, module, stats):
+    def counting(self, name, module, stats, plan):
         gc.collect()
         live.append(sum(isinstance(o, ActivationStats) for o in gc.get_objects()))
-        return real(self, name, module, stats)
+        return real(self, name, module, stats, plan)
 
     monkeypatch.setattr(FisherSVD, "build", counting)
     targets = ["model.layers.*.self_attn.{q,k,v,o}_proj", "model.layers.*.mlp.{gate,up,down}_proj"]
@@ -208,7 +208,7 @@ def test_activation_estimate_matches_what_autograd_saves(target, tiny_teacher_di
 
 
 class NoFootprint(Technique):
-    def build(self, name, module, stats):
+    def build(self, name, module, stats, plan):
         raise AssertionError("zoo plan must not build")
 
 

@@ -53,9 +53,9 @@ def test_repair_module_builds_the_planned_ranks(tiny_teacher_dir, weighting):
     module = repair(FisherSVD, targets=targets, rank=0.3, weighting=weighting, allocation="global",
                              teacher=tiny_teacher_dir)
     module.build_student(calibration_batches(), data_fingerprint="alloc-test")
-    part = module.parts[0]
+    planned = dict(module.student.plans[0])
     built = {n: m.replacement.rank for n, m in module.model.named_modules() if hasattr(m, "replacement")}
-    assert built == part.planned_ranks and len(built) == 4
+    assert built == planned and len(built) == 4
     budget = sum(resolve_rank(0.3, m.replacement.out_features, m.replacement.in_features) *
                  (m.replacement.out_features + m.replacement.in_features)
                  for m in module.model.modules() if hasattr(m, "replacement"))
@@ -65,7 +65,7 @@ def test_repair_module_builds_the_planned_ranks(tiny_teacher_dir, weighting):
     again = repair(FisherSVD, targets=targets, rank=0.3, weighting=weighting, allocation="global",
                             teacher=tiny_teacher_dir)
     again.build_student(calibration_batches(), data_fingerprint="alloc-test")
-    assert again.parts[0].planned_ranks == part.planned_ranks  # a rebuilt student has the same shapes
+    assert dict(again.student.plans[0]) == planned  # a rebuilt student has the same shapes
 
 
 def test_spectrum_is_the_weighted_svds_singular_values(tiny_model):
@@ -82,7 +82,7 @@ def test_global_allocation_needs_a_ratio_and_a_planner(tiny_teacher_dir):
     composite = Composite(parts=[FisherSVD("model.layers.{0..1}.mlp.down_proj", rank=0.5, allocation="global",
                                            weighting="none")], teacher=tiny_teacher_dir)
     composite.build_student(None)
-    assert set(composite.parts[0].planned_ranks) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+    assert set(composite.student.plans[0]) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
 
 
 # ---- allocation by measured sensitivity (issue 16) ------------------------------------------------------
@@ -127,14 +127,14 @@ def test_sensitivity_allocation_builds_and_reports_ranks_per_layer_type(tiny_tea
     targets = ["model.layers.*.self_attn.{q,k,v,o}_proj", "model.layers.*.mlp.{gate,up,down}_proj"]
     module = repair(FisherSVD, targets=targets, rank=0.5, allocation="sensitivity", teacher=tiny_teacher_dir)
     module.build_student(calibration_batches(), data_fingerprint="sensitivity")
-    part = module.parts[0]
+    planned = module.student.plans[0]
     shapes = {n: (module.model.get_submodule(n).out_features, module.model.get_submodule(n).in_features)
-              for n in part.planned_ranks}
+              for n in planned}
     budget = sum(resolve_rank(0.5, o, i, n) * (o + i) for n, (o, i) in shapes.items())
-    spent = sum(r * sum(shapes[n]) for n, r in part.planned_ranks.items())
+    spent = sum(r * sum(shapes[n]) for n, r in planned.items())
     assert len(shapes) == 14 and budget - min(map(sum, shapes.values())) < spent <= budget
     assert {f"ranks/{t}/mean" for t in ("q_proj", "down_proj")} <= set(module.summary)
-    assert len(set(part.planned_ranks.values())) > 1  # not the uniform ranks
+    assert len(set(planned.values())) > 1  # not the uniform ranks
     # what the built maps export, counted from their tensors (the plan's count is the uniform rank's)
     from zoo.core.surgery import replaced_modules
 

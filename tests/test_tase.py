@@ -8,8 +8,8 @@ from zoo import CoupledCore, TASECoupledCore, TASEInterface
 from zoo_cli import repair, repair_model, write_config, zoo_cli
 from zoo.core.errors import ZooError
 from zoo.core.metrics import IdentityDeviation, token_deviation
-from zoo.tase import (ActivationTable, TASEConnectedLinear, outlier_dims, record_interface, resolve_k, resolve_width,
-                      topk_relu)
+from zoo.tase import TASEConnectedLinear, resolve_k, resolve_width, topk_relu
+from zoo.tase_diagnostic import ActivationTable, outlier_dims, record_interface
 
 BOTH = "model.layers.{0..1}.mlp.down_proj"
 

@@ -9,9 +9,9 @@ import torch
 
 from zoo.core.errors import ZooError
 from zoo.lora import read_adapter, save_adapter
-from zoo.universal_basis import (DeltaBank, UniversalBasisLoRA, canonicalize, delta_error_sq,
-                                 extract_basis, fit_subspace, leave_out_errors, load_basis, project_adapter,
-                                 save_projection)
+from zoo.universal_basis_lora import UniversalBasisLoRA
+from zoo.universal_basis import (DeltaBank, canonicalize, delta_error_sq, extract_basis, fit_subspace,
+                                 leave_out_errors, load_basis, project_adapter, save_projection)
 
 TARGETS = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
 
@@ -127,19 +127,19 @@ def test_leave_out_errors_train_below_holdout(bank):
 
 
 def test_coefficient_count_is_2rk_per_module(bank, tmp_path, tiny_teacher_dir):
-    from zoo.universal_basis import UniversalBasis
+    from zoo.universal_basis_lora import UniversalBasis
     from zoo_cli import repair
 
     path = extract_basis(bank, "separate").save(tmp_path / "basis.safetensors")
     module = repair(UniversalBasis, objective="next_token", basis=str(path), k=3, teacher=tiny_teacher_dir)
     module.build_student()
-    # a state written before the spec moved to zoo.universal_basis_lora names zoo.universal_basis, which
-    # re-exports it: the header check reads both as the same spec
-    from zoo.core.technique import canonical_parts
+    # a state written before the spec moved to zoo.universal_basis_lora names it by its old class path: the
+    # registry's legacy table reads it as the same spec
+    from zoo.core.registry import canonical_parts
 
-    old = [{**module.parts[0].describe(), "technique": "zoo.universal_basis.UniversalBasis"}]
+    old = [{"technique": "zoo.universal_basis.UniversalBasis", "init_args": module.parts[0].init_args()}]
     assert canonical_parts(old) == canonical_parts([module.parts[0].describe()])
-    assert canonical_parts(old)[0]["technique"] == "zoo.universal_basis_lora.UniversalBasis"
+    assert canonical_parts(old)[0]["technique"] == "universal_basis"
     params = module.trainable_parameters()
     assert sum(p.numel() for p in params.values()) == 2 * bank.rank * 3 * len(TARGETS)
     assert all(name.endswith(("coef_A", "coef_B")) for name in params)
@@ -184,7 +184,7 @@ def test_projected_adapter_loads_with_peft_and_changes_logits_as_its_delta_says(
 
 
 def test_universal_basis_layer_matches_dense_and_init_adapter(bank, tmp_path, tiny_teacher_dir):
-    from zoo.universal_basis import UniversalBasis
+    from zoo.universal_basis_lora import UniversalBasis
     from zoo_cli import repair
 
     path = extract_basis(bank, "separate", members=[0, 1, 2]).save(tmp_path / "basis.safetensors")

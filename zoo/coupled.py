@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,12 +40,13 @@ from .core.errors import ZooError, check_choice
 from .core.hadamard import FITS, PHDFrame
 from .core.linalg import procrustes, rms
 from .core.metrics import NormRatio
+from .core.registry import register
 from .core.replacement import Replacement
 from .core.seeds import derive_seed, generator
 from .core.subframes import (COMPUTES, CORE_INITS, BlockwisePHDLinear, Subframe, check_ranks, core_footprint,
                              frame_energy, init_core, input_energy, output_moment, phd_subframe, resolve_compute,
                              second_moment, subframe_footprint, top_index)
-from .core.technique import Technique, TensorSize
+from .core.technique import NO_PLAN, Plan, Technique, TensorSize
 from .export.spec import nested
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def leading_eigenvectors(moment: torch.Tensor, r: int) -> torch.Tensor:
     return top * signs
 
 
+@register("coupled_core", version=1)
 @dataclass(eq=False, repr=False)
 class CoupledCore(Technique):
     """Spec: PHD cores over a contiguous layer range sharing one residual-side frame, optionally
@@ -189,7 +191,6 @@ class CoupledCore(Technique):
     core_init: str = "lstsq"
     compute: str = "auto"
     train_bias: bool = True
-    residual: dict[str, Subframe] = field(default_factory=dict, init=False)  # target -> residual-side rows (plan)
 
     def __post_init__(self):
         super().__post_init__()
@@ -214,10 +215,10 @@ class CoupledCore(Technique):
         M = second_moment(stats, name)
         return output_moment(module.weight, M) if self.residual_side == "output" else M
 
-    def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> None:
-        """The shared residual-side frame of the range (and each layer's aligned rows)."""
+    def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> Plan:
+        """The shared residual-side frame of the range (and each layer's aligned rows): {target: Subframe}."""
         if not modules:
-            return
+            return NO_PLAN
         layers = sorted({layer_index(n) for n in modules})
         missing = sorted(set(range(layers[0], layers[-1] + 1)) - set(layers))
         if missing:
@@ -245,22 +246,22 @@ class CoupledCore(Technique):
                 raise ZooError(f"residual rank {r} exceeds the frame width {frame.n_pad}")
             index = top_index(frame_energy(frame, pooled), r)
             shared = Subframe(frame.rows(index), frame, index, resolve_compute(self.compute, r, frame.block))
-            self.residual = {n: shared for n in modules}
             log.info("coupled PHD residual frame over layers %d..%d: %d of %d coordinates", layers[0],
                      layers[-1], r, frame.n_pad)
-            return
+            return Plan({n: shared for n in modules})
         E = leading_eigenvectors(pooled, r)  # [width, r]
         captured = float((E * (pooled @ E)).sum() / pooled.diagonal().sum())
-        self.residual = {}
+        residual = {}
         for name in modules:
             rows = E.T
             if self.align:
                 own = leading_eigenvectors(full(moments[name]), r)
                 rows = (own @ procrustes(own, E)).T
-            self.residual[name] = Subframe(rows)
+            residual[name] = Subframe(rows)
         log.info("coupled PCA residual frame over layers %d..%d: rank %d captures %.1f%% of the pooled "
                  "interface energy%s", layers[0], layers[-1], r, 100 * captured,
                  " (Procrustes-aligned per layer)" if self.align else "")
+        return Plan(residual)
 
     def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
         """A ``BlockwisePHDLinear`` whose residual side is the shared frame (dense rows for ``pca``; rows,
@@ -290,12 +291,10 @@ class CoupledCore(Technique):
                 "shim.B": TensorSize((module.out_features, self.shim_rank),
                                      "trainable" if self.shim_train in ("both", "B") else "frozen", "float32")}
 
-    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
-        if name not in self.residual:
-            raise ZooError(f"coupled core for {name} has no residual frame: plan() was not called over the range")
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None, plan: Plan = NO_PLAN) -> nn.Module:
+        residual = plan.require(name, self)
         W = module.weight
         M = second_moment(stats, name)
-        residual = self.residual[name]
         opts = dict(block=self.block, fit=self.fit, seed=self.seed, compute=self.compute, name=name)
         if self.residual_side == "output":
             down = phd_subframe(module.in_features, self.rank, lambda f: input_energy(W, f, M), side="input", **opts)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -53,9 +53,10 @@ from .core.calibration import ActivationStats
 from .core.compat import layer_cache
 from .core.errors import ZooError, check_choice
 from .core.linalg import rms
+from .core.registry import register
 from .core.spectrum import block_diagonal, cumulative_variance, eigh_descending, rank_for_variance
 from .core.replacement import Replaced, Replacement
-from .core.technique import Technique, TensorSize
+from .core.technique import NO_PLAN, Plan, Technique, TensorSize
 from .export.modeling_zoo import eigen_attention_forward
 
 log = logging.getLogger(__name__)
@@ -258,6 +259,7 @@ def _per_target(value, index: int, n: int, what: str):
     return value
 
 
+@register("eigen_attention", version=1)
 @dataclass(eq=False, repr=False)
 class EigenAttention(Technique):
     """Spec: replace each target attention block by an ``EigenAttentionLayer`` with PCA projectors.
@@ -290,7 +292,6 @@ class EigenAttention(Technique):
     key_basis: str = "queries_keys"
     round_to: int = 1
     trainable_projectors: bool = True
-    planned: dict[str, dict] = field(default_factory=dict, init=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -364,9 +365,9 @@ class EigenAttention(Technique):
             return max(int(torch.nonzero(1 - cumulative_variance(e) <= value + 1e-12)[0]) + 1 for e in eigs)
         return max(max(1, int(torch.nonzero(err <= value + 1e-12)[0])) for err in errs)
 
-    def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> dict[str, dict]:
-        """Projectors and (k_K, k_V) of every target from the tapped second moments."""
-        self.planned = {}
+    def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> Plan:
+        """Projectors and (k_K, k_V) of every target from the tapped second moments: {target: dict}."""
+        planned = {}
         n = len(modules)
         for index, (name, module) in enumerate(modules.items()):
             attn = check_supported(name, module)
@@ -391,24 +392,22 @@ class EigenAttention(Technique):
                     raise ZooError(f"{what}={value} for {name} is above head_dim={d}; k must be between 1 and {d}")
             kk = kk if kk is not None else self._round(self._choose("keys", eig_k, err_k), d)
             kv = kv if kv is not None else self._round(self._choose("values", eig_v, []), d)
-            self.planned[name] = {
+            planned[name] = {
                 "U_keys": torch.stack([u[:, :kk] for u in U_k]), "U_values": torch.stack([u[:, :kv] for u in U_v]),
                 "k_keys": kk, "k_values": kv,
                 "variance_keys": min(float(cumulative_variance(e)[kk - 1]) for e in eig_k),
                 "variance_values": min(float(cumulative_variance(e)[kv - 1]) for e in eig_v),
                 "logit_error": max(float(e[kk]) for e in err_k),
             }
-        if self.planned:
-            ks = [(p["k_keys"], p["k_values"]) for p in self.planned.values()]
+        if planned:
+            ks = [(p["k_keys"], p["k_values"]) for p in planned.values()]
             log.info("EigenAttention over %d layers: k_K %d..%d, k_V %d..%d (head_dim %d)", len(ks),
                      min(k for k, _ in ks), max(k for k, _ in ks), min(v for _, v in ks), max(v for _, v in ks), d)
-        return self.planned
+        return Plan(planned)
 
-    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> EigenAttentionLayer:
-        if name not in self.planned:
-            raise ZooError(f"EigenAttention has no projectors for {name}: plan() was not called with its "
-                           "calibration statistics")
-        p = self.planned[name]
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None,
+              plan: Plan = NO_PLAN) -> EigenAttentionLayer:
+        p = plan.require(name, self)
         attn = check_supported(name, module)
         dtype, device = attn.k_proj.weight.dtype, attn.k_proj.weight.device
         return EigenAttentionLayer(attn, p["U_keys"].to(device, dtype), p["U_values"].to(device, dtype),

@@ -36,7 +36,7 @@ start, so the built student is unchanged). The corrections train, U and V stay f
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -47,7 +47,8 @@ from .core.linalg import refit_left, rms, singular_values, thin_svd, whitening  
 from .core.lowrank import (FisherSVDLinear, check_factor_bits, factor_lora_rank, linear_footprint,  # noqa: F401
                            low_rank_from_state, low_rank_layer, rank_report, refit_factors)
 from .core.ranks import allocate_by_gain, allocate_ranks, check_rank, resolve_rank  # noqa: F401 - re-exported
-from .core.technique import Technique, TensorSize
+from .core.registry import register
+from .core.technique import NO_PLAN, Plan, Technique, TensorSize
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ def sensitivity_gains(weight: torch.Tensor, weighting: str, stats: ActivationSta
     return s.pow(2) * input_energy * output_weight
 
 
+@register("fisher_svd", version=1)
 @dataclass(eq=False, repr=False)
 class FisherSVD(Technique):
     """Spec: replace each target by a weighted rank-r ``FisherSVDLinear``.
@@ -212,7 +214,6 @@ class FisherSVD(Technique):
     factor_lora: int = 0
     factor_bits: int = 0
     factor_group: int = 64
-    planned_ranks: dict[str, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -227,22 +228,22 @@ class FisherSVD(Technique):
         factor_lora_rank(self.factor_lora, 1)
         check_factor_bits(self.factor_bits, self.factor_group, self.train_factors, self.factor_lora)
 
-    def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> dict[str, int]:
-        """With ``allocation='global'``, fix every target's rank from its weighted spectrum (else a no-op)."""
+    def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> Plan:
+        """With ``allocation='global'`` or ``'sensitivity'``, every target's rank, {target: rank} (else nothing)."""
         if self.allocation == "uniform" or not modules:
-            return {}
+            return NO_PLAN
         shapes = {n: (m.out_features, m.in_features) for n, m in modules.items()}
         if self.allocation == "global":
             spectra = {n: weighted_spectrum(m.weight, self.weighting, stats.get(n), self.alpha, n)
                        for n, m in modules.items()}
-            self.planned_ranks = allocate_ranks(spectra, shapes, self.rank)
+            ranks = allocate_ranks(spectra, shapes, self.rank)
         else:
             gains = {n: sensitivity_gains(m.weight, self.weighting, stats.get(n), self.alpha, n)
                      for n, m in modules.items()}
-            self.planned_ranks = allocate_by_gain(gains, shapes, self.rank, self.allocation_floor)
+            ranks = allocate_by_gain(gains, shapes, self.rank, self.allocation_floor)
         log.info("%s rank allocation over %d targets: ranks %d..%d", self.allocation, len(modules),
-                 min(self.planned_ranks.values()), max(self.planned_ranks.values()))
-        return self.planned_ranks
+                 min(ranks.values()), max(ranks.values()))
+        return Plan(ranks)
 
     def report(self, model: nn.Module) -> dict[str, float]:
         """The ranks per layer type (``ranks/<type>/min|mean|max``) of the built student's low-rank maps, their
@@ -278,12 +279,10 @@ class FisherSVD(Technique):
         """With ``train_factors`` the repair state holds the whole layer (``low_rank_from_state``)."""
         return low_rank_from_state(module, tensors, self.train_factors, self.factor_lora, self.factor_bits)
 
-    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None, plan: Plan = NO_PLAN) -> nn.Module:
         weight = module.weight
         if self.allocation != "uniform":
-            if name not in self.planned_ranks:  # plan() runs over all targets before the first build
-                raise ZooError(f"allocation={self.allocation!r} has no planned rank for {name}: plan() was not called")
-            rank = self.planned_ranks[name]
+            rank = plan.require(name, self)
         else:
             rank = resolve_rank(self.rank, module.out_features, module.in_features, name)
         U, sigma, V, used = weighted_svd(weight, rank, self.weighting, stats, self.alpha, name)

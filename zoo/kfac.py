@@ -31,7 +31,8 @@ from .core.linalg import cholesky_jittered, thin_svd
 from .core.lowrank import (check_factor_bits, factor_lora_rank, linear_footprint, low_rank_from_state, low_rank_layer,
                            rank_report)
 from .core.ranks import check_rank, resolve_rank
-from .core.technique import Technique, TensorSize
+from .core.registry import register
+from .core.technique import NO_PLAN, Plan, Technique, TensorSize
 
 
 @register_collector
@@ -65,6 +66,7 @@ def kfac_svd(weight: torch.Tensor, rank: int, stats: ActivationStats, name: str 
     return U, s[:rank], V
 
 
+@register("kfac_svd", version=1)
 @dataclass(eq=False, repr=False)
 class KFACSVD(Technique):
     """Spec: replace each target by a rank-r ``FisherSVDLinear`` from the K-FAC-weighted SVD.
@@ -106,7 +108,7 @@ class KFACSVD(Technique):
         """With ``train_factors`` the repair state holds the whole layer (``low_rank_from_state``)."""
         return low_rank_from_state(module, tensors, self.train_factors, self.factor_lora, self.factor_bits)
 
-    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None, plan: Plan = NO_PLAN) -> nn.Module:
         if stats is None:
             raise ZooError(f"K-FAC weighting of {name} needs calibration statistics")
         U, sigma, V = kfac_svd(module.weight, resolve_rank(self.rank, module.out_features, module.in_features, name),

@@ -29,8 +29,9 @@ from torch import nn
 
 from .core.errors import ZooError
 from .core.models import model_location
+from .core.registry import register as register_technique
 from .core.surgery import replaced_modules
-from .core.technique import Technique, TensorSize
+from .core.technique import NO_PLAN, Plan, Technique, TensorSize
 from .export.spec import nested, register
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -206,6 +207,7 @@ def _single_adapter(layer: nn.Module) -> str:
 register("peft.tuners.lora.layer.Linear", peft_lora_spec, peft_lora_tensors)
 
 
+@register_technique("lora", version=1)
 @dataclass(eq=False, repr=False)
 class LoRA(Technique):
     """Spec: PEFT LoRA on each target (rank ``rank``, scaling ``alpha / rank``). Fine-tuning with it is
@@ -255,7 +257,7 @@ class LoRA(Technique):
         return sizes | {"lora_A.default.weight": TensorSize((self.rank, module.in_features)),
                         "lora_B.default.weight": TensorSize((module.out_features, self.rank))}
 
-    def build(self, name: str, module: nn.Module, stats=None) -> nn.Module:
+    def build(self, name: str, module: nn.Module, stats=None, plan: Plan = NO_PLAN) -> nn.Module:
         layer = peft_lora_layer(module, self.rank, self.alpha, self.dropout, self.rslora)
         if self._adapter is not None:
             if name not in self._adapter.A:

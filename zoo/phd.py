@@ -28,13 +28,15 @@ from torch import nn
 from .core.calibration import ActivationStats
 from .core.errors import check_choice
 from .core.hadamard import FITS
+from .core.registry import register
 from .core.subframes import (COMPUTES, CORE_INITS, BlockwisePHDLinear, Subframe, check_ranks,  # noqa: F401 - re-exported
                              core_footprint, core_least_squares, frame_energy, init_core, input_energy, output_moment,
                              phd_subframe, resolve_compute, second_moment, subframe_footprint, top_index)
-from .core.technique import Technique, TensorSize
+from .core.technique import NO_PLAN, Plan, Technique, TensorSize
 
 
 
+@register("blockwise_phd", version=1)
 @dataclass(eq=False, repr=False)
 class BlockwisePHD(Technique):
     """Spec: replace each target by a ``BlockwisePHDLinear`` (structured frames, data-chosen rows,
@@ -80,7 +82,8 @@ class BlockwisePHD(Technique):
         up = subframe_footprint(module.out_features, self.rank_out or self.rank, side="output", **opts)
         return core_footprint(down, up, module, self.train_bias)
 
-    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> BlockwisePHDLinear:
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None,
+              plan: Plan = NO_PLAN) -> BlockwisePHDLinear:
         W = module.weight
         M = second_moment(stats, name)
         opts = dict(block=self.block, fit=self.fit, seed=self.seed, compute=self.compute, name=name)

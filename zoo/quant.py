@@ -40,8 +40,9 @@ from .core.hadamard import PHDFrame
 from .core.linalg import thin_svd, whitening
 from .core.lowbit import (ROUNDINGS, Grid, QuantizedLinear, clip_search, dequantize, gptq,  # noqa: F401 - re-exported
                           grid_params, quantize)
+from .core.registry import register
 from .core.seeds import derive_seed
-from .core.technique import Technique, TensorSize
+from .core.technique import NO_PLAN, Plan, Technique, TensorSize
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def weighted_correction(residual: torch.Tensor, moment: torch.Tensor | None, ran
     return P[:, :rank] * s[:rank], unwhiten(Qh[:rank]).T
 
 
+@register("quantize", version=1)
 @dataclass(eq=False, repr=False)
 class Quantize(Technique):
     """Spec: replace each target by a ``QuantizedLinear`` (see the module docstring).
@@ -138,7 +140,8 @@ class Quantize(Technique):
                       "frame.inverse_perm": TensorSize((in_f,), "buffer", "int64")}
         return sizes
 
-    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> QuantizedLinear:
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None,
+              plan: Plan = NO_PLAN) -> QuantizedLinear:
         weight = module.weight
         grid, frame = self.grid(module.in_features), self._frame(name, module.in_features)
         W = weight.detach().double()

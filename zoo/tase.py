@@ -37,9 +37,10 @@ from .core.calibration import ActivationStats
 from .core.errors import ZooError, check_choice
 from .core.linalg import rms
 from .core.metrics import IdentityDeviation
+from .core.registry import register
 from .core.replacement import Replacement
 from .core.seeds import derive_seed, generator
-from .core.technique import TensorSize
+from .core.technique import NO_PLAN, Plan, TensorSize
 from .coupled import CoupledCore
 from .export.spec import nested
 from .core.subframes import BlockwisePHDLinear
@@ -232,6 +233,7 @@ class TASEConnectedLinear(Replacement):
         return self._export()[1]
 
 
+@register("tase_coupled_core", version=1)
 @dataclass(eq=False, repr=False)
 class TASECoupledCore(CoupledCore):
     """Spec: ``zoo.CoupledCore`` (no shims) with a TASE interface on each core's residual-side coordinates
@@ -268,23 +270,10 @@ class TASECoupledCore(CoupledCore):
         return sizes | {f"interface.{k}": TensorSize(shape, "trainable", "float32") for k, shape in
                         (("W_e", (m, r)), ("c", (m,)), ("W_d", (r, m)), ("b", (r,)))}
 
-    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
-        layer = super().build(name, module, stats)
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None, plan: Plan = NO_PLAN) -> nn.Module:
+        layer = super().build(name, module, stats, plan)
         r = self.rank_out or self.rank
         m = self.expansion * r
         interface = TASEInterface(r, m, resolve_k(self.k, m), self.tase_init, derive_seed(self.seed, name, "tase"),
                                   scale=rms(layer.core))
         return TASEConnectedLinear(layer, interface, self.residual_side).to(module.weight.device)
-
-
-_MOVED = ("METRICS", "VIEWS", "ActivationTable", "TASEDiagnostic", "interface_site", "outlier_dims", "record_interface")
-
-
-def __getattr__(name: str):
-    """The diagnostic moved to ``zoo.tase_diagnostic``; its old paths (``zoo.tase.TASEDiagnostic``) still
-    resolve, lazily, so the two modules do not import each other."""
-    if name in _MOVED:
-        from . import tase_diagnostic
-
-        return getattr(tase_diagnostic, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

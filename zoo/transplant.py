@@ -25,8 +25,9 @@ from torch.nn import functional as F
 
 from .core.calibration import ActivationStats
 from .core.errors import ZooError
+from .core.registry import register
 from .core.replacement import Replacement
-from .core.technique import Technique, TensorSize
+from .core.technique import NO_PLAN, Plan, Technique, TensorSize
 from .export.spec import dense
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def safetensors_index(directory: Path) -> dict[str, Path]:
     return found
 
 
+@register("transplant", version=1)
 @dataclass(eq=False, repr=False)
 class Transplant(Technique):
     """Spec: replace each target by a frozen ``TransplantedLinear`` holding the same-named weight (and bias) of
@@ -136,7 +138,8 @@ class Transplant(Technique):
             sizes["bias"] = TensorSize((module.out_features,), "frozen")
         return sizes
 
-    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> TransplantedLinear:
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None,
+              plan: Plan = NO_PLAN) -> TransplantedLinear:
         weight = module.weight
         like = {"dtype": weight.dtype, "device": weight.device}
         W = self.tensor(f"{name}.weight", tuple(weight.shape)).to(**like)

@@ -12,7 +12,7 @@ Per module, with a bank of LoRA adapters (``zoo.lora``; step 1):
 3. ``fit_subspace``: stack the rows of all adapters, center by their mean mu, SVD; the components are the
    right singular vectors with their singular values (the explained-variance spectrum). ``separate`` mode
    fits the a halves and the b halves apart; ``joint`` mode fits v = [a; b].
-4. ``UniversalBasisLoRA`` (in ``zoo.universal_basis_lora``, re-exported here): rows V = mu_A + c^A C_A,
+4. ``UniversalBasisLoRA`` (in ``zoo.universal_basis_lora``): rows V = mu_A + c^A C_A,
    U = mu_B + c^B C_B; dW = U^T V; only c^A, c^B (r x k each: 2 r k per module) train. In ``joint``
    mode one c (r x k) drives both halves.
 5. ``ModuleBasis.project``: c = (v - mu) C^T, v_hat = mu + c C (orthogonal projection; C has orthonormal
@@ -425,14 +425,3 @@ def leave_out_errors(bank: DeltaBank, ks: Sequence[int], mode: str = "separate",
                     (held_err if i in held else train).append(math.sqrt(e / max(d, 1e-300)))
             result[c][k] = {"train": train, "holdout": held_err, "k_effective": k_eff[c][k]}
     return result
-
-
-def __getattr__(name: str):
-    """The coefficient layer and its spec moved to ``zoo.universal_basis_lora``; their old paths (as repair
-    states written before name them: ``zoo.universal_basis.UniversalBasis``) still resolve, lazily, so the
-    two modules do not import each other."""
-    if name in ("UniversalBasis", "UniversalBasisLoRA"):
-        from . import universal_basis_lora
-
-        return getattr(universal_basis_lora, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

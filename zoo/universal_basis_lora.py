@@ -1,6 +1,5 @@
 """Coefficient-only adapters over a universal basis (WIZORB; source 001, sections 2.2, 4, 5, 6 phases 4-14:
-step 4 of the pipeline). The bank, the basis, projection and controls are ``zoo.universal_basis``, which
-re-exports both names here.
+step 4 of the pipeline). The bank, the basis, projection and controls are ``zoo.universal_basis``.
 
 ``UniversalBasisLoRA``: rows V = mu_A + c^A C_A, U = mu_B + c^B C_B; dW = U^T V; only c^A, c^B (r x k
 each: 2 r k per module) train. In ``joint`` mode one c (r x k) drives both halves. ``UniversalBasis`` is
@@ -16,8 +15,9 @@ import torch
 from torch import nn
 
 from .core.errors import ZooError, check_choice
+from .core.registry import register
 from .core.replacement import Replacement
-from .core.technique import Technique, TensorSize
+from .core.technique import NO_PLAN, Plan, Technique, TensorSize
 from .export.spec import nested
 from .universal_basis import CONTROLS, Projection, load_basis, project_adapter
 
@@ -89,6 +89,7 @@ class UniversalBasisLoRA(Replacement):
                 f"tied={self.tied}")
 
 
+@register("universal_basis", version=1)
 @dataclass(eq=False, repr=False)
 class UniversalBasis(Technique):
     """Spec: each target becomes ``UniversalBasisLoRA`` over the module's frozen basis from ``basis``.
@@ -150,7 +151,8 @@ class UniversalBasis(Technique):
         return sizes | {n: TensorSize(tuple(t.shape), "buffer") for n, t in
                         (("mean_A", mean_A), ("mean_B", mean_B), ("components_A", C_A), ("components_B", C_B))}
 
-    def build(self, name: str, module: nn.Module, stats=None) -> UniversalBasisLoRA:
+    def build(self, name: str, module: nn.Module, stats=None,
+              plan: Plan = NO_PLAN) -> UniversalBasisLoRA:
         mb, bases = self._module_basis(name, module)
         coef_A = coef_B = None
         if self._init is not None:

@@ -1,10 +1,12 @@
 """Repair-state I/O: trainable tensors only, in safetensors, with a JSON header (ZOMBORG, source 000,
 section 2.4: repair states shrink checkpoints from >10 GB to ~1 MB).
 
-The header names each part's spec class and init args, and the teacher. Loading checks these against the
-running student, so a state written for another technique, rank or target set is refused with a message
-saying what differs. (States written before the header keyed on parts also name the LightningModule class
-under ``technique``; that entry is not checked, so they still load.)
+The header names each part's spec (its registered name and version, ``zoo.core.registry``) and init args, and
+the teacher. Loading checks these against the running student, so a state written for another technique, rank
+or target set is refused with a message saying what differs; a state naming its spec by class path (written
+before the registry) is read through the registry's table of those paths. (States written before the header
+keyed on parts also name the LightningModule class under ``technique``; that entry is not checked, so they
+still load.)
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from safetensors.torch import load_file
 
 from .cache import atomic_save
 from .errors import ZooError
+from .registry import canonical_parts
 
 FORMAT = "repair_state/1"
 #: the one tensor of a state with nothing trained: safetensors 0.4 writes an empty file it cannot read back
@@ -60,8 +63,6 @@ def check_header(path: str | Path, expect: dict | None = None) -> dict:
     for key, want in (expect or {}).items():
         have = header.get(key)
         if key == "parts":  # an option a spec gained later, at its default, is no difference
-            from .technique import canonical_parts
-
             have, want = canonical_parts(have), canonical_parts(want)
         if have != want:
             raise ZooError(

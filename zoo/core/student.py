@@ -4,9 +4,10 @@ sections 2.1-2.4: project, then repair; the repair's trainable tensors are all a
 ``Student(parts, teacher)`` loads the teacher once (after checking every part's targets on the weightless
 architecture), resolves each part's targets (disjoint across parts), calibrates them (cached: one
 ``zoo.core.cache`` entry per target set and data), lets each part plan across its targets, builds and
-installs the replacements. Its ``header()`` and trainable tensors are what a repair state holds (written and
-read by ``zoo.core.module.RepairModule`` through ``zoo.core.state``). No Lightning here: the training side
-and the diagnostics hold a ``Student``.
+installs the replacements. The plans are the student's (``Student.plans``): a spec is the same before and after,
+so one spec builds students on different data. Its ``header()`` and trainable tensors are what a repair state
+holds (written and read by ``zoo.core.module.RepairModule`` through ``zoo.core.state``). No Lightning here: the
+training side and the diagnostics hold a ``Student``.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .plan import layer_of
 from .replacement import lr_scales_of, metrics_of, set_tracking
 from .sequential import LayerInputs, Unreplayable, decoder_layers
 from .surgery import replace, replaced_modules
-from .technique import NEEDS, Technique
+from .technique import NEEDS, NO_PLAN, Plan, Technique
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ def parts_header(parts: list[Technique], teacher: str, calibration: str = "once"
     """What a repair state records about the student that wrote it (and is checked on load): the parts, the
     teacher, and a sequential calibration (which changes the frozen factors the state's tensors fit)."""
     return {"parts": [p.describe() for p in parts], "teacher": teacher, "calibration": calibration}
+
+
+def as_plan(planned) -> Plan:
+    """A part's ``plan()`` result as a ``Plan`` (a spec may return a plain mapping, or None for nothing)."""
+    return planned if isinstance(planned, Plan) else Plan(planned) if planned else NO_PLAN
 
 
 class Student:
@@ -83,6 +89,7 @@ class Student:
             self.resolve_targets(load_causal_lm(META_PREFIX + teacher.removeprefix(RANDOM_PREFIX), dtype)[0])
         self.model, self.tokenizer = load_causal_lm(teacher, dtype)
         self.targets: dict[str, list[str]] = {}  # "<index>:<spec class>" -> replaced names, once built
+        self.plans: list[Plan] = []  # what each part's plan() decided over its targets, once built
         # sequential calibration's streams while building (False: this model's layers cannot be replayed)
         self._layer_inputs: LayerInputs | bool | None = None
         self._pending_ranks: dict[str, tuple[int, int]] = {}  # sequential calibration's, reported once at the end
@@ -131,8 +138,8 @@ class Student:
         stats = self.calibrate(resolved, calibration_loader, data_fingerprint, device,
                                for_plan=self.calibration == "sequential")
         claim(self.model)
-        for part, names in zip(self.parts, resolved):
-            part.plan({n: self.model.get_submodule(n) for n in names}, stats)
+        self.plans = [as_plan(part.plan({n: self.model.get_submodule(n) for n in names}, stats))
+                      for part, names in zip(self.parts, resolved)]
         groups = [resolved] if self.calibration == "once" else self.layer_groups(resolved)
         if self.calibration == "sequential":  # plan has read the teacher's; build reads each layer's own
             taps = {n for part, names in zip(self.parts, resolved) if "taps" in part.needs() for n in names}
@@ -142,9 +149,9 @@ class Student:
                 if self.calibration == "sequential":  # on what the compressed layers below now produce
                     stats = {**stats, **self.calibrate(group, calibration_loader, data_fingerprint, device,
                                                        sequential=True)}
-                for part, names in zip(self.parts, group):
-                    replace(self.model, names,
-                            lambda name, module, part=part: part.build(name, module, stats.get(name)), part.target_kind)
+                for part, plan, names in zip(self.parts, self.plans, group):
+                    replace(self.model, names, lambda name, module, part=part, plan=plan:
+                            part.build(name, module, stats.get(name), plan), part.target_kind)
                 if self.calibration == "sequential":  # built: one layer's statistics at a time stay in memory
                     stats = {n: st for n, st in stats.items() if all(n not in names for names in group)}
             self.report_pending()

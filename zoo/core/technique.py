@@ -10,6 +10,10 @@ mixing techniques is a longer list of specs.
 ``Technique`` itself is not a dataclass, so that LightningCLI/jsonargparse read ``parts: list[Technique]``
 as subclasses named by ``class_path``.
 
+``plan`` returns a ``Plan`` (what it decided across targets, before any is built: a rank per target, a shared
+frame) that the ``Student`` holds and hands to ``build``: a spec is configuration only and is the same before
+and after any number of students are built from it.
+
 ``footprint`` sizes a replacement from shapes alone (no weights, no statistics): ``zoo plan`` uses it
 to count parameters and memory of a recipe on a model it never loads.
 """
@@ -17,12 +21,16 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
 from torch import nn
 
 from .calibration import ActivationStats
 from .errors import ZooError
+from .registry import registered
 from .targets import find_targets
 
 #: statistics every calibration offers: "input" moments and "taps" (the streams of ``Technique.tap``); a
@@ -56,9 +64,46 @@ class TensorSize:
         return math.prod(self.shape)
 
 
+class Plan(Mapping[str, Any]):
+    """What ``Technique.plan`` decided across a spec's targets: {target: decision}, read-only. ``Plan()`` (empty)
+    for a spec that decides nothing across targets."""
+
+    __slots__ = ("_decisions",)
+
+    def __init__(self, decisions: Mapping[str, Any] | None = None):
+        object.__setattr__(self, "_decisions", MappingProxyType(dict(decisions or {})))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a Plan is read-only")
+
+    def __getitem__(self, target: str) -> Any:
+        return self._decisions[target]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decisions)
+
+    def __len__(self) -> int:
+        return len(self._decisions)
+
+    def __repr__(self) -> str:
+        return f"Plan({dict(self._decisions)!r})"
+
+    def require(self, target: str, spec: Technique) -> Any:
+        """The decision for ``target``, or a ZooError saying ``plan`` never saw it."""
+        if target not in self._decisions:
+            raise ZooError(f"{type(spec).__name__} has no planned decision for {target}: build it through a Student "
+                           "(which runs plan() over all of a spec's targets before the first build)")
+        return self._decisions[target]
+
+
+#: the plan of a spec that decides nothing across targets (and ``build``'s default outside a Student)
+NO_PLAN = Plan()
+
+
 class Technique:
     """Base class of technique specs; subclasses are ``@dataclass(eq=False)`` whose first field is
-    ``targets`` and whose ``__post_init__`` calls ``super().__post_init__()``.
+    ``targets`` and whose ``__post_init__`` calls ``super().__post_init__()``, registered under a stable name
+    with ``zoo.core.registry.register`` (the name repair states record).
 
     ``target_kind`` is what the spec's patterns match (``zoo.core.targets.TARGET_KINDS``).
     """
@@ -112,9 +157,11 @@ class Technique:
         """Run-level numbers about the built student (e.g. its KV-cache size), added to the run's summary."""
         return {}
 
-    def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> None:
-        """Called once with all of this spec's targets before any is built: a hook for decisions made
-        across targets (e.g. a per-layer rank allocation under one budget). Default: nothing."""
+    def plan(self, modules: dict[str, nn.Module], stats: dict[str, ActivationStats]) -> Plan:
+        """Called once with all of this spec's targets before any is built: decisions made across targets
+        (e.g. a per-layer rank allocation under one budget), returned, never stored on the spec, so one spec
+        can build students on different data. Default: nothing decided."""
+        return NO_PLAN
 
     def plan_needs(self) -> set[str]:
         """The statistics ``plan`` reads. Under sequential calibration they are the only ones collected on the
@@ -127,12 +174,14 @@ class Technique:
         Default: all of ``needs()``; a spec whose ``plan`` alone reads some leaves them out."""
         return self.needs()
 
-    def build(self, name: str, module: nn.Module, stats: ActivationStats | None) -> nn.Module:
-        """The replacement for target ``name``; its trainable tensors have ``requires_grad=True``."""
+    def build(self, name: str, module: nn.Module, stats: ActivationStats | None,
+              plan: Plan = NO_PLAN) -> nn.Module:
+        """The replacement for target ``name``; its trainable tensors have ``requires_grad=True``. ``plan`` is
+        what ``plan`` returned over all of the spec's targets."""
         raise NotImplementedError
 
     def footprint(self, name: str, module: nn.Module) -> dict[str, TensorSize]:
-        """The tensors ``build(name, module, stats)`` would create, from shapes alone: {name in the
+        """The tensors ``build(name, module, stats, plan)`` would create, from shapes alone: {name in the
         replacement (as ``named_parameters``/``named_buffers`` give it): TensorSize}.
 
         ``module`` may live on the meta device; no statistics are available, so a size that data
@@ -153,34 +202,14 @@ class Technique:
         return {k: getattr(self, k) for k in params if k != "self" and hasattr(self, k)}
 
     def describe(self) -> dict:
+        """What a repair state's header records of this spec: its registered name and version (an unregistered
+        spec: its class path) and its options."""
         cls = type(self)
-        return {"technique": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.init_args()}
+        mark = registered(cls)
+        ident = {"technique": mark.name, "version": mark.version} if mark else \
+            {"technique": f"{cls.__module__}.{cls.__qualname__}"}
+        return {**ident, "init_args": self.init_args()}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.init_args().items())
         return f"{type(self).__name__}({args})"
-
-
-def canonical_parts(parts) -> list:
-    """Described parts (``Technique.describe()`` dicts) as a state check compares them: each spec named by where
-    its class lives now (a state written before a spec moved names the module that still re-exports it), and
-    without the options that equal the spec's default (a state written before a spec gained an option, at its
-    default, still matches). A spec class that cannot be imported is left as it is."""
-    import dataclasses
-    import importlib
-
-    if not isinstance(parts, list):
-        return parts
-    out = []
-    for part in parts:
-        module, _, name = str(part.get("technique", "")).rpartition(".") if isinstance(part, dict) else ("", "", "")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-            defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init
-                        and f.default is not dataclasses.MISSING}
-        except (ImportError, AttributeError, TypeError, ValueError):
-            out.append(part)
-            continue
-        args = {k: v for k, v in part.get("init_args", {}).items() if not (k in defaults and defaults[k] == v)}
-        out.append({**part, "technique": f"{cls.__module__}.{cls.__qualname__}", "init_args": args})
-    return out
