@@ -28,7 +28,7 @@ from .metrics import TokenMean, TokenPerplexity
 from .models import DEFAULT_TEACHER
 from .prefix import SUPPORTED_MODEL_TYPES, SharedPrefix, decoder_layers
 from .repair import Heldout, RepairLoop
-from .state import _short, check_header, load_into, load_state, save_state
+from .state import _short, check_header, load_into, load_state, mismatch, save_state
 from .student import CALIBRATIONS, Student, parts_header
 from .surgery import replaced_modules, teacher_view
 from .technique import Technique
@@ -180,7 +180,7 @@ class RepairModule(RepairLoop, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         have, want = checkpoint.get("zoo_header"), self.header()
-        if have != want:
+        if mismatch(have, want) is not None:
             raise ZooError(f"the resume checkpoint was written by another recipe: {_short(have)}; this run is "
                            f"{_short(want)}")
         self.summary.update(checkpoint.get("zoo_summary", {}))

@@ -60,16 +60,25 @@ HEADER_DEFAULTS = {"calibration": "once"}
 def check_header(path: str | Path, expect: dict | None = None) -> dict:
     """The header of ``path``; with ``expect``, every key of it must equal the stored header's value."""
     header = {**HEADER_DEFAULTS, **read_header(path)}
+    key = mismatch(header, expect)
+    if key is not None:
+        raise ZooError(f"repair state {str(path)!r} does not match this run: its {key} is {_short(header.get(key))}, "
+                       f"this run's is {_short(expect[key])}")
+    return header
+
+
+def mismatch(header: dict | None, expect: dict | None) -> str | None:
+    """The first key of ``expect`` whose value ``header`` does not have (None: they agree). Parts compare as
+    ``canonical_parts``: a registered name or its legacy class path, an option a spec gained later at its
+    default, are no difference."""
+    header = {**HEADER_DEFAULTS, **(header or {})}
     for key, want in (expect or {}).items():
         have = header.get(key)
-        if key == "parts":  # an option a spec gained later, at its default, is no difference
+        if key == "parts":
             have, want = canonical_parts(have), canonical_parts(want)
         if have != want:
-            raise ZooError(
-                f"repair state {str(path)!r} does not match this run: its {key} is {_short(have)}, "
-                f"this run's is {_short(want)}"
-            )
-    return header
+            return key
+    return None
 
 
 def load_state(path: str | Path, expect: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
