@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import lightning  # noqa: F401 - its log handlers bind sys.stderr when imported: here, not to one test's capture
 import pytest
 import torch
 
