@@ -1,6 +1,8 @@
 """Every technique on every model family the zoo is used on (tests/families.py: tiny random-init teachers).
 
-Each cell builds the student from the family's checkpoint directory, as ``zoo fit`` would, and checks that
+A technique's setting is its first row in the contract matrix (tests/techniques.py), aimed at the family's
+attention or MLP input maps (Phi-3's fused ``qkv_proj`` and ``gate_up_proj``) or its attention blocks, so a
+new technique needs no line here. Each cell builds the student from the family's checkpoint directory, as ``zoo fit`` would, and checks that
 the replaced modules are the targets, ``zoo plan``'s trainable count (from the meta model) is the built
 student's, and the student's forward is finite and differs from its teacher's. EigenAttention is refused by
 name on the attention families it does not support. ``EXPORTS`` writes and reloads students of the other
@@ -13,32 +15,20 @@ import torch
 
 import zoo
 from families import EIGEN_FAMILIES, FAMILIES, save_basis, save_family_teacher, save_perturbed, targets
-from techniques import batches, lm_logits, logits, reloads_with_the_same_logits
-from zoo import (BlockwisePHD, CoupledCore, DistillationModule, EigenAttention, FisherSVD, KFACSVD, LoRA, Quantize,
-                 TASECoupledCore, Transplant, UniversalBasis)
+from techniques import FROZEN, TECHNIQUES, batches, lm_logits, logits, reloads_with_the_same_logits
+from zoo import DistillationModule, FisherSVD
 from zoo.core.errors import ZooError
 from zoo.core.models import META_PREFIX, load_causal_lm
 from zoo.core.plan import plan_student
 from zoo.core.surgery import replaced_modules
 
-#: technique -> (spec, options); "{role}" is the family's target of that role (families.TARGETS), "{source}"
-#: a perturbed copy of the teacher, "{basis}" a universal basis over the family's attn_in maps
-ROWS = {
-    "fisher_svd": (FisherSVD, dict(targets=["{mlp_in}", "{down}"], rank=8)),
-    "kfac_svd": (KFACSVD, dict(targets="{mlp_in}", rank=8)),
-    "blockwise_phd": (BlockwisePHD, dict(targets="{mlp_in}", rank=8, block=16)),
-    "coupled_core": (CoupledCore, dict(targets="{mlp_in}", rank=8, shim_rank=2, block=16)),
-    "tase_coupled_core": (TASECoupledCore, dict(targets="{mlp_in}", rank=8, block=16, expansion=2, k=8)),
-    "eigen_attention": (EigenAttention, dict(targets="{attention}", k_keys=8, k_values=12)),
-    "lora": (LoRA, dict(targets="{attn_in}", rank=4)),
-    "quantize": (Quantize, dict(targets="{attn_in}", bits=4, group=16)),
-    "universal_basis": (UniversalBasis, dict(basis="{basis}", k=2)),
-    "transplant": (Transplant, dict(targets="{mlp_in}", source="{source}", bits_per_weight=4.25)),
-}
-#: rows whose freshly built student is its teacher (a zero LoRA update, basis coefficients not yet trained)
+#: one setting per technique: the first row of each spec in the contract matrix
+FIRST: dict[type, str] = {}
+for _name, _row in TECHNIQUES.items():
+    FIRST.setdefault(_row[0], _name)
+ROWS = {name: TECHNIQUES[name][:2] for name in FIRST.values()}
+#: rows whose freshly built student is its teacher (a zero LoRA update)
 STARTS_AT_TEACHER = {"lora"}
-#: rows with nothing to train
-FROZEN = {"transplant"}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +41,7 @@ def family_sources(tmp_path_factory, tiny_teacher_dir):
             tmp = tmp_path_factory.mktemp(family)
             teacher = tiny_teacher_dir if family == "llama" else save_family_teacher(family, tmp / "teacher")
             roles = {f"{{{role}}}": pattern for role, pattern in targets(family).items()}
-            made[family] = {"teacher": teacher, "{source}": save_perturbed(teacher, tmp / "perturbed"),
+            made[family] = {"teacher": teacher, "{perturbed}": save_perturbed(teacher, tmp / "perturbed"),
                             "{basis}": save_basis(teacher, roles["{attn_in}"], tmp / "basis"), **roles}
         return made[family]
 
@@ -59,14 +49,16 @@ def family_sources(tmp_path_factory, tiny_teacher_dir):
 
 
 def spec(row: str, sources: dict[str, str]):
+    """The row's spec on the family: its targets the family's attention blocks, its attention input maps (a
+    row on attention projections) or its MLP input maps (any other row), one role so coupled cores share
+    one width."""
     cls, options = ROWS[row]
-
-    def fill(value):
-        if isinstance(value, list):
-            return [fill(v) for v in value]
-        return sources.get(value, value) if isinstance(value, str) else value
-
-    return cls(**{k: fill(v) for k, v in options.items()})
+    options = {k: sources.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
+    if "targets" in options:
+        role = "attention" if cls.target_kind == "attention" else \
+            "attn_in" if "self_attn" in str(options["targets"]) else "mlp_in"
+        options["targets"] = sources[f"{{{role}}}"]
+    return cls(**options)
 
 
 def build(row: str, sources: dict[str, str]) -> DistillationModule:
@@ -119,9 +111,15 @@ def test_students_of_other_families_export_and_reload(family, row, family_source
 
 
 def test_a_fused_projection_export_loads_in_transformers_alone(family_sources, tmp_path):
+    """Both fused maps of every layer factorized, exported, and run by transformers' remote code alone."""
     from test_export import run_standalone
 
-    module = build("fisher_svd", family_sources("phi3"))
+    sources = family_sources("phi3")
+    module = DistillationModule(parts=[FisherSVD([sources["{attn_in}"], sources["{mlp_in}"]], rank=8)],
+                                teacher=sources["teacher"])
+    module.build_student(batches(), data_fingerprint="families")
+    assert sorted(replaced_modules(module.model)) == [f"model.layers.{i}.{m}" for i in range(2)
+                                                      for m in ("mlp.gate_up_proj", "self_attn.qkv_proj")]
     out = reloads_with_the_same_logits(module, tmp_path / "export")
     ids = batches(1, seed=4)[0]["input_ids"]
     expected = lm_logits(module.model, ids)
