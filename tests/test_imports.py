@@ -52,12 +52,11 @@ def test_every_command_parser_builds():
 
 
 def test_names_of_lazy_packages_resolve():
-    import callbacks
     import recipes
     import zoo
     import zoo.core
 
-    for package in (zoo, zoo.core, recipes, callbacks):
+    for package in (zoo, zoo.core, recipes):
         for name in package.__all__:
             assert getattr(package, name) is not None, (package.__name__, name)
     assert zoo.FisherSVD.__module__ == "zoo.fisher_svd"
