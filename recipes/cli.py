@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import warnings
-
 from typing import TYPE_CHECKING
 
 from jsonargparse import ArgumentError
