@@ -16,22 +16,37 @@ import os
 import signal
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
 from jsonargparse import ArgumentError
 
-from callbacks.resume import STOP
 from zoo.core.errors import ZooError
-from zoo.core.module import RepairModule
 
 from .command import COMMANDS, LIGHTNING_COMMANDS, end_wandb_run, run_command, usage
-from .data import TokenDataModule
-from .lightning_cli import SaveConfigOnStart, ZooCLI, default_logger, name_default_logger  # noqa: F401 - re-exported
+
+if TYPE_CHECKING:
+    from .lightning_cli import ZooCLI
+
+# Lightning, the DataModules and the techniques are imported by the command that runs, not here: ``zoo --help``
+# and ``zoo plan --help`` print without them.
+_LIGHTNING_CLI = ("SaveConfigOnStart", "ZooCLI", "default_logger", "name_default_logger")
+
+
+def __getattr__(name: str):
+    """``recipes.cli.ZooCLI`` and the other names of ``recipes.lightning_cli``, imported on first use."""
+    if name in _LIGHTNING_CLI:
+        from . import lightning_cli
+
+        return getattr(lightning_cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def lightning_main(args: list[str] | None) -> None:
     # Ctrl-C and SIGTERM alike: during training, stop after the step in progress and write the resume
     # checkpoint (callbacks.resume.STOP); elsewhere, stop at once. Lightning's own SIGTERM handling would
     # exit with status 0 and no interrupt hooks.
+    from callbacks.resume import STOP
+
     failed = True
     STOP.armed, STOP.requested = False, None
     previous = {s: signal.signal(s, STOP.signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -47,6 +62,13 @@ def lightning_main(args: list[str] | None) -> None:
 
 
 def _lightning_cli(args: list[str] | None) -> ZooCLI:
+    from zoo.core.lazy import load_all
+    from zoo.core.module import RepairModule
+
+    from .data import TokenDataModule
+    from .lightning_cli import SaveConfigOnStart, ZooCLI, default_logger
+
+    load_all("zoo")  # jsonargparse finds a short ``class_path: FisherSVD`` among imported subclasses
     return ZooCLI(
         RepairModule,
         TokenDataModule,

@@ -14,9 +14,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jsonargparse import ActionConfigFile, ArgumentParser
-from lightning.pytorch.loggers import Logger
+
+if TYPE_CHECKING:  # imported where a parser or a logger is built: ``zoo --help`` needs no Lightning
+    from lightning.pytorch.loggers import Logger
 
 
 @dataclass(frozen=True)
@@ -99,17 +102,19 @@ def usage() -> str:
 def command_parser(name: str) -> ArgumentParser:
     """The parser of subcommand ``name``: its function's typed signature plus ``--config`` (and ``--data``,
     ``--logger`` where the registry says)."""
-    from .data import TokenDataModule
-
     command = COMMANDS[name]
     parser = ArgumentParser(prog=f"zoo {name}", exit_on_error=False, description=f"zoo {name}: {command.help}")
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
     skip = ({"data"} if command.data else set()) | ({"logger"} if command.logger else set())
     parser.add_function_arguments(command.function(), skip=skip, as_positional=command.positional)
     if command.data:
+        from .data import TokenDataModule
+
         parser.add_subclass_arguments(TokenDataModule, "data", required=command.data == "required")
         parser.link_arguments("teacher", "data.init_args.teacher")
     if command.logger:
+        from lightning.pytorch.loggers import Logger
+
         parser.add_argument("--logger", type=Logger | bool | None, default=True,
                             help="a Lightning logger (class_path/init_args); true: W&B offline in output_dir; "
                                  "false/null: none")

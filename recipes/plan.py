@@ -14,12 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from zoo.core import plan as zp
 from zoo.core.errors import ZooError
-from zoo.core.models import META_PREFIX, parse_dtype
-
-from .recipe import load_recipe
-from .report import Outputs
 
 
 def plan_recipe(
@@ -50,6 +45,13 @@ def plan_recipe(
         overrides: extra recipe options, e.g. ``['--model.init_args.parts.rank', '32']``.
         output: the JSON path (default: ``runs/plan/<recipe>-<model>.json``).
     """
+    # here, not at the top: ``zoo plan --help`` reads only this signature, and these import torch
+    from zoo.core import plan as zp
+    from zoo.core.models import META_PREFIX, parse_dtype
+
+    from .recipe import load_recipe
+    from .report import Outputs
+
     extra = list(overrides or [])
     if model:
         extra += ["--model.init_args.teacher", model]

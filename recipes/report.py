@@ -7,12 +7,14 @@ import json
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
-
-from lightning.pytorch.loggers import Logger
+from typing import TYPE_CHECKING
 
 from zoo.core.cache import atomic_write_text
 
 from .command import finish_logger
+
+if TYPE_CHECKING:  # a hint only: Lightning takes seconds to import
+    from lightning.pytorch.loggers import Logger
 
 
 def fmt(value, spec: str) -> str:

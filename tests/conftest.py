@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import lightning  # noqa: F401 - its log handlers bind sys.stderr when imported: here, not to one test's capture
 import pytest
 import torch
 
@@ -82,14 +83,9 @@ def tiny_teacher_dir(tmp_path_factory) -> str:
 def perturbed_teacher_dir(tmp_path_factory, tiny_teacher_dir) -> str:
     """The tiny teacher's safetensors with every weight moved (no config, no tokenizer): a ``zoo.Transplant``
     source whose student differs from the teacher."""
-    from safetensors.torch import load_file, save_file
+    from families import save_perturbed
 
-    out = tmp_path_factory.mktemp("perturbed_teacher")
-    g = torch.Generator().manual_seed(7)
-    for file in Path(tiny_teacher_dir).glob("*.safetensors"):
-        tensors = load_file(str(file))
-        save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in tensors.items()}, str(out / file.name))
-    return str(out)
+    return save_perturbed(tiny_teacher_dir, tmp_path_factory.mktemp("perturbed_teacher"))
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,12 @@
 """The contract every technique keeps, run over all of them (a matrix like PEFT's TEST_CASES).
 
-For each technique: the built replacements hold exactly the tensors ``footprint`` names (shape, role, dtype
-kind) and ``zoo plan``'s counts equal the built student's; a full-rank / identity setting reproduces the
-teacher's logits; a repair state round-trips bit-exactly; and the spec works as one part of a mix.
+For each technique setting (tests/techniques.py): the built replacements hold exactly the tensors ``footprint``
+names (shape, role, dtype kind) and ``zoo plan``'s counts equal the built student's; a full-rank / identity
+setting reproduces the teacher's logits; a repair state round-trips bit-exactly; the spec works as one part of
+a mix; and the trained student exports and reloads with its logits. test_families.py runs every technique on
+the other model families.
 
-A new technique adds one row to ``TECHNIQUES`` (see docs/guides/new-technique.md).
+A new technique adds one row to ``tests/techniques.TECHNIQUES`` (see docs/guides/new-technique.md).
 """
 from __future__ import annotations
 
@@ -12,68 +14,15 @@ import pytest
 import torch
 
 import zoo
-from zoo import (BlockwisePHD, CoupledCore, DistillationModule, EigenAttention, FisherSVD, KFACSVD, LoRA, Quantize,
-                 TASECoupledCore, Transplant, UniversalBasis)
+from families import save_basis
+from techniques import FROZEN, TECHNIQUES, batches, logits, reloads_with_the_same_logits
+from zoo import DistillationModule, FisherSVD
 from zoo.core.models import META_PREFIX, load_causal_lm
 from zoo.core.plan import plan_student
 from zoo.core.surgery import export_student, replaced_modules
 
-DOWN = "model.layers.{0..1}.mlp.down_proj"
-ATTN = "model.layers.*.self_attn"
-
-
-def _zero_deltas(module):
-    """UniversalBasis's identity setting: zero means and coefficients, so dW = 0."""
-    with torch.no_grad():
-        for wrapper in replaced_modules(module.model).values():
-            for t in [*wrapper.replacement.parameters(recurse=False), *wrapper.replacement.buffers(recurse=False)]:
-                t.zero_()
-
-
-#: name -> (spec options, full-rank/identity options or None to reuse them, hook making the identity setting)
-TECHNIQUES = {
-    "fisher_svd": (FisherSVD, dict(targets=DOWN, rank=8), dict(targets=DOWN, rank=64, weighting="none"), None),
-    "fisher_svd_ratio_factors": (FisherSVD, dict(targets="model.layers.*.self_attn.{q,o}_proj", rank=0.25,
-                                                 train_factors=True, weighting="diagonal"), None, None),
-    "fisher_svd_factor_lora": (FisherSVD, dict(targets=DOWN, rank=8, factor_lora=2),
-                               dict(targets=DOWN, rank=64, weighting="none", factor_lora=2), None),
-    "kfac_svd": (KFACSVD, dict(targets=DOWN, rank=8), dict(targets=DOWN, rank=64), None),
-    "kfac_svd_factor_lora": (KFACSVD, dict(targets=DOWN, rank=8, factor_lora=3, train_factors=True), None, None),
-    "fisher_svd_factor_bits": (FisherSVD, dict(targets="model.layers.*.self_attn.{q,o}_proj", rank=8, factor_bits=4,
-                                                factor_group=32), None, None),
-    "kfac_svd_factor_bits": (KFACSVD, dict(targets=DOWN, rank=8, factor_bits=3, factor_group=16), None, None),
-    "blockwise_phd": (BlockwisePHD, dict(targets=DOWN, rank=8, block=16),
-                      dict(targets=DOWN, rank=128, rank_out=64, block=16), None),
-    "blockwise_phd_transform": (BlockwisePHD, dict(targets="model.layers.1.mlp.up_proj", rank=16, rank_out=24,
-                                                   block=32, compute="transform"), None, None),
-    "coupled_core_shims": (CoupledCore, dict(targets=DOWN, rank=8, shim_rank=2, block=16),
-                           dict(targets=DOWN, rank=128, rank_out=64, shim_rank=2, block=16), None),
-    "coupled_core_phd_input": (CoupledCore, dict(targets="model.layers.{0..1}.mlp.up_proj", rank=16,
-                                                 residual_side="input", residual_frame="phd", block=16), None, None),
-    "tase_coupled_core": (TASECoupledCore, dict(targets=DOWN, rank=8, block=16, expansion=2, k=8),
-                          dict(targets=DOWN, rank=128, rank_out=64, block=16, expansion=2), None),
-    "eigen_attention": (EigenAttention, dict(targets=ATTN, k_keys=8, k_values=12), dict(targets=ATTN, k=16), None),
-    "lora": (LoRA, dict(targets="model.layers.*.self_attn.{q,v}_proj", rank=4), None, None),
-    "quantize": (Quantize, dict(targets=DOWN, bits=4, group=16),
-                 dict(targets=DOWN, bits=8, group=16, correction=64), None),
-    "quantize_hadamard_correction": (Quantize, dict(targets="model.layers.*.self_attn.{q,o}_proj", bits=3, group=32,
-                                                    symmetric=True, hadamard=True, block=16, correction=4, clip=True),
-                                     dict(targets="model.layers.*.self_attn.{q,o}_proj", bits=2, group=32,
-                                          hadamard=True, block=16, correction=64, rounding="nearest"), None),
-    "universal_basis": (UniversalBasis, dict(basis="{basis}", k=2), None, _zero_deltas),
-    "transplant": (Transplant, dict(targets=DOWN, source="{perturbed}", bits_per_weight=4.25),
-                   dict(targets=DOWN, source="{teacher}"), None),
-}
-#: rows whose student has nothing to train (a repair has nothing to move)
-FROZEN = {"transplant"}
-#: a second part on targets no row above uses, for the mixing check
+#: a second part on targets no row uses, for the mixing check
 OTHER = FisherSVD("model.layers.0.mlp.gate_proj", rank=4, weighting="none")
-
-
-def batches(n=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(3, 380, (2, 32), generator=g), "attention_mask": torch.ones(2, 32, dtype=torch.long),
-             "loss_mask": torch.ones(2, 32, dtype=torch.long)} for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -84,15 +33,7 @@ def sources(basis_file, perturbed_teacher_dir, tiny_teacher_dir):
 
 @pytest.fixture(scope="module")
 def basis_file(tmp_path_factory, tiny_teacher_dir):
-    from test_universal_basis import random_adapter
-    from zoo.universal_basis import DeltaBank, extract_basis
-
-    tmp = tmp_path_factory.mktemp("contract_basis")
-    model = load_causal_lm(tiny_teacher_dir)[0]
-    names = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in ("q", "v")]
-    shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in names}
-    bank = DeltaBank([random_adapter(tmp / f"a{i}", shapes, seed=i) for i in range(3)])
-    return str(extract_basis(bank, "separate").save(tmp / "basis.safetensors"))
+    return save_basis(tiny_teacher_dir, "model.layers.*.self_attn.{q,v}_proj", tmp_path_factory.mktemp("contract_basis"))
 
 
 def spec(name, sources, full=False):
@@ -105,11 +46,6 @@ def built(parts, teacher, dtype="float32"):
     module = DistillationModule(parts=parts, teacher=teacher, dtype=dtype)
     module.build_student(batches(), data_fingerprint="contract")
     return module
-
-
-def logits(module, ids):
-    with torch.no_grad():
-        return module(ids).float()
 
 
 def kind(t: torch.Tensor, model_dtype: torch.dtype) -> str:
@@ -187,6 +123,11 @@ def test_works_as_one_part_of_a_mix(name, sources, tiny_teacher_dir):
     assert sorted(replaced_modules(mixed.model)) == sorted([*part.resolve(mixed.model), *other.resolve(mixed.model)])
     ids = batches(1, seed=5)[0]["input_ids"]
     assert torch.isfinite(logits(mixed, ids)).all()
+
+
+@pytest.mark.parametrize("name", list(TECHNIQUES))
+def test_trained_student_exports_and_reloads_with_its_logits(name, sources, tiny_teacher_dir, tmp_path):
+    reloads_with_the_same_logits(built([spec(name, sources)], tiny_teacher_dir), tmp_path / "export")
 
 
 def test_every_exported_technique_is_in_the_matrix():

@@ -1,6 +1,6 @@
-"""zoo export (issue 15): every exportable technique reloads with the in-zoo student's logits, through
-``zoo.from_pretrained`` and through transformers' remote code in a process that cannot import the zoo;
-merge folds size-keeping repairs into a plain checkpoint. Tiny in-process teachers, CPU, seconds."""
+"""zoo export (issue 15): a trained student reloads with its logits through ``zoo.from_pretrained`` (every
+technique: the export column of test_contract.py) and through transformers' remote code in a process that cannot
+import the zoo; merge folds size-keeping repairs into a plain checkpoint. Tiny in-process teachers, CPU, seconds."""
 from __future__ import annotations
 
 import json
@@ -13,87 +13,34 @@ import torch
 from safetensors import safe_open
 
 import zoo
-from zoo import (BlockwisePHD, Composite, CoupledCore, EigenAttention, FisherSVD, LoRA, Quantize, TASECoupledCore,
-                 UniversalBasis, export_model, export_student)
+from techniques import TECHNIQUES, batches, reloads_with_the_same_logits
+from techniques import lm_logits as logits
+from techniques import perturb as move
+from zoo import (BlockwisePHD, Composite, EigenAttention, FisherSVD, LoRA, TASECoupledCore, UniversalBasis, export_model,
+                 export_student)
 from zoo_cli import repair
 from zoo.core.errors import ZooError
 
 MLP = "model.layers.{0..1}.mlp.down_proj"
 
 
-def batches(n=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(3, 380, (2, 32), generator=g), "attention_mask": torch.ones(2, 32, dtype=torch.long),
-             "loss_mask": torch.ones(2, 32, dtype=torch.long)} for _ in range(n)]
-
-
 def built(cls, teacher, perturb=True, **kwargs):
     module = cls(teacher=teacher, **kwargs) if cls is Composite else repair(cls, teacher=teacher, **kwargs)
     module.build_student(batches(), data_fingerprint="test")
     if perturb:  # a trained student, not its initialization: the export must carry the trained tensors
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in module.trainable_parameters().values():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05 * (p.abs().mean() + 1e-3))
+        move(module)
     return module
 
 
-TECHNIQUES = {
-    "fisher_svd": (FisherSVD, dict(targets=MLP, rank=8)),
-    "fisher_svd_all": (FisherSVD, dict(targets=["model.layers.*.self_attn.{q,k,v,o}_proj",
-                                                      "model.layers.*.mlp.{gate,up,down}_proj"], rank=0.5)),
-    "phd_rows": (BlockwisePHD, dict(targets=MLP, rank=8, block=16, compute="rows")),
-    "phd_transform_pad": (BlockwisePHD, dict(targets="model.layers.*.mlp.up_proj", rank=8, block=256,
-                                                   fit="pad", compute="transform")),
-    "coupled_shims": (CoupledCore, dict(targets=MLP, rank=8, shim_rank=2)),
-    "coupled_phd_residual": (CoupledCore, dict(targets=MLP, rank=8, residual_frame="phd", block=16,
-                                                     compute="transform")),
-    "tase_output": (TASECoupledCore, dict(targets=MLP, rank=8, block=16, expansion=2, k=8)),
-    "tase_input": (TASECoupledCore, dict(targets="model.layers.{0..1}.mlp.up_proj", rank=8, block=16,
-                                           residual_side="input", expansion=2, tase_init="random")),
-    "lora": (LoRA, dict(targets="model.layers.*.self_attn.{q,v}_proj", rank=4)),
-    "quantize_int4": (Quantize, dict(targets=MLP, bits=4, group=48)),
-    "fisher_svd_factor_bits": (FisherSVD, dict(targets="model.layers.*.self_attn.{q,o}_proj", rank=8, factor_bits=4,
-                                                factor_group=32)),
-    "quantize_int3_hadamard_correction": (Quantize, dict(targets="model.layers.*.mlp.{gate,up}_proj", bits=3, group=64,
-                                                         symmetric=True, hadamard=True, block=32, correction=4)),
-    "eigen_attention": (EigenAttention, dict(targets="model.layers.*.self_attn", k_keys=8, k_values=12)),
-    "composite": (Composite, dict(parts=[FisherSVD(MLP, rank=8), EigenAttention("model.layers.1.self_attn", k=8),
-                                         BlockwisePHD("model.layers.0.self_attn.o_proj", rank=8, block=16)])),
-}
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-@pytest.mark.parametrize("name", sorted(TECHNIQUES))
-def test_export_reloads_with_the_students_logits(name, tiny_teacher_dir, tmp_path):
-    cls, kwargs = TECHNIQUES[name]
-    module = built(cls, tiny_teacher_dir, **kwargs)
-    ids = batches(1, seed=3)[0]["input_ids"]
-    expected = logits(module.model, ids)
-    out = export_model(module, tmp_path / "export")
-    config = json.loads((out / "config.json").read_text())
-    block = config["zoo"]
-    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_zoo.ZooForCausalLM"}
-    assert set(block["modules"]) == set(sum(module.targets.values(), []))
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        keys = set(f.keys())
-    assert not any(".original." in k or ".replacement." in k for k in keys)
-    for target, entry in block["modules"].items():
-        assert {f"{target}.{t}" for t in entry["tensors"]} <= keys
-        if entry["module"] == "linear":  # the dense original of a replaced map is not shipped
-            assert f"{target}.weight" not in keys
-    loaded = zoo.from_pretrained(out)
-    got = logits(loaded, ids)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
-    assert not torch.allclose(expected, logits(built(cls, tiny_teacher_dir, perturb=False, **kwargs).model, ids))
+def test_a_mix_of_techniques_exports_and_reloads(tiny_teacher_dir, tmp_path):
+    module = built(Composite, tiny_teacher_dir, perturb=False, parts=[
+        FisherSVD(MLP, rank=8), EigenAttention("model.layers.1.self_attn", k=8),
+        BlockwisePHD("model.layers.0.self_attn.o_proj", rank=8, block=16)])
+    reloads_with_the_same_logits(module, tmp_path / "export")
 
 
 def test_compressed_export_is_smaller_than_the_teacher(tiny_teacher_dir, tmp_path):
-    module = built(FisherSVD, tiny_teacher_dir, **TECHNIQUES["fisher_svd_all"][1])
+    module = built(FisherSVD, tiny_teacher_dir, **TECHNIQUES["fisher_svd_all_but_one"][1])
     out = export_model(module, tmp_path / "export")
     summary = json.loads((out / "config.json").read_text())["zoo"]["summary"]
     teacher_bytes = sum(p.numel() * 4 for p in torch.nn.Module.parameters(zoo.load_causal_lm(tiny_teacher_dir)[0]))
@@ -131,10 +78,11 @@ def run_standalone(path, ids, tmp_path):
     return torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("name", ["fisher_svd", "phd_transform_pad", "coupled_shims", "tase_output", "lora",
-                                  "eigen_attention", "quantize_int3_hadamard_correction"])
+@pytest.mark.parametrize("name", ["fisher_svd", "blockwise_phd_transform_pad", "coupled_core_shims_default_block",
+                                  "tase_coupled_core", "lora", "eigen_attention",
+                                  "quantize_mlp_in_hadamard_correction"])
 def test_export_loads_with_transformers_alone(name, tiny_teacher_dir, tmp_path):
-    cls, kwargs = TECHNIQUES[name]
+    cls, kwargs = TECHNIQUES[name][:2]
     module = built(cls, tiny_teacher_dir, **kwargs)
     ids = batches(1, seed=4)[0]["input_ids"]
     expected = logits(module.model, ids)
@@ -195,7 +143,7 @@ def test_merge_of_a_compressed_or_nonlinear_student_is_refused(tiny_teacher_dir,
     module = built(FisherSVD, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1])
     with pytest.raises(ZooError, match=r"--merge refused: merging would undo the compression.*FisherSVDLinear"):
         export_model(module, tmp_path / "m", merge=True)
-    module = built(TASECoupledCore, tiny_teacher_dir, **TECHNIQUES["tase_output"][1])
+    module = built(TASECoupledCore, tiny_teacher_dir, **TECHNIQUES["tase_coupled_core"][1])
     with pytest.raises(ZooError, match="not an affine map"):
         export_model(module, tmp_path / "m", merge=True)
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.tmp*"))

@@ -87,7 +87,7 @@ def test_every_legacy_class_path_resolves_through_the_registry():
 
 
 def test_every_registered_technique_has_a_row_in_the_contract_matrix():
-    from test_contract import TECHNIQUES
+    from techniques import TECHNIQUES
 
     assert set(REGISTRY.values()) <= {row[0] for row in TECHNIQUES.values()}
 

@@ -1,24 +1,23 @@
-"""zoo: trainable structured replacements for the linear maps of causal LMs, repaired by distillation."""
-from .core import (ActivationStats, Composite, DistillationModule, RepairModule, Replaced, Replacement, Student,
-                   Technique, ZooError, export_student, find_targets, load_causal_lm, replace, teacher_view, token_kl)
-from .coupled import CoupledCore, Shim, ShimmedLinear
-from .eigen_attention import EigenAttention, EigenAttentionLayer
-from .fisher_svd import FisherSVD, FisherSVDLinear
-from .phd import BlockwisePHD, BlockwisePHDLinear
-from .lora import LoRA
-from .universal_basis_lora import UniversalBasis, UniversalBasisLoRA
-from .tase import TASECoupledCore, TASEInterface
-from .tase_diagnostic import TASEDiagnostic
-from .kfac import KFACSVD
-from .quant import Quantize, QuantizedLinear
-from .transplant import Transplant, TransplantedLinear
-from .export import export_model, from_pretrained
+"""zoo: trainable structured replacements for the linear maps of causal LMs, repaired by distillation.
 
-__all__ = [
-    "ActivationStats", "Composite", "DistillationModule", "RepairModule", "Replaced", "Replacement", "Student",
-    "Technique", "ZooError", "export_student", "find_targets", "load_causal_lm", "replace", "teacher_view", "token_kl",
-    "FisherSVD", "FisherSVDLinear", "BlockwisePHD", "BlockwisePHDLinear",
-    "CoupledCore", "Shim", "ShimmedLinear", "LoRA", "UniversalBasis", "UniversalBasisLoRA",
-    "EigenAttention", "EigenAttentionLayer", "TASECoupledCore", "TASEDiagnostic", "TASEInterface",
-    "KFACSVD", "Quantize", "QuantizedLinear", "Transplant", "TransplantedLinear", "export_model", "from_pretrained",
-]
+Each name below is imported when first used (``zoo.core.lazy``): ``import zoo.core.errors`` costs no torch.
+"""
+from .core.lazy import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    ".core": ["ActivationStats", "Composite", "DistillationModule", "RepairModule", "Replaced", "Replacement",
+              "Student", "Technique", "ZooError", "export_student", "find_targets", "load_causal_lm", "replace",
+              "teacher_view", "token_kl"],
+    ".fisher_svd": ["FisherSVD", "FisherSVDLinear"],
+    ".phd": ["BlockwisePHD", "BlockwisePHDLinear"],
+    ".coupled": ["CoupledCore", "Shim", "ShimmedLinear"],
+    ".lora": ["LoRA"],
+    ".universal_basis_lora": ["UniversalBasis", "UniversalBasisLoRA"],
+    ".eigen_attention": ["EigenAttention", "EigenAttentionLayer"],
+    ".tase": ["TASECoupledCore", "TASEInterface"],
+    ".tase_diagnostic": ["TASEDiagnostic"],
+    ".kfac": ["KFACSVD"],
+    ".quant": ["Quantize", "QuantizedLinear"],
+    ".transplant": ["Transplant", "TransplantedLinear"],
+    ".export": ["export_model", "from_pretrained"],
+})

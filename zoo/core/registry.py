@@ -75,6 +75,10 @@ def registered(cls: type) -> Registered | None:
 
 def technique_class(name: str) -> type:
     """The spec class a header names: a registered name, a legacy class path, or an unregistered spec's path."""
+    if name not in REGISTRY:  # ``zoo`` imports its techniques on first use: a lookup by name needs them all
+        from .lazy import load_all
+
+        load_all("zoo")
     if name in REGISTRY:
         return REGISTRY[name]
     if name in LEGACY_CLASS_PATHS:

@@ -14,12 +14,16 @@ the defaults (no lr scales, no metrics). ``Replaced(original, replacement)`` is 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-import torchmetrics
 from torch import nn
 
 from .errors import ZooError
 from .linalg import FP32Params
+
+if TYPE_CHECKING:  # a hint only: torchmetrics costs seconds to import, and most replacements have no metric
+    import torchmetrics
 
 
 class Replacement(FP32Params):
