@@ -40,26 +40,18 @@ def test_the_readme_names_the_command_of_every_config():
     assert all(table[f] == "fit" for f in table if f.startswith("recipes/"))
 
 
-@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 @pytest.mark.parametrize("name", [f for f in shipped() if f.startswith("recipes/")])
 def test_recipe_parses_with_the_fit_parser(name, monkeypatch):
+    """``recipe_parser`` declares what ``zoo fit``'s parser does (trainer, model, data, the zoo's own options):
+    class paths and options checked, nothing built."""
     from recipes.data.modules import check_data_options
-    from recipes.lightning_cli import ZooCLI
-    from zoo.core.module import RepairModule
-
-    from recipes.data import TokenDataModule
-
-    class ParseOnly(ZooCLI):
-        def instantiate_classes(self):  # parsed and checked; no teacher, data or trainer is built
-            pass
+    from recipes.recipe import recipe_parser
 
     monkeypatch.chdir(ROOT)  # the paths inside a config are relative to the repository root
-    cli = ParseOnly(RepairModule, TokenDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                    args=["--config", str(CONFIGS / name)], run=False, auto_configure_optimizers=False,
-                    save_config_callback=None, parser_kwargs={"exit_on_error": False})
-    model, data = cli.config["model"], cli.config["data"]
+    config = recipe_parser().parse_args(["--config", str(CONFIGS / name)])
+    model, data = config["model"], config["data"]
     assert model["class_path"].startswith("zoo.") and model["init_args"]["teacher"]
-    assert data["init_args"]["teacher"] == model["init_args"]["teacher"]  # the link of ZooCLI's parser
+    assert data["init_args"]["teacher"] == model["init_args"]["teacher"]  # the link of the zoo's arguments
     check_data_options(**data["init_args"])
 
 

@@ -147,3 +147,14 @@ def test_a_written_state_names_its_parts_by_registered_name(tiny_teacher_dir, tm
     with safe_open(str(path), "pt") as f:
         parts = json.loads(f.metadata()["parts"])
     assert [(p["technique"], p["version"]) for p in parts] == [("fisher_svd", 1)]
+
+
+def test_a_name_resolves_before_any_technique_is_imported():
+    """``zoo`` imports its techniques on first use; a repair state's header names one before that."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from zoo.core.registry import REGISTRY, technique_class; empty = not REGISTRY; "
+            "cls = technique_class('fisher_svd'); print(empty, cls.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "FisherSVD"]
