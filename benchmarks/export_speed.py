@@ -20,9 +20,9 @@ Students, as the recipes build them (``configs/recipes/compress_svdllm.yaml`` wi
   modeling code, without writing 5 GB to disk.
 
 Measured per model, dtype and batch in one process (``--threads`` torch threads) with every model of a dtype
-loaded at once and timed in ``--rounds`` interleaved rounds, so load from other jobs falls on all of them alike:
-prefill, one forward over ``batch x prompt`` tokens into an empty cache (the best round), and decode, ``--new``
-greedy steps from that cache after one untimed step (the median step over all rounds). ``bytes`` are the loaded
+loaded at once and interleaved (``measure``), so load from other jobs falls on all of them alike: prefill, one
+forward over ``batch x prompt`` tokens into an empty cache (the best of ``--rounds``), and decode, ``--new``
+greedy steps from that cache, each model one step in turn (the median step over all rounds). ``bytes`` are the loaded
 model's tensors, each storage once (tied embeddings count once), after fusing: what a decode step reads. The
 limit of a student is dense bytes / its bytes (at batch 1 decode reads every weight once per token);
 ``*_of_limit`` is its speedup over that limit.
@@ -103,41 +103,39 @@ def resident_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def timings(model, batch: int, prompt: int, new: int) -> tuple[float, list[float]]:
-    """(prefill seconds, seconds of each decode step after the first) of one greedy generation."""
-    g = torch.Generator().manual_seed(batch)
-    ids = torch.randint(10, model.config.vocab_size - 10, (batch, prompt), generator=g)
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
-        prefill = time.perf_counter() - t0
-        cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
-        steps = []
-        for _ in range(new + 1):
-            t0 = time.perf_counter()
-            out = model(input_ids=token, use_cache=True, **cache_kwargs(model, cache))
-            cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
-            steps.append(time.perf_counter() - t0)
-    return prefill, steps[1:]
-
-
 def measure(models: dict, label: str, dtype: str, args, prompt: int, new: int) -> list[dict]:
-    """Rows of every model in ``models`` ({student: model}, "dense" among them), measured in ``args.rounds``
-    interleaved rounds, so load from other jobs falls on all of them alike: prefill the best round, decode the
-    median step."""
+    """Rows of every model in ``models`` ({student: model}, "dense" among them). Interleaved, so load from other
+    jobs falls on all of them alike: in each of ``args.rounds`` rounds every model prefills in turn, then every model
+    takes its decode steps in turn, one step each. Prefill: the best round; decode: the median step (and the best,
+    ``decode_tokens_per_s_best``) over all rounds, after one untimed step per round."""
     rows = []
     for batch in args.batches:
+        g = torch.Generator().manual_seed(batch)
+        ids = torch.randint(10, min(m.config.vocab_size for m in models.values()) - 10, (batch, prompt), generator=g)
         prefill, decode = {name: [] for name in models}, {name: [] for name in models}
-        for _ in range(args.rounds):
-            for name, model in models.items():
-                p, steps = timings(model.eval(), batch, prompt, new)
-                prefill[name].append(p)
-                decode[name] += steps
+        with torch.inference_mode():
+            for _ in range(args.rounds):
+                state = {}
+                for name, model in models.items():
+                    t0 = time.perf_counter()
+                    out = model.eval()(input_ids=ids, use_cache=True)
+                    prefill[name].append(time.perf_counter() - t0)
+                    state[name] = (output_cache(out), out.logits[:, -1:].argmax(-1))
+                for step in range(new + 1):
+                    for name, model in models.items():
+                        cache, token = state[name]
+                        t0 = time.perf_counter()
+                        out = model(input_ids=token, use_cache=True, **cache_kwargs(model, cache))
+                        state[name] = (output_cache(out), out.logits[:, -1:].argmax(-1))
+                        if step:
+                            decode[name].append(time.perf_counter() - t0)
+                del state
         for name, model in models.items():
             row = {"model": label, "dtype": dtype, "batch": batch, "student": name, "bytes": resident_bytes(model),
                    "prompt": prompt, "new": new, "rounds": args.rounds,
                    "prefill_tokens_per_s": batch * prompt / min(prefill[name]),
-                   "decode_tokens_per_s": batch / statistics.median(decode[name])}
+                   "decode_tokens_per_s": batch / statistics.median(decode[name]),
+                   "decode_tokens_per_s_best": batch / min(decode[name])}
             print(f"  {label} {dtype} batch {batch} {name}: {row['bytes'] / 2**20:.1f} MiB, prefill "
                   f"{row['prefill_tokens_per_s']:.1f} tok/s, decode {row['decode_tokens_per_s']:.2f} tok/s", flush=True)
             rows.append(row)

@@ -18,7 +18,7 @@ AFFINE = ("matmul", "scale", "mul", "add")
 
 
 def _affine_ops(ops: list[dict]) -> bool:
-    """Whether ``ops`` is an affine map this section folds: matmul/scale/mul/add and sums of such chains, each
+    """Whether ``ops`` is an affine map this module folds: matmul/scale/mul/add and sums of such chains, each
     branch holding a matmul (a branch without one would need an identity matrix)."""
     return all(op["op"] in AFFINE or op["op"] == "sum" and all(
         _affine_ops(b) and any(o["op"] in ("matmul", "sum") for o in b) for b in op["branches"]) for op in ops)
