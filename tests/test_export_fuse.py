@@ -60,7 +60,7 @@ def test_fused_program_computes_the_stored_one_with_no_more_numbers(name):
     assert numbers(referenced(fused), both) <= numbers(referenced(program), tensors)
 
 
-def test_a_low_rank_map_runs_as_two_linear_calls_with_sigma_folded():
+def low_rank_layer(dtype):
     tensors = program_tensors()
     spec = {"kind": "FisherSVDLinear", "in_features": 24, "out_features": 16, "program": LOW_RANK,
             "tensors": {"V": {"shape": [24, 5], "dtype": "model"}, "sigma": {"shape": [5], "dtype": "float32"},
@@ -68,16 +68,30 @@ def test_a_low_rank_map_runs_as_two_linear_calls_with_sigma_folded():
     layer = ZooLinear(spec)
     with torch.no_grad():
         for n in ("V", "sigma", "U"):
-            getattr(layer, n).copy_(tensors[n])
+            getattr(layer, n).data = tensors[n].to(torch.float32 if n == "sigma" else dtype)
+    return layer, spec, tensors
+
+
+def test_a_low_rank_map_runs_as_two_matmuls_with_sigma_folded():
+    layer, spec, tensors = low_rank_layer(torch.float32)
     x = torch.randn(3, 24)
     with torch.no_grad():
         expected = layer(x)
         layer.fuse(torch.float32)
         got = layer(x)
-    assert layer._fixed == ("fused0", "fused1", None) and set(dict(layer.named_parameters())) == {"fused0", "fused1"}
+    # fp32: the second factor (5 inputs, 16 outputs) is stored [in, out] and run as x @ T
+    assert layer._fixed == ([("fused0", True), ("fused1", False)], None)
+    assert set(dict(layer.named_parameters())) == {"fused0", "fused1"}
     torch.testing.assert_close(layer.fused0 @ x.T, (x @ (tensors["V"].float() * tensors["sigma"].float())).T)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    assert spec["tensors"] == {"fused0": {"shape": [5, 24], "dtype": "model"}, "fused1": {"shape": [16, 5], "dtype": "model"}}
+    assert spec["tensors"] == {"fused0": {"shape": [5, 24], "dtype": "model"}, "fused1": {"shape": [5, 16], "dtype": "model"}}
+    bf16, _, _ = low_rank_layer(torch.bfloat16)
+    with torch.no_grad():
+        stored = bf16(x.bfloat16())
+        bf16.fuse(torch.bfloat16)
+        fused = bf16(x.bfloat16())
+    assert bf16._fixed == ([("fused0", True), ("fused1", True)], None)  # bf16: nn.Linear's layout for both
+    assert (fused.float() - stored.float()).abs().max() <= 0.02 * stored.float().abs().max()
 
 
 @pytest.mark.parametrize("name", sorted(TECHNIQUES))

@@ -171,7 +171,7 @@ class ZooLinear(nn.Module):
                 self.register_buffer(name, value)
         self.spec = spec
         self._dense: dict = {}
-        self._fixed = None  # (first weight, second weight or None, bias or None) names of a fused linear form
+        self._fixed = None  # ([(name, nn.Linear's layout?)] of one or two matmuls, bias name or None): fused form
 
     def fuse(self, dtype: torch.dtype) -> None:
         """Rewrite the program and its tensors by ``fuse_program`` (the stored tensors it no longer reads are
@@ -189,11 +189,9 @@ class ZooLinear(nn.Module):
         self.spec["program"] = self.program = program
         self._dense = {}
         ops = [op["op"] for op in program]
-        if ops[-1:] == ["add"]:
-            ops = ops[:-1]
-        if ops in (["matmul"], ["matmul", "matmul"]) and all(op.get("transpose") for op in program[:len(ops)]):
-            names = [op["t"] for op in program]
-            self._fixed = (names[0], names[1] if len(ops) == 2 else None, names[-1] if len(names) > len(ops) else None)
+        bias = program[-1]["t"] if ops[-1:] == ["add"] else None
+        if ops[:len(ops) - bool(bias)] in (["matmul"], ["matmul", "matmul"]):
+            self._fixed = ([(op["t"], bool(op.get("transpose"))) for op in program if op["op"] == "matmul"], bias)
 
     def _qmatmul(self, op: dict, x: torch.Tensor) -> torch.Tensor:
         tensor = lambda name: getattr(self, name)  # noqa: E731
@@ -216,13 +214,11 @@ class ZooLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fixed is not None:
-            first, second, bias = self._fixed
-            w = self._parameters[first]
-            if x.dtype == w.dtype:
-                if second is None:
-                    return F.linear(x, w, self._parameters[bias] if bias else None)
-                return F.linear(F.linear(x, w), self._parameters[second], self._parameters[bias] if bias else None)
+        if self._fixed is not None and x.dtype == self._parameters[self._fixed[0][0][0]].dtype:
+            factors, bias = self._fixed
+            for name, linear in factors:  # one or two
+                x = F.linear(x, self._parameters[name]) if linear else x @ self._parameters[name]
+            return x + self._parameters[bias] if bias else x
         return run(self.program, x, lambda name: getattr(self, name), self._qmatmul)
 
     def extra_repr(self) -> str:
@@ -269,6 +265,15 @@ def eigen_attention_forward(layer, hidden_states, position_embeddings, attention
     return layer.o_proj(out), weights
 
 
+def frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` [out, in] and ``bias``, frozen, built without initializing anything."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return layer
+
+
 class ZooEigenAttention(nn.Module):
     """The teacher's attention block (its projections reused as they are) with EigenAttention's projectors."""
 
@@ -298,24 +303,16 @@ class ZooEigenAttention(nn.Module):
         if self.values_folded:
             return
         kv, d, k_v = self.U_values.shape
-        U = self.U_values.double()
-        v, o = self.v_proj, self.o_proj
-        hidden = v.in_features
-        v_new, o_new = nn.Linear(hidden, kv * k_v, bias=v.bias is not None), nn.Linear(kv * self.num_key_value_groups * k_v,
-                                                                                          o.out_features, bias=o.bias is not None)
-        v_new.weight = nn.Parameter(torch.einsum("gdn,gdk->gkn", v.weight.double().view(kv, d, hidden), U)
-                                    .reshape(kv * k_v, hidden).to(dtype), requires_grad=False)
-        if v.bias is not None:
-            v_new.bias = nn.Parameter(torch.einsum("gd,gdk->gk", v.bias.double().view(kv, d), U).reshape(-1).to(dtype),
-                                      requires_grad=False)
-        o_new.weight = nn.Parameter(torch.einsum("ngrd,gdk->ngrk", o.weight.double().view(o.out_features, kv, -1, d), U)
-                                    .reshape(o.out_features, -1).to(dtype), requires_grad=False)
-        if o.bias is not None:
-            o_new.bias = nn.Parameter(o.bias.detach().to(dtype), requires_grad=False)
-        self.v_proj, self.o_proj, self.values_folded = v_new.to(v.weight.device), o_new.to(o.weight.device), True
+        U, v, o = self.U_values.double(), self.v_proj, self.o_proj
+        v_weight = torch.einsum("gdn,gdk->gkn", v.weight.double().view(kv, d, -1), U).reshape(kv * k_v, -1)
+        v_bias = None if v.bias is None else torch.einsum("gd,gdk->gk", v.bias.double().view(kv, d), U).reshape(-1)
+        o_weight = torch.einsum("ngrd,gdk->ngrk", o.weight.double().view(o.out_features, kv, -1, d), U)
+        self.v_proj = frozen_linear(v_weight.to(dtype), None if v_bias is None else v_bias.to(dtype))
+        self.o_proj = frozen_linear(o_weight.reshape(o.out_features, -1).to(dtype), o.bias)
+        self.values_folded = True
         del self.U_values
         tensors = {n: m for n, m in self.spec["tensors"].items() if n != "U_values"}
-        for name, t in [*v_new.named_parameters(prefix="v_proj"), *o_new.named_parameters(prefix="o_proj")]:
+        for name, t in [*self.v_proj.named_parameters(prefix="v_proj"), *self.o_proj.named_parameters(prefix="o_proj")]:
             tensors[name] = {"shape": list(t.shape), "dtype": "model"}
         self.spec["tensors"], self.spec["values_folded"] = tensors, True
 
