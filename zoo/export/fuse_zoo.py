@@ -1,6 +1,6 @@
 """Fusing a ``zoo export`` program at load time (issue 26): each affine run of its ops - matmuls, diagonal scales
 (sigma), scalars, biases, sums of low-rank branches - becomes the fewest matmuls by tensors folded in fp64 and
-rounded once to the model's dtype, so a low-rank map runs as two ``F.linear`` calls instead of an op-by-op walk.
+rounded once to the model's dtype, so a low-rank map runs as two matmul calls instead of an op-by-op walk.
 
 Shipped beside ``modeling_zoo.py`` in every export (transformers copies a remote-code file's relative imports):
 torch only, no zoo.
@@ -96,8 +96,8 @@ def _chain(ops: list[dict], tensors) -> tuple[list[torch.Tensor], torch.Tensor |
 def fuse_program(program: list[dict], tensors, dtype: torch.dtype) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """(program, new tensors) computing what ``program`` does with each affine run (matmuls, diagonal scales,
     scalars, biases, sums of low-rank branches) folded into the fewest ``matmul``s of ``fused<i>`` tensors
-    ([out, in], nn.Linear's layout; in fp32 [in, out] where in < out) and one ``add`` of a ``fused<i>`` bias, computed in fp64 and rounded once to
-    ``dtype``; other ops (gather, hadamard, qmatmul, topk_relu, ...) are kept as they are, and a sum of
+    ([out, in], nn.Linear's layout; in fp32 [in, out] where in < out) and one ``add`` of a ``fused<i>`` bias,
+    computed in fp64 and rounded once to ``dtype``; other ops (gather, hadamard, qmatmul, topk_relu, ...) are kept as they are, and a sum of
     branches that are not all affine keeps its branches, each fused alone."""
     new: dict[str, torch.Tensor] = {}
 
@@ -133,7 +133,8 @@ def fuse_program(program: list[dict], tensors, dtype: torch.dtype) -> tuple[list
     fused = walk(program)
     # a tensor read by two runs would be folded into each: then the stored program is the smaller one
     numbers = lambda names, get: sum(get(n).numel() for n in names if get(n).is_floating_point())  # noqa: E731
-    if numbers(referenced(fused) - set(new), tensors) + numbers(new, new.__getitem__) > numbers(referenced(program), tensors):
+    after = numbers(referenced(fused) - set(new), tensors) + numbers(new, new.__getitem__)
+    if after > numbers(referenced(program), tensors):
         return program, {}
     return fused, new
 

@@ -14,7 +14,7 @@ by operation (matmuls in the input dtype, fp32 diagonal scales), so the numbers 
 
 The program is the export's description; what runs is its fused form (issue 26): after the weights load,
 ``fuse_model`` rewrites each program by ``fuse_zoo.fuse_program`` (affine runs folded into the fewest matmuls,
-e.g. a low-rank map with sigma folded into a factor: two ``F.linear`` calls, no per-call walk, cast or fp32
+e.g. a low-rank map with sigma folded into a factor: two matmul calls, no per-call walk, cast or fp32
 round trip) and folds EigenAttention's value projector into v_proj and o_proj. Other ops (PHD's
 gather/Hadamard/scatter around the fused core, ``qmatmul``, ``topk_relu``) run through ``run`` below. The rewritten
 programs replace the config's, so ``save_pretrained`` of a fused model writes an export of what runs.
@@ -176,7 +176,8 @@ class ZooLinear(nn.Module):
     def fuse(self, dtype: torch.dtype) -> None:
         """Rewrite the program and its tensors by ``fuse_program`` (the stored tensors it no longer reads are
         dropped; ``spec``, the config's entry, is rewritten too, so ``save_pretrained`` writes what runs); a
-        program that becomes one or two matmuls (+ a bias) then runs as fixed ``F.linear`` calls."""
+        program that becomes one or two matmuls (+ a bias) then runs as fixed calls (``F.linear``, or ``x @ T``
+        for a factor stored [in, out])."""
         program, new = fuse_program(self.program, lambda name: getattr(self, name), dtype)
         kept = referenced(program) - set(new)
         for name in [*self._parameters, *self._buffers]:
