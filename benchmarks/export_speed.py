@@ -4,7 +4,7 @@ and 0.5, whole-MLP blockwise PHD and EigenAttention, side by side in one run, on
 decode; every speed also as a fraction of the bytes limit.
 
     python benchmarks/export_speed.py                        # writes experiments/export-speed/results.json
-    python benchmarks/export_speed.py --quick --teacher DIR  # seconds: tiny models (a CPU dry run; tested)
+    python benchmarks/export_speed.py --quick --teacher DIR  # seconds: tiny models, prints only (a CPU dry run; tested)
 
 Students, as the recipes build them (``configs/recipes/compress_svdllm.yaml`` with ``rank`` 0.8 / 0.6 / 0.5,
 ``compress_phd.yaml``, ``eigen_attention.yaml``):
@@ -307,7 +307,8 @@ def main(argv=None):
     parser.add_argument("--eigen-k", type=int, default=32, help="EigenAttention's k_K = k_V on the 1B shape")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny models and sizes: a dry run in seconds")
-    parser.add_argument("--output", default=str(ROOT / "experiments/export-speed/results.json"))
+    parser.add_argument("--output", default=None, help="results JSON (default: experiments/export-speed/results.json; "
+                                                         "none under --quick, which must not overwrite the figures)")
     args = parser.parse_args(argv)
     if args.quick:
         args.prompt, args.new, args.prompt_1b, args.new_1b, args.eigen_k, args.rounds = 8, 2, 8, 2, 8, 1
@@ -324,8 +325,10 @@ def main(argv=None):
     result = {"command": "python benchmarks/export_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "commit": commit, "hardware": hardware(), "torch": torch.__version__, "threads": args.threads,
               "wall_s": time.perf_counter() - t0, "rows": rows}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1))
+    output = args.output or (None if args.quick else str(ROOT / "experiments/export-speed/results.json"))
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=1))
     print(table(rows))
     return result
 
