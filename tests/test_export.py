@@ -98,15 +98,20 @@ def test_bfloat16_export_keeps_fp32_tensors_and_halves_the_rest(tiny_teacher_dir
         sigma = f.get_tensor("model.layers.0.mlp.down_proj.sigma")
         U = f.get_tensor("model.layers.0.mlp.down_proj.U")
     assert sigma.dtype == torch.float32 and U.dtype == torch.bfloat16
-    loaded = zoo.from_pretrained(out)
-    layer = loaded.get_submodule("model.layers.0.mlp.down_proj")
+    stored = zoo.from_pretrained(out, fuse=False)  # the program as stored, op by op
+    layer = stored.get_submodule("model.layers.0.mlp.down_proj")
     assert layer.U.dtype == torch.bfloat16 and layer.sigma.dtype == torch.float32
+    loaded = zoo.from_pretrained(out)  # fused: sigma folded into a factor, two bf16 matmuls
+    fused = loaded.get_submodule("model.layers.0.mlp.down_proj")
+    assert [op["op"] for op in fused.program] == ["matmul", "matmul"] and not hasattr(fused, "sigma")
+    assert {p.dtype for p in fused.parameters()} == {torch.bfloat16}
     ids = batches(1)[0]["input_ids"]
     reference = logits(module.model, ids)
     module.model.to(torch.bfloat16)  # the in-zoo student in bf16 (sigma stays fp32 there too)
     expected = logits(module.model, ids)
     # bf16 rounding apart (model.to() also casts the rotary buffer, which a bf16 load keeps in fp32)
-    assert (logits(loaded, ids).float() - expected.float()).abs().max() <= 0.01 * expected.abs().max()
+    for model in (stored, loaded):
+        assert (logits(model, ids).float() - expected.float()).abs().max() <= 0.01 * expected.abs().max()
     assert (expected.float() - reference).abs().max() < 0.1 * reference.abs().max()
 
 

@@ -35,9 +35,12 @@ def check_export_dir(path: str | Path) -> dict:
     return config
 
 
-def from_pretrained(path: str | Path, dtype: str | None = None, device: str | None = None):
+def from_pretrained(path: str | Path, dtype: str | None = None, device: str | None = None, fuse: bool = True,
+                    compile: bool | dict = False):
     """The exported student of ``path`` as a transformers model (eval mode), ``dtype`` its floating dtype
-    (default: as stored). A merged (plain) export loads as the teacher's class."""
+    (default: as stored). A merged (plain) export loads as the teacher's class. ``fuse``: fold each program into
+    its fixed form (``modeling_zoo.fuse_model``; False runs the stored programs op by op); ``compile``: also
+    ``torch.compile`` the forward (True, or torch.compile's keyword arguments)."""
     import transformers
 
     config_json = check_export_dir(path)
@@ -51,7 +54,7 @@ def from_pretrained(path: str | Path, dtype: str | None = None, device: str | No
         if not hasattr(transformers, base):
             raise ZooError(f"{str(path)!r} was exported from a {base!r}, which this transformers does not have")
         cls = modeling_zoo.zoo_causal_lm(getattr(transformers, base))
-        model = cls.from_pretrained(str(path), **kwargs)
+        model = cls.from_pretrained(str(path), zoo_fuse=fuse, zoo_compile=compile, **kwargs)
     except SafetensorError as exc:  # a merged export: transformers' own loader; name the file
         raise ZooError(f"{str(Path(path) / 'model.safetensors')!r} is not a readable safetensors file "
                        f"({str(exc).splitlines()[0]}); the export is damaged or incomplete: export it again") from None

@@ -12,6 +12,13 @@ Each zoo replacement describes itself in these ops (its ``export_spec``): a new 
 writing its program, not by editing this file. The ops mirror the replacements' own forwards operation
 by operation (matmuls in the input dtype, fp32 diagonal scales), so the numbers match the in-zoo student.
 
+The program is the export's description; what runs is its fused form (issue 26): after the weights load,
+``fuse_model`` rewrites each program by ``fuse_zoo.fuse_program`` (affine runs folded into the fewest matmuls,
+e.g. a low-rank map with sigma folded into a factor: two matmul calls, no per-call walk, cast or fp32
+round trip) and folds EigenAttention's value projector into v_proj and o_proj. Other ops (PHD's
+gather/Hadamard/scatter around the fused core, ``qmatmul``, ``topk_relu``) run through ``run`` below. The rewritten
+programs replace the config's, so ``save_pretrained`` of a fused model writes an export of what runs.
+
 A program is a list of ops applied in turn to x [..., in]; each op is a dict with ``op`` and:
 
 - ``matmul`` ``t`` [, ``transpose``]: x @ T (x @ T^T), T cast to x's dtype
@@ -40,6 +47,8 @@ import torch
 import transformers
 from torch import nn
 from torch.nn import functional as F
+
+from .fuse_zoo import fuse_program, referenced
 
 #: the teacher's model class (a transformers class name); ``zoo export`` writes the real one here
 BASE = "LlamaForCausalLM"
@@ -160,8 +169,30 @@ class ZooLinear(nn.Module):
                 self.register_parameter(name, nn.Parameter(value, requires_grad=False))
             else:
                 self.register_buffer(name, value)
-
+        self.spec = spec
         self._dense: dict = {}
+        self._fixed = None  # ([(name, nn.Linear's layout?)] of one or two matmuls, bias name or None): fused form
+
+    def fuse(self, dtype: torch.dtype) -> None:
+        """Rewrite the program and its tensors by ``fuse_program`` (the stored tensors it no longer reads are
+        dropped; ``spec``, the config's entry, is rewritten too, so ``save_pretrained`` writes what runs); a
+        program that becomes one or two matmuls (+ a bias) then runs as fixed calls (``F.linear``, or ``x @ T``
+        for a factor stored [in, out])."""
+        program, new = fuse_program(self.program, lambda name: getattr(self, name), dtype)
+        kept = referenced(program) - set(new)
+        for name in [*self._parameters, *self._buffers]:
+            if name not in kept:
+                delattr(self, name)
+        for name, value in new.items():
+            self.register_parameter(name, nn.Parameter(value, requires_grad=False))
+        self.spec["tensors"] = ({n: m for n, m in self.spec["tensors"].items() if n in kept}
+                                | {n: {"shape": list(v.shape), "dtype": "model"} for n, v in new.items()})
+        self.spec["program"] = self.program = program
+        self._dense = {}
+        ops = [op["op"] for op in program]
+        bias = program[-1]["t"] if ops[-1:] == ["add"] else None
+        if ops[:len(ops) - bool(bias)] in (["matmul"], ["matmul", "matmul"]):
+            self._fixed = ([(op["t"], bool(op.get("transpose"))) for op in program if op["op"] == "matmul"], bias)
 
     def _qmatmul(self, op: dict, x: torch.Tensor) -> torch.Tensor:
         tensor = lambda name: getattr(self, name)  # noqa: E731
@@ -184,6 +215,11 @@ class ZooLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fixed is not None and x.dtype == self._parameters[self._fixed[0][0][0]].dtype:
+            factors, bias = self._fixed
+            for name, linear in factors:  # one or two
+                x = F.linear(x, self._parameters[name]) if linear else x @ self._parameters[name]
+            return x + self._parameters[bias] if bias else x
         return run(self.program, x, lambda name: getattr(self, name), self._qmatmul)
 
     def extra_repr(self) -> str:
@@ -202,15 +238,17 @@ def eigen_attention_forward(layer, hidden_states, position_embeddings, attention
     d, kv, n_rep = layer.head_dim, layer.num_key_value_heads, layer.num_key_value_groups
     q = layer.q_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)  # [b, H, s, d]
     k = layer.k_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)  # [b, kv, s, d]
-    v = layer.v_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)
     cos, sin = position_embeddings
     q, k = layer.rotary(q, k, cos, sin)
-    U_k, U_v = layer.U_keys.to(q.dtype), layer.U_values.to(v.dtype)
+    U_k = layer.U_keys.to(q.dtype)
     # every query head of group g is projected by the group's key projector (heads g*n_rep.. are
     # contiguous, so a [b, kv, n_rep*s, d] view meets U_k [kv, d, k] in one batched matmul)
     q_low = (q.reshape(b, kv, n_rep * s, d) @ U_k).view(b, kv * n_rep, s, -1)
     k_low = k @ U_k
-    v_low = v @ U_v
+    # values are not rotated: a fused export has U_v folded into v_proj (and o_proj), which then give k_V per head
+    folded = getattr(layer, "values_folded", False)
+    v = layer.v_proj(hidden_states).view(b, s, kv, -1).transpose(1, 2)
+    v_low = v if folded else v @ layer.U_values.to(v.dtype)
     if cache is not None:  # the library's cache stores what it is given: the low-dim K, V
         k_low, v_low = cache.update(k_low, v_low, layer.layer_idx)
     # eager, or else sdpa: flash kernels want equal q/k and v widths, which k_K != k_V breaks
@@ -220,9 +258,21 @@ def eigen_attention_forward(layer, hidden_states, position_embeddings, attention
                              dropout=0.0 if not layer.training else layer.attention_dropout,
                              scaling=layer.scaling, sliding_window=layer.sliding_window, **kwargs)
     # out: [b, s, H, k_V] -> each head back to d dimensions through its group's value projector
+    if folded:
+        return layer.o_proj(out.reshape(b, s, -1)), weights
+    U_v = layer.U_values.to(out.dtype)
     out = out.reshape(b, s, kv, n_rep, -1).transpose(1, 2).reshape(b, kv, s * n_rep, -1) @ U_v.transpose(1, 2)
     out = out.view(b, kv, s, n_rep, d).transpose(1, 2).reshape(b, s, kv * n_rep * d)
     return layer.o_proj(out), weights
+
+
+def frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` [out, in] and ``bias``, frozen, built without initializing anything."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return layer
 
 
 class ZooEigenAttention(nn.Module):
@@ -239,8 +289,33 @@ class ZooEigenAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (original.q_proj, original.k_proj, original.v_proj,
                                                               original.o_proj)
         self.num_key_value_heads = spec["tensors"]["U_keys"]["shape"][0]
-        for name in ("U_keys", "U_values"):
+        self.spec, self.values_folded = spec, spec.get("values_folded", False)
+        if self.values_folded:  # a fused export saved again: v_proj and o_proj have their folded shapes
+            for proj in ("v_proj", "o_proj"):
+                out, inp = spec["tensors"][f"{proj}.weight"]["shape"]
+                setattr(self, proj, nn.Linear(inp, out, bias=f"{proj}.bias" in spec["tensors"]))
+        for name in ("U_keys",) if self.values_folded else ("U_keys", "U_values"):
             self.register_parameter(name, nn.Parameter(torch.empty(spec["tensors"][name]["shape"]), requires_grad=False))
+
+    def fuse(self, dtype: torch.dtype) -> None:
+        """Fold the value projector into v_proj (k_V rows per KV head: U_g^T W_v,g) and o_proj (k_V columns per
+        query head: W_o,h U_g(h)), in fp64 rounded once to ``dtype``; keys are rotated before their projection,
+        so U_K stays. The value cache and both maps shrink from d to k_V per head; ``spec`` is rewritten."""
+        if self.values_folded:
+            return
+        kv, d, k_v = self.U_values.shape
+        U, v, o = self.U_values.double(), self.v_proj, self.o_proj
+        v_weight = torch.einsum("gdn,gdk->gkn", v.weight.double().view(kv, d, -1), U).reshape(kv * k_v, -1)
+        v_bias = None if v.bias is None else torch.einsum("gd,gdk->gk", v.bias.double().view(kv, d), U).reshape(-1)
+        o_weight = torch.einsum("ngrd,gdk->ngrk", o.weight.double().view(o.out_features, kv, -1, d), U)
+        self.v_proj = frozen_linear(v_weight.to(dtype), None if v_bias is None else v_bias.to(dtype))
+        self.o_proj = frozen_linear(o_weight.reshape(o.out_features, -1).to(dtype), o.bias)
+        self.values_folded = True
+        del self.U_values
+        tensors = {n: m for n, m in self.spec["tensors"].items() if n != "U_values"}
+        for name, t in [*self.v_proj.named_parameters(prefix="v_proj"), *self.o_proj.named_parameters(prefix="o_proj")]:
+            tensors[name] = {"shape": list(t.shape), "dtype": "model"}
+        self.spec["tensors"], self.spec["values_folded"] = tensors, True
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, **kwargs):
@@ -262,6 +337,17 @@ def swap_modules(model: nn.Module, zoo: dict) -> None:
         setattr(parent, child, module)
 
 
+def fuse_model(model: nn.Module) -> nn.Module:
+    """Fuse every exported module of ``model`` (``ZooLinear.fuse``, ``ZooEigenAttention.fuse``) in the dtype of its
+    embeddings; ``from_pretrained`` does this after loading unless ``zoo_fuse=False``."""
+    dtype = model.get_input_embeddings().weight.dtype
+    with torch.no_grad():
+        for module in list(model.modules()):
+            if isinstance(module, (ZooLinear, ZooEigenAttention)):
+                module.fuse(dtype)
+    return model
+
+
 def zoo_causal_lm(base: type) -> type:
     """``base`` (a transformers ``...ForCausalLM`` class) with the modules of ``config.zoo`` swapped."""
 
@@ -271,7 +357,11 @@ def zoo_causal_lm(base: type) -> type:
             swap_modules(self, config.zoo)
 
         @classmethod
-        def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        def from_pretrained(cls, *args, output_loading_info: bool = False, zoo_fuse: bool = True, zoo_compile=False,
+                            **kwargs):
+            """transformers' loader, then ``fuse_model`` (``zoo_fuse=False``: the stored programs run as they are,
+            op by op) and, with ``zoo_compile`` (True or ``torch.compile``'s keyword arguments), the forward
+            compiled."""
             # transformers only warns about missing weights and initializes them at random: an export
             # whose tensors do not fit its program must fail instead
             try:
@@ -285,6 +375,10 @@ def zoo_causal_lm(base: type) -> type:
             bad = {k: sorted(info[k])[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
             if bad:
                 raise OSError(f"the zoo export's weights do not fit its config.json zoo block: {bad}")
+            if zoo_fuse:
+                fuse_model(model)
+            if zoo_compile:
+                model.forward = torch.compile(model.forward, **(zoo_compile if isinstance(zoo_compile, dict) else {}))
             return (model, info) if output_loading_info else model
 
     ZooForCausalLM.__qualname__ = ZooForCausalLM.__name__ = "ZooForCausalLM"

@@ -8,7 +8,8 @@ export never looks complete):
   block (format, teacher, recipe, and per replaced module its kind, shapes, ranks and program);
 - ``model.safetensors``: the student's tensors only (no dense originals of replaced modules; frozen factors,
   frame rows, signs, permutations and indices included, so nothing is rebuilt from calibration);
-- ``modeling_zoo.py`` (torch + transformers only), the tokenizer, ``generation_config.json``, ``README.md``.
+- ``modeling_zoo.py`` and the ``fuse_zoo.py`` it imports (torch + transformers only), the tokenizer,
+  ``generation_config.json``, ``README.md``.
 
 With ``merge`` every replacement is folded into a dense weight (its program applied to the identity) and
 the directory is a plain checkpoint of the teacher's class: allowed only where that loses nothing and
@@ -34,6 +35,8 @@ from . import modeling_zoo
 from .spec import describe, exportable
 
 MODELING_FILE = "modeling_zoo.py"
+#: its relative import, shipped beside it
+FUSE_FILE = "fuse_zoo.py"
 #: tensor kinds stored in their own dtype whatever the export dtype
 KEPT = {"float32": torch.float32, "float16": torch.float16}
 
@@ -209,6 +212,7 @@ def export_model(module, output: str | Path, *, dtype: str | None = None, merge:
     def extra(tmp: Path) -> None:
         if not merge:
             (tmp / MODELING_FILE).write_text(modeling_file(type(model).__name__))
+            shutil.copyfile(Path(modeling_zoo.__file__).with_name(FUSE_FILE), tmp / FUSE_FILE)
         (tmp / "README.md").write_text(model_card(module, summary, recipe, merge, entries))
 
     return write_directory(student, getattr(module, "tokenizer", None), output, extra)

@@ -1,0 +1,337 @@
+"""Exported students at the bytes limit (issue 26): the dense teacher against SVD-LLM students at ratios 0.8, 0.6
+and 0.5, whole-MLP blockwise PHD and EigenAttention, side by side in one run, on the embedded teacher
+(SmolLM2-135M) and on a random model with Llama-3.2-1B's shapes, in fp32 and bf16, at batch 1 and 8, prefill and
+decode; every speed also as a fraction of the bytes limit.
+
+    python benchmarks/export_speed.py                        # writes experiments/export-speed/results.json
+    python benchmarks/export_speed.py --quick --teacher DIR  # seconds: tiny models, prints only (a CPU dry run; tested)
+
+Students, as the recipes build them (``configs/recipes/compress_svdllm.yaml`` with ``rank`` 0.8 / 0.6 / 0.5,
+``compress_phd.yaml``, ``eigen_attention.yaml``):
+
+- ``embedded``: each student built by the zoo on the embedded teacher (calibration on 8 windows of 128 tokens of
+  the standard library's source; no repair: repair changes values, not size or speed), written by
+  ``zoo.export.export_model`` and loaded back by ``zoo.from_pretrained`` (fused, as transformers loads it);
+- ``1b``: a random ``LlamaForCausalLM`` with Llama-3.2-1B's config (no weights are needed to measure speed) and
+  each student's replacements made by the techniques' own classes with random tensors of the ranks the recipe
+  gives (SVD-LLM: ``ratio * in * out / (in + out)``; PHD: rank 128, frames of blocks of 512, rows; EigenAttention:
+  ``--eigen-k`` of 64 dimensions per head), described by their ``export_spec``, assembled as the export writer
+  assembles them into ``modeling_zoo``'s ``ZooForCausalLM`` and fused by ``fuse_model`` as a load does: the same
+  modeling code, without writing 5 GB to disk.
+
+Measured per model, dtype and batch in one process (``--threads`` torch threads) with every model of a dtype
+loaded at once and interleaved (``measure``), so load from other jobs falls on all of them alike: prefill, one
+forward over ``batch x prompt`` tokens into an empty cache (the best of ``--rounds``), and decode, ``--new``
+greedy steps from that cache, each model one step in turn (the median step over all rounds). ``bytes`` are the loaded
+model's tensors, each storage once (tied embeddings count once), after fusing: what a decode step reads. The
+limit of a student is dense bytes / its bytes (at batch 1 decode reads every weight once per token);
+``*_of_limit`` is its speedup over that limit.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from zoo import BlockwisePHD, DistillationModule, EigenAttention, FisherSVD, export_model, from_pretrained  # noqa: E402
+from zoo.core.compat import cache_kwargs, output_cache  # noqa: E402
+from zoo.core.ranks import resolve_rank  # noqa: E402
+from zoo.core.surgery import replaced_modules  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LINEARS = ["model.layers.*.self_attn.{q,k,v,o}_proj", "model.layers.*.mlp.{gate,up,down}_proj"]
+MLP, ATTENTION = "model.layers.*.mlp.{gate,up,down}_proj", "model.layers.*.self_attn"
+SVDLLM = {"svdllm-0.8": 0.8, "svdllm-0.6": 0.6, "svdllm-0.5": 0.5}
+STUDENTS = [*SVDLLM, "phd-mlp", "eigen-attention"]
+#: Llama-3.2-1B's shapes (meta-llama/Llama-3.2-1B config.json)
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5)
+TINY_1B = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True)
+
+
+def spec(name: str, quick: bool):
+    """The technique spec of student ``name``, as its recipe sets it (small frames under ``--quick``)."""
+    if name in SVDLLM:
+        return FisherSVD(targets=LINEARS, rank=SVDLLM[name], weighting="covariance")
+    if name == "phd-mlp":
+        return BlockwisePHD(targets=MLP, rank=8 if quick else 128, block=16 if quick else 512, fit="divide",
+                            core_init="lstsq")
+    return EigenAttention(targets=ATTENTION, variance=0.95, key_basis="queries_keys")
+
+
+def calibration(tokenizer, n: int, seq_len: int, vocab: int) -> list[dict]:
+    """``n`` windows of ``seq_len`` tokens of the standard library's source (random ids without a tokenizer)."""
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, vocab, (n, seq_len), generator=g)
+    else:
+        import json as json_module
+        import textwrap
+
+        text = "\n".join(Path(m.__file__).read_text() for m in (json_module.decoder, textwrap, argparse))
+        flat = torch.tensor(tokenizer(text)["input_ids"][: n * seq_len])
+        ids = flat.reshape(n, seq_len)
+    ones = torch.ones_like(ids)
+    return [{"input_ids": ids[i:i + 2], "attention_mask": ones[i:i + 2], "loss_mask": ones[i:i + 2]}
+            for i in range(0, n, 2)]
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def measure(models: dict, label: str, dtype: str, args, prompt: int, new: int) -> list[dict]:
+    """Rows of every model in ``models`` ({student: model}, "dense" among them). Interleaved, so load from other
+    jobs falls on all of them alike: in each of ``args.rounds`` rounds every model prefills in turn, then every model
+    takes its decode steps in turn, one step each. Prefill: the best round; decode: the median step (and the best,
+    ``decode_tokens_per_s_best``) over all rounds, after one untimed step per round."""
+    rows = []
+    for batch in args.batches:
+        g = torch.Generator().manual_seed(batch)
+        ids = torch.randint(10, min(m.config.vocab_size for m in models.values()) - 10, (batch, prompt), generator=g)
+        prefill, decode = {name: [] for name in models}, {name: [] for name in models}
+        with torch.inference_mode():
+            for _ in range(args.rounds):
+                state = {}
+                for name, model in models.items():
+                    t0 = time.perf_counter()
+                    out = model.eval()(input_ids=ids, use_cache=True)
+                    prefill[name].append(time.perf_counter() - t0)
+                    state[name] = (output_cache(out), out.logits[:, -1:].argmax(-1))
+                for step in range(new + 1):
+                    for name, model in models.items():
+                        cache, token = state[name]
+                        t0 = time.perf_counter()
+                        out = model(input_ids=token, use_cache=True, **cache_kwargs(model, cache))
+                        state[name] = (output_cache(out), out.logits[:, -1:].argmax(-1))
+                        if step:
+                            decode[name].append(time.perf_counter() - t0)
+                del state
+        for name, model in models.items():
+            row = {"model": label, "dtype": dtype, "batch": batch, "student": name, "bytes": resident_bytes(model),
+                   "prompt": prompt, "new": new, "rounds": args.rounds,
+                   "prefill_tokens_per_s": batch * prompt / min(prefill[name]),
+                   "decode_tokens_per_s": batch / statistics.median(decode[name]),
+                   "decode_tokens_per_s_best": batch / min(decode[name])}
+            print(f"  {label} {dtype} batch {batch} {name}: {row['bytes'] / 2**20:.1f} MiB, prefill "
+                  f"{row['prefill_tokens_per_s']:.1f} tok/s, decode {row['decode_tokens_per_s']:.2f} tok/s", flush=True)
+            rows.append(row)
+    return rows
+
+
+def relate(rows: list[dict]) -> list[dict]:
+    """Each row against the dense row of its model, dtype and batch."""
+    for row in rows:
+        dense = next(r for r in rows if r["student"] == "dense" and
+                     (r["model"], r["dtype"], r["batch"]) == (row["model"], row["dtype"], row["batch"]))
+        ratio = row["bytes"] / dense["bytes"]
+        row["bytes_ratio"], row["limit"] = ratio, 1 / ratio
+        for kind in ("prefill", "decode"):
+            row[f"{kind}_speedup"] = row[f"{kind}_tokens_per_s"] / dense[f"{kind}_tokens_per_s"]
+            row[f"{kind}_of_limit"] = row[f"{kind}_speedup"] / row["limit"]
+    return rows
+
+
+# ---- the embedded teacher: students built, exported and loaded -----------------------------------
+
+def embedded_rows(args, root: Path) -> list[dict]:
+    from zoo.core.models import load_causal_lm
+
+    teacher, tokenizer = load_causal_lm(args.teacher)
+    batches = calibration(tokenizer, 2 if args.quick else 8, 32 if args.quick else 128, teacher.config.vocab_size)
+    dirs = {}
+    for name in STUDENTS:
+        t0 = time.perf_counter()
+        module = DistillationModule(parts=[spec(name, args.quick)], teacher=args.teacher)
+        module.build_student(batches, data_fingerprint="export-speed")
+        dirs[name] = export_model(module, root / name, dtype="float32")
+        print(f"built and exported {name} in {time.perf_counter() - t0:.0f} s", flush=True)
+        del module
+        gc.collect()
+    dense = load_causal_lm(args.teacher)[0]
+    dense.config.use_cache = True
+    rows = []
+    for dtype in args.dtypes:
+        models = {"dense": copy.deepcopy(dense).to(getattr(torch, dtype))}
+        models |= {name: from_pretrained(path, dtype=dtype) for name, path in dirs.items()}
+        rows += measure(models, "embedded", dtype, args, args.prompt, args.new)
+        del models
+        gc.collect()
+    return rows
+
+
+# ---- the 1B shape: random tensors of the students' ranks, through the export's modeling code ----------
+
+def random_replacements(dense, name: str, quick: bool, eigen_k: int, g: torch.Generator) -> dict:
+    """{target: replacement} of student ``name`` on ``dense``, with random tensors of the recipe's ranks."""
+    from zoo.eigen_attention import EigenAttentionLayer
+    from zoo.fisher_svd import FisherSVDLinear
+    from zoo.phd import BlockwisePHDLinear, Subframe
+
+    def randn(*shape, std=1.0):
+        return torch.randn(*shape, generator=g) * std
+
+    out = {}
+    for layer in dense.model.layers:
+        prefix = f"model.layers.{layer.self_attn.layer_idx}"
+        if name == "eigen-attention":
+            a = layer.self_attn
+            kv, d = dense.config.num_key_value_heads, a.head_dim
+            U_k, U_v = (torch.linalg.qr(randn(kv, d, eigen_k)).Q for _ in range(2))
+            out[f"{prefix}.self_attn"] = EigenAttentionLayer(a, U_k, U_v, trainable=False)
+            continue
+        maps = {f"mlp.{p}_proj": getattr(layer.mlp, f"{p}_proj") for p in ("gate", "up", "down")}
+        if name != "phd-mlp":
+            maps |= {f"self_attn.{p}_proj": getattr(layer.self_attn, f"{p}_proj") for p in ("q", "k", "v", "o")}
+        for target, lin in maps.items():
+            o, i = lin.out_features, lin.in_features
+            if name == "phd-mlp":
+                r = 8 if quick else 128
+                rows_in, rows_out = (torch.linalg.qr(randn(n, r)).Q.T.contiguous() for n in (i, o))
+                out[f"{prefix}.{target}"] = BlockwisePHDLinear(Subframe(rows_in), randn(r, r, std=0.02 * (i / r) ** 0.5),
+                                                               Subframe(rows_out))
+            else:
+                r = resolve_rank(SVDLLM[name], o, i)
+                std = (0.02 ** 2 / r) ** 0.25  # the entries of U V^T as large as the dense init's
+                out[f"{prefix}.{target}"] = FisherSVDLinear(randn(o, r, std=std), torch.ones(r), randn(i, r, std=std))
+    return out
+
+
+def assembled(dense, replacements: dict, dtype: torch.dtype):
+    """``modeling_zoo``'s ``ZooForCausalLM`` holding ``replacements`` and the rest of ``dense``, fused as a load
+    fuses it (the writer's own assembly: ``zoo.export.writer``)."""
+    from zoo.export import modeling_zoo
+    from zoo.export.spec import describe
+    from zoo.export.writer import _assemble, _cast, _under
+
+    entries, state = {}, {}
+    for name, replacement in replacements.items():
+        entries[name], tensors = describe(name, replacement)
+        state |= {f"{name}.{t}": v for t, v in tensors.items()}
+    state |= {k: v for k, v in dense.state_dict().items() if not _under(k, replacements)}
+    config = copy.deepcopy(dense.config)
+    config.zoo = {"format": modeling_zoo.FORMAT, "base": type(dense).__name__, "modules": entries}
+    model = _assemble(modeling_zoo.zoo_causal_lm(type(dense)), config, _cast(state, entries, dtype))
+    buffers = dict(dense.named_buffers())
+    for name, buffer in model.named_buffers():  # not in a state dict (the rotary frequencies): the dense model's
+        if buffer.is_meta:
+            parent, _, leaf = name.rpartition(".")
+            model.get_submodule(parent).register_buffer(leaf, buffers[name], persistent=False)
+    return modeling_zoo.fuse_model(model.eval())
+
+
+def shaped_rows(args) -> list[dict]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**(TINY_1B if args.quick else LLAMA_1B))
+    config.use_cache = True
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        dense32 = LlamaForCausalLM(config).eval()
+    print(f"random 1B-shaped model in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    prompt, new = args.prompt_1b, args.new_1b
+    for dtype in args.dtypes:
+        # the students share the dense model's tensors they do not replace (embeddings, norms): all fit at once
+        models = {"dense": dense32 if dtype == "float32" else copy.deepcopy(dense32).to(getattr(torch, dtype))}
+        for name in STUDENTS:
+            g = torch.Generator().manual_seed(STUDENTS.index(name))
+            with torch.no_grad():
+                models[name] = assembled(models["dense"], random_replacements(models["dense"], name, args.quick,
+                                                                              args.eigen_k, g), getattr(torch, dtype))
+            gc.collect()
+        rows += measure(models, "1b", dtype, args, args.prompt_1b, args.new_1b)
+        del models
+        gc.collect()
+    return rows
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | dtype | batch | student | MiB | bytes ratio | limit | prefill tok/s | prefill x | "
+            "decode tok/s | decode x | decode of limit |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['student']} | {r['bytes'] / 2**20:.1f} | "
+                     f"{r['bytes_ratio']:.3f} | {r['limit']:.2f} | {r['prefill_tokens_per_s']:.1f} | "
+                     f"{r['prefill_speedup']:.2f} | {r['decode_tokens_per_s']:.2f} | {r['decode_speedup']:.2f} | "
+                     f"{r['decode_of_limit']:.2f} |")
+    return "\n".join(lines)
+
+
+def hardware() -> str:
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+        found = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        return f"{found.get('Model name', platform.processor())}, {found.get('CPU(s)', os.cpu_count())} CPUs"
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["embedded", "1b"], choices=["embedded", "1b"])
+    parser.add_argument("--teacher", default="smollm2-135m-instruct")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens (embedded)")
+    parser.add_argument("--new", type=int, default=8, help="timed decode steps per round (embedded)")
+    parser.add_argument("--prompt-1b", type=int, default=8)
+    parser.add_argument("--new-1b", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all models")
+    parser.add_argument("--eigen-k", type=int, default=32, help="EigenAttention's k_K = k_V on the 1B shape")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="tiny models and sizes: a dry run in seconds")
+    parser.add_argument("--output", default=None, help="results JSON (default: experiments/export-speed/results.json; "
+                                                         "none under --quick, which must not overwrite the figures)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompt, args.new, args.prompt_1b, args.new_1b, args.eigen_k, args.rounds = 8, 2, 8, 2, 8, 1
+    torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="zoo-export-speed-"))
+    t0 = time.perf_counter()
+    try:
+        rows = (embedded_rows(args, root) if "embedded" in args.models else []) + \
+               (shaped_rows(args) if "1b" in args.models else [])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    rows = relate(rows)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    result = {"command": "python benchmarks/export_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "commit": commit, "hardware": hardware(), "torch": torch.__version__, "threads": args.threads,
+              "wall_s": time.perf_counter() - t0, "rows": rows}
+    output = args.output or (None if args.quick else str(ROOT / "experiments/export-speed/results.json"))
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=1))
+    print(table(rows))
+    return result
+
+
+if __name__ == "__main__":
+    main()

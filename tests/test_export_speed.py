@@ -1,0 +1,32 @@
+"""benchmarks/export_speed.py (issue 26) as a dry run: tiny models, every student, both dtypes and batches, in
+seconds; the rows carry what the README's table reads, related to the dense rows of the same setting."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import export_speed  # noqa: E402
+
+
+def test_quick_run_writes_every_row_against_the_dense_model(tiny_teacher_dir, tmp_path):
+    out = tmp_path / "results.json"
+    export_speed.main(["--quick", "--teacher", tiny_teacher_dir, "--output", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    keys = {(r["model"], r["dtype"], r["batch"], r["student"]) for r in rows}
+    assert keys == {(m, d, b, s) for m in ("embedded", "1b") for d in ("float32", "bfloat16") for b in (1, 8)
+                    for s in ["dense", *export_speed.STUDENTS]}
+    for r in rows:
+        assert {"bytes_ratio", "decode_speedup", "prefill_speedup", "decode_of_limit"} <= set(r)
+        assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+        assert abs(r["decode_of_limit"] * r["limit"] - r["decode_speedup"]) < 1e-9
+        if r["student"] == "dense":
+            assert r["bytes_ratio"] == 1.0
+        elif r["student"].startswith("svdllm"):  # a rank ratio below 1 stores fewer bytes than the dense maps
+            assert r["bytes_ratio"] < 1.0
+    ratios = {r["student"]: r["bytes_ratio"] for r in rows if (r["model"], r["dtype"], r["batch"]) == ("1b", "float32", 1)}
+    assert ratios["svdllm-0.5"] < ratios["svdllm-0.6"] < ratios["svdllm-0.8"] < 1.0
+    assert result["command"].startswith("python benchmarks/export_speed.py --quick")
