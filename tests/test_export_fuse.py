@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import zoo
-from test_export import TECHNIQUES, batches, built, logits
+from techniques import TECHNIQUES as MATRIX
+from test_export import MLP, batches, built, logits
+from zoo import BlockwisePHD, Composite, EigenAttention, FisherSVD
 from zoo.export.fuse_zoo import fuse_program, referenced
 from zoo.export.modeling_zoo import ZooLinear, run
 
@@ -92,6 +94,13 @@ def test_a_low_rank_map_runs_as_two_matmuls_with_sigma_folded():
         fused = bf16(x.bfloat16())
     assert bf16._fixed == ([("fused0", True), ("fused1", True)], None)  # bf16: nn.Linear's layout for both
     assert (fused.float() - stored.float()).abs().max() <= 0.02 * stored.float().abs().max()
+
+
+#: every row of the technique matrix that needs no file made by the contract's fixtures, and a mix
+TECHNIQUES = {name: row[:2] for name, row in MATRIX.items()
+              if not {"{basis}", "{perturbed}", "{teacher}"} & set(map(str, row[1].values()))}
+TECHNIQUES["composite"] = (Composite, dict(parts=[FisherSVD(MLP, rank=8), EigenAttention("model.layers.1.self_attn", k=8),
+                                                  BlockwisePHD("model.layers.0.self_attn.o_proj", rank=8, block=16)]))
 
 
 @pytest.mark.parametrize("name", sorted(TECHNIQUES))

@@ -96,11 +96,13 @@ def dequantize_op(op: dict, tensors, dtype: torch.dtype) -> torch.Tensor:
     return ((codes - (zeros.repeat_interleave(group, -1)[:, :n])) * scales.repeat_interleave(group, -1)[:, :n]).to(dtype)
 
 
-def int4_kernel(op: dict, x: torch.Tensor) -> bool:
+def int4_kernel(op: dict, x: torch.Tensor, out: int) -> bool:
     """Whether torch's int4 weight-only CPU kernel computes this ``qmatmul``: bf16 inputs on the CPU (in fp32
-    the kernel is slower than a dense matmul), 4 bits, whole groups of a size the kernel takes."""
+    the kernel is slower than a dense matmul), 4 bits, whole groups of a size the kernel takes, outputs in
+    multiples of 16 (its packing; a quantized low-rank factor of rank 8 has not)."""
     return (op["bits"] == 4 and x.device.type == "cpu" and x.dtype == torch.bfloat16 and op["group"] in (32, 64, 128, 256)
-            and op["in"] % op["group"] == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+            and op["in"] % op["group"] == 0 and out % 16 == 0
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
 
 def int4_operands(op: dict, tensors, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +203,8 @@ class ZooLinear(nn.Module):
             return x @ dequantize_op(op, tensor, x.dtype).T
         key = (op["t"], x.dtype, x.device)
         if key not in self._dense:
-            self._dense[key] = (int4_operands(op, tensor, x.dtype) if int4_kernel(op, x)
+            self._dense[key] = (int4_operands(op, tensor, x.dtype)
+                                if int4_kernel(op, x, tensor(op["t"] + "_scales").shape[0])
                                 else dequantize_op(op, tensor, x.dtype))
         cached = self._dense[key]
         if isinstance(cached, tuple):
