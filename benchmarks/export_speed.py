@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,9 +47,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from zoo import BlockwisePHD, DistillationModule, EigenAttention, FisherSVD, export_model, from_pretrained  # noqa: E402
-from zoo.core.compat import cache_kwargs, output_cache  # noqa: E402
 from zoo.core.ranks import resolve_rank  # noqa: E402
 from zoo.core.surgery import replaced_modules  # noqa: E402
+from zoo.export import speed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LINEARS = ["model.layers.*.self_attn.{q,k,v,o}_proj", "model.layers.*.mlp.{gate,up,down}_proj"]
@@ -94,65 +93,9 @@ def calibration(tokenizer, n: int, seq_len: int, vocab: int) -> list[dict]:
 
 # ---- measuring ------------------------------------------------------------------------------------
 
-def resident_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
 def measure(models: dict, label: str, dtype: str, args, prompt: int, new: int) -> list[dict]:
-    """Rows of every model in ``models`` ({student: model}, "dense" among them). Interleaved, so load from other
-    jobs falls on all of them alike: in each of ``args.rounds`` rounds every model prefills in turn, then every model
-    takes its decode steps in turn, one step each. Prefill: the best round; decode: the median step (and the best,
-    ``decode_tokens_per_s_best``) over all rounds, after one untimed step per round."""
-    rows = []
-    for batch in args.batches:
-        g = torch.Generator().manual_seed(batch)
-        ids = torch.randint(10, min(m.config.vocab_size for m in models.values()) - 10, (batch, prompt), generator=g)
-        prefill, decode = {name: [] for name in models}, {name: [] for name in models}
-        with torch.inference_mode():
-            for _ in range(args.rounds):
-                state = {}
-                for name, model in models.items():
-                    t0 = time.perf_counter()
-                    out = model.eval()(input_ids=ids, use_cache=True)
-                    prefill[name].append(time.perf_counter() - t0)
-                    state[name] = (output_cache(out), out.logits[:, -1:].argmax(-1))
-                for step in range(new + 1):
-                    for name, model in models.items():
-                        cache, token = state[name]
-                        t0 = time.perf_counter()
-                        out = model(input_ids=token, use_cache=True, **cache_kwargs(model, cache))
-                        state[name] = (output_cache(out), out.logits[:, -1:].argmax(-1))
-                        if step:
-                            decode[name].append(time.perf_counter() - t0)
-                del state
-        for name, model in models.items():
-            row = {"model": label, "dtype": dtype, "batch": batch, "student": name, "bytes": resident_bytes(model),
-                   "prompt": prompt, "new": new, "rounds": args.rounds,
-                   "prefill_tokens_per_s": batch * prompt / min(prefill[name]),
-                   "decode_tokens_per_s": batch / statistics.median(decode[name]),
-                   "decode_tokens_per_s_best": batch / min(decode[name])}
-            print(f"  {label} {dtype} batch {batch} {name}: {row['bytes'] / 2**20:.1f} MiB, prefill "
-                  f"{row['prefill_tokens_per_s']:.1f} tok/s, decode {row['decode_tokens_per_s']:.2f} tok/s", flush=True)
-            rows.append(row)
-    return rows
-
-
-def relate(rows: list[dict]) -> list[dict]:
-    """Each row against the dense row of its model, dtype and batch."""
-    for row in rows:
-        dense = next(r for r in rows if r["student"] == "dense" and
-                     (r["model"], r["dtype"], r["batch"]) == (row["model"], row["dtype"], row["batch"]))
-        ratio = row["bytes"] / dense["bytes"]
-        row["bytes_ratio"], row["limit"] = ratio, 1 / ratio
-        for kind in ("prefill", "decode"):
-            row[f"{kind}_speedup"] = row[f"{kind}_tokens_per_s"] / dense[f"{kind}_tokens_per_s"]
-            row[f"{kind}_of_limit"] = row[f"{kind}_speedup"] / row["limit"]
-    return rows
+    return speed.measure(models, label, dtype, args.batches, args.rounds, prompt, new,
+                         log=lambda line: print(line, flush=True))
 
 
 # ---- the embedded teacher: students built, exported and loaded -----------------------------------
@@ -320,7 +263,7 @@ def main(argv=None):
                (shaped_rows(args) if "1b" in args.models else [])
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    rows = relate(rows)
+    rows = speed.relate(rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     result = {"command": "python benchmarks/export_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "commit": commit, "hardware": hardware(), "torch": torch.__version__, "threads": args.threads,

@@ -68,6 +68,8 @@ COMMANDS: dict[str, Command] = {
                        "through lm-eval's HFLM on the model in memory", logger=True, logger_name="lm_eval"),
     "ppl": Command("recipes.perplexity:ppl", "perplexity in non-overlapping windows (default 2048 tokens)",
                    logger=True, logger_name="ppl"),
+    "speed": Command("recipes.speed:speed", "prefill and decode tokens/s of a recipe's exported student against its "
+                     "dense teacher, side by side"),
     "duel": Command("recipes.duel:basis_duel", "compare bases of one layer at one rank (source 000, 4.2)",
                     data="required", logger=True, logger_name="basis_duel"),
     "spectrum": Command("recipes.spectrum:spectrum_report", "per-layer eigen-spectra of hidden states, Q, K, V "

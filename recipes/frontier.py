@@ -14,6 +14,8 @@ stages, each in its own process into ``OUTPUT_DIR/<method>@<value>/<stage>``:
   state is the best validated one. With ``callbacks.RepairCurve`` in the recipe, the stage's entry holds its points
   (``curve``: step, wall seconds, heldout KL and ppl at train start and each validation).
 - ``after``: ``zoo validate --ckpt_path <repair state>``: the repaired student scored exactly as ``before``.
+- ``speed`` (with ``decode_tokens``): ``zoo speed`` of the student as shipped (its repair state where repaired;
+  exported and loaded back) against its dense teacher: decode and prefill tokens/s side by side.
 - ``prose_before`` and ``prose_after`` (with ``prose_windows``): ``zoo ppl`` of the student (unrepaired, then
   with its repair state) and its teacher on pydoc-topics prose in 2048-token windows: what the student keeps
   outside the code it was calibrated and repaired on.
@@ -44,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from zoo.core.cache import atomic_write_text
-from zoo.core.errors import ZooError
+from zoo.core.errors import ZooError, check_choice
 
 from .command import command_logger
 from .frontier_report import STAGES, format_table, hardware, plot
@@ -150,11 +152,13 @@ class Frontier(Series):
 
     def __init__(self, methods: list[Method], ratios: list[float], overrides: list[str], repair_steps: int,
                  repair_minutes: float | None, output_dir: str, only: list[str] | None, rerun: bool, logger: bool,
-                 prose_windows: int = 0, prose_seq_len: int = 2048):
+                 prose_windows: int = 0, prose_seq_len: int = 2048, decode_tokens: int = 0,
+                 decode_dtype: str = "bfloat16"):
         self.methods = {m.name: m for m in methods}
         self.ratios, self.overrides = list(ratios), list(overrides)
         self.repair = {"steps": repair_steps, "minutes": repair_minutes}
         self.prose_windows, self.prose_seq_len = prose_windows, prose_seq_len
+        self.decode_tokens, self.decode_dtype = decode_tokens, decode_dtype
         self.pairs: dict[str, tuple[Method, float]] = {}
         items = []
         for m in methods:
@@ -190,7 +194,9 @@ class Frontier(Series):
         same_repair = record.get("repair") == self.repair or not self.repairs_item(item)
         prose = not self.prose_windows or all(stages.get(f"prose_{k}", {}).get("windows") == self.prose_windows
                                               for k in ("before", "after") if k in stages)
-        return record if record.get("complete") and same_repair and whole and prose else None
+        speed = not self.decode_tokens or (stages.get("speed", {}).get("tokens"), stages.get("speed", {}).get("dtype")) \
+            == (self.decode_tokens, self.decode_dtype)
+        return record if record.get("complete") and same_repair and whole and prose and speed else None
 
     def kept(self, item: Item, run_dir: Path) -> str:
         return f"finished earlier ({run_dir / RESULT})"
@@ -228,29 +234,46 @@ class Frontier(Series):
             return f"{name} failed: no heldout metrics in {stage_dir / 'metrics_validate.json'}"
         return None
 
-    def prose(self, when: str, item: Item, run_dir: Path, record: dict, old: dict) -> str | None:
-        """``zoo ppl`` of the student (with its repair state ``after`` repair) and its teacher on prose."""
-        name = f"prose_{when}"
+    def command_stage(self, name: str, item: Item, run_dir: Path, record: dict, old: dict, settings: dict,
+                      after: bool, command: list[str], read) -> str | None:
+        """A ``zoo`` command on the item's student (``after``: with its repair state) into ``run_dir/name``, its
+        output JSON read by ``read`` into the stage's entry; kept from ``old`` when it finished with the same
+        ``settings`` (and, ``after`` repair, the same repair)."""
         kept = old.get("stages", {}).get(name, {})
-        if kept.get("exit_code") == 0 and kept.get("windows") == self.prose_windows and \
-                (when == "before" or old.get("repair") == self.repair):
+        if kept.get("exit_code") == 0 and all(kept.get(k) == v for k, v in settings.items()) and \
+                (not after or old.get("repair") == self.repair):
             record["stages"][name] = kept
             return None
         stage_dir = run_dir / name
         stage_dir.mkdir(parents=True, exist_ok=True)
-        output = stage_dir / "ppl.json"
-        state = ["--repair_state", str(run_dir / "repair" / "repair_state.safetensors")] if when == "after" else []
-        args = [sys.executable, "-m", "recipes.cli", "ppl", "--recipe", item.config,
+        output = stage_dir / f"{command[0]}.json"
+        state = ["--repair_state", str(run_dir / "repair" / "repair_state.safetensors")] if after else []
+        args = [sys.executable, "-m", "recipes.cli", command[0], "--recipe", item.config,
                 "--overrides", json.dumps([*item.overrides, "--trainer.enable_progress_bar", "false"]), *state,
-                "--source", PROSE, "--seq_len", str(self.prose_seq_len), "--max_windows", str(self.prose_windows), "--device", "cpu",
-                "--output", str(output), "--logger", "null"]
-        entry, code, last = run_stage(args, stage_dir / "ppl.log", (output,))
-        entry["windows"] = self.prose_windows
+                *command[1:], "--output", str(output)]
+        entry, code, last = run_stage(args, stage_dir / f"{command[0]}.log", (output,))
+        entry |= settings
         if output.is_file():
-            ppl = json.loads(output.read_text())["ppl"]
-            entry |= {"ppl": ppl["student"]["ppl"], "teacher_ppl": ppl["teacher"]["ppl"]}
+            entry |= read(json.loads(output.read_text()))
         record["stages"][name] = entry
-        return None if code == 0 and "ppl" in entry else f"{name} failed (exit {code}): {last[:120]}"
+        return None if code == 0 and output.is_file() else f"{name} failed (exit {code}): {last[:120]}"
+
+    def prose(self, when: str, item: Item, run_dir: Path, record: dict, old: dict) -> str | None:
+        """``zoo ppl`` of the student (with its repair state ``after`` repair) and its teacher on prose."""
+        command = ["ppl", "--source", PROSE, "--seq_len", str(self.prose_seq_len), "--max_windows",
+                   str(self.prose_windows), "--device", "cpu", "--logger", "null"]
+        read = lambda out: {"ppl": out["ppl"]["student"]["ppl"], "teacher_ppl": out["ppl"]["teacher"]["ppl"]}  # noqa: E731
+        return self.command_stage(f"prose_{when}", item, run_dir, record, old, {"windows": self.prose_windows},
+                                  when == "after", command, read)
+
+    def speed(self, item: Item, run_dir: Path, record: dict, old: dict, repaired: bool) -> str | None:
+        """``zoo speed`` of the student as shipped (exported, loaded back) against its dense teacher: decode and
+        prefill tokens/s, batch 1, one thread, in ``decode_dtype``."""
+        command = ["speed", "--dtype", self.decode_dtype, "--new", str(self.decode_tokens), "--threads", "1"]
+        read = lambda out: {k: out[k] for k in ("decode_speedup", "prefill_speedup", "decode_tokens_per_s",  # noqa: E731
+                                                 "dense_decode_tokens_per_s", "decode_of_limit")}
+        settings = {"tokens": self.decode_tokens, "dtype": self.decode_dtype}
+        return self.command_stage("speed", item, run_dir, record, old, settings, repaired, command, read)
 
     def execute(self, item: Item, run_dir: Path) -> str:
         path = run_dir / RESULT
@@ -297,6 +320,8 @@ class Frontier(Series):
             save()
             if failure is None and self.prose_windows:
                 failure = self.prose("after", item, run_dir, record, old)
+        if failure is None and self.decode_tokens:
+            failure = self.speed(item, run_dir, record, old, repaired=self.repairs_item(item))
         record["status"] = failure or "ok"
         record["complete"] = failure is None
         save()
@@ -344,6 +369,9 @@ class Frontier(Series):
                 "bytes_fraction": built["student_bytes"] / built["teacher_bytes"] if built.get("teacher_bytes") else None,
                 "ppl_code_ratio": code_ratio, "ppl_prose_ratio": prose_ratio,
                 "repair_minutes": minutes / 60 if minutes is not None else None,
+                "decode_speedup": stages.get("speed", {}).get("decode_speedup"),
+                "decode_tokens_per_s": stages.get("speed", {}).get("decode_tokens_per_s"),
+                "decode_dtype": stages.get("speed", {}).get("dtype"),
                 "prose_ppl_before": prose_before.get("ppl"), "prose_ppl_after": prose_after.get("ppl"),
                 "teacher_prose_ppl": teacher_prose, "prose_x_teacher_before": prose_of(prose_before.get("ppl")),
                 "prose_x_teacher_after": prose_of(prose_after.get("ppl")),
@@ -378,6 +406,8 @@ def run_frontier(
     logger: bool = True,
     prose_windows: int = 0,
     prose_seq_len: int = 2048,
+    decode_tokens: int = 0,
+    decode_dtype: str = "bfloat16",
 ) -> list[dict]:
     """Run every (method, value) item not finished, then write the table, JSON and chart.
 
@@ -399,6 +429,9 @@ def run_frontier(
         prose_windows: windows of pydoc-topics prose each student (before and after repair) and its teacher are
             scored on (``zoo ppl``); 0: none.
         prose_seq_len: tokens per prose window (2048, as papers report perplexity).
+        decode_tokens: greedy tokens each student as shipped (exported, loaded back) and its dense teacher decode,
+            interleaved, batch 1, one thread (``zoo speed``): ``decode_speedup`` in each row; 0: not measured.
+        decode_dtype: the dtype both decode in (``bfloat16``: where a low-bit grid runs its int4 kernel).
     """
     if not methods:
         raise ZooError("the frontier has no methods")
@@ -408,13 +441,16 @@ def run_frontier(
         raise ZooError(f"repair_steps must be >= 0 and repair_minutes > 0, got {repair_steps}, {repair_minutes}")
     check_unique([m.name for m in methods], "method names")
     check_unique([f"{r:g}" for r in ratios], "ratios")
+    check_choice("decode_dtype", decode_dtype, ("float32", "bfloat16"))
+    if decode_tokens < 0:
+        raise ZooError(f"decode_tokens must be >= 0 (0: no decode speed), got {decode_tokens}")
     if prose_windows < 0:
         raise ZooError(f"prose_windows must be >= 0 (0: no prose perplexity), got {prose_windows}")
     for m in methods:
         if m.values is not None:
             check_unique([f"{v:g}" for v in m.values], f"values of method {m.name}")
     frontier = Frontier(methods, ratios, overrides, repair_steps, repair_minutes, output_dir, only, rerun, logger,
-                        prose_windows, prose_seq_len)
+                        prose_windows, prose_seq_len, decode_tokens, decode_dtype)
     check_configs(frontier.items, "method")
     rows = frontier.run()
     out = frontier.outputs

@@ -11,7 +11,7 @@ from .report import fmt, markdown_table
 
 #: the order of a decoder layer's maps, for the rank cell (other names follow, sorted)
 LAYER_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-STAGES = ("before", "repair", "after", "prose_before", "prose_after")
+STAGES = ("before", "repair", "after", "prose_before", "prose_after", "speed")
 
 
 def rank_cell(ranks: dict[str, float]) -> str:
@@ -45,7 +45,7 @@ def hardware() -> dict:
 def format_table(rows: list[dict]) -> str:
     head = ["method", "setting", "bits / weight", "MB (16-bit)", "parameters", "KL before", "KL after",
             "code ppl before", "after", "code x teacher before", "after", "prose x teacher before", "after",
-            "repair steps", "repair min", "s before", "s repair", "mean rank per layer type"]
+            "decode x dense", "repair steps", "repair min", "s before", "s repair", "mean rank per layer type"]
     cells = []
     for r in rows:
         s = r["seconds"]
@@ -55,6 +55,7 @@ def format_table(rows: list[dict]) -> str:
                       fmt(r["kl_before"], ".4f"), fmt(r["kl_after"], ".4f"), ppl_cell(r["ppl_before"]),
                       ppl_cell(r["ppl_after"]), ratio_cell(r["ppl_x_teacher_before"]), ratio_cell(r["ppl_x_teacher_after"]),
                       ratio_cell(r.get("prose_x_teacher_before")), ratio_cell(r.get("prose_x_teacher_after")),
+                      ratio_cell(r.get("decode_speedup")),
                       fmt(r["repair_steps"], "d"), fmt(r.get("repair_minutes"), ".1f"), fmt(s.get("before"), ".0f"),
                       fmt(s.get("repair"), ".0f"), rank_cell(r.get("ranks") or {})])
     if any(v is not None for r in rows for v in r.get("cuda_peak_gib", {}).values()):  # measured on a GPU

@@ -126,3 +126,32 @@ def test_frontier_bits_items_prose_and_a_baseline_never_repaired(tmp_path, tiny_
     assert repaired["ppl_prose_ratio"] == repaired["prose_x_teacher_after"] != repaired["prose_x_teacher_before"]
     assert repaired["ppl_code_ratio"] == repaired["ppl_x_teacher_after"]
     assert "| rtn | bits 8 |" in (out_dir / "frontier.md").read_text()
+
+
+def test_frontier_decode_speed_of_the_student_as_shipped(tmp_path, tiny_teacher_dir, capsys):
+    """``decode_tokens``: each item's exported student decodes beside its dense teacher (``zoo speed``); the stage
+    is kept on a second run with the same settings and measured again with others."""
+    grid = repair_model("zoo.Quantize", targets="model.layers.*.mlp.{gate,up,down}_proj", bits=4, group=32, lr=0.01)
+    config = config_with(tmp_path, tiny_teacher_dir, model=grid, max_steps=2)
+    out_dir = tmp_path / "frontier"
+    frontier = {"output_dir": str(out_dir), "logger": False, "decode_tokens": 2, "decode_dtype": "float32",
+                "methods": [{"name": "rtn", "config": config, "setting": "bits", "values": [4], "repair": False}]}
+    path = tmp_path / "frontier.yaml"
+    path.write_text(yaml.safe_dump(frontier))
+    code, out, err = zoo_cli(["frontier", "--config", str(path)], capsys)
+    assert code == 0 and out.count("$ zoo speed") == 1, err
+    row = json.loads((out_dir / "frontier.json").read_text())["rows"][0]
+    assert row["decode_speedup"] > 0 and row["decode_tokens_per_s"] > 0 and row["decode_dtype"] == "float32"
+    speed = json.loads((out_dir / "rtn@4" / "speed" / "speed.json").read_text())
+    assert speed["bytes_ratio"] < 1 and [r["student"] for r in speed["rows"]] == ["dense", "student"]
+    code, out, _ = zoo_cli(["frontier", "--config", str(path)], capsys)
+    assert code == 0 and "$ zoo speed" not in out  # finished with these settings
+    code, out, _ = zoo_cli(["frontier", "--config", str(path), "--decode_tokens", "3"], capsys)
+    assert code == 0 and out.count("$ zoo speed") == 1 and "$ zoo validate" not in out  # only the stage that changed
+
+
+def test_zoo_speed_refuses_bad_options_by_name(tmp_path, capsys):
+    code, _, err = zoo_cli(["speed", "--recipe", "r.yaml", "--dtype", "float16"], capsys)
+    assert code == 2 and "float16" in err and "bfloat16" in err
+    code, _, err = zoo_cli(["speed", "--recipe", "r.yaml", "--new", "0"], capsys)
+    assert code == 2 and "new=0" in err
