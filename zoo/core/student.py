@@ -174,8 +174,8 @@ class Student:
                 own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
                 layers[name] = part.from_state(name, self.model.get_submodule(name), own)
                 if layers[name] is None:
-                    return (f"{type(part).__name__} ({name}) keeps tensors out of its repair state that calibration "
-                            "rebuilds (a low-rank part holds its whole layer with train_factors: true)")
+                    return (f"{type(part).__name__} ({name}) keeps frozen tensors out of its repair state, and "
+                            "calibration rebuilds them (a low-rank part trained with train_factors: true holds them all)")
         claim(self.model)
         for part, names in zip(self.parts, resolved):
             replace(self.model, names, lambda name, module: layers[name], part.target_kind)
