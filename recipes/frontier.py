@@ -19,6 +19,13 @@ stages, each in its own process into ``OUTPUT_DIR/<method>@<value>/<stage>``:
 - ``prose_before`` and ``prose_after`` (with ``prose_windows``): ``zoo ppl`` of the student (unrepaired, then
   with its repair state) and its teacher on pydoc-topics prose in 2048-token windows: what the student keeps
   outside the code it was calibrated and repaired on.
+- ``hologram_before`` and ``hologram_after`` (with ``hologram_samples``, issue 27): ``zoo validate`` scored on
+  heldout hologram samples (source 000, section 2.5: the teacher's own chat distribution), KL to the teacher.
+- ``mc_before``, ``mc_teacher`` and ``mc_after`` (with ``mc_items``): ``zoo lm-eval`` accuracy on a local
+  multiple-choice task (``recipes.ood_tasks``) of the student and of its teacher.
+
+With ``seeds``, each item runs once per seed, seed S > 0 in ``OUTPUT_DIR/<method>@<value>#s<S>``; a row is
+the mean over the seeds with the spread (``frontier_rows``).
 
 Bytes are what the student's export stores with floating tensors at 16 bits (``zoo.export.writer.size_report``
 in the built student's summary): packed codes and fp16 scales of a grid, factors of a low-rank map, and the
