@@ -19,6 +19,13 @@ stages, each in its own process into ``OUTPUT_DIR/<method>@<value>/<stage>``:
 - ``prose_before`` and ``prose_after`` (with ``prose_windows``): ``zoo ppl`` of the student (unrepaired, then
   with its repair state) and its teacher on pydoc-topics prose in 2048-token windows: what the student keeps
   outside the code it was calibrated and repaired on.
+- ``hologram_before`` and ``hologram_after`` (with ``hologram_samples``, issue 27): ``zoo validate`` scored on
+  heldout hologram samples (source 000, section 2.5: the teacher's own chat distribution), KL to the teacher.
+- ``mc_before``, ``mc_teacher`` and ``mc_after`` (with ``mc_items``): ``zoo lm-eval`` accuracy on a local
+  multiple-choice task (``recipes.ood_tasks``) of the student and of its teacher.
+
+With ``seeds``, each item runs once per seed, seed S > 0 in ``OUTPUT_DIR/<method>@<value>#s<S>``; a row is
+the mean over the seeds with the spread (``frontier_rows``).
 
 Bytes are what the student's export stores with floating tensors at 16 bits (``zoo.export.writer.size_report``
 in the built student's summary): packed codes and fp16 scales of a grid, factors of a low-rank map, and the
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,12 +58,17 @@ from zoo.core.errors import ZooError, check_choice
 
 from .command import command_logger
 from .frontier_report import STAGES, format_table, hardware, plot
+from .frontier_rows import built_summary, count_parameters, heldout, item_row, seed_rows
+from .ood_tasks import TASK, write_task
 from .report import log_outputs, row_table
 from .series import Item, Series, check_configs, check_unique, run_streaming, zoo_args
 
 DEFAULT_RATIOS = [0.9, 0.8, 0.7, 0.6, 0.5]
 RESULT = "item.json"
 PROSE = "pydoc-topics"
+#: the data seed of the hologram stages' samples: one heldout set for every item and seed, and none a recipe
+#: trains on (the shipped mixes draw theirs with seed 0)
+HOLOGRAM_SEED = 1_000_003
 
 
 @dataclass
@@ -82,51 +95,9 @@ class Method:
     repair: bool = True
 
 
-def item_name(method: str, value: float) -> str:
-    return f"{method}@{value:g}"
-
-
-def heldout(metrics: dict) -> dict | None:
-    """(heldout KL, ppl, teacher ppl) of a ``zoo validate`` run's ``metrics_validate.json`` (parsed)."""
-    final = metrics.get("final", {})
-    if "heldout_kl" not in final:
-        return None
-    return {"kl": final["heldout_kl"], "ppl": final.get("heldout_ppl"), "teacher_ppl": final.get("heldout_ppl_teacher")}
-
-
-def count_parameters(config: str, overrides: list[str]) -> dict:
-    """Parameters of the student and of its teacher, from shapes (the teacher on the meta device)."""
-    from zoo.core import plan as zp
-    from zoo.core.models import parse_dtype
-
-    from .recipe import load_recipe
-
-    module = load_recipe(config, overrides, build=False, meta=True).module
-    resolved = module.resolve_targets()
-    plan = zp.plan_student(module.model, module.parts, resolved, parse_dtype(module.dtype_name))
-    return {"parameters": plan.student_parameters, "teacher_parameters": plan.model_parameters,
-            "replaced_parameters": plan.original, "targets": len(plan.targets),
-            "ranks": shape_ranks(module.model, module.parts, resolved)}
-
-
-def shape_ranks(model, parts, resolved: list[list[str]]) -> dict[str, float]:
-    """The mean rank per layer type that the parts' shapes give (a ``sigma`` of r entries: a rank-r map), as
-    ``ranks/<type>/mean``; under a planned allocation the built student's own ranks replace these (they are
-    the uniform rank of the budget, see ``Technique.footprint_note``)."""
-    by_type: dict[str, list[int]] = {}
-    for part, names in zip(parts, resolved):
-        for name in names:
-            sigma = part.footprint(name, model.get_submodule(name)).get("sigma")
-            if sigma is not None:
-                by_type.setdefault(name.rsplit(".", 1)[-1], []).append(sigma.shape[0])
-    return {f"ranks/{t}/mean": sum(rs) / len(rs) for t, rs in sorted(by_type.items())}
-
-
-def built_summary(run_dir: Path) -> dict:
-    """The unrepaired student's summary as its validate built it (``ranks/<type>/<stat>`` and
-    ``low_rank_parameters`` from ``FisherSVD.report``; bytes and bits per weight from ``size_report``)."""
-    path = run_dir / "before" / "metrics_validate.json"
-    return json.loads(path.read_text()).get("summary", {}) if path.is_file() else {}
+def item_name(method: str, value: float, seed: int = 0) -> str:
+    """``<method>@<value>``, and ``<method>@<value>#s<seed>`` for a seed other than 0."""
+    return f"{method}@{value:g}" + (f"#s{seed}" if seed else "")
 
 
 def one_line(exc: Exception) -> str:
@@ -152,22 +123,37 @@ class Frontier(Series):
 
     def __init__(self, methods: list[Method], ratios: list[float], overrides: list[str], repair_steps: int,
                  repair_minutes: float | None, output_dir: str, only: list[str] | None, rerun: bool, logger: bool,
-                 prose_windows: int = 0, prose_seq_len: int = 2048, decode_tokens: int = 0,
-                 decode_dtype: str = "bfloat16"):
+                 seeds: tuple[int, ...] = (0,), prose_windows: int = 0, prose_seq_len: int = 2048,
+                 decode_tokens: int = 0, decode_dtype: str = "bfloat16", hologram: dict | None = None,
+                 mc_task: str | None = None, mc_items: int = 0):
         self.methods = {m.name: m for m in methods}
-        self.ratios, self.overrides = list(ratios), list(overrides)
+        self.ratios, self.overrides, self.seeds = list(ratios), list(overrides), list(seeds)
         self.repair = {"steps": repair_steps, "minutes": repair_minutes}
         self.prose_windows, self.prose_seq_len = prose_windows, prose_seq_len
         self.decode_tokens, self.decode_dtype = decode_tokens, decode_dtype
-        self.pairs: dict[str, tuple[Method, float]] = {}
-        items = []
+        self.hologram, self.mc_task, self.mc_items = hologram, mc_task, mc_items
+        self.pairs: dict[str, tuple[Method, float, int]] = {}
+        items, runs = [], {}
         for m in methods:
             for v in (m.values if m.values is not None else ratios):
-                name = item_name(m.name, v)
-                self.pairs[name] = (m, v)
-                items.append(Item(name, config=m.config,
-                                  overrides=[*overrides, *m.overrides, f"--model.init_args.parts.{m.setting}", f"{v:g}"]))
+                for seed in seeds:
+                    name = item_name(m.name, v, seed)
+                    self.pairs[name] = (m, v, seed)
+                    runs.setdefault(item_name(m.name, v), []).append(name)
+                    # seed 0 runs the recipe as written (its own seeds): items finished before seeds stay so
+                    seeded = ["--seed_everything", str(seed), "--data.init_args.seed", str(seed)] if seed else []
+                    items.append(Item(name, config=m.config, overrides=[
+                        *overrides, *m.overrides, f"--model.init_args.parts.{m.setting}", f"{v:g}", *seeded]))
+        # `only` names an item (every seed of it) or one run of it (`<method>@<value>#s<seed>`)
+        only = None if only is None else [n for o in map(str, only) for n in runs.get(o, [o])]
         super().__init__(items, output_dir, "frontier", only, rerun, logger)
+
+    def ood_settings(self) -> dict[str, dict]:
+        """The settings of each optional evaluation stage that is on, by stage prefix: a finished stage is
+        kept only under the same settings."""
+        on = {"prose": {"windows": self.prose_windows} if self.prose_windows else None,
+              "hologram": self.hologram, "mc": {"items": self.mc_items} if self.mc_task else None}
+        return {k: v for k, v in on.items() if v}
 
     @property
     def repairs(self) -> bool:
@@ -192,11 +178,12 @@ class Frontier(Series):
         whole = all(stages.get(k, {}).get("full_heldout") for k in ("before", "after") if k in stages)
         # a repaired item also holds the unrepaired student's numbers: an invocation without repair keeps it
         same_repair = record.get("repair") == self.repair or not self.repairs_item(item)
-        prose = not self.prose_windows or all(stages.get(f"prose_{k}", {}).get("windows") == self.prose_windows
-                                              for k in ("before", "after") if k in stages)
+        ood = all(all(stages.get(f"{prefix}_{when}", {}).get(k) == v for k, v in settings.items())
+                  for prefix, settings in self.ood_settings().items()
+                  for when in ("before", "after") if when in stages)
         speed = not self.decode_tokens or (stages.get("speed", {}).get("tokens"), stages.get("speed", {}).get("dtype")) \
             == (self.decode_tokens, self.decode_dtype)
-        return record if record.get("complete") and same_repair and whole and prose and speed else None
+        return record if record.get("complete") and same_repair and whole and ood and speed else None
 
     def kept(self, item: Item, run_dir: Path) -> str:
         return f"finished earlier ({run_dir / RESULT})"
@@ -246,13 +233,17 @@ class Frontier(Series):
             return None
         stage_dir = run_dir / name
         stage_dir.mkdir(parents=True, exist_ok=True)
-        output = stage_dir / f"{command[0]}.json"
+        output, results = stage_dir / f"{command[0]}.json", stage_dir / "results"
         state = ["--repair_state", str(run_dir / "repair" / "repair_state.safetensors")] if after else []
+        # lm-eval names its results file itself (under --output_dir); the others write --output
+        target = ["--output_dir", str(results)] if command[0] == "lm-eval" else ["--output", str(output)]
+        shutil.rmtree(results, ignore_errors=True)
         args = [sys.executable, "-m", "recipes.cli", command[0], "--recipe", item.config,
                 "--overrides", json.dumps([*item.overrides, "--trainer.enable_progress_bar", "false"]), *state,
-                *command[1:], "--output", str(output)]
+                *command[1:], *target]
         entry, code, last = run_stage(args, stage_dir / f"{command[0]}.log", (output,))
         entry |= settings
+        output = max(results.glob("**/results_*.json"), default=output) if command[0] == "lm-eval" else output
         if output.is_file():
             entry |= read(json.loads(output.read_text()))
         record["stages"][name] = entry
@@ -266,6 +257,42 @@ class Frontier(Series):
         return self.command_stage(f"prose_{when}", item, run_dir, record, old, {"windows": self.prose_windows},
                                   when == "after", command, read)
 
+    def mc(self, when: str, item: Item, run_dir: Path, record: dict, old: dict) -> str | None:
+        """``zoo lm-eval`` on the local multiple-choice task: the student (with its repair state ``after``
+        repair), or the teacher (``when`` = ``teacher``: the originals inside the student, ``--view teacher``);
+        ``acc`` is lm-eval's ``acc_norm`` (the choices differ in length), ``acc_raw`` its ``acc``."""
+        command = ["lm-eval", "--tasks", self.mc_task, "--device", "cpu", "--logger", "null",
+                   *(["--view", "teacher"] if when == "teacher" else [])]
+        read = lambda out: {"acc": out["results"][TASK]["acc_norm,none"], "acc_raw": out["results"][TASK]["acc,none"]}  # noqa: E731
+        return self.command_stage(f"mc_{when}", item, run_dir, record, old, {"items": self.mc_items},
+                                  when == "after", command, read)
+
+    def validate_stage(self, name: str, item: Item, run_dir: Path, record: dict, old: dict, extra: list[str],
+                       settings: dict, keep: bool) -> str | None:
+        """A ``zoo validate`` stage (``stage``), kept from ``old`` where ``keep`` allows and it finished on the
+        whole heldout split with the same ``settings``."""
+        kept = old.get("stages", {}).get(name, {})
+        if keep and kept.get("exit_code") == 0 and "kl" in kept and kept.get("full_heldout") and \
+                all(kept.get(k) == v for k, v in settings.items()):
+            record["stages"][name] = kept
+            return None
+        failure = self.stage(name, "validate", item, run_dir, extra, record)
+        record["stages"][name] |= settings
+        return failure
+
+    def hologram_stage(self, when: str, item: Item, run_dir: Path, record: dict, old: dict, keep: bool,
+                       state: list[str]) -> str | None:
+        """``zoo validate`` of the item's student (built on its own calibration data as ever) scored on heldout
+        hologram samples, the teacher's own chat distribution (source 000, section 2.5): the recipe's data
+        with ``heldout_data`` a ``recipes.HologramDataModule`` of seed ``HOLOGRAM_SEED``."""
+        h, nested = self.hologram, "--data.init_args.heldout_data"
+        extra = [nested, "recipes.HologramDataModule", f"{nested}.init_args.seed", str(HOLOGRAM_SEED),
+                 f"{nested}.init_args.seq_len", str(h["seq_len"]), f"{nested}.init_args.n_heldout", str(h["blocks"]),
+                 f"{nested}.init_args.n_calibration", "1", f"{nested}.init_args.n_train", "1",
+                 f"{nested}.init_args.hologram.n_samples", str(h["samples"]),
+                 f"{nested}.init_args.hologram.max_new_tokens", str(h["new_tokens"]), *state]
+        return self.validate_stage(f"hologram_{when}", item, run_dir, record, old, extra, h, keep)
+
     def speed(self, item: Item, run_dir: Path, record: dict, old: dict, repaired: bool) -> str | None:
         """``zoo speed`` of the student as shipped (exported, loaded back) against its dense teacher: decode and
         prefill tokens/s, batch 1, one thread, in ``decode_dtype``."""
@@ -275,12 +302,29 @@ class Frontier(Series):
         settings = {"tokens": self.decode_tokens, "dtype": self.decode_dtype}
         return self.command_stage("speed", item, run_dir, record, old, settings, repaired, command, read)
 
+    def ood_stages(self, when: str, item: Item, run_dir: Path, record: dict, old: dict, save,
+                   keep: bool) -> str | None:
+        """The optional evaluation stages of the student ``before`` or ``after`` repair (``keep``: a finished
+        one may be kept), in order; the first failure."""
+        state = ["--ckpt_path", str(run_dir / "repair" / "repair_state.safetensors")] if when == "after" else []
+        runs = [(self.hologram, lambda: self.hologram_stage(when, item, run_dir, record, old, keep, state)),
+                (self.prose_windows, lambda: self.prose(when, item, run_dir, record, old)),
+                (self.mc_task, lambda: self.mc(when, item, run_dir, record, old)),
+                (self.mc_task and when == "before", lambda: self.mc("teacher", item, run_dir, record, old))]
+        for on, run in runs:
+            if on:
+                failure = run()
+                save()
+                if failure:
+                    return failure
+        return None
+
     def execute(self, item: Item, run_dir: Path) -> str:
         path = run_dir / RESULT
         old = {} if self.rerun else self.record_of(item, run_dir)
-        method, ratio = self.pairs[item.name]
-        record = {"method": method.name, "ratio": ratio, "config": item.config, "overrides": item.overrides,
-                  "repair": self.repair, "complete": False, "stages": {}}
+        method, ratio, seed = self.pairs[item.name]
+        record = {"method": method.name, "ratio": ratio, "seed": seed, "config": item.config,
+                  "overrides": item.overrides, "repair": self.repair, "complete": False, "stages": {}}
         save = lambda: atomic_write_text(path, json.dumps(record, indent=2))  # noqa: E731
         try:
             record["count"] = old.get("count") or count_parameters(item.config, item.overrides)
@@ -288,16 +332,10 @@ class Frontier(Series):
             record["status"] = f"failed: {one_line(exc)}"
             save()
             return record["status"]
-        failure = None
-        before = old.get("stages", {}).get("before")
-        if before and before.get("exit_code") == 0 and "kl" in before and before.get("full_heldout"):
-            record["stages"]["before"] = before
-        else:
-            failure = self.stage("before", "validate", item, run_dir, [], record)
+        failure = self.validate_stage("before", item, run_dir, record, old, [], {}, keep=True)
         save()
-        if failure is None and self.prose_windows:
-            failure = self.prose("before", item, run_dir, record, old)
-            save()
+        if failure is None:
+            failure = self.ood_stages("before", item, run_dir, record, old, save, keep=True)
         if failure is None and self.repairs_item(item):
             old_stages = old.get("stages", {})
             kept = old.get("repair") == self.repair and old_stages.get("repair", {}).get("exit_code") == 0
@@ -312,14 +350,11 @@ class Frontier(Series):
             save()
             state = run_dir / "repair" / "repair_state.safetensors"
             if failure is None:
-                after = old_stages.get("after")
-                if kept and after and after.get("exit_code") == 0 and "kl" in after and after.get("full_heldout"):
-                    record["stages"]["after"] = after
-                else:
-                    failure = self.stage("after", "validate", item, run_dir, ["--ckpt_path", str(state)], record)
+                failure = self.validate_stage("after", item, run_dir, record, old, ["--ckpt_path", str(state)], {},
+                                              keep=kept)
             save()
-            if failure is None and self.prose_windows:
-                failure = self.prose("after", item, run_dir, record, old)
+            if failure is None:
+                failure = self.ood_stages("after", item, run_dir, record, old, save, keep=kept)
         if failure is None and self.decode_tokens:
             failure = self.speed(item, run_dir, record, old, repaired=self.repairs_item(item))
         record["status"] = failure or "ok"
@@ -328,15 +363,11 @@ class Frontier(Series):
         return record["status"]
 
     def row(self, item: Item, result: dict | None, status: str, run_dir: Path) -> dict:
-        method, value = self.pairs[item.name]
+        method, value, seed = self.pairs[item.name]
         record = result or self.record(run_dir)
         if status == "not run" and record.get("complete") and self.record_of(item, run_dir):
             status = "ok"  # finished under other repair settings: its row says how long it was repaired
-        stages, count = record.get("stages", {}), record.get("count") or {}
-        before, after = stages.get("before", {}), stages.get("after", {})
-        teacher_ppl = before.get("teacher_ppl") or after.get("teacher_ppl")
-        ratio_of = lambda ppl: ppl / teacher_ppl if ppl is not None and teacher_ppl else None  # noqa: E731
-        teacher_params = count.get("teacher_parameters")
+        count = record.get("count") or {}
         built = built_summary(run_dir)
         ranks = {k: v for k, v in built.items() if k.startswith("ranks/")}
         if not ranks and result and result.get("complete") and "ranks" not in count:  # recorded before ranks were
@@ -345,44 +376,9 @@ class Frontier(Series):
                 atomic_write_text(run_dir / RESULT, json.dumps(record, indent=2))
             except Exception as exc:  # noqa: BLE001 - the table must still be written
                 print(f"{item.name}: no ranks ({one_line(exc)})")
-        ranks = ranks or count.get("ranks", {})
-        parameters = count.get("parameters")
-        # the built maps' size: under a planned allocation the shapes' count is the uniform rank's
-        exact = "low_rank_parameters" in built and count.get("replaced_parameters") is not None \
-            and count.get("targets") == built.get("low_rank_maps")  # every target one of those maps
-        if exact:
-            parameters = teacher_params - count["replaced_parameters"] + built["low_rank_parameters"]
-        prose_before, prose_after = stages.get("prose_before", {}), stages.get("prose_after", {})
-        teacher_prose = prose_before.get("teacher_ppl") or prose_after.get("teacher_ppl")
-        prose_of = lambda ppl: ppl / teacher_prose if ppl is not None and teacher_prose else None  # noqa: E731
-        repair = stages.get("repair", {})
-        curve = repair.get("curve") or []
-        minutes = (curve[-1].get("wall_s") if curve else repair.get("seconds"))
-        repaired = "kl" in after
-        # the student as shipped: after repair where it was repaired
-        code_ratio, prose_ratio = (ratio_of(after.get("ppl")), prose_of(prose_after.get("ppl"))) if repaired else \
-            (ratio_of(before.get("ppl")), prose_of(prose_before.get("ppl")))
-        return {"item": item.name, "method": method.name, "label": method.label or method.name,
-                "setting": method.setting, "value": value, "ratio": value if method.setting == "rank" else None,
-                "status": status, "bits_per_weight": built.get("bits_per_weight"), "bytes": built.get("student_bytes"),
-                "teacher_bytes": built.get("teacher_bytes"),
-                "bytes_fraction": built["student_bytes"] / built["teacher_bytes"] if built.get("teacher_bytes") else None,
-                "ppl_code_ratio": code_ratio, "ppl_prose_ratio": prose_ratio,
-                "repair_minutes": minutes / 60 if minutes is not None else None,
-                "decode_speedup": stages.get("speed", {}).get("decode_speedup"),
-                "decode_tokens_per_s": stages.get("speed", {}).get("decode_tokens_per_s"),
-                "decode_dtype": stages.get("speed", {}).get("dtype"),
-                "prose_ppl_before": prose_before.get("ppl"), "prose_ppl_after": prose_after.get("ppl"),
-                "teacher_prose_ppl": teacher_prose, "prose_x_teacher_before": prose_of(prose_before.get("ppl")),
-                "prose_x_teacher_after": prose_of(prose_after.get("ppl")),
-                "parameters": parameters, "teacher_parameters": teacher_params, "parameters_built": exact,
-                "parameter_fraction": parameters / teacher_params if teacher_params and parameters else None,
-                "kl_before": before.get("kl"), "kl_after": after.get("kl"),
-                "ppl_before": before.get("ppl"), "ppl_after": after.get("ppl"), "teacher_ppl": teacher_ppl,
-                "ppl_x_teacher_before": ratio_of(before.get("ppl")), "ppl_x_teacher_after": ratio_of(after.get("ppl")),
-                "repair_steps": stages.get("repair", {}).get("steps"), "ranks": ranks,
-                "seconds": {k: v.get("seconds") for k, v in stages.items()},
-                "cuda_peak_gib": {k: v.get("cuda_peak_gib") for k, v in stages.items()}}
+        names = {"item": item.name, "method": method.name, "label": method.label or method.name,
+                 "setting": method.setting, "value": value, "seed": seed}
+        return item_row(names, record, status, built, ranks or count.get("ranks", {}))
 
     def payload(self, rows: list[dict]) -> dict:
         from .lightning_cli import git_commit
@@ -391,7 +387,8 @@ class Frontier(Series):
         return {"command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                 "commit": git_commit(), "hardware": hardware(),
                 "methods": [asdict(m) for m in self.methods.values()], "ratios": self.ratios,
-                "overrides": self.overrides, "repair": self.repair, "teacher_ppl": teacher, "rows": rows}
+                "overrides": self.overrides, "repair": self.repair, "seeds": self.seeds, "teacher_ppl": teacher,
+                "rows": seed_rows(rows)}
 
 
 def run_frontier(
@@ -408,11 +405,19 @@ def run_frontier(
     prose_seq_len: int = 2048,
     decode_tokens: int = 0,
     decode_dtype: str = "bfloat16",
+    seeds: list[int] = [0],
+    hologram_samples: int = 0,
+    hologram_new_tokens: int = 128,
+    hologram_blocks: int = 16,
+    hologram_seq_len: int = 128,
+    mc_items: int = 0,
 ) -> list[dict]:
-    """Run every (method, value) item not finished, then write the table, JSON and chart.
+    """Run every (method, value) item not finished under each seed, then write the table, JSON and chart.
 
-    Each item: heldout KL and ppl before and after repair, prose ppl (with ``prose_windows``), the student's
-    bytes, bits per weight and parameters, the seconds of each stage.
+    Each item: heldout KL and ppl before and after repair, prose ppl (with ``prose_windows``), hologram KL
+    (with ``hologram_samples``), multiple-choice accuracy (with ``mc_items``), the student's bytes, bits per
+    weight and parameters, the seconds of each stage; a row per (method, value): the mean over its seeds,
+    the spread (``<key>_std``) and each seed's figures (``per_seed``).
 
     Args:
         methods: the compression methods, in table order.
@@ -432,6 +437,17 @@ def run_frontier(
         decode_tokens: greedy tokens each student as shipped (exported, loaded back) and its dense teacher decode,
             interleaved, batch 1, one thread (``zoo speed``): ``decode_speedup`` in each row; 0: not measured.
         decode_dtype: the dtype both decode in (``bfloat16``: where a low-bit grid runs its int4 kernel).
+        seeds: each item runs once per seed: ``--seed_everything S --data.init_args.seed S`` (the data seed
+            redraws the files, the split into calibration / train / heldout, the train order and hologram
+            sampling), in ``<method>@<value>#s<S>``; seed 0 runs the recipe as written, in ``<method>@<value>``.
+        hologram_samples: heldout hologram samples (the teacher's own, seed ``HOLOGRAM_SEED``) each student
+            (before and after repair) is scored on, KL to the teacher (``zoo validate``); 0: none.
+        hologram_new_tokens: tokens each hologram sample generates at most.
+        hologram_blocks: heldout blocks of ``hologram_seq_len`` tokens packed from those samples.
+        hologram_seq_len: tokens per hologram block.
+        mc_items: items of the local multiple-choice task (``recipes.ood_tasks``: next sentence on the pydoc
+            topics, written to ``output_dir/mc_task``) each student (before and after repair) and its
+            teacher answer through ``zoo lm-eval``; 0: none.
     """
     if not methods:
         raise ZooError("the frontier has no methods")
@@ -444,23 +460,36 @@ def run_frontier(
     check_choice("decode_dtype", decode_dtype, ("float32", "bfloat16"))
     if decode_tokens < 0:
         raise ZooError(f"decode_tokens must be >= 0 (0: no decode speed), got {decode_tokens}")
-    if prose_windows < 0:
-        raise ZooError(f"prose_windows must be >= 0 (0: no prose perplexity), got {prose_windows}")
+    for name, value in (("prose_windows", prose_windows), ("hologram_samples", hologram_samples),
+                        ("mc_items", mc_items)):
+        if value < 0:
+            raise ZooError(f"{name} must be >= 0 (0: not measured), got {value}")
+    if hologram_samples and min(hologram_new_tokens, hologram_blocks, hologram_seq_len - 1) < 1:
+        raise ZooError(f"hologram_new_tokens and hologram_blocks must be >= 1 and hologram_seq_len >= 2, got "
+                       f"{hologram_new_tokens}, {hologram_blocks}, {hologram_seq_len}")
+    if not seeds or any(s < 0 for s in seeds):
+        raise ZooError(f"seeds must be a non-empty list of seeds >= 0, got {seeds}")
+    check_unique([str(s) for s in seeds], "seeds")
+    hologram = {"samples": hologram_samples, "new_tokens": hologram_new_tokens, "blocks": hologram_blocks,
+                "seq_len": hologram_seq_len} if hologram_samples else None
+    mc_task = str(write_task(Path(output_dir) / "mc_task", mc_items)) if mc_items else None
     for m in methods:
         if m.values is not None:
             check_unique([f"{v:g}" for v in m.values], f"values of method {m.name}")
     frontier = Frontier(methods, ratios, overrides, repair_steps, repair_minutes, output_dir, only, rerun, logger,
-                        prose_windows, prose_seq_len, decode_tokens, decode_dtype)
+                        seeds, prose_windows, prose_seq_len, decode_tokens, decode_dtype, hologram, mc_task, mc_items)
     check_configs(frontier.items, "method")
-    rows = frontier.run()
+    runs = frontier.run()
+    rows = seed_rows(runs)
     out = frontier.outputs
     table = format_table(rows)
     print("\n" + table)
     out.markdown(table)
-    out.add(frontier.save(rows))
+    out.add(frontier.save(runs))
     chart = out.chart(plot, rows)
     print(f"\n{out.wrote()}")
-    flat = [{k: v for k, v in r.items() if k not in ("seconds", "ranks", "cuda_peak_gib")} | (r.get("ranks") or {})
+    nested = ("seconds", "ranks", "cuda_peak_gib", "per_seed", "seeds")
+    flat = [{k: v for k, v in r.items() if k not in nested} | (r.get("ranks") or {})
             | {f"seconds_{k}": r["seconds"].get(k) for k in STAGES}
             | {f"cuda_peak_gib_{k}": r["cuda_peak_gib"].get(k) for k in STAGES} for r in rows]
     log_outputs(command_logger(logger, "frontier", out.dir), tables={"frontier": row_table(flat)},

@@ -1,5 +1,7 @@
-"""The frontier's table and chart (``zoo frontier``, issues 16 and 25): one row per item, heldout code and prose
-perplexity against the teacher's, before and after repair, against the bytes the student stores."""
+"""The frontier's table and chart (``zoo frontier``, issues 16, 25 and 27): one row per (method, value), heldout
+code and prose perplexity against the teacher's, hologram KL and multiple-choice accuracy, before and after
+repair, against the bytes the student stores; a figure over several seeds is their mean, shown ``± std``
+(``frontier_rows``) and as error bars in the chart."""
 from __future__ import annotations
 
 import math
@@ -11,7 +13,8 @@ from .report import fmt, markdown_table
 
 #: the order of a decoder layer's maps, for the rank cell (other names follow, sorted)
 LAYER_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-STAGES = ("before", "repair", "after", "prose_before", "prose_after", "speed")
+STAGES = ("before", "repair", "after", "prose_before", "prose_after", "hologram_before", "hologram_after",
+          "mc_before", "mc_teacher", "mc_after", "speed")
 
 
 def rank_cell(ranks: dict[str, float]) -> str:
@@ -32,6 +35,12 @@ def ratio_cell(ratio: float | None) -> str:
     return ppl_cell(ratio) if ratio is None or ratio >= 10 else fmt(ratio, ".3f")
 
 
+def spread_cell(row: dict, key: str, cell) -> str:
+    """``cell`` of the row's figure, ``± std`` after it where the row has a spread over seeds."""
+    std = row.get(f"{key}_std")
+    return cell(row.get(key)) + (f" ± {cell(std)}" if std is not None and row.get(key) is not None else "")
+
+
 def hardware() -> dict:
     import torch
 
@@ -45,17 +54,21 @@ def hardware() -> dict:
 def format_table(rows: list[dict]) -> str:
     head = ["method", "setting", "bits / weight", "MB (16-bit)", "parameters", "KL before", "KL after",
             "code ppl before", "after", "code x teacher before", "after", "prose x teacher before", "after",
-            "decode x dense", "repair steps", "repair min", "s before", "s repair", "mean rank per layer type"]
+            "hologram KL before", "after", "mc acc before", "after", "decode x dense", "seeds", "repair steps", "repair min", "s before", "s repair", "mean rank per layer type"]
+    kl, acc = (lambda v: fmt(v, ".4f")), (lambda v: fmt(v, ".3f"))  # noqa: E731
     cells = []
     for r in rows:
         s = r["seconds"]
         cells.append([r["label"] + ("" if r["status"] == "ok" else f" ({r['status']})"),
                       f"{r['setting']} {r['value']:g}", fmt(r.get("bits_per_weight"), ".2f"),
                       fmt(r["bytes"] / 1e6 if r.get("bytes") else None, ".1f"), fmt(r["parameters"], ",d"),
-                      fmt(r["kl_before"], ".4f"), fmt(r["kl_after"], ".4f"), ppl_cell(r["ppl_before"]),
-                      ppl_cell(r["ppl_after"]), ratio_cell(r["ppl_x_teacher_before"]), ratio_cell(r["ppl_x_teacher_after"]),
-                      ratio_cell(r.get("prose_x_teacher_before")), ratio_cell(r.get("prose_x_teacher_after")),
-                      ratio_cell(r.get("decode_speedup")),
+                      *(spread_cell(r, k, kl) for k in ("kl_before", "kl_after")), ppl_cell(r["ppl_before"]),
+                      ppl_cell(r["ppl_after"]),
+                      *(spread_cell(r, f"{k}_{w}", ratio_cell) for k in ("ppl_x_teacher", "prose_x_teacher")
+                        for w in ("before", "after")),
+                      *(spread_cell(r, f"hologram_kl_{w}", kl) for w in ("before", "after")),
+                      *(spread_cell(r, f"mc_acc_{w}", acc) for w in ("before", "after")),
+                      ratio_cell(r.get("decode_speedup")), ",".join(map(str, r.get("seeds") or [])) or "-",
                       fmt(r["repair_steps"], "d"), fmt(r.get("repair_minutes"), ".1f"), fmt(s.get("before"), ".0f"),
                       fmt(s.get("repair"), ".0f"), rank_cell(r.get("ranks") or {})])
     if any(v is not None for r in rows for v in r.get("cuda_peak_gib", {}).values()):  # measured on a GPU
@@ -68,14 +81,17 @@ def format_table(rows: list[dict]) -> str:
         params = fmt(teacher["teacher_parameters"], ",d")
         size = f", {teacher['teacher_bytes'] / 1e6:.1f} MB at 16 bits" if teacher.get("teacher_bytes") else ""
         prose = next((r["teacher_prose_ppl"] for r in rows if r.get("teacher_prose_ppl")), None)
+        mc = next((r["mc_acc_teacher"] for r in rows if r.get("mc_acc_teacher") is not None), None)
         table += (f"\n\nteacher: {params} parameters{size}, heldout code ppl {teacher['teacher_ppl']:.2f}"
-                  + (f", prose ppl {prose:.2f}" if prose else ""))
+                  + (f", prose ppl {prose:.2f}" if prose else "") + (f", mc acc {mc:.3f}" if mc is not None else ""))
+    if any(len(r.get("seeds") or []) > 1 for r in rows):
+        table += "\n\na figure over several seeds: their mean ± the sample standard deviation (n - 1)"
     return table
 
 
 def plot(rows: list[dict], path: Path) -> Path:
     """Code and prose perplexity over the teacher's against the student's bytes (log y), a line per method,
-    unrepaired solid and repaired dashed."""
+    unrepaired solid and repaired dashed; a mean over seeds with its standard deviation as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,11 +104,12 @@ def plot(rows: list[dict], path: Path) -> Path:
         for i, label in enumerate(labels):
             mine = sorted((r for r in rows if r["label"] == label and r.get("bytes")), key=lambda r: r["bytes"])
             for when, style, suffix in (("before", "-o", ""), ("after", "--s", ", repaired")):
-                points = [(r["bytes"] / 1e6, r[f"{key}_{when}"]) for r in mine
+                points = [(r["bytes"] / 1e6, r[f"{key}_{when}"], r.get(f"{key}_{when}_std") or 0.0) for r in mine
                           if r.get(f"{key}_{when}") is not None and math.isfinite(r[f"{key}_{when}"])]
                 if points:
-                    ax.plot([x for x, _ in points], [y for _, y in points], style, color=f"C{i % 10}",
-                            label=label + suffix)
+                    ax.errorbar([x for x, _, _ in points], [y for _, y, _ in points],
+                                yerr=[e for _, _, e in points], fmt=style, color=f"C{i % 10}", capsize=3,
+                                label=label + suffix)
         ax.axhline(1.0, color="k", lw=1, ls=":", label="teacher")
         if teacher_mb:
             ax.axvline(teacher_mb, color="grey", lw=1, ls=":")

@@ -261,6 +261,29 @@ def test_generation_runs_on_the_trainers_root_device(tmp_path, tiny_teacher_dir,
 # --- the mix
 
 
+def test_the_whole_model_mix_recipe_yields_both_sources_in_its_shares(tmp_path, tiny_teacher_dir, monkeypatch):
+    """configs/recipes/compress_zoo_mix.yaml's own data module (on a tiny teacher, small sizes): every split
+    is code and hologram in the recipe's ``code_fraction`` (issue 27; source 000, section 2.5)."""
+    from pathlib import Path
+
+    from recipes.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    small_sizes = [f"--data.init_args.{k}={v}" for k, v in small(tiny_teacher_dir).items() if k != "teacher"]
+    recipe = load_recipe("configs/recipes/compress_zoo_mix.yaml", [
+        "--model.init_args.teacher", tiny_teacher_dir, *small_sizes, "--data.init_args.cache_dir", str(tmp_path),
+        "--data.init_args.code.source", str(make_tree(tmp_path / "src")),
+        "--data.init_args.hologram.n_samples=12", "--data.init_args.hologram.max_new_tokens=12",
+        "--data.init_args.hologram.gen_batch_size=6"], build=False)
+    dm = recipe.data
+    assert isinstance(dm, DistillationDataModule) and dm.code_fraction == 0.5 and dm.teacher == tiny_teacher_dir
+    dm.setup("fit")
+    for split in ("calibration", "train", "heldout"):
+        shares = dm.token_shares(split)
+        assert set(shares) == {"code", "hologram"}, shares
+        assert shares["code"] == pytest.approx(0.5, abs=0.05) and shares["hologram"] == pytest.approx(0.5, abs=0.05)
+
 def test_mixture_has_the_configured_token_split(tmp_path, tiny_teacher_dir):
     dm = DistillationDataModule(
         code_fraction=0.3, code=CodeConfig(source=str(make_tree(tmp_path / "src"))),

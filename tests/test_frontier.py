@@ -155,3 +155,51 @@ def test_zoo_speed_refuses_bad_options_by_name(tmp_path, capsys):
     assert code == 2 and "float16" in err and "bfloat16" in err
     code, _, err = zoo_cli(["speed", "--recipe", "r.yaml", "--new", "0"], capsys)
     assert code == 2 and "new=0" in err
+
+
+def test_frontier_seeds_hologram_kl_and_multiple_choice(tmp_path, tiny_teacher_dir, capsys, monkeypatch):
+    """``seeds``: an item runs once per seed (seed 0 in ``<method>@<value>``, others in ``#s<seed>``), its row
+    the mean with the spread and each seed's figures; the hologram KL and multiple-choice stages score the
+    student before and after repair (issue 27)."""
+    for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(key, "1")
+    svd = repair_model("zoo.FisherSVD", targets="model.layers.{0..1}.mlp.down_proj", rank=0.5, weighting="none", lr=0.01)
+    config = config_with(tmp_path, tiny_teacher_dir, model=svd, max_steps=1)
+    out_dir = tmp_path / "frontier"
+    frontier = {"output_dir": str(out_dir), "logger": False, "ratios": [0.5], "seeds": [0, 3], "repair_steps": 1,
+                "hologram_samples": 8, "hologram_new_tokens": 16, "hologram_blocks": 2, "hologram_seq_len": 32,
+                "mc_items": 6, "methods": [{"name": "svd", "config": config}]}
+    path = tmp_path / "frontier.yaml"
+    path.write_text(yaml.safe_dump(frontier))
+    code, out, err = zoo_cli(["frontier", "--config", str(path)], capsys)
+    assert code == 0, err
+    assert out.count("$ zoo fit") == 2 and out.count("$ zoo lm-eval") == 6 and out.count("$ zoo validate") == 8
+    assert "--seed_everything 3 --data.init_args.seed 3" in out and "heldout_data recipes.HologramDataModule" in out
+    assert (out_dir / "svd@0.5" / "item.json").is_file() and (out_dir / "svd@0.5#s3" / "item.json").is_file()
+    [row] = json.loads((out_dir / "frontier.json").read_text())["rows"]
+    assert row["item"] == "svd@0.5" and row["status"] == "ok" and row["seeds"] == [0, 3]
+    per_seed = {s["seed"]: s for s in row["per_seed"]}
+    assert set(per_seed) == {0, 3} and per_seed[0]["kl_after"] != per_seed[3]["kl_after"]  # other data, other run
+    for key in ("kl_after", "ppl_code_ratio", "hologram_kl_before", "hologram_kl_after", "mc_acc_after"):
+        values = [per_seed[s][key] for s in (0, 3)]
+        assert row[key] == pytest.approx(sum(values) / 2), key
+        assert row[f"{key}_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5), key
+    assert 0 < row["hologram_kl_after"] and row["hologram_kl_before"] != row["kl_before"]  # another heldout set
+    assert 0 <= row["mc_acc_before"] <= 1 and 0 <= row["mc_acc_teacher"] <= 1 and row["ppl_prose_ratio"] is None
+    table = (out_dir / "frontier.md").read_text()
+    assert "hologram KL before" in table and f"{row['kl_after']:.4f} ± {row['kl_after_std']:.4f}" in table
+    assert "| 0,3 |" in table and "mean ± the sample standard deviation" in table
+    # one seed again: its finished run is kept, and `only` names an item's every seed
+    code, out, err = zoo_cli(["frontier", "--config", str(path), "--only", "[svd@0.5]"], capsys)
+    assert code == 0 and "$ zoo" not in out and "svd@0.5#s3: finished earlier" in out, err
+
+
+def test_frontier_refuses_bad_seeds_and_sizes(tmp_path, capsys):
+    path = tmp_path / "frontier.yaml"
+    path.write_text(yaml.safe_dump({"methods": [{"name": "a", "config": str(tmp_path / "a.yaml")}], "logger": False}))
+    for args, message in ((["--seeds", "[1, 1]"], "seeds must be unique, got ['1', '1']"),
+                          (["--seeds", "[]"], "seeds must be a non-empty list"),
+                          (["--mc_items", "-1"], "mc_items must be >= 0 (0: not measured), got -1"),
+                          (["--hologram_samples", "4", "--hologram_blocks", "0"], "hologram_blocks must be >= 1")):
+        code, _, err = zoo_cli(["frontier", "--config", str(path), *args], capsys)
+        assert code == 2 and message in err, (args, err)

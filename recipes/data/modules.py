@@ -98,8 +98,12 @@ class TokenDataModule(TeacherLogitCache, L.LightningDataModule):
         num_workers: int = 0,
         max_repeat: float = 1.0,
         teacher_logits: TeacherLogitsConfig | None = None,
+        heldout_data: TokenDataModule | None = None,
     ):
         super().__init__()
+        if heldout_data is not None:
+            heldout_data.teacher = teacher  # the same teacher scores both: the KL is to this student's teacher
+        self.heldout_data = heldout_data
         if teacher_logits is not None:
             validate_teacher_logits_config(teacher_logits)
         self.teacher_logits = teacher_logits
@@ -246,10 +250,10 @@ class TokenDataModule(TeacherLogitCache, L.LightningDataModule):
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("heldout")
+        return (self if self.heldout_data is None else self.heldout_data)._loader("heldout")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("heldout")
+        return (self if self.heldout_data is None else self.heldout_data)._loader("heldout")
 
     def calibration_dataloader(self) -> DataLoader:
         return self._loader("calibration")
