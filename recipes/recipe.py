@@ -41,6 +41,9 @@ def add_zoo_arguments(parser) -> None:
 def recipe_parser() -> LightningArgumentParser:
     """The parser of a recipe: every key ``zoo fit`` reads (so a run's own ``config.yaml`` is a recipe), with
     the trainer section and fit's checkpoint options parsed but never instantiated."""
+    from zoo.core.lazy import load_all
+
+    load_all("zoo")  # as for ``zoo fit``: jsonargparse finds a short ``class_path: FisherSVD`` among imported subclasses
     parser = LightningArgumentParser(prog="zoo recipe", exit_on_error=False)
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="the recipe YAML (a path or its text)")
     parser.add_argument("--seed_everything", type=bool | int, default=True,

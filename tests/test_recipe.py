@@ -81,3 +81,11 @@ def test_any_calibration_source_builds_the_student_the_data_module_would(tmp_pat
     fewer.build_student_from(Batches(batches[:1], "fewer-tokens"))
     a, b = (next(iter(m.trainable_parameters().values())) for m in (recipe.module, fewer))
     assert not torch.allclose(a, b)
+
+
+def test_short_class_names_resolve_as_in_zoo_fit(tiny_teacher_dir):
+    recipe = {"model": {"class_path": "DistillationModule", "init_args": {"teacher": tiny_teacher_dir, "parts": [
+        {"class_path": "FisherSVD", "init_args": {"targets": "model.layers.0.mlp.down_proj", "rank": 4}}]}},
+        "data": {"class_path": "CodeDataModule"}}
+    loaded = load_recipe(recipe, build=False, meta=True)
+    assert type(loaded.module.parts[0]).__name__ == "FisherSVD" and type(loaded.data).__name__ == "CodeDataModule"
