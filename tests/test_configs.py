@@ -4,6 +4,8 @@ classes' signatures, nothing built), a command config with ``zoo COMMAND``'s par
 technique breaks its shipped configs here, not in a user's first run."""
 from __future__ import annotations
 
+import importlib
+
 import re
 import shlex
 from pathlib import Path
@@ -53,6 +55,9 @@ def test_recipe_parses_with_the_fit_parser(name, monkeypatch):
     assert model["class_path"].startswith("zoo.") and model["init_args"]["teacher"]
     assert data["init_args"]["teacher"] == model["init_args"]["teacher"]  # the link of the zoo's arguments
     check_data_options(**data["init_args"])
+    for callback in config["trainer"].get("callbacks") or []:  # light to build, and they check their options
+        module, _, name = callback["class_path"].rpartition(".")
+        getattr(importlib.import_module(module), name)(**dict(callback.get("init_args") or {}))
 
 
 @pytest.mark.parametrize("name", [f for f in shipped() if f.startswith("commands/")])
