@@ -89,7 +89,8 @@ def load_recipe(config: str | Path | dict, overrides: list[str] | tuple[str, ...
         config = yaml.safe_dump(config)
     elif "\n" not in str(config) and not Path(config).is_file():
         raise ZooError(f"recipe {str(config)!r}: no such file")
-    cfg = recipe_parser().parse_args(["--config", str(config), *overrides])
+    parser = recipe_parser()
+    cfg = parser.parse_args(["--config", str(config), *overrides])
     init = cfg.model.init_args
     if meta:  # the model only: the data module keeps the real teacher's name (its tokenizer, its cache keys)
         init.teacher = META_PREFIX + init.teacher.removeprefix(RANDOM_PREFIX).removeprefix(META_PREFIX)
@@ -97,7 +98,7 @@ def load_recipe(config: str | Path | dict, overrides: list[str] | tuple[str, ...
         init.repair_state = str(repair_state)
     if cfg.seed_everything is not False:  # as LightningCLI seeds before it builds (LoRA and random-init weights)
         seed_everything(None if cfg.seed_everything is True else cfg.seed_everything, workers=True)
-    objects = recipe_parser().instantiate_classes(cfg)
+    objects = parser.instantiate_classes(cfg)
     recipe = Recipe(objects.model, objects.get("data"), cfg.as_dict())
     if build:
         recipe.module.build_student_from(recipe.data, device, from_state=True)

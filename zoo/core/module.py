@@ -121,14 +121,13 @@ class RepairModule(RepairLoop, L.LightningModule):
             why = self.student.build_from_state(load_state(self.repair_state, expect=self.header())[0])
             if why is None:
                 log.info("student rebuilt from its repair state alone (no calibration, no factorization)")
-            else:
-                log.info("the repair state cannot rebuild the student alone, so it is calibrated again: %s", why)
-        if not self.student.built:
-            self.student.build_from(source, device)
+                return self._after_build(load=False)  # its tensors are the state's already
+            log.info("the repair state cannot rebuild the student alone, so it is calibrated again: %s", why)
+        self.student.build_from(source, device)
         self._after_build()
 
-    def _after_build(self) -> None:
-        if self.repair_state:
+    def _after_build(self, load: bool = True) -> None:
+        if self.repair_state and load:
             self.load_repair_state(self.repair_state)
         # this module's trainable tensors (a diagnostic's are not the student's)
         self.summary["trainable_parameters"] = sum(p.numel() for p in self.trainable_parameters().values())

@@ -45,7 +45,7 @@ class RepairRun:
     final: Heldout | None = None  # the tensors the run ends with (``end``, ``best`` or a gate's)
     restored_step: int | None = None  # where the final tensors come from, when not the last step
     restored_by: str | None = None  # ``best validated`` or the gate that put them back
-    stopped_by: str | None = None  # a gate or ``budget`` that ended training early
+    stopped_by: str | None = None  # the gate that ended training early and put earlier tensors back
     budget_stop_step: int | None = None
     wall_s: float = 0.0  # seconds of repair, summed over the sessions of a resumed run
 
@@ -61,7 +61,7 @@ class RepairRun:
             out["heldout_kl_after"] = self.final.kl
         if self.restored_step is not None:
             out["repair_state_step"] = self.restored_step
-        if self.stopped_by is not None and self.stopped_by != "budget":
+        if self.stopped_by is not None:
             out["stopped_by"], out["restored_step"] = self.stopped_by, self.restored_step
         if self.budget_stop_step is not None:
             out["repair_budget_stop_step"] = self.budget_stop_step
@@ -151,7 +151,7 @@ class RepairLoop:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return None
         step = trainer.global_step
-        if self.run.restored_step is not None and self.run.stopped_by is not None:
+        if self.run.stopped_by is not None:
             return None  # a gate put earlier tensors back: this validation's metrics do not describe them
         found = self.run.validated(step)
         if found is not None:
