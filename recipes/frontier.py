@@ -49,7 +49,6 @@ import json
 import shlex
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -61,7 +60,7 @@ from .frontier_report import STAGES, format_table, hardware, plot
 from .frontier_rows import built_summary, count_parameters, heldout, item_row, seed_rows
 from .ood_tasks import TASK, write_task
 from .report import log_outputs, row_table
-from .series import Item, Series, check_configs, check_unique, run_streaming, zoo_args
+from .series import Item, Series, check_configs, check_unique, one_line, run_stage, zoo_args
 
 DEFAULT_RATIOS = [0.9, 0.8, 0.7, 0.6, 0.5]
 RESULT = "item.json"
@@ -84,6 +83,9 @@ class Method:
         values: this method's values (default: the frontier's ``ratios``).
         repair: whether the frontier's repair applies to this method (False: a baseline that is never
             repaired, e.g. round-to-nearest).
+        heldout: overrides of the ``before`` and ``after`` validates only: the split the method is scored on where
+            it is not the one its repair validates on (a mix recipe scored on the code-only recipe's blocks);
+            ``{seed}`` in one stands for the item's seed.
     """
 
     name: str
@@ -93,29 +95,12 @@ class Method:
     setting: str = "rank"
     values: list[float] | None = None
     repair: bool = True
+    heldout: list[str] = field(default_factory=list)
 
 
 def item_name(method: str, value: float, seed: int = 0) -> str:
     """``<method>@<value>``, and ``<method>@<value>#s<seed>`` for a seed other than 0."""
     return f"{method}@{value:g}" + (f"#s{seed}" if seed else "")
-
-
-def one_line(exc: Exception) -> str:
-    """The reason of a recipe that does not parse (jsonargparse's union error names it on a ``- `` line)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    reasons = [line[2:] for line in lines if line.startswith("- ") and "NoneType" not in line]
-    return (reasons[0] if reasons else lines[0] if lines else type(exc).__name__)[:160]
-
-
-def run_stage(args: list[str], log: Path, stale: tuple[Path, ...]) -> tuple[dict, int, str]:
-    """A stage's command in its own process, streamed to ``log``, after the ``stale`` files an earlier attempt
-    left are removed (they must not pass for this run's); ({seconds, exit_code}, exit code, last line)."""
-    for left in stale:
-        left.unlink(missing_ok=True)
-    print(f"$ {shlex.join(['zoo', *args[3:]])}", flush=True)
-    start = time.monotonic()
-    code, last = run_streaming(args, log)
-    return {"seconds": round(time.monotonic() - start, 1), "exit_code": code}, code, last
 
 
 class Frontier(Series):
@@ -170,7 +155,7 @@ class Frontier(Series):
         """What an earlier run of ``item`` left, if it ran the same recipe (config and overrides), else {}."""
         record = self.record(run_dir)
         same = record.get("config") == item.config and record.get("overrides") == item.overrides
-        return record if same else {}
+        return record if same and record.get("heldout", []) == self.pairs[item.name][0].heldout else {}
 
     def done(self, item: Item, run_dir: Path) -> dict | None:
         record = self.record_of(item, run_dir)
@@ -324,7 +309,8 @@ class Frontier(Series):
         old = {} if self.rerun else self.record_of(item, run_dir)
         method, ratio, seed = self.pairs[item.name]
         record = {"method": method.name, "ratio": ratio, "seed": seed, "config": item.config,
-                  "overrides": item.overrides, "repair": self.repair, "complete": False, "stages": {}}
+                  "overrides": item.overrides, "heldout": method.heldout, "repair": self.repair, "complete": False,
+                  "stages": {}}
         save = lambda: atomic_write_text(path, json.dumps(record, indent=2))  # noqa: E731
         try:
             record["count"] = old.get("count") or count_parameters(item.config, item.overrides)
@@ -332,7 +318,8 @@ class Frontier(Series):
             record["status"] = f"failed: {one_line(exc)}"
             save()
             return record["status"]
-        failure = self.validate_stage("before", item, run_dir, record, old, [], {}, keep=True)
+        heldout = [o.replace("{seed}", str(seed)) for o in method.heldout]
+        failure = self.validate_stage("before", item, run_dir, record, old, heldout, {}, keep=True)
         save()
         if failure is None:
             failure = self.ood_stages("before", item, run_dir, record, old, save, keep=True)
@@ -350,8 +337,8 @@ class Frontier(Series):
             save()
             state = run_dir / "repair" / "repair_state.safetensors"
             if failure is None:
-                failure = self.validate_stage("after", item, run_dir, record, old, ["--ckpt_path", str(state)], {},
-                                              keep=kept)
+                failure = self.validate_stage("after", item, run_dir, record, old,
+                                              [*heldout, "--ckpt_path", str(state)], {}, keep=kept)
             save()
             if failure is None:
                 failure = self.ood_stages("after", item, run_dir, record, old, save, keep=kept)

@@ -13,6 +13,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,3 +188,21 @@ def finished_metrics(run_dir: Path, summary_key: str) -> dict | None:
         return None
     metrics = json.loads(path.read_text())
     return metrics if summary_key in metrics.get("summary", {}) else None
+
+
+def one_line(exc: Exception) -> str:
+    """The reason of a recipe that does not parse (jsonargparse's union error names it on a ``- `` line)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    reasons = [line[2:] for line in lines if line.startswith("- ") and "NoneType" not in line]
+    return (reasons[0] if reasons else lines[0] if lines else type(exc).__name__)[:160]
+
+
+def run_stage(args: list[str], log: Path, stale: tuple[Path, ...]) -> tuple[dict, int, str]:
+    """A stage's command in its own process, streamed to ``log``, after the ``stale`` files an earlier attempt
+    left are removed (they must not pass for this run's); ({seconds, exit_code}, exit code, last line)."""
+    for left in stale:
+        left.unlink(missing_ok=True)
+    print(f"$ {shlex.join(['zoo', *args[3:]])}", flush=True)
+    start = time.monotonic()
+    code, last = run_streaming(args, log)
+    return {"seconds": round(time.monotonic() - start, 1), "exit_code": code}, code, last

@@ -168,13 +168,17 @@ def test_frontier_seeds_hologram_kl_and_multiple_choice(tmp_path, tiny_teacher_d
     out_dir = tmp_path / "frontier"
     frontier = {"output_dir": str(out_dir), "logger": False, "ratios": [0.5], "seeds": [0, 3], "repair_steps": 1,
                 "hologram_samples": 8, "hologram_new_tokens": 16, "hologram_blocks": 2, "hologram_seq_len": 32,
-                "mc_items": 6, "methods": [{"name": "svd", "config": config}]}
+                "mc_items": 6, "methods": [{"name": "svd", "config": config,
+                                            "heldout": ["--data.init_args.seed", "{seed}"]}]}
     path = tmp_path / "frontier.yaml"
     path.write_text(yaml.safe_dump(frontier))
     code, out, err = zoo_cli(["frontier", "--config", str(path)], capsys)
     assert code == 0, err
     assert out.count("$ zoo fit") == 2 and out.count("$ zoo lm-eval") == 6 and out.count("$ zoo validate") == 8
     assert "--seed_everything 3 --data.init_args.seed 3" in out and "heldout_data recipes.HologramDataModule" in out
+    # the method's heldout overrides reach the before and after validates alone, with the item's seed
+    assert out.count("--data.init_args.seed 3 --trainer.limit_val_batches") == 1
+    assert out.count("--data.init_args.seed 3 --ckpt_path") == 1 and out.count("--data.init_args.seed 0 --") == 2
     assert (out_dir / "svd@0.5" / "item.json").is_file() and (out_dir / "svd@0.5#s3" / "item.json").is_file()
     [row] = json.loads((out_dir / "frontier.json").read_text())["rows"]
     assert row["item"] == "svd@0.5" and row["status"] == "ok" and row["seeds"] == [0, 3]
