@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 #: training losses a DistillationModule offers
 OBJECTIVES = ("distillation", "next_token")
 
-__all__ = ["OBJECTIVES", "Composite", "DistillationModule", "RepairModule", "next_token_nll"]
+LR_DECAYS = ("constant", "cosine")
+
+__all__ = ["LR_DECAYS", "OBJECTIVES", "Composite", "DistillationModule", "RepairModule", "next_token_nll"]
 
 
 class RepairModule(RepairLoop, L.LightningModule):
@@ -63,13 +65,17 @@ class RepairModule(RepairLoop, L.LightningModule):
             (summed over the sessions of a resumed run); None: none.
         monitor: the validated metric whose lowest finite value picks the tensors the run ends with (and the
             ``best_`` repair state).
+        lr_decay: ``constant`` after the warm-up, or ``cosine``: down to 0 over the run, the run's progress
+            being the larger of its steps over the trainer's and its wall time over ``max_minutes``.
     """
 
     def __init__(self, parts: list[Technique], teacher: str = DEFAULT_TEACHER, dtype: str = "float32",
                  lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0,
                  calibration_tokens: int | None = None, full_cov_max: int = 8192, repair_state: str | None = None,
-                 calibration: str = "once", max_minutes: float | None = None, monitor: str = "heldout_kl"):
+                 calibration: str = "once", max_minutes: float | None = None, monitor: str = "heldout_kl",
+                 lr_decay: str = "constant"):
         super().__init__()
+        self.lr_decay = check_choice("lr_decay", lr_decay, LR_DECAYS)
         self.init_repair(monitor, max_minutes)
         # NaN fails this too; lr 0 is allowed (a run that measures without changing anything)
         if not 0 <= lr < math.inf:
@@ -166,11 +172,24 @@ class RepairModule(RepairLoop, L.LightningModule):
             groups.setdefault(scales.get(name, 1.0), []).append(p)
         optimizer = torch.optim.AdamW([{"params": ps, "lr": self.lr * s} for s, ps in groups.items()],
                                       lr=self.lr, weight_decay=self.weight_decay)
-        if self.warmup_steps <= 0:
+        if self.warmup_steps <= 0 and self.lr_decay == "constant":
             return optimizer
-        warm = self.warmup_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def progress(self, step: int) -> float:
+        """How far the run is, 0 to 1: the larger of its steps over the trainer's and its wall time over the
+        budget (a run that stops on whichever ends first decays over it)."""
+        steps = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        done = step / steps if 0 < steps < math.inf else 0.0
+        if self.max_minutes is not None:
+            done = max(done, self.wall_s() / (self.max_minutes * 60))
+        return min(1.0, done)
+
+    def lr_factor(self, step: int) -> float:
+        """The lr multiplier after ``step`` optimizer steps: the linear warm-up, times the decay."""
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        return warm * (0.5 * (1 + math.cos(math.pi * self.progress(step))) if self.lr_decay == "cosine" else 1.0)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["zoo_header"] = self.header()
@@ -226,7 +245,7 @@ class DistillationModule(RepairModule):
     Args:
         parts: technique specs applied to disjoint targets of one student.
         teacher, dtype, lr, weight_decay, warmup_steps, calibration_tokens, full_cov_max, repair_state,
-            calibration, max_minutes, monitor: see
+            calibration, max_minutes, monitor, lr_decay: see
             ``RepairModule`` (``lr`` is relative where a replacement declares ``lr_scales``: e.g.
             ``FisherSVDLinear`` scales it by each tensor's initial RMS, so one lr suits every layer and model).
         temperature: distillation temperature (KL of softened distributions, times T^2).
@@ -262,6 +281,7 @@ class DistillationModule(RepairModule):
         calibration: str = "once",
         max_minutes: float | None = None,
         monitor: str = "heldout_kl",
+        lr_decay: str = "constant",
     ):
         if not parts:
             raise ZooError("a DistillationModule needs at least one technique part")
@@ -269,7 +289,7 @@ class DistillationModule(RepairModule):
             raise ZooError(f"temperature must be a positive finite number, got {temperature}")
         objective = check_choice("objective", objective, OBJECTIVES)
         super().__init__(parts, teacher, dtype, lr, weight_decay, warmup_steps, calibration_tokens, full_cov_max,
-                         repair_state, calibration, max_minutes, monitor)
+                         repair_state, calibration, max_minutes, monitor, lr_decay)
         self.temperature, self.kl_chunk = temperature, kl_chunk
         self.objective = objective
         self.shared_prefix, self.fused_head = shared_prefix, fused_head
