@@ -45,6 +45,7 @@ and ``frontier.png`` (code and prose ppl over the teacher's against bytes, a lin
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import shutil
@@ -96,6 +97,14 @@ class Method:
     values: list[float] | None = None
     repair: bool = True
     heldout: list[str] = field(default_factory=list)
+
+
+def config_sha256(config: str) -> str | None:
+    """The recipe file's text, hashed (None where it cannot be read: the item fails on it anyway)."""
+    try:
+        return hashlib.sha256(Path(config).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def item_name(method: str, value: float, seed: int = 0) -> str:
@@ -152,9 +161,11 @@ class Frontier(Series):
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def record_of(self, item: Item, run_dir: Path) -> dict:
-        """What an earlier run of ``item`` left, if it ran the same recipe (config and overrides), else {}."""
+        """What an earlier run of ``item`` left, if it ran the same recipe (config, its text where the record
+        has it, and overrides), else {}: an edited recipe runs again."""
         record = self.record(run_dir)
         same = record.get("config") == item.config and record.get("overrides") == item.overrides
+        same = same and record.get("config_sha256", config_sha256(item.config)) == config_sha256(item.config)
         return record if same and record.get("heldout", []) == self.pairs[item.name][0].heldout else {}
 
     def done(self, item: Item, run_dir: Path) -> dict | None:
@@ -309,7 +320,7 @@ class Frontier(Series):
         old = {} if self.rerun else self.record_of(item, run_dir)
         method, ratio, seed = self.pairs[item.name]
         record = {"method": method.name, "ratio": ratio, "seed": seed, "config": item.config,
-                  "overrides": item.overrides, "heldout": method.heldout, "repair": self.repair, "complete": False,
+                  "config_sha256": config_sha256(item.config), "overrides": item.overrides, "heldout": method.heldout, "repair": self.repair, "complete": False,
                   "stages": {}}
         save = lambda: atomic_write_text(path, json.dumps(record, indent=2))  # noqa: E731
         try:

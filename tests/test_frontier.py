@@ -82,6 +82,11 @@ def test_frontier_rows_table_chart_resume_and_failures(tmp_path, tiny_teacher_di
     assert "svd@0.5: finished earlier" in out and "$ zoo" not in out
     rows = {r["item"]: r for r in json.loads((out_dir / "frontier.json").read_text())["rows"]}
     assert rows["svd@0.5"]["kl_after"] == repaired["kl_after"] and rows["svd@0.5"]["repair_steps"] == 2
+    # an edited recipe (its text hashed in the record) is not finished: it runs again
+    with open(config, "a") as f:
+        f.write("# the lr decays now\n")
+    code, out, err = zoo_cli(["frontier", "--config", str(path), "--only", "[svd@0.8]"], capsys)
+    assert code == 0 and "finished earlier" not in out and out.count("$ zoo validate") == 1, err
 
 
 def test_frontier_rejects_unknown_items_and_bad_options(tmp_path, capsys):
