@@ -165,7 +165,8 @@ class Frontier(Series):
         has it, and overrides), else {}: an edited recipe runs again."""
         record = self.record(run_dir)
         same = record.get("config") == item.config and record.get("overrides") == item.overrides
-        same = same and record.get("config_sha256", config_sha256(item.config)) == config_sha256(item.config)
+        sha = config_sha256(item.config)
+        same = same and record.get("config_sha256", sha) == sha
         return record if same and record.get("heldout", []) == self.pairs[item.name][0].heldout else {}
 
     def done(self, item: Item, run_dir: Path) -> dict | None:

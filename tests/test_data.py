@@ -72,6 +72,8 @@ def test_a_mix_with_twice_the_heldout_blocks_holds_out_the_code_only_heldout_doc
     """configs/commands/frontier_ood.yaml scores a 50/50 mix item on the code-only recipe's heldout blocks: the
     mix holds out twice the blocks, so its heldout code is the same documents and none of them is trained or
     calibrated on (the heldout is dealt first, from the same shuffle of the same source name)."""
+    from pathlib import Path
+
     import yaml
 
     rng = random.Random(1)
@@ -79,7 +81,7 @@ def test_a_mix_with_twice_the_heldout_blocks_holds_out_the_code_only_heldout_doc
     code = [(ids, mask[: len(ids)]) for ids, mask in code]
     holo = [([1000 + j] * rng.randint(3, 40), [1] * 40) for j in range(200)]
     holo = [(ids, mask[: len(ids)]) for ids, mask in holo]
-    study = yaml.safe_load(open("configs/commands/frontier_ood.yaml"))
+    study = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/commands/frontier_ood.yaml").read_text())
     opts = lambda overrides: dict(zip(overrides[::2], overrides[1::2]))  # noqa: E731
     n = int(opts(study["overrides"])["--data.init_args.n_heldout"])
     for method in (m for m in study["methods"] if m.get("heldout")):
