@@ -56,6 +56,8 @@ LINEARS = ["model.layers.*.self_attn.{q,k,v,o}_proj", "model.layers.*.mlp.{gate,
 MLP, ATTENTION = "model.layers.*.mlp.{gate,up,down}_proj", "model.layers.*.self_attn"
 SVDLLM = {"svdllm-0.8": 0.8, "svdllm-0.6": 0.6, "svdllm-0.5": 0.5}
 STUDENTS = [*SVDLLM, "phd-mlp", "eigen-attention"]
+#: matmul kernels: torch's ``F.linear`` as transformers runs it, and oneDNN's on weights reordered once
+KERNELS = ["stock", "onednn"]
 #: Llama-3.2-1B's shapes (meta-llama/Llama-3.2-1B config.json)
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
@@ -94,8 +96,40 @@ def calibration(tokenizer, n: int, seq_len: int, vocab: int) -> list[dict]:
 # ---- measuring ------------------------------------------------------------------------------------
 
 def measure(models: dict, label: str, dtype: str, args, prompt: int, new: int) -> list[dict]:
-    return speed.measure(models, label, dtype, args.batches, args.rounds, prompt, new,
-                         log=lambda line: print(line, flush=True))
+    """Rows of ``models`` under each of ``args.kernels`` in turn: ``stock`` as loaded, then ``onednn`` with every
+    model, the dense one too, packed in place by ``modeling_zoo.pack_model``."""
+    from zoo.export import modeling_zoo
+
+    rows = []
+    for kernel in [k for k in KERNELS if k in args.kernels]:
+        if kernel == "onednn":
+            need, free = sum(map(speed.resident_bytes, models.values())), available_bytes()
+            if need > 0.9 * free:  # each model's packed copies sit beside its weights
+                print(f"onednn: {label} {dtype} skipped: its packed copies ({need / 2**30:.1f} GiB) would not fit in "
+                      f"the {free / 2**30:.1f} GiB available", flush=True)
+                continue
+            for model in models.values():
+                modeling_zoo.pack_model(model)
+        rows += [row | {"kernel": kernel} for row in speed.measure(
+            models, label, dtype, args.batches, args.rounds, prompt, new,
+            log=lambda line: print(f"{kernel}: {line}", flush=True))]
+    for model in models.values():  # as loaded again: the dense fp32 model is copied to bf16 next
+        for module in model.modules():
+            module.__dict__.pop("_onednn", None)
+            if type(module) is modeling_zoo.PackedLinear:
+                module.__class__ = torch.nn.Linear
+    return rows
+
+
+def available_bytes() -> int:
+    """Memory the system can still give (Linux: MemAvailable; elsewhere: free pages)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 # ---- the embedded teacher: students built, exported and loaded -----------------------------------
@@ -216,14 +250,14 @@ def shaped_rows(args) -> list[dict]:
 # ---- report ---------------------------------------------------------------------------------------
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | dtype | batch | student | MiB | bytes ratio | limit | prefill tok/s | prefill x | "
-            "decode tok/s | decode x | decode of limit |")
+    head = ("| model | dtype | batch | kernel | student | MiB | bytes ratio | limit | prefill tok/s | prefill x | "
+            "decode tok/s | decode x | decode of limit | decode x stock dense |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['student']} | {r['bytes'] / 2**20:.1f} | "
-                     f"{r['bytes_ratio']:.3f} | {r['limit']:.2f} | {r['prefill_tokens_per_s']:.1f} | "
-                     f"{r['prefill_speedup']:.2f} | {r['decode_tokens_per_s']:.2f} | {r['decode_speedup']:.2f} | "
-                     f"{r['decode_of_limit']:.2f} |")
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['kernel']} | {r['student']} | "
+                     f"{r['bytes'] / 2**20:.1f} | {r['bytes_ratio']:.3f} | {r['limit']:.2f} | "
+                     f"{r['prefill_tokens_per_s']:.1f} | {r['prefill_speedup']:.2f} | {r['decode_tokens_per_s']:.2f} | "
+                     f"{r['decode_speedup']:.2f} | {r['decode_of_limit']:.2f} | {r['decode_vs_stock_dense']:.2f} |")
     return "\n".join(lines)
 
 
@@ -249,6 +283,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all models")
     parser.add_argument("--eigen-k", type=int, default=32, help="EigenAttention's k_K = k_V on the 1B shape")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kernels", nargs="+", default=KERNELS, choices=KERNELS,
+                        help="measure every model with each (onednn: zoo.export.modeling_zoo.pack_model, dense too)")
     parser.add_argument("--quick", action="store_true", help="tiny models and sizes: a dry run in seconds")
     parser.add_argument("--output", default=None, help="results JSON (default: experiments/export-speed/results.json; "
                                                          "none under --quick, which must not overwrite the figures)")
@@ -264,6 +300,10 @@ def main(argv=None):
     finally:
         shutil.rmtree(root, ignore_errors=True)
     rows = speed.relate(rows)
+    for row in rows:  # what a user of the dense model as transformers runs it would see
+        stock = next((r for r in rows if r["student"] == "dense" and r["kernel"] == "stock" and
+                      (r["model"], r["dtype"], r["batch"]) == (row["model"], row["dtype"], row["batch"])), None)
+        row["decode_vs_stock_dense"] = row["decode_tokens_per_s"] / stock["decode_tokens_per_s"] if stock else float("nan")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     result = {"command": "python benchmarks/export_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "commit": commit, "hardware": hardware(), "torch": torch.__version__, "threads": args.threads,

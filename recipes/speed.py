@@ -18,6 +18,7 @@ from pathlib import Path
 from zoo.core.errors import check_at_least, check_choice
 
 DTYPES = ("float32", "bfloat16")
+KERNELS = ("stock", "onednn")
 
 
 def speed(
@@ -30,6 +31,7 @@ def speed(
     new: int = 32,
     rounds: int = 3,
     threads: int | None = None,
+    kernel: str = "stock",
     output_dir: str = "runs/speed",
     output: str | None = None,
 ) -> dict:
@@ -45,10 +47,13 @@ def speed(
         new: greedy tokens each model decodes per round.
         rounds: interleaved rounds (prefill: the best; decode: the median step over all).
         threads: torch threads (default: torch's; 1 keeps a shared CPU's figures steadier).
+        kernel: ``stock`` (``F.linear``, as transformers runs the teacher) or ``onednn``: both models run oneDNN's
+            linear on weights reordered once (``zoo.export.modeling_zoo.pack_model``; CPU inference only).
         output_dir: where the results JSON goes.
         output: the results JSON (default: ``<output_dir>/<recipe>-<dtype>.json``).
     """
     check_choice("dtype", dtype, DTYPES)
+    check_choice("kernel", kernel, KERNELS)
     check_at_least(1, batch=batch, prompt=prompt, new=new, rounds=rounds, threads=threads)
     from zoo.core.cache import check_writable
 
@@ -58,6 +63,7 @@ def speed(
 
     from zoo.core.models import load_causal_lm
     from zoo.export import export_model, from_pretrained
+    from zoo.export.modeling_zoo import pack_model
     from zoo.export.speed import measure, relate
 
     from .frontier_report import hardware
@@ -73,10 +79,12 @@ def speed(
         student = from_pretrained(export_model(module, Path(tmp) / "student", dtype=dtype))
     del module  # the training-side student: only the shipped one is timed
     dense = load_causal_lm(teacher, dtype)[0].eval()
+    if kernel == "onednn":
+        pack_model(student), pack_model(dense)
     rows = relate(measure({"dense": dense, "student": student}, Path(recipe).stem, dtype, [batch], rounds, prompt, new))
     row = rows[-1]
     result = {"format": "zoo.speed/1", "recipe": recipe, "repair_state": repair_state, "overrides": list(overrides),
-              "teacher": teacher, "dtype": dtype, "threads": torch.get_num_threads(), "commit": git_commit(),
+              "teacher": teacher, "dtype": dtype, "kernel": kernel, "threads": torch.get_num_threads(), "commit": git_commit(),
               "hardware": hardware(), "rows": rows,
               **{k: row[k] for k in ("decode_speedup", "prefill_speedup", "bytes_ratio", "decode_of_limit",
                                       "decode_tokens_per_s")},
@@ -84,7 +92,7 @@ def speed(
     print(f"zoo speed: {row['bytes_ratio']:.3f} x the teacher's bytes; decode {row['decode_tokens_per_s']:.1f} tok/s "
           f"vs {rows[0]['decode_tokens_per_s']:.1f} dense ({row['decode_speedup']:.2f}x, {row['decode_of_limit']:.2f} "
           f"of the bytes limit), prefill {row['prefill_speedup']:.2f}x ({dtype}, batch {batch}, "
-          f"{result['threads']} thread(s))")
+          f"{result['threads']} thread(s), {kernel} kernels)")
     outputs = Outputs(path.parent, re.sub(r"\.json$", "", path.name))
     outputs.json(result, name=path.name)
     print(outputs.wrote())

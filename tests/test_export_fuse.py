@@ -4,6 +4,8 @@ o_proj; the fused model computes what the stored program computes (fp32: to a fe
 rounding), stores no more numbers, and saved again it loads back bitwise. Tiny models, CPU, seconds."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -114,6 +116,10 @@ def test_fused_and_stored_programs_agree_in_both_dtypes(name, tiny_teacher_dir, 
         fused_model = zoo.from_pretrained(out)
         fused = logits(fused_model, ids).float()
         assert (fused - stored).abs().max() <= tolerance * stored.abs().max(), dtype
+        packed_model = zoo.from_pretrained(out, onednn=True)
+        packed = logits(packed_model, ids).float()
+        assert (packed - stored).abs().max() <= tolerance * stored.abs().max(), dtype
+        assert any(m.__dict__.get("_onednn") for m in packed_model.modules()), "no weight ran through oneDNN"
         before = sum(p.numel() for p in zoo.from_pretrained(out, fuse=False).parameters())
         assert sum(p.numel() for p in fused_model.parameters()) <= before
 
@@ -138,3 +144,29 @@ def test_compiled_forward_keeps_the_logits(tiny_teacher_dir, tmp_path):
     compiled = zoo.from_pretrained(out, compile={"backend": "eager"})
     assert compiled.forward is not type(compiled).forward
     torch.testing.assert_close(logits(compiled, ids), logits(zoo.from_pretrained(out), ids), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_onednn_packing_follows_the_weights_and_keeps_training_on_f_linear(tiny_model):
+    from zoo.export.modeling_zoo import PackedLinear, pack_model
+
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16).eval()
+    keys = list(model.state_dict())
+    ids = batches(1, seed=8)[0]["input_ids"]
+    plain = logits(model, ids)
+    pack_model(model)
+    assert list(model.state_dict()) == keys and isinstance(model.lm_head, PackedLinear)
+    torch.testing.assert_close(logits(model, ids), plain, rtol=0.02, atol=0.02)
+    assert model.lm_head._onednn["weight"][2].is_mkldnn  # the packed copy ran
+    with torch.no_grad():  # a load writes in place: the stale copy is reordered again
+        model.model.layers[0].mlp.down_proj.weight.mul_(-1)
+    changed = logits(model, ids)
+    assert not torch.allclose(changed, plain, atol=0.1)
+    model.model.layers[0].mlp.down_proj.__dict__["_onednn"] = None  # this layer on F.linear: the reference
+    torch.testing.assert_close(changed, logits(model, ids), rtol=0.02, atol=0.02)
+    model.to(torch.float32)  # a cast drops every packed copy
+    assert model.lm_head._onednn == {}
+    model.lm_head.weight.requires_grad_(True)
+    out = model.lm_head(torch.randn(2, model.config.hidden_size, requires_grad=True))
+    out.sum().backward()  # with grad: F.linear, so the weight gets its gradient
+    assert model.lm_head.weight.grad is not None and model.lm_head._onednn == {}

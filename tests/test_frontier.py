@@ -4,6 +4,7 @@ is a row, not the end of the frontier."""
 import json
 
 import pytest
+import torch
 import yaml
 
 from test_reliability import config_with
@@ -160,6 +161,20 @@ def test_zoo_speed_refuses_bad_options_by_name(tmp_path, capsys):
     assert code == 2 and "float16" in err and "bfloat16" in err
     code, _, err = zoo_cli(["speed", "--recipe", "r.yaml", "--new", "0"], capsys)
     assert code == 2 and "new=0" in err
+    code, _, err = zoo_cli(["speed", "--recipe", "r.yaml", "--kernel", "mkl"], capsys)
+    assert code == 2 and "mkl" in err and "onednn" in err
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_zoo_speed_runs_both_models_on_onednn_kernels(tmp_path, tiny_teacher_dir, capsys):
+    svd = repair_model("zoo.FisherSVD", targets="model.layers.*.mlp.{gate,up,down}_proj", rank=0.5, lr=0.01)
+    config = config_with(tmp_path, tiny_teacher_dir, model=svd, max_steps=1)
+    out = tmp_path / "speed.json"
+    code, stdout, err = zoo_cli(["speed", "--recipe", config, "--dtype", "bfloat16", "--kernel", "onednn",
+                                 "--new", "2", "--rounds", "1", "--output", str(out)], capsys)
+    assert code == 0 and "onednn kernels" in stdout, err
+    result = json.loads(out.read_text())
+    assert result["kernel"] == "onednn" and result["decode_tokens_per_s"] > 0 and result["bytes_ratio"] < 1
 
 
 def test_frontier_seeds_hologram_kl_and_multiple_choice(tmp_path, tiny_teacher_dir, capsys, monkeypatch):

@@ -36,11 +36,12 @@ def check_export_dir(path: str | Path) -> dict:
 
 
 def from_pretrained(path: str | Path, dtype: str | None = None, device: str | None = None, fuse: bool = True,
-                    compile: bool | dict = False):
+                    compile: bool | dict = False, onednn: bool = False):
     """The exported student of ``path`` as a transformers model (eval mode), ``dtype`` its floating dtype
     (default: as stored). A merged (plain) export loads as the teacher's class. ``fuse``: fold each program into
-    its fixed form (``modeling_zoo.fuse_model``; False runs the stored programs op by op); ``compile``: also
-    ``torch.compile`` the forward (True, or torch.compile's keyword arguments)."""
+    its fixed form (``modeling_zoo.fuse_model``; False runs the stored programs op by op); ``onednn``: its linear maps
+    run oneDNN's kernel on weights reordered once (``modeling_zoo.pack_model``: CPU inference, twice the weights'
+    memory); ``compile``: also ``torch.compile`` the forward (True, or torch.compile's keyword arguments)."""
     import transformers
 
     config_json = check_export_dir(path)
@@ -49,12 +50,14 @@ def from_pretrained(path: str | Path, dtype: str | None = None, device: str | No
         kwargs["device_map"] = device
     try:
         if "zoo" not in config_json:
-            return transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
+            return modeling_zoo.pack_model(model) if onednn else model
         base = config_json["zoo"].get("base", "")
         if not hasattr(transformers, base):
             raise ZooError(f"{str(path)!r} was exported from a {base!r}, which this transformers does not have")
         cls = modeling_zoo.zoo_causal_lm(getattr(transformers, base))
-        model = cls.from_pretrained(str(path), zoo_fuse=fuse, zoo_compile=compile, **kwargs)
+        model = cls.from_pretrained(str(path), zoo_fuse=fuse, zoo_compile=compile, zoo_onednn=onednn,
+                                    **kwargs)
     except SafetensorError as exc:  # a merged export: transformers' own loader; name the file
         raise ZooError(f"{str(Path(path) / 'model.safetensors')!r} is not a readable safetensors file "
                        f"({str(exc).splitlines()[0]}); the export is damaged or incomplete: export it again") from None

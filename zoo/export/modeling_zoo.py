@@ -19,6 +19,11 @@ round trip) and folds EigenAttention's value projector into v_proj and o_proj. O
 gather/Hadamard/scatter around the fused core, ``qmatmul``, ``topk_relu``) run through ``run`` below. The rewritten
 programs replace the config's, so ``save_pretrained`` of a fused model writes an export of what runs.
 
+``pack_model`` (``from_pretrained(..., zoo_onednn=True)``) makes every matmul with ``nn.Linear``'s layout (the fused
+factors, and the teacher's own ``nn.Linear``s left in place, lm_head among them) run oneDNN's linear on a copy of
+its weight reordered once, in inference on a CPU. It applies to any model, so a dense teacher is measured the same
+way; the copies double the weights' memory.
+
 A program is a list of ops applied in turn to x [..., in]; each op is a dict with ``op`` and:
 
 - ``matmul`` ``t`` [, ``transpose``]: x @ T (x @ T^T), T cast to x's dtype
@@ -157,6 +162,49 @@ def run(program: list[dict], x: torch.Tensor, tensors, qmatmul=None) -> torch.Te
     return x
 
 
+def onednn_linear(module: nn.Module, x: torch.Tensor, name: str = "weight", bias=None,
+                  transposed: bool = False) -> torch.Tensor:
+    """``F.linear(x, module.<name>, bias)`` (``transposed``: a weight stored [in, out], ``x @ W + bias``); for a module
+    ``pack_model`` marked, in inference (no grad) on a CPU in fp32 or bf16, oneDNN's linear on a copy of the weight
+    reordered once for it (the ops torch's inductor uses on a CPU). At batch 1 on a 2-core EPYC it reads a weight
+    about twice as fast as ``F.linear`` in bf16 and 1.5x in fp32 (issue 26)."""
+    weight, packs = module._parameters[name], module.__dict__.get("_onednn")
+    if packs is None or torch.is_grad_enabled() or x.dtype != weight.dtype or x.device.type != "cpu" or \
+            weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        if not transposed:
+            return F.linear(x, weight, bias)
+        return x @ weight if bias is None else x @ weight + bias
+    packed = packs.get(name)
+    if packed is None or packed[0] is not weight or packed[1] != weight._version:  # a write (a load) went in place
+        w = weight.detach().T.contiguous() if transposed else weight.detach()
+        packed = packs[name] = (weight, weight._version, torch.ops.mkldnn._reorder_linear_weight(w, None))
+    return torch.ops.mkldnn._linear_pointwise(x, packed[2], bias, "none", [], "")
+
+
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` whose forward is ``onednn_linear`` (``pack_model`` swaps the class; its state is unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return onednn_linear(self, x, "weight", self.bias)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__["_onednn"] = {}  # a move or cast invalidates the packed copies
+        return super()._apply(fn, recurse)
+
+
+def pack_model(model: nn.Module) -> nn.Module:
+    """Mark every ``nn.Linear`` and ``ZooLinear`` of ``model`` (any model: a dense teacher too) to run ``onednn_linear``;
+    unchanged where this torch has no oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return model
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = PackedLinear
+        if isinstance(module, (PackedLinear, ZooLinear)):
+            module.__dict__["_onednn"] = {}
+    return model
+
+
 class ZooLinear(nn.Module):
     """A replaced linear map: its stored tensors and the program that applies them."""
 
@@ -215,13 +263,15 @@ class ZooLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._dense = {}  # a move or cast invalidates the dequantized copies
+        if "_onednn" in self.__dict__:
+            self.__dict__["_onednn"] = {}
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fixed is not None and x.dtype == self._parameters[self._fixed[0][0][0]].dtype:
             factors, bias = self._fixed
             for name, linear in factors:  # one or two
-                x = F.linear(x, self._parameters[name]) if linear else x @ self._parameters[name]
+                x = onednn_linear(self, x, name, transposed=not linear)
             return x + self._parameters[bias] if bias else x
         return run(self.program, x, lambda name: getattr(self, name), self._qmatmul)
 
@@ -361,10 +411,10 @@ def zoo_causal_lm(base: type) -> type:
 
         @classmethod
         def from_pretrained(cls, *args, output_loading_info: bool = False, zoo_fuse: bool = True, zoo_compile=False,
-                            **kwargs):
+                            zoo_onednn: bool = False, **kwargs):
             """transformers' loader, then ``fuse_model`` (``zoo_fuse=False``: the stored programs run as they are,
-            op by op) and, with ``zoo_compile`` (True or ``torch.compile``'s keyword arguments), the forward
-            compiled."""
+            op by op), with ``zoo_onednn`` ``pack_model`` and, with ``zoo_compile`` (True or ``torch.compile``'s
+            keyword arguments), the forward compiled."""
             # transformers only warns about missing weights and initializes them at random: an export
             # whose tensors do not fit its program must fail instead
             try:
@@ -380,6 +430,8 @@ def zoo_causal_lm(base: type) -> type:
                 raise OSError(f"the zoo export's weights do not fit its config.json zoo block: {bad}")
             if zoo_fuse:
                 fuse_model(model)
+            if zoo_onednn:
+                pack_model(model)
             if zoo_compile:
                 model.forward = torch.compile(model.forward, **(zoo_compile if isinstance(zoo_compile, dict) else {}))
             return (model, info) if output_loading_info else model

@@ -68,10 +68,10 @@ def measure(models: dict, label: str, dtype: str, batches: list[int], rounds: in
 
 
 def relate(rows: list[dict]) -> list[dict]:
-    """Each row against the dense row of its model, dtype and batch."""
+    """Each row against the dense row of its model, dtype, batch and kernel (where rows name one)."""
+    key = lambda r: (r["model"], r["dtype"], r["batch"], r.get("kernel"))  # noqa: E731
     for row in rows:
-        dense = next(r for r in rows if r["student"] == "dense" and
-                     (r["model"], r["dtype"], r["batch"]) == (row["model"], row["dtype"], row["batch"]))
+        dense = next(r for r in rows if r["student"] == "dense" and key(r) == key(row))
         ratio = row["bytes"] / dense["bytes"]
         row["bytes_ratio"], row["limit"] = ratio, 1 / ratio
         for kind in ("prefill", "decode"):
