@@ -97,27 +97,37 @@ def calibration(tokenizer, n: int, seq_len: int, vocab: int) -> list[dict]:
 
 def measure(models: dict, label: str, dtype: str, args, prompt: int, new: int) -> list[dict]:
     """Rows of ``models`` under each of ``args.kernels`` in turn: ``stock`` as loaded, then ``onednn`` with every
-    model, the dense one too, packed in place by ``modeling_zoo.pack_model``."""
+    model, the dense one too, packed by ``modeling_zoo.pack_model``. The packed copies sit beside the weights: where
+    those of every model do not fit in memory at once, the dense model and one student at a time (the dense row is
+    the first group's); a group that does not fit is skipped, and says so."""
     from zoo.export import modeling_zoo
+
+    def unpack(group):  # the weights as loaded again, the packed copies freed
+        for model in group.values():
+            for module in model.modules():
+                module.__dict__.pop("_onednn", None)
+                if type(module) is modeling_zoo.PackedLinear:
+                    module.__class__ = torch.nn.Linear
 
     rows = []
     for kernel in [k for k in KERNELS if k in args.kernels]:
-        if kernel == "onednn":
-            need, free = sum(map(speed.resident_bytes, models.values())), available_bytes()
-            if need > 0.9 * free:  # each model's packed copies sit beside its weights
-                print(f"onednn: {label} {dtype} skipped: its packed copies ({need / 2**30:.1f} GiB) would not fit in "
-                      f"the {free / 2**30:.1f} GiB available", flush=True)
-                continue
-            for model in models.values():
-                modeling_zoo.pack_model(model)
-        rows += [row | {"kernel": kernel} for row in speed.measure(
-            models, label, dtype, args.batches, args.rounds, prompt, new,
-            log=lambda line: print(f"{kernel}: {line}", flush=True))]
-    for model in models.values():  # as loaded again: the dense fp32 model is copied to bf16 next
-        for module in model.modules():
-            module.__dict__.pop("_onednn", None)
-            if type(module) is modeling_zoo.PackedLinear:
-                module.__class__ = torch.nn.Linear
+        groups = [models]
+        if kernel == "onednn" and sum(map(speed.resident_bytes, models.values())) > 0.9 * available_bytes():
+            groups = [{"dense": models["dense"], name: model} for name, model in models.items() if name != "dense"]
+        for group in groups:
+            if kernel == "onednn":
+                need, free = sum(map(speed.resident_bytes, group.values())), available_bytes()
+                if need > 0.9 * free:
+                    print(f"onednn: {label} {dtype} {', '.join(group)} skipped: the packed copies ({need / 2**30:.1f} "
+                          f"GiB) would not fit in the {free / 2**30:.1f} GiB available", flush=True)
+                    continue
+                for model in group.values():
+                    modeling_zoo.pack_model(model)
+            measured = speed.measure(group, label, dtype, args.batches, args.rounds, prompt, new,
+                                     log=lambda line: print(f"{kernel}: {line}", flush=True))
+            seen = {(r["batch"], r["student"]) for r in rows if r["kernel"] == kernel}
+            rows += [row | {"kernel": kernel} for row in measured if (row["batch"], row["student"]) not in seen]
+            unpack(group)
     return rows
 
 

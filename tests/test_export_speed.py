@@ -48,3 +48,13 @@ def test_gemv_ceiling_dry_run_relates_every_student_to_the_dense_step(tmp_path):
             assert got["svdllm-0.5"]["bytes_ratio"] < got["svdllm-0.8"]["bytes_ratio"] < 1.0
             assert all(r["step_ms"] > 0 for r in got.values())
     assert json.loads((tmp_path / "ceiling.json").read_text())["rows"] == rows
+
+
+def test_onednn_rows_come_a_student_at_a_time_where_every_model_packed_would_not_fit(tmp_path, monkeypatch):
+    calls = iter([0])  # the first question (every model at once) gets no memory, each pair all it asks
+    monkeypatch.setattr(export_speed, "available_bytes", lambda: next(calls, 1 << 50))
+    result = export_speed.main(["--quick", "--models", "1b", "--dtypes", "bfloat16", "--batches", "1",
+                                "--output", str(tmp_path / "r.json")])
+    onednn = [r for r in result["rows"] if r["kernel"] == "onednn"]
+    assert sorted(r["student"] for r in onednn) == sorted(["dense", *export_speed.STUDENTS])
+    assert all(r["decode_speedup"] > 0 and r["decode_vs_stock_dense"] > 0 for r in onednn)
