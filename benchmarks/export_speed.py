@@ -98,19 +98,15 @@ def calibration(tokenizer, n: int, seq_len: int, vocab: int) -> list[dict]:
 def measure(models: dict, label: str, dtype: str, args, prompt: int, new: int) -> list[dict]:
     """Rows of ``models`` under each of ``args.kernels`` in turn: ``stock`` as loaded, then ``onednn`` with every
     model, the dense one too, packed by ``modeling_zoo.pack_model``. The packed copies sit beside the weights: where
-    those of every model do not fit in memory at once, the dense model and one student at a time (the dense row is
-    the first group's); a group that does not fit is skipped, and says so."""
+    those of every model do not fit in memory at once, the dense model and one student at a time, each student
+    against the dense row of its own group (``group``); a group that does not fit is skipped, and says so."""
     from zoo.export import modeling_zoo
-
-    def unpack(group):  # the weights as loaded again, the packed copies freed
-        for model in group.values():
-            for module in model.modules():
-                module.__dict__.pop("_onednn", None)
-                if type(module) is modeling_zoo.PackedLinear:
-                    module.__class__ = torch.nn.Linear
 
     rows = []
     for kernel in [k for k in KERNELS if k in args.kernels]:
+        if kernel == "onednn" and not modeling_zoo.onednn_available(getattr(torch, dtype)):
+            print(f"onednn: {label} {dtype} skipped: this torch or CPU has no oneDNN {dtype} linear", flush=True)
+            continue
         groups = [models]
         if kernel == "onednn" and sum(map(speed.resident_bytes, models.values())) > 0.9 * available_bytes():
             groups = [{"dense": models["dense"], name: model} for name, model in models.items() if name != "dense"]
@@ -123,11 +119,14 @@ def measure(models: dict, label: str, dtype: str, args, prompt: int, new: int) -
                     continue
                 for model in group.values():
                     modeling_zoo.pack_model(model)
-            measured = speed.measure(group, label, dtype, args.batches, args.rounds, prompt, new,
-                                     log=lambda line: print(f"{kernel}: {line}", flush=True))
-            seen = {(r["batch"], r["student"]) for r in rows if r["kernel"] == kernel}
-            rows += [row | {"kernel": kernel} for row in measured if (row["batch"], row["student"]) not in seen]
-            unpack(group)
+            try:
+                measured = speed.measure(group, label, dtype, args.batches, args.rounds, prompt, new,
+                                         log=lambda line: print(f"{kernel}: {line}", flush=True))
+            finally:
+                for model in group.values():
+                    modeling_zoo.unpack_model(model)  # as loaded: the dense fp32 model is copied to bf16 next
+            tag = {"group": list(group)[-1]} if len(groups) > 1 else {}
+            rows += [row | {"kernel": kernel} | tag for row in measured]
     return rows
 
 
@@ -262,8 +261,12 @@ def shaped_rows(args) -> list[dict]:
 def table(rows: list[dict]) -> str:
     head = ("| model | dtype | batch | kernel | student | MiB | bytes ratio | limit | prefill tok/s | prefill x | "
             "decode tok/s | decode x | decode of limit | decode x stock dense |")
-    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    lines, seen = [head, "|" + " --- |" * (head.count("|") - 1)], set()
     for r in rows:
+        key = (r["model"], r["dtype"], r["batch"], r["kernel"], r["student"])
+        if key in seen:  # a later group's own dense run: each student is related to its own, the table shows one
+            continue
+        seen.add(key)
         lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['kernel']} | {r['student']} | "
                      f"{r['bytes'] / 2**20:.1f} | {r['bytes_ratio']:.3f} | {r['limit']:.2f} | "
                      f"{r['prefill_tokens_per_s']:.1f} | {r['prefill_speedup']:.2f} | {r['decode_tokens_per_s']:.2f} | "

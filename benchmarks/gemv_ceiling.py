@@ -3,7 +3,8 @@ matmuls of one batch-1 decode step of a model with Llama-3.2-1B's shapes, dense 
 ``ratio * in * out / (in + out)`` (sigma folded in: two matmuls per map), the tied lm_head kept dense in both,
 timed side by side in one process, cache-cold (16 layers of distinct random tensors), one thread, per kernel:
 
-- ``stock``: ``F.linear`` on ``[out, in]`` weights, as transformers runs a dense model;
+- ``stock``: ``F.linear`` on ``[out, in]`` weights, as transformers runs a dense model; in fp32 a factor with fewer
+  inputs than outputs is stored ``[in, out]`` and run as ``x @ T``, as a fused export runs it (``fuse_zoo``);
 - ``onednn``: oneDNN's linear on weights reordered once (``zoo.export.modeling_zoo.pack_model``'s kernel).
 
 The rest of a real step (attention over the cache, norms, rotary, Python) costs the dense model and the student
@@ -35,42 +36,48 @@ def maps(s: dict) -> list[tuple[int, int]]:
     return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
 
 
-def step(weights: list[list[list[torch.Tensor]]], head: torch.Tensor, x: dict, linear) -> None:
-    """One decode step's matmuls: every layer's maps (one weight, or two factors, each), then the head."""
+def step(weights: list[list[list[tuple]]], head: torch.Tensor, x: dict, linear) -> None:
+    """One decode step's matmuls: every layer's maps (one weight, or two factors, each a (tensor, inputs, stored
+    ``[out, in]``) triple), then the head."""
     for layer in weights:
         for chain in layer:
-            y = x[chain[0].shape[-1]]
-            for w in chain:
-                y = linear(y, w)
-    linear(x[head.shape[-1]], head)
+            y = x[chain[0][1]]
+            for w, _, out_in in chain:
+                y = linear(y, w, out_in)
+    linear(x[head.shape[-1]], head, True)
 
 
 def run(dtype: torch.dtype, ratios: list[float], s: dict, rounds: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     randn = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).to(dtype)  # noqa: E731
-    models = {"dense": [[[randn(o, i)] for i, o in maps(s)] for _ in range(s["layers"])]}
+
+    def factor(i: int, o: int, student: bool) -> tuple:
+        out_in = not (student and dtype == torch.float32 and i < o)  # the fused export's layout (fuse_zoo)
+        return (randn(o, i) if out_in else randn(i, o), i, out_in)
+
+    models = {"dense": [[[factor(i, o, False)] for i, o in maps(s)] for _ in range(s["layers"])]}
     for ratio in ratios:
         rank = lambda i, o: max(1, int(ratio * i * o / (i + o)))  # noqa: E731
-        models[f"svdllm-{ratio:g}"] = [[[randn(rank(i, o), i), randn(o, rank(i, o))] for i, o in maps(s)]
+        models[f"svdllm-{ratio:g}"] = [[[factor(i, rank(i, o), True), factor(rank(i, o), o, True)] for i, o in maps(s)]
                                       for _ in range(s["layers"])]
     head = randn(s["vocab"], s["hidden"])
-    x = {n: randn(1, n) for n in {s["hidden"], s["intermediate"]} | {w.shape[-1] for m in models.values()
-                                                                        for layer in m for c in layer for w in c}}
-    numbers = {name: sum(w.numel() for layer in m for c in layer for w in c) + head.numel() for name, m in models.items()}
+    x = {n: randn(1, n) for n in {s["hidden"], s["intermediate"]}}
+    numbers = {name: sum(w.numel() for layer in m for c in layer for w, _, _ in c) + head.numel()
+               for name, m in models.items()}
     rows, size = [], head.element_size()
     for kernel in KERNELS:
         if kernel == "onednn":
             if not torch.backends.mkldnn.is_available():
                 continue
             pack = lambda w: torch.ops.mkldnn._reorder_linear_weight(w, None)  # noqa: E731
-            linear = lambda y, w: torch.ops.mkldnn._linear_pointwise(y, w, None, "none", [], "")  # noqa: E731
+            linear = lambda y, w, _: torch.ops.mkldnn._linear_pointwise(y, w, None, "none", [], "")  # noqa: E731
             for m in models.values():  # in place (stock ran first): one copy of the weights in memory
                 for layer in m:
                     for chain in layer:
-                        chain[:] = [pack(w) for w in chain]
+                        chain[:] = [(pack(w if out_in else w.T.contiguous()), i, True) for w, i, out_in in chain]
             head = pack(head)
         else:
-            linear = F.linear
+            linear = lambda y, w, out_in: F.linear(y, w) if out_in else y @ w  # noqa: E731
         times = {name: [] for name in models}
         with torch.inference_mode():
             for _ in range(rounds):  # interleaved: load from other jobs falls on every model alike

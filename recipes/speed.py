@@ -15,7 +15,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from zoo.core.errors import check_at_least, check_choice
+from zoo.core.errors import ZooError, check_at_least, check_choice
 
 DTYPES = ("float32", "bfloat16")
 KERNELS = ("stock", "onednn")
@@ -54,6 +54,13 @@ def speed(
     """
     check_choice("dtype", dtype, DTYPES)
     check_choice("kernel", kernel, KERNELS)
+    if kernel == "onednn":
+        import torch
+
+        from zoo.export.modeling_zoo import onednn_available
+
+        if not onednn_available(getattr(torch, dtype)):
+            raise ZooError(f"kernel='onednn': this torch or CPU has no oneDNN {dtype} linear; use kernel='stock'")
     check_at_least(1, batch=batch, prompt=prompt, new=new, rounds=rounds, threads=threads)
     from zoo.core.cache import check_writable
 
@@ -80,7 +87,8 @@ def speed(
     del module  # the training-side student: only the shipped one is timed
     dense = load_causal_lm(teacher, dtype)[0].eval()
     if kernel == "onednn":
-        pack_model(student), pack_model(dense)
+        pack_model(student)
+        pack_model(dense)
     rows = relate(measure({"dense": dense, "student": student}, Path(recipe).stem, dtype, [batch], rounds, prompt, new))
     row = rows[-1]
     result = {"format": "zoo.speed/1", "recipe": recipe, "repair_state": repair_state, "overrides": list(overrides),

@@ -119,7 +119,9 @@ def test_fused_and_stored_programs_agree_in_both_dtypes(name, tiny_teacher_dir, 
         packed_model = zoo.from_pretrained(out, onednn=True)
         packed = logits(packed_model, ids).float()
         assert (packed - stored).abs().max() <= tolerance * stored.abs().max(), dtype
-        assert any(m.__dict__.get("_onednn") for m in packed_model.modules()), "no weight ran through oneDNN"
+        replaced = [m for m in packed_model.modules() if isinstance(m, ZooLinear) and m._fixed]
+        assert all(m.__dict__.get("_onednn") for m in replaced), "a fused map did not run through oneDNN"
+        assert packed_model.lm_head.__dict__.get("_onednn"), "lm_head did not run through oneDNN"
         before = sum(p.numel() for p in zoo.from_pretrained(out, fuse=False).parameters())
         assert sum(p.numel() for p in fused_model.parameters()) <= before
 
@@ -164,9 +166,25 @@ def test_onednn_packing_follows_the_weights_and_keeps_training_on_f_linear(tiny_
     assert not torch.allclose(changed, plain, atol=0.1)
     model.model.layers[0].mlp.down_proj.__dict__["_onednn"] = None  # this layer on F.linear: the reference
     torch.testing.assert_close(changed, logits(model, ids), rtol=0.02, atol=0.02)
+    twin = copy.deepcopy(model)  # the packed copies are left out of a copy (oneDNN's layout has no storage)
+    assert twin.lm_head._onednn == {}
+    torch.testing.assert_close(logits(twin, ids), changed, rtol=0, atol=0)
     model.to(torch.float32)  # a cast drops every packed copy
     assert model.lm_head._onednn == {}
     model.lm_head.weight.requires_grad_(True)
     out = model.lm_head(torch.randn(2, model.config.hidden_size, requires_grad=True))
     out.sum().backward()  # with grad: F.linear, so the weight gets its gradient
     assert model.lm_head.weight.grad is not None and model.lm_head._onednn == {}
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_onednn_runs_an_fp32_factor_stored_in_out(tiny_teacher_dir, tmp_path):
+    module = built(zoo.FisherSVD, tiny_teacher_dir, **TECHNIQUES["fisher_svd"][1])
+    out = zoo.export_model(module, tmp_path / "export", dtype="float32")
+    ids = batches(1, seed=9)[0]["input_ids"]
+    model = zoo.from_pretrained(out, onednn=True)
+    stored_in_out = [m for m in model.modules() if isinstance(m, ZooLinear) and m._fixed and
+                     not all(linear for _, linear in m._fixed[0])]
+    assert stored_in_out, "no fp32 factor is stored [in, out]"
+    torch.testing.assert_close(logits(model, ids), logits(zoo.from_pretrained(out), ids), rtol=1e-4, atol=1e-4)
+    assert all(m._onednn for m in stored_in_out)

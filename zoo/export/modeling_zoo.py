@@ -162,50 +162,77 @@ def run(program: list[dict], x: torch.Tensor, tensors, qmatmul=None) -> torch.Te
     return x
 
 
+def onednn_available(dtype: torch.dtype) -> bool:
+    """Whether this torch runs oneDNN's linear on a CPU in ``dtype`` (bf16 also needs the CPU's bf16 support)."""
+    return torch.backends.mkldnn.is_available() and (dtype == torch.float32 or dtype == torch.bfloat16 and
+                                                     torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def onednn_linear(module: nn.Module, x: torch.Tensor, name: str = "weight", bias=None,
                   transposed: bool = False) -> torch.Tensor:
     """``F.linear(x, module.<name>, bias)`` (``transposed``: a weight stored [in, out], ``x @ W + bias``); for a module
-    ``pack_model`` marked, in inference (no grad) on a CPU in fp32 or bf16, oneDNN's linear on a copy of the weight
-    reordered once for it (the ops torch's inductor uses on a CPU). At batch 1 on a 2-core EPYC it reads a weight
-    about twice as fast as ``F.linear`` in bf16 and 1.5x in fp32 (issue 26)."""
+    ``pack_model`` marked, in inference (no grad, no autocast) on a CPU in fp32 or bf16, oneDNN's linear on a copy of
+    the weight reordered once for it (the ops torch's inductor uses on a CPU). The copy follows the weight's object,
+    storage and version: a load or an in-place write reorders it again; a write through ``.data.copy_`` is not seen
+    (``pack_model`` again after one)."""
     weight, packs = module._parameters[name], module.__dict__.get("_onednn")
     if packs is None or torch.is_grad_enabled() or x.dtype != weight.dtype or x.device.type != "cpu" or \
-            weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+            weight.device.type != "cpu" or torch.is_autocast_enabled("cpu") or not onednn_available(weight.dtype):
         if not transposed:
             return F.linear(x, weight, bias)
         return x @ weight if bias is None else x @ weight + bias
+    key = (weight.data_ptr(), -1 if weight.is_inference() else weight._version)  # inference tensors keep no version
     packed = packs.get(name)
-    if packed is None or packed[0] is not weight or packed[1] != weight._version:  # a write (a load) went in place
+    if packed is None or packed[0] is not weight or packed[1] != key:
         w = weight.detach().T.contiguous() if transposed else weight.detach()
-        packed = packs[name] = (weight, weight._version, torch.ops.mkldnn._reorder_linear_weight(w, None))
+        packed = packs[name] = (weight, key, torch.ops.mkldnn._reorder_linear_weight(w, None))
     return torch.ops.mkldnn._linear_pointwise(x, packed[2], bias, "none", [], "")
 
 
-class PackedLinear(nn.Linear):
+class Packable:
+    """A module that may hold ``onednn_linear``'s packed copies (in ``_onednn``): a move or cast drops them, and a
+    copy or pickle leaves them out (oneDNN's layout has no storage to copy)."""
+
+    def _apply(self, fn, recurse=True):
+        if "_onednn" in self.__dict__:
+            self.__dict__["_onednn"] = {}
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        return state | {"_onednn": {}} if "_onednn" in state else state
+
+
+class PackedLinear(Packable, nn.Linear):
     """An ``nn.Linear`` whose forward is ``onednn_linear`` (``pack_model`` swaps the class; its state is unchanged)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return onednn_linear(self, x, "weight", self.bias)
 
-    def _apply(self, fn, recurse=True):
-        self.__dict__["_onednn"] = {}  # a move or cast invalidates the packed copies
-        return super()._apply(fn, recurse)
-
 
 def pack_model(model: nn.Module) -> nn.Module:
-    """Mark every ``nn.Linear`` and ``ZooLinear`` of ``model`` (any model: a dense teacher too) to run ``onednn_linear``;
-    unchanged where this torch has no oneDNN."""
+    """Mark every ``nn.Linear`` and exported map of ``model`` (any model: a dense teacher too) to run
+    ``onednn_linear``; unchanged where this torch has no oneDNN."""
     if not torch.backends.mkldnn.is_available():
         return model
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = PackedLinear
-        if isinstance(module, (PackedLinear, ZooLinear)):
+        if isinstance(module, Packable) or type(module).__name__ == "ZooLinear":  # a remote-code copy's class too
             module.__dict__["_onednn"] = {}
     return model
 
 
-class ZooLinear(nn.Module):
+def unpack_model(model: nn.Module) -> nn.Module:
+    """Undo ``pack_model``: every module back on ``F.linear``, the packed copies freed."""
+    for module in model.modules():
+        module.__dict__.pop("_onednn", None)
+        if type(module) is PackedLinear:
+            module.__class__ = nn.Linear
+    return model
+
+
+class ZooLinear(Packable, nn.Module):
     """A replaced linear map: its stored tensors and the program that applies them."""
 
     def __init__(self, spec: dict):
@@ -239,6 +266,8 @@ class ZooLinear(nn.Module):
                                 | {n: {"shape": list(v.shape), "dtype": "model"} for n, v in new.items()})
         self.spec["program"] = self.program = program
         self._dense = {}
+        if "_onednn" in self.__dict__:
+            self.__dict__["_onednn"] = {}
         ops = [op["op"] for op in program]
         bias = program[-1]["t"] if ops[-1:] == ["add"] else None
         if ops[:len(ops) - bool(bias)] in (["matmul"], ["matmul", "matmul"]):
@@ -263,8 +292,6 @@ class ZooLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._dense = {}  # a move or cast invalidates the dequantized copies
-        if "_onednn" in self.__dict__:
-            self.__dict__["_onednn"] = {}
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -68,8 +68,8 @@ def measure(models: dict, label: str, dtype: str, batches: list[int], rounds: in
 
 
 def relate(rows: list[dict]) -> list[dict]:
-    """Each row against the dense row of its model, dtype, batch and kernel (where rows name one)."""
-    key = lambda r: (r["model"], r["dtype"], r["batch"], r.get("kernel"))  # noqa: E731
+    """Each row against the dense row of its model, dtype, batch, kernel and group (where rows name them)."""
+    key = lambda r: (r["model"], r["dtype"], r["batch"], r.get("kernel"), r.get("group"))  # noqa: E731
     for row in rows:
         dense = next(r for r in rows if r["student"] == "dense" and key(r) == key(row))
         ratio = row["bytes"] / dense["bytes"]
