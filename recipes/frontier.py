@@ -321,8 +321,8 @@ class Frontier(Series):
         old = {} if self.rerun else self.record_of(item, run_dir)
         method, ratio, seed = self.pairs[item.name]
         record = {"method": method.name, "ratio": ratio, "seed": seed, "config": item.config,
-                  "config_sha256": config_sha256(item.config), "overrides": item.overrides, "heldout": method.heldout, "repair": self.repair, "complete": False,
-                  "stages": {}}
+                  "config_sha256": config_sha256(item.config), "overrides": item.overrides, "heldout": method.heldout,
+                  "repair": self.repair, "complete": False, "stages": {}}
         save = lambda: atomic_write_text(path, json.dumps(record, indent=2))  # noqa: E731
         try:
             record["count"] = old.get("count") or count_parameters(item.config, item.overrides)

@@ -45,6 +45,7 @@ A program is a list of ops applied in turn to x [..., in]; each op is a dict wit
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
@@ -162,6 +163,7 @@ def run(program: list[dict], x: torch.Tensor, tensors, qmatmul=None) -> torch.Te
     return x
 
 
+@functools.cache  # on the hot path of every packed matmul: asked once per dtype
 def onednn_available(dtype: torch.dtype) -> bool:
     """Whether this torch runs oneDNN's linear on a CPU in ``dtype`` (bf16 also needs the CPU's bf16 support)."""
     return torch.backends.mkldnn.is_available() and (dtype == torch.float32 or dtype == torch.bfloat16 and
