@@ -22,7 +22,8 @@ stages, each in its own process into ``OUTPUT_DIR/<method>@<value>/<stage>``:
 - ``hologram_before`` and ``hologram_after`` (with ``hologram_samples``, issue 27): ``zoo validate`` scored on
   heldout hologram samples (source 000, section 2.5: the teacher's own chat distribution), KL to the teacher.
 - ``mc_before``, ``mc_teacher`` and ``mc_after`` (with ``mc_items``): ``zoo lm-eval`` accuracy on a local
-  multiple-choice task (``recipes.ood_tasks``) of the student and of its teacher.
+  multiple-choice task (``recipes.ood_tasks``) of the student and of its teacher (the teacher's measured
+  once per teacher, dtype and task: later items keep it, naming the item in ``kept_from``).
 
 With ``seeds``, each item runs once per seed, seed S > 0 in ``OUTPUT_DIR/<method>@<value>#s<S>``; a row is
 the mean over the seeds with the spread (``frontier_rows``).
@@ -261,8 +262,27 @@ class Frontier(Series):
         command = ["lm-eval", "--tasks", self.mc_task, "--device", "cpu", "--logger", "null",
                    *(["--view", "teacher"] if when == "teacher" else [])]
         read = lambda out: {"acc": out["results"][TASK]["acc_norm,none"], "acc_raw": out["results"][TASK]["acc,none"]}  # noqa: E731
-        return self.command_stage(f"mc_{when}", item, run_dir, record, old, {"items": self.mc_items},
-                                  when == "after", command, read)
+        settings = {"items": self.mc_items}
+        if when == "teacher":  # the teacher's own figure: any item with the same teacher, dtype and task has it
+            count = record.get("count", {})
+            settings |= {"task": self.mc_task, "teacher": count.get("teacher"), "dtype": count.get("dtype")}
+            shared = None if self.rerun or not count.get("teacher") else self.measured_elsewhere("mc_teacher", settings)
+            if shared:
+                record["stages"]["mc_teacher"] = shared
+                return None
+        return self.command_stage(f"mc_{when}", item, run_dir, record, old, settings, when == "after", command, read)
+
+    def measured_elsewhere(self, name: str, settings: dict) -> dict | None:
+        """A finished stage ``name`` of another item of this frontier with the same ``settings``, marked
+        ``kept_from`` that item's directory; None if there is none."""
+        for path in sorted(self.out.glob(f"*/{RESULT}")):
+            try:
+                stage = json.loads(path.read_text()).get("stages", {}).get(name, {})
+            except (OSError, ValueError):  # a record being written or a broken one: measure again
+                continue
+            if stage.get("exit_code") == 0 and all(stage.get(k) == v for k, v in settings.items()):
+                return {**stage, "kept_from": stage.get("kept_from", path.parent.name)}
+        return None
 
     def validate_stage(self, name: str, item: Item, run_dir: Path, record: dict, old: dict, extra: list[str],
                        settings: dict, keep: bool) -> str | None:
@@ -325,7 +345,8 @@ class Frontier(Series):
                   "repair": self.repair, "complete": False, "stages": {}}
         save = lambda: atomic_write_text(path, json.dumps(record, indent=2))  # noqa: E731
         try:
-            record["count"] = old.get("count") or count_parameters(item.config, item.overrides)
+            count = old.get("count") or {}
+            record["count"] = count if "teacher" in count else count_parameters(item.config, item.overrides)
         except Exception as exc:  # the recipe does not parse or does not fit: a row, not the end of the series
             record["status"] = f"failed: {one_line(exc)}"
             save()

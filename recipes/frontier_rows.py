@@ -37,17 +37,20 @@ def built_summary(run_dir: Path) -> dict:
 
 
 def count_parameters(config: str, overrides: list[str]) -> dict:
-    """Parameters of the student and of its teacher, from shapes (the teacher on the meta device)."""
+    """Parameters of the student and of its teacher, from shapes (the teacher on the meta device), with the
+    teacher's source and dtype (what its own figures depend on)."""
     from zoo.core import plan as zp
     from zoo.core.models import parse_dtype
 
     from .recipe import load_recipe
 
-    module = load_recipe(config, overrides, build=False, meta=True).module
+    recipe = load_recipe(config, overrides, build=False, meta=True)
+    module = recipe.module
     resolved = module.resolve_targets()
     plan = zp.plan_student(module.model, module.parts, resolved, parse_dtype(module.dtype_name))
     return {"parameters": plan.student_parameters, "teacher_parameters": plan.model_parameters,
-            "replaced_parameters": plan.original, "targets": len(plan.targets),
+            "replaced_parameters": plan.original, "targets": len(plan.targets), "teacher": recipe.config["model"]["init_args"]["teacher"],
+            "dtype": module.dtype_name,
             "ranks": shape_ranks(module.model, module.parts, resolved)}
 
 

@@ -60,7 +60,8 @@ def recipe_parser() -> LightningArgumentParser:
 
 @dataclass
 class Recipe:
-    """A recipe's objects: its model (holding the ``Student``) and its data module (None if it names none)."""
+    """A recipe's objects: its model (holding the ``Student``) and its data module (None if it names none), and
+    the recipe as parsed (its own teacher, also where the model is on the meta device)."""
 
     module: RepairModule
     data: TokenDataModule | None
@@ -92,14 +93,15 @@ def load_recipe(config: str | Path | dict, overrides: list[str] | tuple[str, ...
     parser = recipe_parser()
     cfg = parser.parse_args(["--config", str(config), *overrides])
     init = cfg.model.init_args
-    if meta:  # the model only: the data module keeps the real teacher's name (its tokenizer, its cache keys)
-        init.teacher = META_PREFIX + init.teacher.removeprefix(RANDOM_PREFIX).removeprefix(META_PREFIX)
     if repair_state:
         init.repair_state = str(repair_state)
+    written = cfg.as_dict()
+    if meta:  # the model only: the data module keeps the real teacher's name (its tokenizer, its cache keys)
+        init.teacher = META_PREFIX + init.teacher.removeprefix(RANDOM_PREFIX).removeprefix(META_PREFIX)
     if cfg.seed_everything is not False:  # as LightningCLI seeds before it builds (LoRA and random-init weights)
         seed_everything(None if cfg.seed_everything is True else cfg.seed_everything, workers=True)
     objects = parser.instantiate_classes(cfg)
-    recipe = Recipe(objects.model, objects.get("data"), cfg.as_dict())
+    recipe = Recipe(objects.model, objects.get("data"), written)
     if build:
         recipe.module.build_student_from(recipe.data, device, from_state=True)
     return recipe
