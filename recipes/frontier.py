@@ -46,7 +46,6 @@ and ``frontier.png`` (code and prose ppl over the teacher's against bytes, a lin
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import shutil
@@ -59,13 +58,13 @@ from zoo.core.errors import ZooError, check_choice
 
 from .command import command_logger
 from .frontier_report import STAGES, format_table, hardware, plot
-from .frontier_rows import built_summary, count_parameters, heldout, item_row, seed_rows
+from .frontier_rows import (RESULT, built_summary, config_sha256, count_parameters, heldout, item_name, item_row,
+                            seed_rows, stage_elsewhere)
 from .ood_tasks import TASK, write_task
 from .report import log_outputs, row_table
 from .series import Item, Series, check_configs, check_unique, one_line, run_stage, zoo_args
 
 DEFAULT_RATIOS = [0.9, 0.8, 0.7, 0.6, 0.5]
-RESULT = "item.json"
 PROSE = "pydoc-topics"
 #: the data seed of the hologram stages' samples: one heldout set for every item and seed, and none a recipe
 #: trains on (the shipped mixes draw theirs with seed 0)
@@ -98,19 +97,6 @@ class Method:
     values: list[float] | None = None
     repair: bool = True
     heldout: list[str] = field(default_factory=list)
-
-
-def config_sha256(config: str) -> str | None:
-    """The recipe file's text, hashed (None where it cannot be read: the item fails on it anyway)."""
-    try:
-        return hashlib.sha256(Path(config).read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
-def item_name(method: str, value: float, seed: int = 0) -> str:
-    """``<method>@<value>``, and ``<method>@<value>#s<seed>`` for a seed other than 0."""
-    return f"{method}@{value:g}" + (f"#s{seed}" if seed else "")
 
 
 class Frontier(Series):
@@ -266,23 +252,11 @@ class Frontier(Series):
         if when == "teacher":  # the teacher's own figure: any item with the same teacher, dtype and task has it
             count = record.get("count", {})
             settings |= {"task": self.mc_task, "teacher": count.get("teacher"), "dtype": count.get("dtype")}
-            shared = None if self.rerun or not count.get("teacher") else self.measured_elsewhere("mc_teacher", settings)
+            shared = None if self.rerun or not count.get("teacher") else stage_elsewhere(self.out, "mc_teacher", settings)
             if shared:
                 record["stages"]["mc_teacher"] = shared
                 return None
         return self.command_stage(f"mc_{when}", item, run_dir, record, old, settings, when == "after", command, read)
-
-    def measured_elsewhere(self, name: str, settings: dict) -> dict | None:
-        """A finished stage ``name`` of another item of this frontier with the same ``settings``, marked
-        ``kept_from`` that item's directory; None if there is none."""
-        for path in sorted(self.out.glob(f"*/{RESULT}")):
-            try:
-                stage = json.loads(path.read_text()).get("stages", {}).get(name, {})
-            except (OSError, ValueError):  # a record being written or a broken one: measure again
-                continue
-            if stage.get("exit_code") == 0 and all(stage.get(k) == v for k, v in settings.items()):
-                return {**stage, "kept_from": stage.get("kept_from", path.parent.name)}
-        return None
 
     def validate_stage(self, name: str, item: Item, run_dir: Path, record: dict, old: dict, extra: list[str],
                        settings: dict, keep: bool) -> str | None:

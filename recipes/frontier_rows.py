@@ -1,13 +1,16 @@
-"""The frontier's rows (``zoo frontier``, issues 16, 25 and 27): one row per run of an item (a (method, value)
-pair under one seed) from what its stages recorded, and one row per (method, value) over its seeds: the mean
-of every figure and, for the figures a seed study compares, the spread (``<key>_std``: the sample standard
-deviation over the seeds that have the figure, n - 1 in the denominator; None under one seed), with the
-per-seed figures kept (``per_seed``)."""
+"""The frontier's records and rows (``zoo frontier``, issues 16, 25 and 27): an item's record (``item.json``),
+name and recipe hash; one row per run of an item (a (method, value) pair under one seed) from what its stages
+recorded, and one row per (method, value) over its seeds: the mean of every figure and, for the figures a seed
+study compares, the spread (``<key>_std``: the sample standard deviation over the seeds that have the figure,
+n - 1 in the denominator; None under one seed), with the per-seed figures kept (``per_seed``)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
+
+RESULT = "item.json"  #: an item's record in its run directory
 
 #: figures averaged over seeds
 MEAN_KEYS = ("kl_before", "kl_after", "ppl_before", "ppl_after", "teacher_ppl", "ppl_x_teacher_before",
@@ -34,6 +37,32 @@ def built_summary(run_dir: Path) -> dict:
     ``low_rank_parameters`` from ``FisherSVD.report``; bytes and bits per weight from ``size_report``)."""
     path = run_dir / "before" / "metrics_validate.json"
     return json.loads(path.read_text()).get("summary", {}) if path.is_file() else {}
+
+
+def config_sha256(config: str) -> str | None:
+    """The recipe file's text, hashed (None where it cannot be read: the item fails on it anyway)."""
+    try:
+        return hashlib.sha256(Path(config).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def item_name(method: str, value: float, seed: int = 0) -> str:
+    """``<method>@<value>``, and ``<method>@<value>#s<seed>`` for a seed other than 0."""
+    return f"{method}@{value:g}" + (f"#s{seed}" if seed else "")
+
+
+def stage_elsewhere(out: Path, name: str, settings: dict) -> dict | None:
+    """A finished stage ``name`` of any item recorded under ``out`` with the same ``settings``, marked
+    ``kept_from`` that item's directory; None if there is none."""
+    for path in sorted(out.glob(f"*/{RESULT}")):
+        try:
+            stage = json.loads(path.read_text()).get("stages", {}).get(name, {})
+        except (OSError, ValueError):  # a record being written or a broken one: measure again
+            continue
+        if stage.get("exit_code") == 0 and all(stage.get(k) == v for k, v in settings.items()):
+            return {**stage, "kept_from": stage.get("kept_from", path.parent.name)}
+    return None
 
 
 def count_parameters(config: str, overrides: list[str]) -> dict:
