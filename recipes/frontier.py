@@ -58,8 +58,8 @@ from zoo.core.errors import ZooError, check_choice
 
 from .command import command_logger
 from .frontier_report import STAGES, format_table, hardware, plot
-from .frontier_rows import (RESULT, built_summary, config_sha256, count_parameters, heldout, item_name, item_row,
-                            seed_rows, stage_elsewhere)
+from .frontier_rows import (RESULT, built_summary, config_sha256, count_parameters, finished_with, heldout,
+                            item_name, item_row, seed_rows, stage_elsewhere)
 from .ood_tasks import TASK, write_task
 from .report import log_outputs, row_table
 from .series import Item, Series, check_configs, check_unique, one_line, run_stage, zoo_args
@@ -211,8 +211,7 @@ class Frontier(Series):
         output JSON read by ``read`` into the stage's entry; kept from ``old`` when it finished with the same
         ``settings`` (and, ``after`` repair, the same repair)."""
         kept = old.get("stages", {}).get(name, {})
-        if kept.get("exit_code") == 0 and all(kept.get(k) == v for k, v in settings.items()) and \
-                (not after or old.get("repair") == self.repair):
+        if finished_with(kept, settings) and (not after or old.get("repair") == self.repair):
             record["stages"][name] = kept
             return None
         stage_dir = run_dir / name
@@ -252,7 +251,7 @@ class Frontier(Series):
         if when == "teacher":  # the teacher's own figure: any item with the same teacher, dtype and task has it
             count = record.get("count", {})
             settings |= {"task": self.mc_task, "teacher": count.get("teacher"), "dtype": count.get("dtype")}
-            shared = None if self.rerun or not count.get("teacher") else stage_elsewhere(self.out, "mc_teacher", settings)
+            shared = count.get("teacher") and not self.rerun and stage_elsewhere(self.out, "mc_teacher", settings)
             if shared:
                 record["stages"]["mc_teacher"] = shared
                 return None
@@ -263,8 +262,7 @@ class Frontier(Series):
         """A ``zoo validate`` stage (``stage``), kept from ``old`` where ``keep`` allows and it finished on the
         whole heldout split with the same ``settings``."""
         kept = old.get("stages", {}).get(name, {})
-        if keep and kept.get("exit_code") == 0 and "kl" in kept and kept.get("full_heldout") and \
-                all(kept.get(k) == v for k, v in settings.items()):
+        if keep and finished_with(kept, settings) and "kl" in kept and kept.get("full_heldout"):
             record["stages"][name] = kept
             return None
         failure = self.stage(name, "validate", item, run_dir, extra, record)

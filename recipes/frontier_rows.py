@@ -52,6 +52,11 @@ def item_name(method: str, value: float, seed: int = 0) -> str:
     return f"{method}@{value:g}" + (f"#s{seed}" if seed else "")
 
 
+def finished_with(stage: dict, settings: dict) -> bool:
+    """Whether a recorded stage finished (exit 0) under the same ``settings``: what keeps it."""
+    return stage.get("exit_code") == 0 and all(stage.get(k) == v for k, v in settings.items())
+
+
 def stage_elsewhere(out: Path, name: str, settings: dict) -> dict | None:
     """A finished stage ``name`` of any item recorded under ``out`` with the same ``settings``, marked
     ``kept_from`` that item's directory; None if there is none."""
@@ -60,7 +65,7 @@ def stage_elsewhere(out: Path, name: str, settings: dict) -> dict | None:
             stage = json.loads(path.read_text()).get("stages", {}).get(name, {})
         except (OSError, ValueError):  # a record being written or a broken one: measure again
             continue
-        if stage.get("exit_code") == 0 and all(stage.get(k) == v for k, v in settings.items()):
+        if finished_with(stage, settings):
             return {**stage, "kept_from": stage.get("kept_from", path.parent.name)}
     return None
 
@@ -78,8 +83,8 @@ def count_parameters(config: str, overrides: list[str]) -> dict:
     resolved = module.resolve_targets()
     plan = zp.plan_student(module.model, module.parts, resolved, parse_dtype(module.dtype_name))
     return {"parameters": plan.student_parameters, "teacher_parameters": plan.model_parameters,
-            "replaced_parameters": plan.original, "targets": len(plan.targets), "teacher": recipe.config["model"]["init_args"]["teacher"],
-            "dtype": module.dtype_name,
+            "replaced_parameters": plan.original, "targets": len(plan.targets),
+            "teacher": recipe.config["model"]["init_args"]["teacher"], "dtype": module.dtype_name,
             "ranks": shape_ranks(module.model, module.parts, resolved)}
 
 
