@@ -54,7 +54,8 @@ def hardware() -> dict:
 def format_table(rows: list[dict]) -> str:
     head = ["method", "setting", "bits / weight", "MB (16-bit)", "parameters", "KL before", "KL after",
             "code ppl before", "after", "code x teacher before", "after", "prose x teacher before", "after",
-            "hologram KL before", "after", "mc acc before", "after", "decode x dense", "seeds", "repair steps", "repair min", "s before", "s repair", "mean rank per layer type"]
+            "hologram KL before", "after", "mc acc before", "after", "decode x dense", "seeds", "repair steps",
+            "repair min", "s before", "s repair", "mean rank per layer type"]
     kl, acc = (lambda v: fmt(v, ".4f")), (lambda v: fmt(v, ".3f"))  # noqa: E731
     cells = []
     for r in rows:
@@ -69,8 +70,8 @@ def format_table(rows: list[dict]) -> str:
                       *(spread_cell(r, f"hologram_kl_{w}", kl) for w in ("before", "after")),
                       *(spread_cell(r, f"mc_acc_{w}", acc) for w in ("before", "after")),
                       ratio_cell(r.get("decode_speedup")), ",".join(map(str, r.get("seeds") or [])) or "-",
-                      fmt(r["repair_steps"], "d"), fmt(r.get("repair_minutes"), ".1f"), fmt(s.get("before"), ".0f"),
-                      fmt(s.get("repair"), ".0f"), rank_cell(r.get("ranks") or {})])
+                      spread_cell(r, "repair_steps", lambda v: fmt(v, ".0f")), fmt(r.get("repair_minutes"), ".1f"),
+                      fmt(s.get("before"), ".0f"), fmt(s.get("repair"), ".0f"), rank_cell(r.get("ranks") or {})])
     if any(v is not None for r in rows for v in r.get("cuda_peak_gib", {}).values()):  # measured on a GPU
         head = [*head, "peak GiB before / repair / after"]
         for r, row in zip(rows, cells):

@@ -16,12 +16,12 @@ RESULT = "item.json"  #: an item's record in its run directory
 MEAN_KEYS = ("kl_before", "kl_after", "ppl_before", "ppl_after", "teacher_ppl", "ppl_x_teacher_before",
              "ppl_x_teacher_after", "ppl_code_ratio", "ppl_prose_ratio", "prose_ppl_before", "prose_ppl_after",
              "teacher_prose_ppl", "prose_x_teacher_before", "prose_x_teacher_after", "hologram_kl_before",
-             "hologram_kl_after", "mc_acc_before", "mc_acc_after", "mc_acc_teacher", "repair_minutes",
-             "decode_speedup", "decode_tokens_per_s")
+             "hologram_kl_after", "mc_acc_before", "mc_acc_after", "mc_acc_teacher", "repair_steps",
+             "repair_minutes", "decode_speedup", "decode_tokens_per_s")
 #: figures whose spread over seeds each row carries (``<key>_std``)
 SPREAD_KEYS = ("kl_before", "kl_after", "ppl_x_teacher_before", "ppl_x_teacher_after", "ppl_code_ratio",
                "ppl_prose_ratio", "prose_x_teacher_before", "prose_x_teacher_after", "hologram_kl_before",
-               "hologram_kl_after", "mc_acc_before", "mc_acc_after")
+               "hologram_kl_after", "mc_acc_before", "mc_acc_after", "repair_steps")
 
 
 def heldout(metrics: dict) -> dict | None:

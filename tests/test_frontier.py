@@ -207,7 +207,8 @@ def test_frontier_seeds_hologram_kl_and_multiple_choice(tmp_path, tiny_teacher_d
     assert row["item"] == "svd@0.5" and row["status"] == "ok" and row["seeds"] == [0, 3]
     per_seed = {s["seed"]: s for s in row["per_seed"]}
     assert set(per_seed) == {0, 3} and per_seed[0]["kl_after"] != per_seed[3]["kl_after"]  # other data, other run
-    for key in ("kl_after", "ppl_code_ratio", "hologram_kl_before", "hologram_kl_after", "mc_acc_after"):
+    for key in ("kl_after", "ppl_code_ratio", "hologram_kl_before", "hologram_kl_after", "mc_acc_after",
+                "repair_steps"):
         values = [per_seed[s][key] for s in (0, 3)]
         assert row[key] == pytest.approx(sum(values) / 2), key
         assert row[f"{key}_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5), key
