@@ -20,7 +20,7 @@ or an OOM in one step loses that step only:
               dry run its --tiny / --dry-run) that its source declares
   fit-fisher  zoo fit of configs/recipes/fisher_svd_repair.yaml, bf16-mixed, strategy fsdp (world size 1)
   fit-coupled zoo fit of configs/recipes/coupled_core.yaml, likewise
-  frontier    zoo frontier of configs/recipes/compress_zoo.yaml (sequential calibration, SVD-LLM
+  frontier    zoo frontier of configs/recipes/compress_zoo_code.yaml (sequential calibration, SVD-LLM
               whitening of every linear, factors repaired) at ratios 0.8 and 0.6 on a random-init
               1B-class Llama (Llama-3.2-1B's shapes on the teacher's vocabulary, 1.07B parameters),
               bf16-mixed, a short repair: each stage's wall time and CUDA peak memory. Last, so the

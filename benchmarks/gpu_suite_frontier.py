@@ -14,7 +14,8 @@ LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers":
 
 
 def frontier_config(teacher: str, work: Path, s: dict) -> Path:
-    """A ``zoo frontier`` YAML: compress_zoo (as the embedded teacher's frontier runs it) at ratios 0.8 and 0.6
+    """A ``zoo frontier`` YAML: compress_zoo_code (as the embedded teacher's frontier runs it; on random weights
+    the teacher's own samples, the mix recipe's other half, are noise) at ratios 0.8 and 0.6
     (0.8 alone in a dry run) on ``random:`` weights of the teacher's directory reshaped by
     ``s["frontier"]["dims"]`` (a 1B-class Llama on a GPU; the tiny teacher as it is in a dry run), bf16-mixed,
     a repair of a few steps."""
@@ -25,7 +26,7 @@ def frontier_config(teacher: str, work: Path, s: dict) -> Path:
     shutil.copytree(teacher.removeprefix("random:"), model_dir, dirs_exist_ok=True)
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, **f["dims"]}, indent=2))
-    recipe = yaml.safe_load((ROOT / "configs/recipes/compress_zoo.yaml").read_text())
+    recipe = yaml.safe_load((ROOT / "configs/recipes/compress_zoo_code.yaml").read_text())
     recipe["model"]["init_args"]["teacher"] = f"random:{model_dir}"
     for callback in recipe["trainer"]["callbacks"]:
         if callback["class_path"] == "callbacks.HeldoutKLGate":  # random weights: the stage must run, not pass

@@ -292,7 +292,7 @@ def test_generation_runs_on_the_trainers_root_device(tmp_path, tiny_teacher_dir,
 
 
 def test_the_whole_model_mix_recipe_yields_both_sources_in_its_shares(tmp_path, tiny_teacher_dir, monkeypatch):
-    """configs/recipes/compress_zoo_mix.yaml's own data module (on a tiny teacher, small sizes): every split
+    """configs/recipes/compress_zoo.yaml's own data module (on a tiny teacher, small sizes): every split
     is code and hologram in the recipe's ``code_fraction`` (issue 27; source 000, section 2.5)."""
     from pathlib import Path
 
@@ -301,7 +301,7 @@ def test_the_whole_model_mix_recipe_yields_both_sources_in_its_shares(tmp_path, 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
     small_sizes = [f"--data.init_args.{k}={v}" for k, v in small(tiny_teacher_dir).items() if k != "teacher"]
-    recipe = load_recipe("configs/recipes/compress_zoo_mix.yaml", [
+    recipe = load_recipe("configs/recipes/compress_zoo.yaml", [
         "--model.init_args.teacher", tiny_teacher_dir, *small_sizes, "--data.init_args.cache_dir", str(tmp_path),
         "--data.init_args.code.source", str(make_tree(tmp_path / "src")),
         "--data.init_args.hologram.n_samples=12", "--data.init_args.hologram.max_new_tokens=12",
