@@ -11,8 +11,9 @@ stages, each in its own process into ``OUTPUT_DIR/<method>@<value>/<stage>``:
   reaches ``on_train_start``, so the gate's ``heldout_kl_before`` is not written, nor any validation.
 - ``repair`` (only with ``repair_steps`` or ``repair_minutes``): ``zoo fit`` of the recipe with
   ``--trainer.max_steps`` (and ``--model.init_args.max_minutes``, the repair's wall-clock budget); its repair
-  state is the best validated one. With ``callbacks.RepairCurve`` in the recipe, the stage's entry holds its points
-  (``curve``: step, wall seconds, heldout KL and ppl at train start and each validation).
+  state is the best validated one; once it finished, its resume checkpoint is deleted. With
+  ``callbacks.RepairCurve`` in the recipe, the stage's entry holds its points (``curve``: step, wall seconds,
+  heldout KL and ppl at train start and each validation).
 - ``after``: ``zoo validate --ckpt_path <repair state>``: the repaired student scored exactly as ``before``.
 - ``speed`` (with ``decode_tokens``): ``zoo speed`` of the student as shipped (its repair state where repaired;
   exported and loaded back) against its dense teacher: decode and prefill tokens/s side by side.
@@ -339,6 +340,10 @@ class Frontier(Series):
                 if minutes is not None:
                     extra += ["--model.init_args.max_minutes", f"{minutes:g}"]
                 failure = self.stage("repair", "fit", item, run_dir, extra, record)
+                if failure is None:  # a finished repair is never resumed; its optimizer moments are 4x its state
+                    from zoo.core.state import RESUME_FILE
+
+                    (run_dir / "repair" / RESUME_FILE).unlink(missing_ok=True)
             save()
             state = run_dir / "repair" / "repair_state.safetensors"
             if failure is None:

@@ -18,7 +18,8 @@ def test_frontier_rows_table_chart_resume_and_failures(tmp_path, tiny_teacher_di
     frontier = {
         "output_dir": str(out_dir), "logger": False, "ratios": [0.8, 0.5],
         "methods": [
-            {"name": "svd", "label": "SVD", "config": config},
+            # a validation at the repair's last step: the repair writes its resume checkpoint
+            {"name": "svd", "label": "SVD", "config": config, "overrides": ["--trainer.val_check_interval", "2"]},
             {"name": "cov", "config": config, "overrides": ["--model.init_args.parts.weighting", "covariance"]},
             {"name": "broken", "config": config, "overrides": ["--model.init_args.parts.weighting", "bogus"]},
         ],
@@ -68,6 +69,9 @@ def test_frontier_rows_table_chart_resume_and_failures(tmp_path, tiny_teacher_di
     assert code == 0, err
     assert "--trainer.max_steps 2 --model.init_args.max_minutes 5" in out and "$ zoo fit" in out and "$ zoo validate" in out and "svd@0.5/before" not in out
     assert out.count("$ zoo validate") == 1 and "repair_state.safetensors" in out
+    # a finished repair is never resumed: its resume checkpoint (the optimizer's moments too) is not kept
+    assert (out_dir / "svd@0.5/repair/repair_state.safetensors").is_file()
+    assert not (out_dir / "svd@0.5/repair/resume.safetensors").exists()
     rows = {r["item"]: r for r in json.loads((out_dir / "frontier.json").read_text())["rows"]}
     repaired = rows["svd@0.5"]
     assert repaired["status"] == "ok" and repaired["kl_after"] > 0 and repaired["ppl_after"] > 1
