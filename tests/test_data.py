@@ -70,23 +70,30 @@ def test_split_and_pack_blocks_are_exact_and_splits_disjoint_by_document():
 
 def test_a_mix_with_twice_the_heldout_blocks_holds_out_the_code_only_heldout_documents():
     """configs/commands/frontier_ood.yaml scores a 50/50 mix item on the code-only recipe's heldout blocks: the
-    mix holds out twice the blocks, so its heldout code is the same documents and none of them is trained or
-    calibrated on (the heldout is dealt first, from the same shuffle of the same source name)."""
+    mix holds out twice the tokens (in blocks of its own length), so its heldout code is the same documents and
+    none of them is trained or calibrated on (the heldout is dealt first, from the same shuffle of the same source
+    name)."""
     from pathlib import Path
 
     import yaml
+
+    root = Path(__file__).resolve().parents[1]
 
     rng = random.Random(1)
     code = [([10 + j] * rng.randint(3, 40), [1] * 40) for j in range(200)]
     code = [(ids, mask[: len(ids)]) for ids, mask in code]
     holo = [([1000 + j] * rng.randint(3, 40), [1] * 40) for j in range(200)]
     holo = [(ids, mask[: len(ids)]) for ids, mask in holo]
-    study = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/commands/frontier_ood.yaml").read_text())
+    study = yaml.safe_load((root / "configs/commands/frontier_ood.yaml").read_text())
     opts = lambda overrides: dict(zip(overrides[::2], overrides[1::2]))  # noqa: E731
     n = int(opts(study["overrides"])["--data.init_args.n_heldout"])
     for method in (m for m in study["methods"] if m.get("heldout")):
-        assert int(opts(method["overrides"])["--data.init_args.n_heldout"]) == 2 * n
-        assert int(opts(method["heldout"])["--data.init_args.heldout_data.init_args.n_heldout"]) == n
+        own, scored = opts(method["overrides"]), opts(method["heldout"])
+        seq_len = yaml.safe_load((root / method["config"]).read_text())["data"]["init_args"]["seq_len"]
+        seq_len = int(own.get("--data.init_args.seq_len", seq_len))
+        code_seq_len = int(scored["--data.init_args.heldout_data.init_args.seq_len"])
+        assert int(own["--data.init_args.n_heldout"]) * seq_len == 2 * n * code_seq_len, method["name"]
+        assert int(scored["--data.init_args.heldout_data.init_args.n_heldout"]) == n
     n = 3
     code_only = split_and_pack([Source("code", 1.0, code, "")], {"heldout": n, "calibration": 2, "train": 8},
                                seq_len=16, eos_id=EOS, seed=5)
@@ -96,6 +103,11 @@ def test_a_mix_with_twice_the_heldout_blocks_holds_out_the_code_only_heldout_doc
     scored = docs("heldout", code_only)
     assert scored == {t for t in docs("heldout", mix) if t < 1000}
     assert not scored & (docs("train", mix) | docs("calibration", mix))
+    # a mix in blocks twice as long holds out half the blocks: the same tokens, the same documents
+    long = split_and_pack([Source("code", 0.5, code, ""), Source("hologram", 0.5, holo, "")],
+                          {"heldout": n, "calibration": 2, "train": 8}, seq_len=32, eos_id=EOS, seed=5)
+    assert scored == {t for t in docs("heldout", long) if t < 1000}
+    assert not scored & (docs("train", long) | docs("calibration", long))
 
 
 def test_code_datamodule_batches(tmp_path, tiny_teacher_dir):
