@@ -149,7 +149,7 @@ class Frontier(Series):
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def record_of(self, item: Item, run_dir: Path) -> dict:
-        """What an earlier run of ``item`` left, if it ran the same recipe (config, its text where the record
+        """What an earlier run of ``item`` left, if it ran the same recipe (config, its parsed values where the record
         has it, and overrides), else {}: an edited recipe runs again."""
         record = self.record(run_dir)
         same = record.get("config") == item.config and record.get("overrides") == item.overrides

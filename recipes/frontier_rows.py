@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+import yaml
+
 RESULT = "item.json"  #: an item's record in its run directory
 
 #: figures averaged over seeds
@@ -40,11 +42,13 @@ def built_summary(run_dir: Path) -> dict:
 
 
 def config_sha256(config: str) -> str | None:
-    """The recipe file's text, hashed (None where it cannot be read: the item fails on it anyway)."""
+    """The recipe as parsed, hashed: an edited value runs the item again, an edited comment or layout does not
+    (None where the file cannot be read or parsed: the item fails on it anyway)."""
     try:
-        return hashlib.sha256(Path(config).read_bytes()).hexdigest()
-    except OSError:
+        parsed = yaml.safe_load(Path(config).read_text())
+    except (OSError, yaml.YAMLError):
         return None
+    return hashlib.sha256(json.dumps(parsed, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def item_name(method: str, value: float, seed: int = 0) -> str:

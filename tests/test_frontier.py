@@ -87,9 +87,16 @@ def test_frontier_rows_table_chart_resume_and_failures(tmp_path, tiny_teacher_di
     assert "svd@0.5: finished earlier" in out and "$ zoo" not in out
     rows = {r["item"]: r for r in json.loads((out_dir / "frontier.json").read_text())["rows"]}
     assert rows["svd@0.5"]["kl_after"] == repaired["kl_after"] and rows["svd@0.5"]["repair_steps"] == 2
-    # an edited recipe (its text hashed in the record) is not finished: it runs again
+    # a comment added to the recipe changes nothing it runs: the item is kept
     with open(config, "a") as f:
         f.write("# the lr decays now\n")
+    code, out, err = zoo_cli(["frontier", "--config", str(path), "--only", "[svd@0.8]"], capsys)
+    assert code == 0 and "svd@0.8: finished earlier" in out and "$ zoo" not in out, err
+    # an edited value is not finished: it runs again
+    recipe = yaml.safe_load(open(config))
+    recipe["seed_everything"] = recipe.get("seed_everything", 0) + 1
+    with open(config, "w") as f:
+        yaml.safe_dump(recipe, f)
     code, out, err = zoo_cli(["frontier", "--config", str(path), "--only", "[svd@0.8]"], capsys)
     assert code == 0 and "finished earlier" not in out and out.count("$ zoo validate") == 1, err
 
