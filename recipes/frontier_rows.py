@@ -5,12 +5,13 @@ study compares, the spread (``<key>_std``: the sample standard deviation over th
 n - 1 in the denominator; None under one seed), with the per-seed figures kept (``per_seed``)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 
 import yaml
+
+from zoo.core.cache import cache_key
 
 RESULT = "item.json"  #: an item's record in its run directory
 
@@ -48,7 +49,7 @@ def config_sha256(config: str) -> str | None:
         parsed = yaml.safe_load(Path(config).read_text())
     except (OSError, yaml.YAMLError):
         return None
-    return hashlib.sha256(json.dumps(parsed, sort_keys=True, default=str).encode()).hexdigest()
+    return cache_key(recipe=parsed)
 
 
 def item_name(method: str, value: float, seed: int = 0) -> str:
