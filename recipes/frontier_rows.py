@@ -166,8 +166,9 @@ def spread(values: list[float]) -> float | None:
 
 def seed_rows(rows: list[dict]) -> list[dict]:
     """One row per (method, value) from its runs' rows (one per seed, in seed order): the first finished
-    run's row (its bytes, parameters, ranks, seconds), each ``MEAN_KEYS`` figure the mean over the seeds that
-    have it, ``<key>_std`` its spread, ``seeds`` the seeds whose run finished, ``per_seed`` each run's figures."""
+    run's row (its bytes, parameters, ranks, seconds), each ``MEAN_KEYS`` figure the mean over the finished
+    seeds that have it (over every seed while none finished), ``<key>_std`` its spread, ``seeds`` the seeds
+    whose run finished, ``per_seed`` each run's figures, unfinished ones too."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["value"]), []).append(r)
@@ -179,8 +180,10 @@ def seed_rows(rows: list[dict]) -> list[dict]:
         failed = [r for r in runs if r["status"] not in ("ok", "not run")]
         if failed:
             base["status"] = failed[0]["status"] if len(runs) == 1 else f"seed {failed[0]['seed']}: {failed[0]['status']}"
+        # a seed stopped between its stages would pair one set of seeds' before-figures with another's after
+        counted = finished or runs
         for key in MEAN_KEYS:
-            values = [r[key] for r in runs if r.get(key) is not None]
+            values = [r[key] for r in counted if r.get(key) is not None]
             base[key] = sum(values) / len(values) if values else None
             if key in SPREAD_KEYS:
                 base[f"{key}_std"] = spread(values)

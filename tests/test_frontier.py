@@ -242,3 +242,22 @@ def test_frontier_refuses_bad_seeds_and_sizes(tmp_path, capsys):
                           (["--hologram_samples", "4", "--hologram_blocks", "0"], "hologram_blocks must be >= 1")):
         code, _, err = zoo_cli(["frontier", "--config", str(path), *args], capsys)
         assert code == 2 and message in err, (args, err)
+
+
+def test_seed_rows_average_the_finished_seeds_alone():
+    """A seed stopped after its before stages must not enter the mean: the row's before and after figures
+    are then over different seeds, and an unrepaired seed's code ratio is its before-figure (issue 27)."""
+    from recipes.frontier_rows import seed_rows
+
+    def run(seed, status, before, after):
+        return {"item": "m@0.8" + (f"#s{seed}" if seed else ""), "method": "m", "value": 0.8, "seed": seed,
+                "status": status, "ppl_x_teacher_before": before, "ppl_x_teacher_after": after,
+                "ppl_code_ratio": after if after is not None else before}
+
+    [row] = seed_rows([run(0, "ok", 3.0, 1.5), run(1, "ok", 3.5, 1.6), run(2, "not run", 9.0, None)])
+    assert row["seeds"] == [0, 1] and row["ppl_x_teacher_before"] == pytest.approx(3.25)
+    assert row["ppl_code_ratio"] == pytest.approx(1.55) and row["ppl_x_teacher_after_std"] == pytest.approx(0.1 / 2 ** 0.5)
+    assert [s["seed"] for s in row["per_seed"]] == [0, 1, 2] and row["per_seed"][2]["ppl_x_teacher_before"] == 9.0
+    # while no seed finished, the row shows what the runs have so far
+    [row] = seed_rows([run(0, "not run", 3.0, None), run(1, "not run", 4.0, None)])
+    assert row["seeds"] == [] and row["ppl_x_teacher_before"] == pytest.approx(3.5) and row["ppl_x_teacher_after"] is None
