@@ -41,6 +41,15 @@ def spread_cell(row: dict, key: str, cell) -> str:
     return cell(row.get(key)) + (f" ± {cell(std)}" if std is not None and row.get(key) is not None else "")
 
 
+def steps_cell(row: dict) -> str:
+    """The repair's steps, and which seed's student is an earlier state than its last step."""
+    runs = [r for r in row.get("per_seed") or [row] if r.get("status", "ok") == "ok"]
+    kept = [(f"s{r['seed']} " if len(runs) > 1 else "") + f"kept step {r['repair_state_step']}" for r in runs
+            if r.get("repair_state_step") is not None and r.get("repair_steps") is not None
+            and r["repair_state_step"] != r["repair_steps"]]
+    return spread_cell(row, "repair_steps", lambda v: fmt(v, ".0f")) + (f" ({', '.join(kept)})" if kept else "")
+
+
 def hardware() -> dict:
     import torch
 
@@ -70,7 +79,7 @@ def format_table(rows: list[dict]) -> str:
                       *(spread_cell(r, f"hologram_kl_{w}", kl) for w in ("before", "after")),
                       *(spread_cell(r, f"mc_acc_{w}", acc) for w in ("before", "after")),
                       ratio_cell(r.get("decode_speedup")), ",".join(map(str, r.get("seeds") or [])) or "-",
-                      spread_cell(r, "repair_steps", lambda v: fmt(v, ".0f")), fmt(r.get("repair_minutes"), ".1f"),
+                      steps_cell(r), fmt(r.get("repair_minutes"), ".1f"),
                       fmt(s.get("before"), ".0f"), fmt(s.get("repair"), ".0f"), rank_cell(r.get("ranks") or {})])
     if any(v is not None for r in rows for v in r.get("cuda_peak_gib", {}).values()):  # measured on a GPU
         head = [*head, "peak GiB before / repair / after"]

@@ -20,7 +20,7 @@ MEAN_KEYS = ("kl_before", "kl_after", "ppl_before", "ppl_after", "teacher_ppl", 
              "ppl_x_teacher_after", "ppl_code_ratio", "ppl_prose_ratio", "prose_ppl_before", "prose_ppl_after",
              "teacher_prose_ppl", "prose_x_teacher_before", "prose_x_teacher_after", "hologram_kl_before",
              "hologram_kl_after", "mc_acc_before", "mc_acc_after", "mc_acc_teacher", "repair_steps",
-             "repair_minutes", "decode_speedup", "decode_tokens_per_s")
+             "repair_state_step", "repair_minutes", "decode_speedup", "decode_tokens_per_s")
 #: figures whose spread over seeds each row carries (``<key>_std``)
 SPREAD_KEYS = ("kl_before", "kl_after", "ppl_x_teacher_before", "ppl_x_teacher_after", "ppl_code_ratio",
                "ppl_prose_ratio", "prose_x_teacher_before", "prose_x_teacher_after", "hologram_kl_before",
@@ -151,7 +151,8 @@ def item_row(names: dict, record: dict, status: str, built: dict, ranks: dict) -
         "kl_before": before.get("kl"), "kl_after": after.get("kl"),
         "ppl_before": before.get("ppl"), "ppl_after": after.get("ppl"), "teacher_ppl": teacher_ppl,
         "ppl_x_teacher_before": ratio_of(before.get("ppl")), "ppl_x_teacher_after": ratio_of(after.get("ppl")),
-        "repair_steps": repair.get("steps"), "ranks": ranks,
+        # the repaired student is the best validated state: an earlier step where the repair went worse after it
+        "repair_steps": repair.get("steps"), "repair_state_step": repair.get("state_step"), "ranks": ranks,
         "seconds": {k: v.get("seconds") for k, v in stages.items()},
         "cuda_peak_gib": {k: v.get("cuda_peak_gib") for k, v in stages.items()}}
 

@@ -247,14 +247,20 @@ def test_frontier_refuses_bad_seeds_and_sizes(tmp_path, capsys):
 def test_seed_rows_average_the_finished_seeds_alone():
     """A seed stopped after its before stages must not enter the mean: the row's before and after figures
     are then over different seeds, and an unrepaired seed's code ratio is its before-figure (issue 27)."""
+    from recipes.frontier_report import steps_cell
     from recipes.frontier_rows import seed_rows
 
-    def run(seed, status, before, after):
+    def run(seed, status, before, after, steps=None, state_step=None):
         return {"item": "m@0.8" + (f"#s{seed}" if seed else ""), "method": "m", "value": 0.8, "seed": seed,
                 "status": status, "ppl_x_teacher_before": before, "ppl_x_teacher_after": after,
-                "ppl_code_ratio": after if after is not None else before}
+                "ppl_code_ratio": after if after is not None else before, "repair_steps": steps,
+                "repair_state_step": state_step}
 
-    [row] = seed_rows([run(0, "ok", 3.0, 1.5), run(1, "ok", 3.5, 1.6), run(2, "not run", 9.0, None)])
+    [row] = seed_rows([run(0, "ok", 3.0, 1.5, 400, 400), run(1, "ok", 3.5, 1.6, 460, 200), run(2, "not run", 9.0, None)])
+    # a repair that went worse after its best validation ships that state: the table says which seed and step
+    assert steps_cell(row) == "430 ± 42 (s1 kept step 200)"
+    [one] = seed_rows([run(0, "ok", 3.0, 1.5, 460, 200)])
+    assert steps_cell(one) == "460 (kept step 200)" and steps_cell(seed_rows([run(0, "ok", 3, 1, 9, 9)])[0]) == "9"
     assert row["seeds"] == [0, 1] and row["ppl_x_teacher_before"] == pytest.approx(3.25)
     assert row["ppl_code_ratio"] == pytest.approx(1.55) and row["ppl_x_teacher_after_std"] == pytest.approx(0.1 / 2 ** 0.5)
     assert [s["seed"] for s in row["per_seed"]] == [0, 1, 2] and row["per_seed"][2]["ppl_x_teacher_before"] == 9.0
