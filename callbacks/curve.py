@@ -7,7 +7,8 @@ unrepaired student as training starts, every validation of the fit, and the stat
 sessions of a resumed run (the record is part of the resume checkpoint, so ``zoo fit --resume`` continues the
 curve). Each point is also logged to the trainer's loggers as ``repair/wall_s``, ``repair/heldout_kl`` and
 ``repair/heldout_ppl``. ``repair_curve.json`` is rewritten at every point and, with ``repair_curve.png`` (KL
-and ppl vs wall seconds), at train end, in the run dir. The wall-clock budget is the repair's own
+and ppl vs wall seconds), at train end, in the run dir; ``state_step`` there, and a star on the plot, mark the
+state the run keeps where it is an earlier one than the last (the best validated, or a gate's). The wall-clock budget is the repair's own
 (``model.init_args.max_minutes``).
 """
 from __future__ import annotations
@@ -83,15 +84,16 @@ class RepairCurve(L.Callback):
         out.mkdir(parents=True, exist_ok=True)
         points, run = self.points(pl_module), pl_module.run
         record = {"metrics": [KL, PPL], "max_minutes": pl_module.max_minutes, "stopped_at_step": run.budget_stop_step,
-                  "wall_s": round(pl_module.wall_s(), 3), "points": points}
+                  "state_step": run.restored_step, "wall_s": round(pl_module.wall_s(), 3), "points": points}
         paths = [atomic_write_text(out / f"{FILE}.json", json.dumps(record, indent=2))]
         if plot and points:
-            paths.append(plot_curve(points, out / f"{FILE}.png"))
+            paths.append(plot_curve(points, out / f"{FILE}.png", kept=run.restored_step))
         return paths
 
 
-def plot_curve(points: list[dict], path: Path) -> Path:
-    """Two panels, heldout KL and heldout ppl against wall seconds, one marker per point."""
+def plot_curve(points: list[dict], path: Path, kept: int | None = None) -> Path:
+    """Two panels, heldout KL and heldout ppl against wall seconds, one marker per point; a star on the
+    point of step ``kept``, the state the run keeps where it is not the last."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,6 +104,11 @@ def plot_curve(points: list[dict], path: Path) -> Path:
         xy = [(p["wall_s"], p[key]) for p in points if p[key] is not None and math.isfinite(p[key])]
         if xy:
             ax.plot(*zip(*xy), "-o", ms=3)
+        star = [(p["wall_s"], p[key]) for p in points if p["step"] == kept and p[key] is not None
+                and math.isfinite(p[key])]
+        if star:
+            ax.plot(*zip(*star), "*", ms=14, color="tab:red", label=f"the state kept: step {kept}")
+            ax.legend()
         ax.set_xlabel("wall seconds of repair")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)

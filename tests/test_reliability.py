@@ -83,13 +83,15 @@ def test_a_nan_final_kl_fails_the_gate(tmp_path, tiny_teacher_dir, capsys):
 def test_a_run_that_diverges_after_a_finite_validation_ends_on_it(tmp_path, tiny_teacher_dir, capsys):
     # validated at 4, poisoned at 6: the repair keeps step 4's tensors, with or without a checkpoint callback
     callbacks = [{"class_path": "callbacks.HeldoutKLGate", "init_args": {"tolerance": 1e9}},
-                 {"class_path": "signals.PoisonAt", "init_args": {"step": 6}}]
+                 {"class_path": "signals.PoisonAt", "init_args": {"step": 6}}, {"class_path": "callbacks.RepairCurve"}]
     config = write_config(tmp_path, tiny_teacher_dir, callbacks=callbacks)
     code, err = run(["fit", "--config", config], capsys)
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     at_4 = next(v["heldout_kl"] for v in metrics["validations"] if v["step"] == 4)
     assert metrics["summary"]["repair_state_step"] == 4 and metrics["summary"]["heldout_kl_after"] == at_4
+    # the curve names the state kept, for the frontier's table and the plot's star
+    assert json.loads((tmp_path / "run" / "repair_curve.json").read_text())["state_step"] == 4
 
 
 @pytest.mark.parametrize("lr", ["inf", "nan", "-0.001"])
