@@ -7,9 +7,9 @@ unrepaired student as training starts, every validation of the fit, and the stat
 sessions of a resumed run (the record is part of the resume checkpoint, so ``zoo fit --resume`` continues the
 curve). Each point is also logged to the trainer's loggers as ``repair/wall_s``, ``repair/heldout_kl`` and
 ``repair/heldout_ppl``. ``repair_curve.json`` is rewritten at every point and, with ``repair_curve.png`` (KL
-and ppl vs wall seconds), at train end, in the run dir; ``state_step`` there, and a star on the plot, mark the
-state the run keeps where it is an earlier one than the last (the best validated, or a gate's). The wall-clock budget is the repair's own
-(``model.init_args.max_minutes``).
+and ppl vs wall seconds), at train end, in the run dir; ``state_step`` there, and a star on the plot, mark
+the state the run keeps where it is an earlier one than the last (the best validated, or a gate's). The
+wall-clock budget is the repair's own (``model.init_args.max_minutes``).
 """
 from __future__ import annotations
 

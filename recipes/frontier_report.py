@@ -9,6 +9,7 @@ import os
 import platform
 from pathlib import Path
 
+from .frontier_rows import counted
 from .report import fmt, markdown_table
 
 #: the order of a decoder layer's maps, for the rank cell (other names follow, sorted)
@@ -43,7 +44,7 @@ def spread_cell(row: dict, key: str, cell) -> str:
 
 def steps_cell(row: dict) -> str:
     """The repair's steps, and which seed's student is an earlier state than its last step."""
-    runs = [r for r in row.get("per_seed") or [row] if r.get("status", "ok") == "ok"]
+    runs = counted(row.get("per_seed") or [row])
     kept = [(f"s{r['seed']} " if len(runs) > 1 else "") + f"kept step {r['repair_state_step']}" for r in runs
             if r.get("repair_state_step") is not None and r.get("repair_steps") is not None
             and r["repair_state_step"] != r["repair_steps"]]

@@ -20,7 +20,7 @@ MEAN_KEYS = ("kl_before", "kl_after", "ppl_before", "ppl_after", "teacher_ppl", 
              "ppl_x_teacher_after", "ppl_code_ratio", "ppl_prose_ratio", "prose_ppl_before", "prose_ppl_after",
              "teacher_prose_ppl", "prose_x_teacher_before", "prose_x_teacher_after", "hologram_kl_before",
              "hologram_kl_after", "mc_acc_before", "mc_acc_after", "mc_acc_teacher", "repair_steps",
-             "repair_state_step", "repair_minutes", "decode_speedup", "decode_tokens_per_s")
+             "repair_minutes", "decode_speedup", "decode_tokens_per_s")
 #: figures whose spread over seeds each row carries (``<key>_std``)
 SPREAD_KEYS = ("kl_before", "kl_after", "ppl_x_teacher_before", "ppl_x_teacher_after", "ppl_code_ratio",
                "ppl_prose_ratio", "prose_x_teacher_before", "prose_x_teacher_after", "hologram_kl_before",
@@ -151,7 +151,7 @@ def item_row(names: dict, record: dict, status: str, built: dict, ranks: dict) -
         "kl_before": before.get("kl"), "kl_after": after.get("kl"),
         "ppl_before": before.get("ppl"), "ppl_after": after.get("ppl"), "teacher_ppl": teacher_ppl,
         "ppl_x_teacher_before": ratio_of(before.get("ppl")), "ppl_x_teacher_after": ratio_of(after.get("ppl")),
-        # the repaired student is the best validated state: an earlier step where the repair went worse after it
+        # the repaired student's step: the best validated or a gate's where the last step was worse
         "repair_steps": repair.get("steps"), "repair_state_step": repair.get("state_step"), "ranks": ranks,
         "seconds": {k: v.get("seconds") for k, v in stages.items()},
         "cuda_peak_gib": {k: v.get("cuda_peak_gib") for k, v in stages.items()}}
@@ -163,6 +163,12 @@ def spread(values: list[float]) -> float | None:
         return None
     mean = sum(values) / len(values)
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def counted(runs: list[dict]) -> list[dict]:
+    """The runs a row's figures are over: the finished ones, or every run while none finished (a seed stopped
+    between its stages would otherwise pair one set of seeds' before-figures with another's after)."""
+    return [r for r in runs if r.get("status", "ok") == "ok"] or runs
 
 
 def seed_rows(rows: list[dict]) -> list[dict]:
@@ -181,16 +187,17 @@ def seed_rows(rows: list[dict]) -> list[dict]:
         failed = [r for r in runs if r["status"] not in ("ok", "not run")]
         if failed:
             base["status"] = failed[0]["status"] if len(runs) == 1 else f"seed {failed[0]['seed']}: {failed[0]['status']}"
-        # a seed stopped between its stages would pair one set of seeds' before-figures with another's after
-        counted = finished or runs
+        over = counted(runs)
         for key in MEAN_KEYS:
-            values = [r[key] for r in counted if r.get(key) is not None]
+            values = [r[key] for r in over if r.get(key) is not None]
             base[key] = sum(values) / len(values) if values else None
             if key in SPREAD_KEYS:
                 base[f"{key}_std"] = spread(values)
         base["seeds"] = [r["seed"] for r in finished]
+        # a step is no figure to average: the row has one where it is over one run, each seed's in per_seed
+        base["repair_state_step"] = over[0].get("repair_state_step") if len(over) == 1 else None
         base["per_seed"] = [{"seed": r["seed"], "item": r["item"], "status": r["status"]}
-                            | {k: r.get(k) for k in MEAN_KEYS} for r in runs]
+                            | {k: r.get(k) for k in (*MEAN_KEYS, "repair_state_step")} for r in runs]
         base.pop("seed", None)
         out.append(base)
     return out

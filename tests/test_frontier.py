@@ -259,6 +259,9 @@ def test_seed_rows_average_the_finished_seeds_alone():
     [row] = seed_rows([run(0, "ok", 3.0, 1.5, 400, 400), run(1, "ok", 3.5, 1.6, 460, 200), run(2, "not run", 9.0, None)])
     # a repair that went worse after its best validation ships that state: the table says which seed and step
     assert steps_cell(row) == "430 ± 42 (s1 kept step 200)"
+    assert row["repair_state_step"] is None and row["per_seed"][1]["repair_state_step"] == 200  # a step, not a mean
+    # while no seed finished, the cell is over the runs the figures are over
+    assert steps_cell(seed_rows([run(0, "not run", 3.0, None, 460, 200)])[0]) == "460 (kept step 200)"
     [one] = seed_rows([run(0, "ok", 3.0, 1.5, 460, 200)])
     assert steps_cell(one) == "460 (kept step 200)" and steps_cell(seed_rows([run(0, "ok", 3, 1, 9, 9)])[0]) == "9"
     assert row["seeds"] == [0, 1] and row["ppl_x_teacher_before"] == pytest.approx(3.25)

@@ -90,7 +90,7 @@ def test_a_run_that_diverges_after_a_finite_validation_ends_on_it(tmp_path, tiny
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     at_4 = next(v["heldout_kl"] for v in metrics["validations"] if v["step"] == 4)
     assert metrics["summary"]["repair_state_step"] == 4 and metrics["summary"]["heldout_kl_after"] == at_4
-    # the curve names the state kept, for the frontier's table and the plot's star
+    # the curve's record names the state kept too (its plot stars it)
     assert json.loads((tmp_path / "run" / "repair_curve.json").read_text())["state_step"] == 4
 
 
