@@ -101,11 +101,10 @@ def plot_curve(points: list[dict], path: Path, kept: int | None = None) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in zip(axes, (KL, PPL), ("heldout KL (teacher || student)", "heldout perplexity")):
-        xy = [(p["wall_s"], p[key]) for p in points if p[key] is not None and math.isfinite(p[key])]
-        if xy:
-            ax.plot(*zip(*xy), "-o", ms=3)
-        star = [(p["wall_s"], p[key]) for p in points if p["step"] == kept and p[key] is not None
-                and math.isfinite(p[key])]
+        shown = [p for p in points if p[key] is not None and math.isfinite(p[key])]
+        if shown:
+            ax.plot([p["wall_s"] for p in shown], [p[key] for p in shown], "-o", ms=3)
+        star = [(p["wall_s"], p[key]) for p in shown if p["step"] == kept]
         if star:
             ax.plot(*zip(*star), "*", ms=14, color="tab:red", label=f"the state kept: step {kept}")
             ax.legend()
