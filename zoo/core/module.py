@@ -438,6 +438,14 @@ class DistillationModule(RepairModule):
         self.log("train_kl", kl_all, prog_bar=True, batch_size=int(count))
         return loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Log ``grad_norm``, the L2 norm of this process's trainable gradients before any clipping
+        (``trainer.gradient_clip_val``; Lightning writes it every ``log_every_n_steps``): a diverging repair
+        shows in it first."""
+        grads = [p.grad for p in self.trainable_parameters().values() if p.grad is not None]
+        if grads:
+            self.log("grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
     def validation_step(self, batch, batch_idx):
         kl, count, teacher_logits, student_logits = self.distillation_outputs(batch)
         # token-weighted mean over the heldout split (all processes): each batch weighs by its counted predictions
