@@ -326,6 +326,8 @@ class Frontier(Series):
             return record["status"]
         heldout = [o.replace("{seed}", str(seed)) for o in method.heldout]
         failure = self.validate_stage("before", item, run_dir, record, old, heldout, {}, keep=True)
+        if built := built_summary(run_dir) or old.get("built"):
+            record["built"] = built  # the row's bytes and built ranks, from the record alone where run files go
         save()
         if failure is None:
             failure = self.ood_stages("before", item, run_dir, record, old, save, keep=True)
@@ -365,7 +367,7 @@ class Frontier(Series):
         if status == "not run" and record.get("complete") and self.record_of(item, run_dir):
             status = "ok"  # finished under other repair settings: its row says how long it was repaired
         count = record.get("count") or {}
-        built = built_summary(run_dir)
+        built = built_summary(run_dir) or record.get("built", {})
         ranks = {k: v for k, v in built.items() if k.startswith("ranks/")}
         if not ranks and result and result.get("complete") and "ranks" not in count:  # recorded before ranks were
             try:  # counted: from shapes, once; a recipe that no longer loads leaves the cell empty

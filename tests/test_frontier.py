@@ -87,6 +87,18 @@ def test_frontier_rows_table_chart_resume_and_failures(tmp_path, tiny_teacher_di
     assert "svd@0.5: finished earlier" in out and "$ zoo" not in out
     rows = {r["item"]: r for r in json.loads((out_dir / "frontier.json").read_text())["rows"]}
     assert rows["svd@0.5"]["kl_after"] == repaired["kl_after"] and rows["svd@0.5"]["repair_steps"] == 2
+    # the records alone (a study commits its item.json files, not the run directories) give the same rows
+    alone = tmp_path / "records"
+    for name in ("svd@0.8", "svd@0.5"):
+        (alone / name).mkdir(parents=True)
+        (alone / name / "item.json").write_text((out_dir / name / "item.json").read_text())
+    code, out, err = zoo_cli(["frontier", "--config", str(path), "--only", "[svd@0.5]", "--output_dir", str(alone)],
+                             capsys)
+    assert code == 0 and "svd@0.5: finished earlier" in out and "$ zoo" not in out, err
+    again = {r["item"]: r for r in json.loads((alone / "frontier.json").read_text())["rows"]}
+    for name in ("svd@0.8", "svd@0.5"):
+        for key in ("bits_per_weight", "bytes", "parameters", "parameters_built", "ranks", "kl_after"):
+            assert again[name][key] == rows[name][key], (name, key)
     # a comment added to the recipe changes nothing it runs: the item is kept
     with open(config, "a") as f:
         f.write("# the lr decays now\n")
