@@ -326,7 +326,7 @@ class Frontier(Series):
             return record["status"]
         heldout = [o.replace("{seed}", str(seed)) for o in method.heldout]
         failure = self.validate_stage("before", item, run_dir, record, old, heldout, {}, keep=True)
-        if built := built_summary(run_dir) or old.get("built"):
+        if failure is None and (built := built_summary(run_dir) or old.get("built")):
             record["built"] = built  # the row's bytes and built ranks, from the record alone where run files go
         save()
         if failure is None:

@@ -177,6 +177,14 @@ class RepairModule(RepairLoop, L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Log ``grad_norm``, the L2 norm of this process's trainable gradients before any clipping
+        (``trainer.gradient_clip_val``; Lightning writes it every ``log_every_n_steps``): a diverging repair
+        shows in it first."""
+        grads = [p.grad for p in self.trainable_parameters().values() if p.grad is not None]
+        if grads:
+            self.log("grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])))
+
     def progress(self, step: int) -> float:
         """How far the run is, 0 to 1: the larger of its steps over the trainer's and its wall time over the
         budget (a run that stops on whichever ends first decays over it)."""
@@ -437,14 +445,6 @@ class DistillationModule(RepairModule):
         loss, kl_all = self._global_token_mean(kl, count)
         self.log("train_kl", kl_all, prog_bar=True, batch_size=int(count))
         return loss
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Log ``grad_norm``, the L2 norm of this process's trainable gradients before any clipping
-        (``trainer.gradient_clip_val``; Lightning writes it every ``log_every_n_steps``): a diverging repair
-        shows in it first."""
-        grads = [p.grad for p in self.trainable_parameters().values() if p.grad is not None]
-        if grads:
-            self.log("grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
     def validation_step(self, batch, batch_idx):
         kl, count, teacher_logits, student_logits = self.distillation_outputs(batch)
